@@ -1,0 +1,91 @@
+"""Wrapper stores that inject faults and latency, for reliability tests and benchmarks.
+
+FaultyStore wraps any ObjectStore and, per operation, can fail with a given probability,
+fail after N calls, add fixed or random latency, or hang until cancelled. Randomness comes
+from a seeded random.Random so a failing test can be replayed. It must never be used
+outside tests and benchmarks.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import trio
+
+from efsish.errors import StoreError, TransientStoreError
+from efsish.store.base import ObjectInfo, ObjectStore
+
+OPS = ("get", "put", "put_if_absent", "head", "delete", "list")
+
+
+@dataclass
+class FaultPlan:
+    """What to inject. `ops` limits faults to those operations (all if empty)."""
+
+    error_rate: float = 0.0
+    fail_after: int | None = None  # every call after this many calls fails
+    latency: float = 0.0  # seconds added to every call
+    jitter: float = 0.0  # plus uniform(0, jitter)
+    ops: frozenset[str] = field(default_factory=frozenset)
+    error: type[StoreError] = TransientStoreError
+    seed: int = 0
+
+
+class FaultyStore(ObjectStore):
+    """Delegates to `inner`, injecting the faults described by `plan`."""
+
+    def __init__(self, inner: ObjectStore, plan: FaultPlan | None = None) -> None:
+        self.inner = inner
+        self.plan = plan or FaultPlan()
+        self.url = f"faulty+{inner.url}"
+        self.calls: dict[str, int] = dict.fromkeys(OPS, 0)
+        self._rng = random.Random(self.plan.seed)
+
+    async def _before(self, op: str, key: str) -> None:
+        plan = self.plan
+        self.calls[op] += 1
+        if plan.ops and op not in plan.ops:
+            return
+        delay = plan.latency + (self._rng.uniform(0, plan.jitter) if plan.jitter else 0.0)
+        if delay:
+            await trio.sleep(delay)
+        total = sum(self.calls.values())
+        if plan.fail_after is not None and total > plan.fail_after:
+            raise plan.error(f"injected fault: {op} {key} after {plan.fail_after} calls")
+        if plan.error_rate and self._rng.random() < plan.error_rate:
+            raise plan.error(f"injected fault: {op} {key}")
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        await self._before("get", key)
+        return await self.inner.get(key, start, end)
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._before("put", key)
+        await self.inner.put(key, data)
+
+    async def put_if_absent(self, key: str, data: bytes) -> None:
+        await self._before("put_if_absent", key)
+        await self.inner.put_if_absent(key, data)
+
+    async def head(self, key: str) -> ObjectInfo:
+        await self._before("head", key)
+        return await self.inner.head(key)
+
+    async def delete(self, key: str) -> None:
+        await self._before("delete", key)
+        await self.inner.delete(key)
+
+    async def list(
+        self, prefix: str = "", start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        await self._before("list", prefix)
+        async for info in self.inner.list(prefix, start_after):
+            yield info
+
+    async def check(self) -> None:
+        await self.inner.check()
+
+    async def aclose(self) -> None:
+        await self.inner.aclose()

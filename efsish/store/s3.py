@@ -1,0 +1,307 @@
+"""The boto3 ObjectStore for any S3-compatible endpoint (AWS, MinIO, Ceph, SeaweedFS...).
+
+URL: s3://BUCKET[/PREFIX]. The endpoint comes from the `endpoint` argument or the standard
+AWS_ENDPOINT_URL variable; credentials from the standard AWS chain (environment,
+~/.aws, instance role). Single requests are retried by botocore ("standard" mode, with
+backoff); what still fails becomes a typed efsish error with a message that says what to
+fix. Every blocking boto3 call runs in a worker thread behind a trio.CapacityLimiter
+sized like the HTTP connection pool, so the event loop never blocks.
+
+This module must not decide anything about the filesystem; it only moves bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import uuid
+from collections.abc import AsyncIterator, Callable
+from typing import Any, TypeVar
+
+import boto3
+import botocore.config
+import botocore.exceptions
+import trio
+
+from efsish.errors import (
+    NotFound,
+    PermanentStoreError,
+    PreconditionFailed,
+    StoreConfigError,
+    StoreError,
+    TransientStoreError,
+)
+from efsish.store.base import ObjectInfo, ObjectStore, check_key, range_past_end
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+_TRANSIENT_CODES = {
+    "InternalError",
+    "ServiceUnavailable",
+    "SlowDown",
+    "RequestTimeout",
+    "Throttling",
+    "ThrottlingException",
+    "RequestTimeTooSkewed",
+    "ConditionalRequestConflict",
+    "OperationAborted",
+}
+_CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+_CONN_ERRORS = (
+    botocore.exceptions.EndpointConnectionError,
+    botocore.exceptions.ConnectTimeoutError,
+    botocore.exceptions.ReadTimeoutError,
+    botocore.exceptions.ConnectionClosedError,
+    botocore.exceptions.ProxyConnectionError,
+)
+CONFLICT_RETRIES = 8
+
+
+def parse_s3_url(url: str) -> tuple[str, str]:
+    """Split s3://BUCKET[/PREFIX] into (bucket, prefix-without-slashes)."""
+    if not url.startswith("s3://"):
+        raise StoreConfigError(f"not an s3:// URL: {url}")
+    rest = url[len("s3://") :].strip("/")
+    bucket, _, prefix = rest.partition("/")
+    if not bucket:
+        raise StoreConfigError(f"{url}: missing bucket name (expected s3://BUCKET[/PREFIX])")
+    return bucket, prefix.strip("/")
+
+
+class S3Store(ObjectStore):
+    """ObjectStore over boto3. See the module docstring."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        endpoint: str | None = None,
+        region: str | None = None,
+        path_style: bool = True,
+        verify_tls: bool = True,
+        concurrency: int = 32,
+        max_attempts: int = 5,
+        connect_timeout: float = 5.0,
+        read_timeout: float = 30.0,
+    ) -> None:
+        self.bucket, self.prefix = parse_s3_url(url)
+        self.url = url
+        self.endpoint = endpoint or os.environ.get("AWS_ENDPOINT_URL") or None
+        config = botocore.config.Config(
+            connect_timeout=connect_timeout,
+            read_timeout=read_timeout,
+            retries={"max_attempts": max_attempts, "mode": "standard"},
+            max_pool_connections=concurrency,
+            s3={"addressing_style": "path" if path_style else "auto"},
+            tcp_keepalive=True,
+            # Only send/require checksums where the operation needs them: many
+            # S3-compatible servers reject the newer default CRC trailers.
+            request_checksum_calculation="when_required",
+            response_checksum_validation="when_required",
+        )
+        session = boto3.session.Session()
+        self._client = session.client(
+            "s3",
+            endpoint_url=self.endpoint,
+            region_name=region or session.region_name or "us-east-1",
+            config=config,
+            verify=verify_tls,
+        )
+        self._limiter = trio.CapacityLimiter(concurrency)
+
+    # ------------------------------------------------------------------------ helpers
+
+    def _k(self, key: str) -> str:
+        check_key(key)
+        return f"{self.prefix}/{key}" if self.prefix else key
+
+    def _unk(self, full: str) -> str:
+        return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def _where(self) -> str:
+        return f"s3://{self.bucket} at {self.endpoint or 'the default AWS endpoint'}"
+
+    def _map(self, exc: Exception, key: str) -> StoreError:
+        """Translate a botocore exception into one typed efsish error."""
+        if isinstance(exc, botocore.exceptions.NoCredentialsError):
+            return StoreConfigError(
+                "no S3 credentials found: set AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY, "
+                "configure ~/.aws/credentials, or attach an instance role"
+            )
+        if isinstance(exc, _CONN_ERRORS):
+            return TransientStoreError(
+                f"cannot reach {self._where()} ({type(exc).__name__}): is the server running "
+                "and AWS_ENDPOINT_URL / --endpoint right?"
+            )
+        if isinstance(exc, botocore.exceptions.ClientError):
+            err = exc.response.get("Error", {})
+            code = str(err.get("Code", ""))
+            status = int(exc.response.get("ResponseMetadata", {}).get("HTTPStatusCode", 0))
+            if code in ("NoSuchKey", "InvalidRange") or (
+                status in (404, 416) and code != "NoSuchBucket"
+            ):
+                return NotFound(key)
+            if code == "PreconditionFailed" or status == 412:
+                return PreconditionFailed(key)
+            if code == "NoSuchBucket":
+                return StoreConfigError(
+                    f"bucket {self.bucket!r} does not exist at "
+                    f"{self.endpoint or 'AWS'}: create it (e.g. `aws s3 mb s3://{self.bucket}`) "
+                    "or fix the URL"
+                )
+            if code in _CRED_CODES:
+                return StoreConfigError(
+                    f"the S3 server rejected the credentials ({code}): check "
+                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or your AWS profile"
+                )
+            if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
+                return StoreConfigError(
+                    f"access denied to {self._where()} ({code or status}): the credentials "
+                    "lack permission for this bucket/prefix"
+                )
+            if code in _TRANSIENT_CODES or status >= 500 or status == 409:
+                return TransientStoreError(f"{key}: S3 error {code or status} after retries")
+            return PermanentStoreError(
+                f"{key}: S3 error {code or status}: {err.get('Message', '')}"
+            )
+        if isinstance(exc, botocore.exceptions.BotoCoreError):
+            return TransientStoreError(f"{key}: {exc}")
+        raise exc
+
+    async def _call(self, key: str, fn: Callable[..., T], **kwargs: Any) -> T:
+        def run() -> T:
+            try:
+                return fn(**kwargs)
+            except (botocore.exceptions.BotoCoreError, botocore.exceptions.ClientError) as e:
+                raise self._map(e, key) from e
+
+        return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    # --------------------------------------------------------------------- async API
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        full = self._k(key)
+        if (start is not None and start < 0) or (end is not None and end < (start or 0)):
+            raise ValueError(f"invalid byte range [{start}, {end})")
+        if end is not None and end == (start or 0):
+            info = await self.head(key)  # empty range: only existence matters
+            if range_past_end(info.size, start):
+                raise NotFound(key)
+            return b""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
+        if start is not None or end is not None:
+            s = start or 0
+            kwargs["Range"] = f"bytes={s}-" if end is None else f"bytes={s}-{end - 1}"
+
+        def read() -> bytes:
+            resp = self._client.get_object(**kwargs)
+            body = resp["Body"]
+            try:
+                data: bytes = body.read()
+            finally:
+                body.close()
+            return data
+
+        try:
+            return await self._call(key, read)
+        except NotFound:
+            if "Range" in kwargs and not start:
+                # Some servers answer 416 to a range on an empty object.
+                info = await self.head(key)
+                if info.size == 0:
+                    return b""
+            raise
+
+    async def put(self, key: str, data: bytes) -> None:
+        await self._call(
+            key, self._client.put_object, Bucket=self.bucket, Key=self._k(key), Body=bytes(data)
+        )
+
+    async def put_if_absent(self, key: str, data: bytes) -> None:
+        full = self._k(key)
+        payload = bytes(data)
+        for attempt in range(CONFLICT_RETRIES):
+            try:
+                await self._call(
+                    key,
+                    self._client.put_object,
+                    Bucket=self.bucket,
+                    Key=full,
+                    Body=payload,
+                    IfNoneMatch="*",
+                )
+                return
+            except PreconditionFailed:
+                # A retry of our own request may have hit its earlier success: idempotent.
+                try:
+                    if await self.get(key) == payload:
+                        return
+                except NotFound:
+                    continue
+                raise
+            except TransientStoreError as e:
+                # 409 ConditionalRequestConflict: another conditional write was in flight.
+                if "ConditionalRequestConflict" not in str(e) and "409" not in str(e):
+                    raise
+                await trio.sleep(random.uniform(0.01, 0.05) * (2**attempt))
+        raise TransientStoreError(f"{key}: conditional create kept conflicting; try again")
+
+    async def head(self, key: str) -> ObjectInfo:
+        resp = await self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._k(key))
+        return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")).strip('"'))
+
+    async def delete(self, key: str) -> None:
+        try:
+            await self._call(key, self._client.delete_object, Bucket=self.bucket, Key=self._k(key))
+        except NotFound:
+            pass
+
+    async def list(
+        self, prefix: str = "", start_after: str | None = None
+    ) -> AsyncIterator[ObjectInfo]:
+        base = f"{self.prefix}/" if self.prefix else ""
+        kwargs: dict[str, Any] = {"Bucket": self.bucket, "Prefix": base + prefix}
+        if start_after is not None:
+            kwargs["StartAfter"] = base + start_after
+        while True:
+            resp = await self._call(prefix or "/", self._client.list_objects_v2, **kwargs)
+            for obj in resp.get("Contents", []):
+                yield ObjectInfo(
+                    self._unk(obj["Key"]), int(obj["Size"]), str(obj.get("ETag", "")).strip('"')
+                )
+            if not resp.get("IsTruncated"):
+                return
+            kwargs.pop("StartAfter", None)
+            kwargs["ContinuationToken"] = resp["NextContinuationToken"]
+
+    async def check(self) -> None:
+        """Check reachability, credentials, the bucket, and conditional-write support."""
+        try:
+            await self._call("/", self._client.head_bucket, Bucket=self.bucket)
+        except NotFound:
+            raise StoreConfigError(
+                f"bucket {self.bucket!r} does not exist at {self.endpoint or 'AWS'}: "
+                f"create it (e.g. `aws s3 mb s3://{self.bucket}`) or fix the URL"
+            ) from None
+        except TransientStoreError as e:
+            raise StoreConfigError(str(e)) from None
+        probe = f".efsish-probe/{uuid.uuid4().hex}"
+        try:
+            await self.put_if_absent(probe, b"a")
+            try:
+                await self.put_if_absent(probe, b"b")
+            except PreconditionFailed:
+                return
+            raise StoreConfigError(
+                f"{self._where()} ignores conditional writes (If-None-Match: *); efsish needs "
+                "them to order its metadata log. Use a server that supports them "
+                "(AWS S3, MinIO >= 2024-11, SeaweedFS >= 3.80, Ceph >= 19)."
+            )
+        finally:
+            await self.delete(probe)
+
+    async def aclose(self) -> None:
+        self._client.close()
