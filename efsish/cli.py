@@ -11,11 +11,12 @@ import argparse
 import logging
 import sys
 from collections.abc import Awaitable, Callable, Sequence
+from pathlib import Path
 
 import trio
 
 from efsish import __version__
-from efsish.errors import EfsishError
+from efsish.errors import EfsishError, UsageError
 from efsish.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -57,6 +58,53 @@ async def _check(args: argparse.Namespace) -> int:
     return 0
 
 
+async def _format(args: argparse.Namespace) -> int:
+    from efsish.meta.superblock import format_fs
+    from efsish.mount import parse_size
+
+    if args.throughput_mode == "provisioned" and not args.provisioned_mibps:
+        raise UsageError("--throughput-mode provisioned needs --provisioned-mibps N")
+    if args.provisioned_mibps is not None and args.provisioned_mibps <= 0:
+        raise UsageError("--provisioned-mibps must be positive")
+    async with open_store(args.store, store_options(args)) as store:
+        await store.check()
+        sb = await format_fs(
+            store,
+            block_size=parse_size(args.block_size),
+            throughput_mode=args.throughput_mode,
+            provisioned_mibps=float(args.provisioned_mibps or 0),
+        )
+    print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}")
+    return 0
+
+
+def _mount(args: argparse.Namespace) -> int:
+    from efsish.mount import MountConfig, apply_mount_options, default_cache_dir, mount
+
+    cfg = MountConfig(
+        store_url=args.store,
+        mountpoint=args.mountpoint,
+        store_options=store_options(args),
+        cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
+        foreground=args.foreground,
+    )
+    apply_mount_options(cfg, args.o or [])
+    return mount(cfg)
+
+
+def _umount(args: argparse.Namespace) -> int:
+    from efsish.mount import umount
+
+    return umount(args.mountpoint)
+
+
+async def _fsck(args: argparse.Namespace) -> int:
+    from efsish.fsck import run_fsck
+
+    async with open_store(args.store, store_options(args)) as store:
+        return await run_fsck(store, verify_data=args.verify_data, progress=not args.quiet)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="efsish",
@@ -70,6 +118,44 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("check", help="check that a store is reachable and usable")
     add_store_options(p)
     p.set_defaults(func=_check)
+
+    p = sub.add_parser("format", help="create a new filesystem in an empty store")
+    add_store_options(p)
+    p.add_argument("--block-size", default="4M", help="maximum data block size (default 4M)")
+    p.add_argument(
+        "--throughput-mode", choices=["bursting", "provisioned", "elastic"], default="bursting"
+    )
+    p.add_argument(
+        "--provisioned-mibps",
+        type=float,
+        default=None,
+        help="throughput for --throughput-mode provisioned, in MiB/s",
+    )
+    p.set_defaults(func=_format)
+
+    p = sub.add_parser("mount", help="mount a filesystem")
+    add_store_options(p)
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--cache-dir", help="local cache (default /var/cache/efsish as root)")
+    p.add_argument("--foreground", "-f", action="store_true", help="do not daemonise")
+    p.add_argument(
+        "-o", action="append", metavar="OPTIONS", help="comma-separated mount options (see README)"
+    )
+    p.set_defaults(func=_mount, sync=True)
+
+    p = sub.add_parser("umount", help="flush everything, then unmount")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.set_defaults(func=_umount, sync=True)
+
+    p = sub.add_parser("fsck", help="check every metadata invariant and every block")
+    add_store_options(p)
+    p.add_argument(
+        "--verify-data",
+        action="store_true",
+        help="also download every block and verify its checksum",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_fsck)
     return ap
 
 
@@ -80,9 +166,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
     )
-    func: Callable[[argparse.Namespace], Awaitable[int]] = args.func
     try:
-        result = trio.run(func, args)
+        if getattr(args, "sync", False):
+            result: int = args.func(args)
+        else:
+            func: Callable[[argparse.Namespace], Awaitable[int]] = args.func
+            result = trio.run(func, args)
+    except UsageError as e:
+        print(f"efsish: {e}", file=sys.stderr)
+        return EXIT_USAGE
     except EfsishError as e:
         print(f"efsish: {e}", file=sys.stderr)
         return EXIT_ERROR

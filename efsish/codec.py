@@ -1,0 +1,67 @@
+"""Envelope for every metadata object efsish writes (superblock, log entries, checkpoints).
+
+An envelope is: MAGIC, a one-byte kind, a 16-byte BLAKE2b checksum of the payload, and the
+payload compressed with zstd. decode() verifies all of it and raises CorruptObject with a
+readable reason, so a damaged or foreign object is never silently used. Data blocks are
+not wrapped: their checksums live in the metadata that references them.
+
+This module must not know what the payloads mean.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from typing import Any
+
+import zstandard
+
+from efsish.errors import CorruptObject
+
+MAGIC = b"EFSISH\x01"
+KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat"}
+_HDR = len(MAGIC) + 1 + 16
+
+_cctx = zstandard.ZstdCompressor(level=3)
+
+
+def checksum(data: bytes) -> bytes:
+    return hashlib.blake2b(data, digest_size=16).digest()
+
+
+def block_hash(data: bytes) -> str:
+    """Hex checksum recorded in the metadata for every data block."""
+    return hashlib.blake2b(data, digest_size=16).hexdigest()
+
+
+def encode(kind: bytes, payload: bytes) -> bytes:
+    assert kind in KINDS
+    return MAGIC + kind + checksum(payload) + _cctx.compress(payload)
+
+
+def decode(kind: bytes, blob: bytes, what: str = "object", max_size: int = 1 << 31) -> bytes:
+    if len(blob) < _HDR or not blob.startswith(MAGIC):
+        raise CorruptObject(f"{what}: not an efsish object (bad magic or truncated)")
+    if blob[len(MAGIC) : len(MAGIC) + 1] != kind:
+        got = KINDS.get(blob[len(MAGIC) : len(MAGIC) + 1], "unknown")
+        raise CorruptObject(f"{what}: expected a {KINDS[kind]}, found a {got} object")
+    digest = blob[len(MAGIC) + 1 : _HDR]
+    try:
+        payload = zstandard.ZstdDecompressor().decompress(blob[_HDR:], max_output_size=max_size)
+    except zstandard.ZstdError as e:
+        raise CorruptObject(f"{what}: compressed payload is damaged ({e})") from None
+    if checksum(payload) != digest:
+        raise CorruptObject(f"{what}: checksum mismatch (object is corrupt)")
+    return payload
+
+
+def encode_json(kind: bytes, obj: Any) -> bytes:
+    return encode(kind, json.dumps(obj, separators=(",", ":")).encode())
+
+
+def decode_json(kind: bytes, blob: bytes, what: str = "object") -> Any:
+    payload = decode(kind, blob, what)
+    try:
+        return json.loads(payload)
+    except ValueError as e:
+        raise CorruptObject(f"{what}: payload is not valid JSON ({e})") from None

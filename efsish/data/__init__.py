@@ -1,0 +1,1 @@
+"""File data: immutable blocks in the store, the on-disk block cache, write buffers."""

@@ -1,0 +1,108 @@
+"""The on-disk block cache: immutable blocks as files under the cache dir, indexed by a
+size-bounded cachetools LRU, rebuilt from the directory at start so it survives restarts.
+
+Blocks never change once written, so a cached block is never stale; every entry is
+checked against the block hash recorded in the metadata when read. Disk I/O runs in
+worker threads. This module must not talk to the object store.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+
+import cachetools
+import trio
+
+from efsish.codec import block_hash
+
+log = logging.getLogger(__name__)
+
+
+class _Index(cachetools.LRUCache[str, int]):
+    """LRU of key -> size; evicting an entry deletes its file."""
+
+    def __init__(self, maxsize: int, root: Path) -> None:
+        super().__init__(maxsize=maxsize, getsizeof=lambda size: max(size, 1))
+        self.root = root
+
+    def popitem(self) -> tuple[str, int]:
+        key, size = super().popitem()
+        try:
+            (self.root / key).unlink()
+        except FileNotFoundError:
+            pass
+        return key, size
+
+
+class BlockCache:
+    """Thread-safe disk cache of whole blocks."""
+
+    def __init__(self, root: Path, max_bytes: int) -> None:
+        self.root = Path(root)
+        self.root.mkdir(parents=True, exist_ok=True)
+        self._lock = threading.Lock()
+        self._index = _Index(max_bytes, self.root)
+        self._limiter = trio.CapacityLimiter(8)
+        self.hits = 0
+        self.misses = 0
+        entries = sorted(
+            (e for e in os.scandir(self.root) if e.is_file() and not e.name.endswith(".tmp")),
+            key=lambda e: e.stat().st_atime,
+        )
+        for e in entries:
+            self._index[e.name] = e.stat().st_size
+
+    @staticmethod
+    def _name(key: str) -> str:
+        return key.replace("/", "_")
+
+    def _get(self, key: str, hash_: str | None) -> bytes | None:
+        name = self._name(key)
+        with self._lock:
+            present = name in self._index
+            if present:
+                self._index[name] = self._index[name]  # touch
+        if not present:
+            return None
+        try:
+            data = (self.root / name).read_bytes()
+        except FileNotFoundError:
+            return None
+        if hash_ is not None and block_hash(data) != hash_:
+            log.warning("cached block %s is corrupt; dropping it", key)
+            self._drop(name)
+            return None
+        return data
+
+    def _drop(self, name: str) -> None:
+        with self._lock:
+            self._index.pop(name, None)
+        (self.root / name).unlink(missing_ok=True)
+
+    def _put(self, key: str, data: bytes) -> None:
+        name = self._name(key)
+        tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
+        tmp.write_bytes(data)
+        os.replace(tmp, self.root / name)
+        with self._lock:
+            self._index[name] = len(data)
+
+    async def get(self, key: str, hash_: str | None) -> bytes | None:
+        data = await trio.to_thread.run_sync(self._get, key, hash_, limiter=self._limiter)
+        if data is None:
+            self.misses += 1
+        else:
+            self.hits += 1
+        return data
+
+    async def put(self, key: str, data: bytes) -> None:
+        if len(data) > self._index.maxsize:
+            return
+        await trio.to_thread.run_sync(self._put, key, data, limiter=self._limiter)
+
+    @property
+    def used_bytes(self) -> int:
+        return int(self._index.currsize)

@@ -1,0 +1,843 @@
+"""POSIX semantics over the metadata log and immutable data blocks.
+
+Filesystem is what the FUSE adapter calls: every method takes plain values (inode numbers,
+bytes names, a Ctx with the caller's uid/gid) and returns plain values or raises FsError
+with an errno. Metadata changes are planners submitted to the MetaLog (validated against
+the view, committed as log ops); file data goes through per-inode write buffers that
+close()/fsync() upload as new blocks before committing the new layout.
+
+This module must not import pyfuse3; tests drive it directly.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import math
+import os
+import socket
+import stat
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import trio
+
+from efsish import __version__, codec
+from efsish.data.blocks import BlockIO
+from efsish.data.cache import BlockCache
+from efsish.data.dirty import DirtyBuffer
+from efsish.errors import EfsishError, FsError, StoreError, to_errno
+from efsish.meta.log import MetaLog, PlanContext
+from efsish.meta.superblock import Superblock
+from efsish.meta.view import (
+    ROOT_INO,
+    ApplyResult,
+    Attr,
+    Extent,
+    Op,
+    View,
+    b64,
+    name_to_json,
+)
+from efsish.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+NAME_MAX = 255
+SYMLINK_MAX = 4080
+LINK_MAX = 177  # EFS's limit on hard links to one file
+XATTR_NAME_MAX = 255
+XATTR_SIZE_MAX = 65536
+INLINE_MAX = 16 * 1024  # files up to this size keep their data in the log
+VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
+XATTR_CREATE = 1
+XATTR_REPLACE = 2
+RENAME_NOREPLACE = 1
+RENAME_EXCHANGE = 2
+ATIME_REFRESH_NS = 24 * 3600 * 10**9
+
+
+ACL_ACCESS = b"system.posix_acl_access"
+ACL_DEFAULT = b"system.posix_acl_default"
+_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = (
+    1,
+    2,
+    4,
+    8,
+    0x10,
+    0x20,
+)
+
+
+def _valid_acl(value: bytes) -> bool:
+    return len(value) >= 4 and (len(value) - 4) % 8 == 0 and value[:4] == b"\x02\0\0\0"
+
+
+def parse_acl(value: bytes) -> tuple[int, bool] | None:
+    """(permission bits, minimal?) of a Linux POSIX ACL xattr, or None if malformed."""
+    if not _valid_acl(value):
+        return None
+    perms: dict[int, int] = {}
+    extended = False
+    for i in range(4, len(value), 8):
+        tag = int.from_bytes(value[i : i + 2], "little")
+        perm = int.from_bytes(value[i + 2 : i + 4], "little") & 7
+        if tag in (_ACL_USER, _ACL_GROUP):
+            extended = True
+        elif tag == _ACL_MASK:
+            extended = True
+            perms[tag] = perm
+        else:
+            perms[tag] = perm
+    if not {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER} <= perms.keys():
+        return None
+    group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
+    return (perms[_ACL_USER_OBJ] << 6) | (group << 3) | perms[_ACL_OTHER], not extended
+
+
+@dataclass(frozen=True)
+class Ctx:
+    """Who is asking: the caller's uid/gid (and umask, already applied by the kernel)."""
+
+    uid: int = 0
+    gid: int = 0
+
+
+@dataclass
+class Options:
+    cache_dir: Path
+    cache_bytes: int = 10 * 1024**3
+    poll_interval: float = 1.0
+    heartbeat_interval: float = 10.0
+    max_dirty_bytes: int = 256 * 1024**2
+    readahead_blocks: int = 2
+    checkpoint_every: int = 1000
+    mountpoint: str = ""
+
+
+@dataclass
+class Pending:
+    """An extent waiting for commit: uploading (data held), or uploaded (key set)."""
+
+    ext: Extent
+    done: trio.Event = field(default_factory=trio.Event)
+
+
+@dataclass
+class OpenFile:
+    """Per-inode state while this mount has the file open."""
+
+    ino: int
+    size: int
+    mtime: int
+    opens: int = 0
+    dirty: DirtyBuffer = field(default_factory=DirtyBuffer)
+    pending: list[Pending] = field(default_factory=list)
+    modified: bool = False
+    flush_lock: trio.Lock = field(default_factory=trio.Lock)
+    error: BaseException | None = None
+    orphan: tuple[Attr, list[Extent]] | None = None
+    last_read_end: int = -1
+
+
+def _check_name(name: bytes) -> None:
+    if len(name) > NAME_MAX:
+        raise FsError("name too long", errno.ENAMETOOLONG)
+    if not name or b"/" in name or name in (b".", b".."):
+        raise FsError("invalid name", errno.EINVAL)
+
+
+class Filesystem:
+    """One mount's view of an efsish filesystem. See the module docstring."""
+
+    def __init__(self, store: ObjectStore, sb: Superblock, options: Options) -> None:
+        self.store = store
+        self.sb = sb
+        self.opts = options
+        self.block_size = sb.block_size
+        cache_dir = Path(options.cache_dir) / sb.fs_uuid
+        self.meta = MetaLog(
+            store,
+            sb,
+            cache_dir / "meta.db",
+            on_apply=self._on_apply,
+            checkpoint_every=options.checkpoint_every,
+        )
+        self.cache = BlockCache(cache_dir / "blocks", options.cache_bytes)
+        self.blocks = BlockIO(store, self.cache)
+        self.files: dict[int, OpenFile] = {}
+        self.handles: dict[int, int] = {}  # fh -> ino
+        self._next_fh = 1
+        self._kcache_ok: set[int] = set()
+        self._dirty_total = 0
+        self._dirty_cond = trio.Condition()
+        self._nursery: trio.Nursery | None = None
+        send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
+        self._inval_send = send
+        self.invalidations = recv  # consumed by the FUSE adapter
+        self.started = time.time()
+
+    # ----------------------------------------------------------------- lifecycle
+
+    async def start(self, nursery: trio.Nursery) -> None:
+        self._nursery = nursery
+        await self.meta.open()
+        await nursery.start(self.meta.run)
+        nursery.start_soon(self._poller)
+        nursery.start_soon(self._heartbeat)
+
+    async def shutdown(self) -> None:
+        """Flush every open file; the caller cancels the nursery afterwards."""
+        for of in list(self.files.values()):
+            try:
+                await self._flush_file(of)
+            except EfsishError as e:
+                log.error("could not flush inode %d at shutdown: %s", of.ino, e)
+        try:
+            await self.store.delete(f"clients/{self.meta.client_id}")
+        except StoreError:
+            pass
+
+    async def _poller(self) -> None:
+        while True:
+            await trio.sleep(self.opts.poll_interval)
+            try:
+                await self.meta.catch_up()
+                await self.meta.maybe_checkpoint()
+            except EfsishError as e:
+                log.warning("background catch-up failed: %s", e)
+
+    async def _heartbeat(self) -> None:
+        while True:
+            try:
+                await self.store.put(
+                    f"clients/{self.meta.client_id}",
+                    codec.encode_json(
+                        b"H",
+                        {
+                            "client": self.meta.client_id,
+                            "host": socket.gethostname(),
+                            "mountpoint": self.opts.mountpoint,
+                            "version": __version__,
+                            "pid": os.getpid(),
+                            "applied_seq": self.meta.applied_seq,
+                            "t": time.time_ns(),
+                            "started": int(self.started * 1e9),
+                        },
+                    ),
+                )
+            except StoreError as e:
+                log.warning("heartbeat failed: %s", e)
+            await trio.sleep(self.opts.heartbeat_interval)
+
+    def _on_apply(self, res: ApplyResult, remote: bool) -> None:
+        for ino, snap in res.freed.items():
+            of = self.files.get(ino)
+            if of is not None and of.orphan is None:
+                of.orphan = snap
+        if not remote:
+            return
+        for ino in res.data:
+            self._kcache_ok.discard(ino)
+        for ino in res.inodes:
+            if ino not in res.freed:
+                self._inval_send.send_nowait(("inode", ino, b""))
+        for parent, name in res.entries:
+            self._inval_send.send_nowait(("entry", parent, name))
+
+    # ------------------------------------------------------------------- helpers
+
+    def _now(self) -> int:
+        return time.time_ns()
+
+    async def _attr(self, ino: int) -> Attr:
+        of = self.files.get(ino)
+        attr = await self.meta.read(View.getattr, ino)
+        if attr is None:
+            if of is not None and of.orphan is not None:
+                attr = of.orphan[0]
+                attr.nlink = 0
+            else:
+                raise FsError("no such inode", errno.ENOENT)
+        if of is not None and of.modified:
+            attr.size = of.size
+            attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
+        return attr
+
+    async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
+        try:
+            return await self.meta.submit(planner)
+        except FsError:
+            raise
+        except EfsishError as e:
+            log.error("metadata commit failed: %s", e)
+            raise FsError(str(e), to_errno(e)) from e
+
+    @staticmethod
+    def _need(view: View, ino: int) -> Attr:
+        a = view.getattr(ino)
+        if a is None:
+            raise FsError("no such inode", errno.ENOENT)
+        return a
+
+    @staticmethod
+    def _need_dir(view: View, ino: int) -> Attr:
+        a = Filesystem._need(view, ino)
+        if not a.is_dir:
+            raise FsError("not a directory", errno.ENOTDIR)
+        return a
+
+    # -------------------------------------------------------------------- lookups
+
+    async def lookup(self, parent: int, name: bytes) -> Attr:
+        if len(name) > NAME_MAX:
+            raise FsError("name too long", errno.ENAMETOOLONG)
+        await self._catch_up()
+        if name == b".":
+            return await self._attr(parent)
+        if name == b"..":
+            p = await self.meta.read(View.parent_of, parent)
+            return await self._attr(p or ROOT_INO)
+        ino = await self.meta.read(View.lookup, parent, name)
+        if ino is None:
+            raise FsError("no such entry", errno.ENOENT)
+        return await self._attr(ino)
+
+    async def _catch_up(self) -> None:
+        try:
+            await self.meta.catch_up()
+        except EfsishError as e:
+            # Serve from the view we have; the poller keeps trying.
+            log.warning("catch-up failed, serving possibly stale metadata: %s", e)
+
+    async def getattr(self, ino: int) -> Attr:
+        return await self._attr(ino)
+
+    async def readlink(self, ino: int) -> bytes:
+        attr = await self._attr(ino)
+        if not stat.S_ISLNK(attr.mode) or attr.target is None:
+            raise FsError("not a symlink", errno.EINVAL)
+        return bytes(attr.target)
+
+    # --------------------------------------------------------------- create/remove
+
+    async def mknod(
+        self,
+        parent: int,
+        name: bytes,
+        mode: int,
+        ctx: Ctx,
+        rdev: int = 0,
+        target: bytes | None = None,
+    ) -> Attr:
+        _check_name(name)
+        if target is not None and len(target) > SYMLINK_MAX:
+            raise FsError("symlink target too long", errno.ENAMETOOLONG)
+        if stat.S_IFMT(mode) == 0:
+            mode |= stat.S_IFREG
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+            p = self._need_dir(view, parent)
+            if p.nlink == 0:
+                raise FsError("directory was removed", errno.ENOENT)
+            if view.lookup(parent, name) is not None:
+                raise FsError("exists", errno.EEXIST)
+            gid, m = ctx.gid, mode
+            if p.mode & stat.S_ISGID:
+                gid = p.gid
+                if stat.S_ISDIR(mode):
+                    m |= stat.S_ISGID
+            ino = pc.alloc_ino(view)
+            op: Op = {
+                "o": "mk",
+                "ino": ino,
+                "p": parent,
+                "name": name_to_json(name),
+                "mode": m,
+                "uid": ctx.uid,
+                "gid": gid,
+                "rdev": rdev,
+                "t": pc.now_ns,
+                "tgt": b64(target) if target is not None else None,
+            }
+            return [op], ino
+
+        ino = await self._submit(plan)
+        return await self._attr(ino)
+
+    async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
+        return await self.mknod(parent, name, stat.S_IFDIR | (mode & 0o7777), ctx)
+
+    async def symlink(self, parent: int, name: bytes, target: bytes, ctx: Ctx) -> Attr:
+        return await self.mknod(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
+
+    async def link(self, ino: int, parent: int, name: bytes) -> Attr:
+        _check_name(name)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            a = self._need(view, ino)
+            if a.is_dir:
+                raise FsError("hard link to directory", errno.EPERM)
+            if a.nlink >= LINK_MAX:
+                raise FsError("too many links", errno.EMLINK)
+            self._need_dir(view, parent)
+            if view.lookup(parent, name) is not None:
+                raise FsError("exists", errno.EEXIST)
+            return [
+                {"o": "ln", "ino": ino, "p": parent, "name": name_to_json(name), "t": pc.now_ns}
+            ], None
+
+        await self._submit(plan)
+        return await self._attr(ino)
+
+    async def unlink(self, parent: int, name: bytes) -> None:
+        await self._remove(parent, name, want_dir=False)
+
+    async def rmdir(self, parent: int, name: bytes) -> None:
+        await self._remove(parent, name, want_dir=True)
+
+    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
+        if len(name) > NAME_MAX:
+            raise FsError("name too long", errno.ENAMETOOLONG)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            self._need_dir(view, parent)
+            ino = view.lookup(parent, name)
+            if ino is None:
+                raise FsError("no such entry", errno.ENOENT)
+            a = self._need(view, ino)
+            if want_dir and not a.is_dir:
+                raise FsError("not a directory", errno.ENOTDIR)
+            if not want_dir and a.is_dir:
+                raise FsError("is a directory", errno.EISDIR)
+            if a.is_dir and not view.is_empty_dir(ino):
+                raise FsError("directory not empty", errno.ENOTEMPTY)
+            return [{"o": "rm", "p": parent, "name": name_to_json(name), "t": pc.now_ns}], None
+
+        await self._submit(plan)
+
+    async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int = 0) -> None:
+        _check_name(dn)
+        if len(sn) > NAME_MAX:
+            raise FsError("name too long", errno.ENAMETOOLONG)
+        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
+            raise FsError("bad flags", errno.EINVAL)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            self._need_dir(view, sp)
+            self._need_dir(view, dp)
+            src = view.lookup(sp, sn)
+            if src is None:
+                raise FsError("no such entry", errno.ENOENT)
+            sa = self._need(view, src)
+            dst = view.lookup(dp, dn)
+            if dst == src:
+                return [], None  # same file: POSIX says do nothing
+            if sa.is_dir and view.is_ancestor(src, dp):
+                raise FsError("cannot move a directory into itself", errno.EINVAL)
+            op: Op = {
+                "o": "mv",
+                "sp": sp,
+                "sn": name_to_json(sn),
+                "dp": dp,
+                "dn": name_to_json(dn),
+                "t": pc.now_ns,
+            }
+            if flags & RENAME_EXCHANGE:
+                if dst is None:
+                    raise FsError("no such entry", errno.ENOENT)
+                da = self._need(view, dst)
+                if da.is_dir and view.is_ancestor(dst, sp):
+                    raise FsError("cannot move a directory into itself", errno.EINVAL)
+                op["x"] = True
+                return [op], None
+            if dst is not None:
+                if flags & RENAME_NOREPLACE:
+                    raise FsError("exists", errno.EEXIST)
+                da = self._need(view, dst)
+                if sa.is_dir and not da.is_dir:
+                    raise FsError("not a directory", errno.ENOTDIR)
+                if not sa.is_dir and da.is_dir:
+                    raise FsError("is a directory", errno.EISDIR)
+                if da.is_dir and not view.is_empty_dir(dst):
+                    raise FsError("directory not empty", errno.ENOTEMPTY)
+            return [op], None
+
+        await self._submit(plan)
+
+    # ------------------------------------------------------------------- setattr
+
+    async def setattr(
+        self,
+        ino: int,
+        ctx: Ctx,
+        *,
+        mode: int | None = None,
+        uid: int | None = None,
+        gid: int | None = None,
+        size: int | None = None,
+        atime: int | None = None,
+        mtime: int | None = None,
+        fh: int | None = None,
+    ) -> Attr:
+        of = self.files.get(ino)
+        if size is not None:
+            if size < 0:
+                raise FsError("negative size", errno.EINVAL)
+            if of is not None:
+                await self._flush_file(of)
+                if of.orphan is not None:
+                    of.dirty.truncate(size)
+                    of.size = size
+                    of.orphan[0].size = size
+                    return await self._attr(ino)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            a = self._need(view, ino)
+            op: Op = {"o": "attr", "ino": ino, "ctime": pc.now_ns}
+            if size is not None:
+                if a.is_dir:
+                    raise FsError("is a directory", errno.EISDIR)
+                if not a.is_reg:
+                    raise FsError("not a regular file", errno.EINVAL)
+                op["size"] = size
+                op["mtime"] = pc.now_ns
+            new_mode = a.mode
+            if mode is not None:
+                new_mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
+            owner_changes = (uid is not None and uid != a.uid) or (gid is not None and gid != a.gid)
+            if owner_changes and a.is_reg and mode is None:
+                # chown clears set-user-ID, and set-group-ID when group-executable.
+                new_mode &= ~stat.S_ISUID
+                if new_mode & stat.S_IXGRP:
+                    new_mode &= ~stat.S_ISGID
+            if new_mode != a.mode:
+                op["mode"] = new_mode
+            if uid is not None:
+                op["uid"] = uid
+            if gid is not None:
+                op["gid"] = gid
+            if atime is not None:
+                op["atime"] = atime
+            if mtime is not None:
+                op["mtime"] = mtime
+            return [op], None
+
+        await self._submit(plan)
+        if size is not None and of is not None:
+            of.dirty.truncate(size)
+            of.size = size
+        if mtime is not None and of is not None:
+            of.mtime = mtime
+        return await self._attr(ino)
+
+    # ------------------------------------------------------------------ directory
+
+    async def opendir(self, ino: int) -> None:
+        await self._catch_up()
+        a = await self._attr(ino)
+        if not a.is_dir:
+            raise FsError("not a directory", errno.ENOTDIR)
+
+    async def readdir(
+        self, ino: int, after: int, limit: int = 1000
+    ) -> list[tuple[int, bytes, Attr]]:
+        def q(view: View) -> list[tuple[int, bytes, Attr]]:
+            out = []
+            for cursor, name, child in view.readdir(ino, after, limit):
+                a = view.getattr(child)
+                if a is not None:
+                    out.append((cursor, name, a))
+            return out
+
+        entries = await self.meta.read(q)
+        for _, _, a in entries:
+            of = self.files.get(a.ino)
+            if of is not None and of.modified:
+                a.size, a.mtime = of.size, max(a.mtime, of.mtime)
+        return entries
+
+    # ------------------------------------------------------------------ xattrs
+
+    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+        if len(name) > XATTR_NAME_MAX or not name:
+            raise FsError("xattr name too long", errno.ERANGE)
+        if len(value) > XATTR_SIZE_MAX:
+            raise FsError("xattr value too large", errno.E2BIG)
+
+        acl = parse_acl(value) if name == ACL_ACCESS else None
+        if name in (ACL_ACCESS, ACL_DEFAULT) and (
+            (acl is None and name == ACL_ACCESS) or not _valid_acl(value)
+        ):
+            raise FsError("invalid ACL", errno.EINVAL)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            a = self._need(view, ino)
+            old = view.getxattr(ino, name)
+            if flags & XATTR_CREATE and old is not None:
+                raise FsError("xattr exists", errno.EEXIST)
+            if flags & XATTR_REPLACE and old is None:
+                raise FsError("no such xattr", errno.ENODATA)
+            ops: list[Op] = []
+            if acl is not None:
+                # As local filesystems do: the ACL's owner/group(mask)/other entries are
+                # the mode bits; an ACL with nothing more is just a mode, not stored.
+                mode, minimal = acl
+                new_mode = (a.mode & ~0o777) | mode
+                if new_mode != a.mode:
+                    ops.append({"o": "attr", "ino": ino, "mode": new_mode, "ctime": pc.now_ns})
+                if minimal:
+                    if old is not None:
+                        ops.append(
+                            {"o": "xr", "ino": ino, "name": name_to_json(name), "t": pc.now_ns}
+                        )
+                    return ops, None
+            ops.append(
+                {"o": "xs", "ino": ino, "name": name_to_json(name), "v": b64(value), "t": pc.now_ns}
+            )
+            return ops, None
+
+        await self._submit(plan)
+
+    async def getxattr(self, ino: int, name: bytes) -> bytes:
+        await self._attr(ino)
+        v = await self.meta.read(View.getxattr, ino, name)
+        if v is None:
+            raise FsError("no such xattr", errno.ENODATA)
+        return v
+
+    async def listxattr(self, ino: int) -> list[bytes]:
+        await self._attr(ino)
+        return await self.meta.read(View.listxattr, ino)
+
+    async def removexattr(self, ino: int, name: bytes) -> None:
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            self._need(view, ino)
+            if view.getxattr(ino, name) is None:
+                raise FsError("no such xattr", errno.ENODATA)
+            return [{"o": "xr", "ino": ino, "name": name_to_json(name), "t": pc.now_ns}], None
+
+        await self._submit(plan)
+
+    # -------------------------------------------------------------------- statfs
+
+    async def statfs(self) -> dict[str, int]:
+        ninodes, used = await self.meta.read(View.stats)
+        bsize = 4096
+        total = VIRTUAL_SIZE // bsize
+        files = 1 << 40
+        return {
+            "bsize": bsize,
+            "frsize": bsize,
+            "blocks": total,
+            "bfree": max(0, total - (used + bsize - 1) // bsize),
+            "files": files,
+            "ffree": files - ninodes,
+            "namemax": NAME_MAX,
+        }
+
+    # ------------------------------------------------------------------ open files
+
+    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+        """Open a file; return (fh, keep_cache)."""
+        await self._catch_up()
+        attr = await self._attr(ino)
+        if attr.is_dir:
+            raise FsError("is a directory", errno.EISDIR)
+        of = self.files.get(ino)
+        if of is None:
+            of = self.files[ino] = OpenFile(ino, attr.size, attr.mtime)
+        of.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = ino
+        keep = ino in self._kcache_ok
+        self._kcache_ok.add(ino)
+        if (
+            (flags & os.O_ACCMODE) == os.O_RDONLY
+            and (attr.atime <= attr.mtime or attr.atime < time.time_ns() - ATIME_REFRESH_NS)
+            and self._nursery is not None
+        ):
+            self._nursery.start_soon(self._touch_atime, ino)
+        return fh, keep
+
+    async def _touch_atime(self, ino: int) -> None:
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            if view.getattr(ino) is None:
+                return [], None
+            return [{"o": "attr", "ino": ino, "atime": pc.now_ns}], None
+
+        try:
+            await self.meta.submit(plan)
+        except EfsishError as e:
+            log.debug("atime update of %d failed: %s", ino, e)
+
+    async def create(
+        self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx
+    ) -> tuple[int, Attr]:
+        attr = await self.mknod(parent, name, stat.S_IFREG | (mode & 0o7777), ctx)
+        of = self.files.get(attr.ino)
+        if of is None:
+            of = self.files[attr.ino] = OpenFile(attr.ino, 0, attr.mtime)
+        of.opens += 1
+        fh = self._next_fh
+        self._next_fh += 1
+        self.handles[fh] = attr.ino
+        self._kcache_ok.add(attr.ino)
+        return fh, attr
+
+    def _file(self, fh: int) -> OpenFile:
+        ino = self.handles.get(fh)
+        if ino is None or ino not in self.files:
+            raise FsError("bad file handle", errno.EBADF)
+        return self.files[ino]
+
+    async def write(self, fh: int, off: int, data: bytes) -> int:
+        of = self._file(fh)
+        if of.error is not None:
+            err, of.error = of.error, None
+            raise FsError(f"earlier background upload failed: {err}", errno.EIO)
+        while self._dirty_total > self.opts.max_dirty_bytes:
+            async with self._dirty_cond:
+                await self._dirty_cond.wait()
+        before = of.dirty.nbytes
+        of.dirty.write(off, data)
+        self._dirty_total += of.dirty.nbytes - before
+        of.size = max(of.size, off + len(data))
+        of.mtime = time.time_ns()
+        of.modified = True
+        if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
+            before = of.dirty.nbytes
+            for iv in of.dirty.take_full_blocks(self.block_size):
+                self._start_upload(of, iv.off, bytes(iv.buf))
+            self._dirty_total -= before - of.dirty.nbytes
+        return len(data)
+
+    def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
+        p = Pending(Extent(off, len(data), data=data))
+        of.pending.append(p)
+        self._dirty_total += len(data)
+        assert self._nursery is not None
+        self._nursery.start_soon(self._upload, of, p)
+
+    async def _upload(self, of: OpenFile, p: Pending) -> None:
+        data = p.ext.data or b""
+        try:
+            key, h = await self.blocks.upload(of.ino, data)
+            p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h)
+        except StoreError as e:
+            log.error("upload of a block of inode %d failed: %s", of.ino, e)
+            of.error = e
+        finally:
+            self._dirty_total -= len(data)
+            p.done.set()
+            async with self._dirty_cond:
+                self._dirty_cond.notify_all()
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        of = self._file(fh)
+        end = min(off + size, of.size)
+        if off >= end:
+            return b""
+        buf = bytearray(end - off)
+        if of.orphan is not None:
+            committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
+        else:
+            committed = await self.meta.read(View.extents, of.ino, off, end)
+        layers: list[Extent] = list(committed)
+        layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
+        try:
+            async with trio.open_nursery() as n:
+                for e in layers:
+                    n.start_soon(self._fill, buf, off, end, e)
+        except BaseExceptionGroup as eg:
+            raise FsError(f"read failed: {eg.exceptions[0]}", errno.EIO) from None
+        for iv in of.dirty.overlapping(off, end):
+            s, e2 = max(off, iv.off), min(end, iv.end)
+            buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
+        if off == of.last_read_end and of.orphan is None and self._nursery is not None:
+            await self._readahead(of, end)
+        of.last_read_end = end
+        return bytes(buf)
+
+    async def _fill(self, buf: bytearray, off: int, end: int, e: Extent) -> None:
+        """Copy the part of extent e inside [off, end) into buf (laid over older layers)."""
+        s, e2 = max(off, e.off), min(end, e.end)
+        if e.key is None:
+            piece = (e.data or b"")[s - e.off : e2 - e.off]
+        else:
+            block = await self.blocks.fetch(e.key, e.hash, e.bsize)
+            k = e.koff + (s - e.off)
+            piece = block[k : k + (e2 - s)]
+        buf[s - off : s - off + len(piece)] = piece
+
+    async def _readahead(self, of: OpenFile, end: int) -> None:
+        span = self.opts.readahead_blocks * self.block_size
+        ahead = await self.meta.read(View.extents, of.ino, end, end + span)
+        assert self._nursery is not None
+        for e in ahead:
+            if e.key is not None:
+                self.blocks.prefetch(self._nursery, e.key, e.hash, e.bsize)
+
+    async def flush(self, fh: int) -> None:
+        await self._flush_file(self._file(fh))
+
+    async def fsync(self, fh: int) -> None:
+        await self._flush_file(self._file(fh))
+
+    async def _flush_file(self, of: OpenFile) -> None:
+        """Upload dirty data and commit the new layout; return when durable."""
+        async with of.flush_lock:
+            if of.orphan is not None:
+                return  # unlinked while open: data lives here until the last close
+            before = of.dirty.nbytes
+            for iv in of.dirty.take_all():
+                data = bytes(iv.buf)
+                if of.size <= INLINE_MAX:
+                    of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
+                    of.pending[-1].done.set()
+                    continue
+                for i in range(0, len(data), self.block_size):
+                    self._start_upload(of, iv.off + i, data[i : i + self.block_size])
+            self._dirty_total -= before
+            for p in list(of.pending):
+                await p.done.wait()
+            if of.error is not None:
+                err, of.error = of.error, None
+                raise FsError(f"upload failed: {err}", errno.EIO)
+            if not of.modified:
+                return
+            pend = list(of.pending)
+            size, mtime = of.size, of.mtime
+
+            def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+                if view.getattr(of.ino) is None:
+                    return [], None
+                ext = [p.ext.to_json() for p in pend]
+                return [{"o": "w", "ino": of.ino, "ext": ext, "size": size, "t": mtime}], None
+
+            await self._submit(plan)
+            del of.pending[: len(pend)]
+            if not of.pending and not of.dirty:
+                of.modified = False
+
+    async def release(self, fh: int) -> None:
+        ino = self.handles.pop(fh, None)
+        if ino is None:
+            return
+        of = self.files.get(ino)
+        if of is None:
+            return
+        of.opens -= 1
+        if of.opens > 0:
+            return
+        try:
+            if of.modified and of.orphan is None:
+                await self._flush_file(of)
+        finally:
+            if of.opens == 0:
+                self._dirty_total -= of.dirty.nbytes
+                del self.files[ino]

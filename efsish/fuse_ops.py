@@ -1,0 +1,280 @@
+"""The FUSE adapter: the only module that speaks pyfuse3's Operations interface.
+
+It converts pyfuse3 requests into Filesystem calls, Attr into EntryAttributes, and every
+error into a FUSEError through efsish.errors.to_errno (one table). Kernel cache
+invalidations for changes made by other mounts are sent from a dedicated worker task,
+never inline in a request handler (the kernel may hold locks the request needs).
+This module must not contain filesystem logic.
+"""
+
+from __future__ import annotations
+
+import errno
+import functools
+import logging
+import os
+from collections.abc import Awaitable, Callable
+from typing import Any, TypeVar
+
+import pyfuse3
+import trio
+
+from efsish.errors import EfsishError, FsError, to_errno
+from efsish.filesystem import Ctx, Filesystem
+from efsish.meta.view import Attr
+
+log = logging.getLogger(__name__)
+
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+def _errors(fn: F) -> F:
+    """Map every exception to a FUSEError; unexpected ones are logged, not fatal."""
+
+    @functools.wraps(fn)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await fn(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
+        except FsError as e:
+            raise pyfuse3.FUSEError(e.errno) from None
+        except EfsishError as e:
+            log.error("%s failed: %s", fn.__name__, e)
+            raise pyfuse3.FUSEError(to_errno(e)) from None
+        except Exception:
+            log.exception("unexpected error in %s", fn.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+class FuseOps(pyfuse3.Operations):
+    """pyfuse3 Operations backed by a Filesystem."""
+
+    enable_writeback_cache = False
+    enable_acl = True  # the kernel enforces POSIX ACLs and maps minimal ACLs to modes
+
+    def __init__(
+        self, fs: Filesystem, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0
+    ) -> None:
+        super().__init__()
+        self.fs = fs
+        self.attr_timeout = attr_timeout
+        self.entry_timeout = entry_timeout
+        self._dirs: dict[int, int] = {}
+        self._next_dh = 1
+
+    # ------------------------------------------------------------------ helpers
+
+    def _entry(self, a: Attr) -> pyfuse3.EntryAttributes:
+        e = pyfuse3.EntryAttributes()
+        e.st_ino = a.ino
+        e.generation = 0
+        e.entry_timeout = self.entry_timeout
+        e.attr_timeout = self.attr_timeout
+        e.st_mode = a.mode
+        e.st_nlink = a.nlink
+        e.st_uid = a.uid
+        e.st_gid = a.gid
+        e.st_rdev = a.rdev
+        e.st_size = a.size
+        e.st_blksize = 128 * 1024
+        e.st_blocks = (a.size + 511) // 512
+        e.st_atime_ns = a.atime
+        e.st_mtime_ns = a.mtime
+        e.st_ctime_ns = a.ctime
+        return e
+
+    @staticmethod
+    def _ctx(ctx: Any) -> Ctx:
+        return Ctx(uid=ctx.uid, gid=ctx.gid)
+
+    async def invalidation_worker(self) -> None:
+        """Send kernel cache invalidations for remote changes, off the request path."""
+        async for kind, ino, name in self.fs.invalidations:
+            try:
+                if kind == "inode":
+                    await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)
+                else:
+                    pyfuse3.invalidate_entry_async(ino, name, ignore_enoent=True)
+            except OSError as e:
+                if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+                    log.debug("invalidate %s %d failed: %s", kind, ino, e)
+
+    # --------------------------------------------------------------- operations
+
+    @_errors
+    async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
+        return self._entry(await self.fs.lookup(parent_inode, name))
+
+    async def forget(self, inode_list: Any) -> None:
+        return None
+
+    @_errors
+    async def getattr(self, inode: int, ctx: Any = None) -> Any:
+        return self._entry(await self.fs.getattr(inode))
+
+    @_errors
+    async def setattr(self, inode: int, attr: Any, fields: Any, fh: int | None, ctx: Any) -> Any:
+        a = await self.fs.setattr(
+            inode,
+            self._ctx(ctx),
+            mode=attr.st_mode if fields.update_mode else None,
+            uid=attr.st_uid if fields.update_uid else None,
+            gid=attr.st_gid if fields.update_gid else None,
+            size=attr.st_size if fields.update_size else None,
+            atime=attr.st_atime_ns if fields.update_atime else None,
+            mtime=attr.st_mtime_ns if fields.update_mtime else None,
+            fh=fh,
+        )
+        return self._entry(a)
+
+    @_errors
+    async def readlink(self, inode: int, ctx: Any) -> bytes:
+        return await self.fs.readlink(inode)
+
+    @_errors
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
+        return self._entry(await self.fs.mknod(parent_inode, name, mode, self._ctx(ctx), rdev))
+
+    @_errors
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
+        return self._entry(await self.fs.mkdir(parent_inode, name, mode, self._ctx(ctx)))
+
+    @_errors
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
+        return self._entry(await self.fs.symlink(parent_inode, name, target, self._ctx(ctx)))
+
+    @_errors
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
+        return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
+
+    @_errors
+    async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.unlink(parent_inode, name)
+
+    @_errors
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.rmdir(parent_inode, name)
+
+    @_errors
+    async def rename(
+        self,
+        parent_inode_old: int,
+        name_old: bytes,
+        parent_inode_new: int,
+        name_new: bytes,
+        flags: int,
+        ctx: Any,
+    ) -> None:
+        await self.fs.rename(parent_inode_old, name_old, parent_inode_new, name_new, flags)
+
+    @_errors
+    async def open(self, inode: int, flags: int, ctx: Any) -> Any:
+        fh, keep = await self.fs.open(inode, flags)
+        return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
+
+    @_errors
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, self._ctx(ctx))
+        return pyfuse3.FileInfo(fh=fh), self._entry(attr)
+
+    @_errors
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return await self.fs.read(fh, off, size)
+
+    @_errors
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        return await self.fs.write(fh, off, buf)
+
+    @_errors
+    async def flush(self, fh: int) -> None:
+        await self.fs.flush(fh)
+
+    @_errors
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        await self.fs.fsync(fh)
+
+    @_errors
+    async def release(self, fh: int) -> None:
+        await self.fs.release(fh)
+
+    @_errors
+    async def opendir(self, inode: int, ctx: Any) -> int:
+        await self.fs.opendir(inode)
+        dh = self._next_dh
+        self._next_dh += 1
+        self._dirs[dh] = inode
+        return dh
+
+    @_errors
+    async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        ino = self._dirs[fh]
+        after = start_id
+        while True:
+            entries = await self.fs.readdir(ino, after, 512)
+            if not entries:
+                return
+            for cursor, name, attr in entries:
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cursor):
+                    return
+            after = entries[-1][0]
+
+    async def releasedir(self, fh: int) -> None:
+        self._dirs.pop(fh, None)
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None  # metadata is durable when each operation returns
+
+    @_errors
+    async def statfs(self, ctx: Any) -> Any:
+        s = await self.fs.statfs()
+        st = pyfuse3.StatvfsData()
+        st.f_bsize = s["bsize"]
+        st.f_frsize = s["frsize"]
+        st.f_blocks = s["blocks"]
+        st.f_bfree = s["bfree"]
+        st.f_bavail = s["bfree"]
+        st.f_files = s["files"]
+        st.f_ffree = s["ffree"]
+        st.f_favail = s["ffree"]
+        st.f_namemax = s["namemax"]
+        return st
+
+    @_errors
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
+        await self.fs.setxattr(inode, name, value)
+
+    @_errors
+    async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
+        return await self.fs.getxattr(inode, name)
+
+    @_errors
+    async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
+        return await self.fs.listxattr(inode)
+
+    @_errors
+    async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
+        await self.fs.removexattr(inode, name)
+
+    @_errors
+    async def access(self, inode: int, mode: int, ctx: Any) -> bool:
+        # Only reached without default_permissions; efsish always mounts with it.
+        await self.fs.getattr(inode)
+        return True
+
+
+def fuse_options(*, allow_other: bool, fsname: str, ro: bool = False) -> set[str]:
+    opts = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
+    opts.add(f"fsname={fsname}")
+    opts.add("subtype=efsish")
+    if allow_other:
+        opts.add("allow_other")
+    if ro:
+        opts.add("ro")
+    return opts
+
+
+def running_as_root() -> bool:
+    return os.geteuid() == 0

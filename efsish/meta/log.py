@@ -1,0 +1,442 @@
+"""The metadata log client: catch up with the log in the bucket, commit batched
+transactions with conditional PUTs, and write/load checkpoints.
+
+Protocol (docs/ARCHITECTURE.md): to commit, a batch of planners is validated against the
+view at position S inside one SQLite transaction; their ops are PUT as `log/S+1` with
+If-None-Match. On success the SQLite transaction commits; on 412 it rolls back, the view
+catches up to the head, and the planners run again (they may now fail, e.g. EEXIST).
+Requests that arrive while a PUT is in flight form the next batch (group commit).
+
+All SQLite work runs in worker threads behind CapacityLimiters; the writer connection is
+used only under `self._wlock`. This module must not import pyfuse3 or know POSIX rules.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import random
+import sqlite3
+import tempfile
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Generic, TypeVar
+
+import trio
+
+from efsish import codec
+from efsish.errors import (
+    CorruptObject,
+    FsError,
+    NotFound,
+    PreconditionFailed,
+    StoreError,
+    TransientStoreError,
+)
+from efsish.meta.superblock import Superblock
+from efsish.meta.view import ApplyResult, Op, View
+from efsish.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+LOG_PREFIX = "log/"
+CKPT_PREFIX = "checkpoints/"
+MAX_BATCH = 512
+MAX_CONFLICT_RETRIES = 50
+PUT_RETRIES = 6
+INO_RANGE = 1024
+
+
+def log_key(seq: int) -> str:
+    return f"{LOG_PREFIX}{seq:016d}"
+
+
+def ckpt_key(seq: int) -> str:
+    return f"{CKPT_PREFIX}{seq:016d}"
+
+
+def seq_of(key: str) -> int:
+    return int(key.rsplit("/", 1)[1])
+
+
+class PlanContext:
+    """Handed to planners: allocates inode numbers from ranges claimed through the log."""
+
+    def __init__(self, owner: MetaLog) -> None:
+        self._owner = owner
+        self.extra: list[Op] = []
+        self.now_ns = time.time_ns()
+
+    def alloc_ino(self, view: View) -> int:
+        o = self._owner
+        if o._ino_next >= o._ino_end:
+            start = int(view.get_meta("next_ino"))
+            op: Op = {"o": "ino", "start": start, "n": INO_RANGE}
+            view.apply_op(op, ApplyResult())
+            self.extra.append(op)
+            o._ino_next, o._ino_end = start, start + INO_RANGE
+        ino = o._ino_next
+        o._ino_next += 1
+        return ino
+
+
+Planner = Callable[[View, PlanContext], tuple[list[Op], T]]
+
+
+@dataclass
+class _Pending(Generic[T]):
+    planner: Planner[T]
+    done: trio.Event = field(default_factory=trio.Event)
+    result: Any = None
+    error: BaseException | None = None
+
+
+class MetaLog:
+    """One mount's connection to the metadata log. See the module docstring."""
+
+    def __init__(
+        self,
+        store: ObjectStore,
+        sb: Superblock,
+        db_path: Path,
+        *,
+        client_id: str | None = None,
+        on_apply: Callable[[ApplyResult, bool], None] | None = None,
+        checkpoint_every: int = 1000,
+    ) -> None:
+        self.store = store
+        self.sb = sb
+        self.db_path = Path(db_path)
+        self.client_id = client_id or uuid.uuid4().hex[:16]
+        self.on_apply = on_apply or (lambda res, remote: None)
+        self.checkpoint_every = checkpoint_every
+        self._wlimiter = trio.CapacityLimiter(1)
+        self._rlimiter = trio.CapacityLimiter(1)
+        self._wlock = trio.Lock()
+        self._queue: list[_Pending[Any]] = []
+        self._wake = trio.Event()
+        self._ino_next = 0
+        self._ino_end = 0
+        self._catchups_started = 0
+        self._catchups_done_from = 0  # start ticket of the newest completed catch-up
+        self.writer: View
+        self.reader: View
+        self.broken: str | None = None  # set when the log cannot be applied
+        self.last_checkpoint = 0
+        self.commits = 0
+        self.entries_written = 0
+
+    # --------------------------------------------------------------------- lifecycle
+
+    async def open(self) -> None:
+        """Open (or build) the local view and catch up with the log head."""
+        await trio.to_thread.run_sync(self._open_local)
+        if not await trio.to_thread.run_sync(self.writer.initialised):
+            await self._load_initial()
+        await self.catch_up()
+
+    def _open_local(self) -> None:
+        self.db_path.parent.mkdir(parents=True, exist_ok=True)
+        view = View(self.db_path)
+        uuid_ = view.get_meta("fs_uuid")
+        if uuid_ is not None and uuid_ != self.sb.fs_uuid:
+            log.warning("cache %s belongs to another filesystem; discarding it", self.db_path)
+            view.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.db_path) + suffix).unlink(missing_ok=True)
+            view = View(self.db_path)
+        self.writer = view
+        self.reader = View(self.db_path)
+
+    async def _load_initial(self) -> None:
+        """Fill an empty view from the newest checkpoint, or create the root."""
+        newest: str | None = None
+        async for info in self.store.list(CKPT_PREFIX):
+            newest = info.key
+        if newest is not None:
+            blob = await self.store.get(newest)
+            seq = seq_of(newest)
+            await trio.to_thread.run_sync(self._install_checkpoint, blob, seq, newest)
+            self.last_checkpoint = seq
+            log.info("loaded checkpoint %s", newest)
+            return
+        sb = self.sb
+
+        def init() -> None:
+            self.writer.begin()
+            self.writer.init_root(sb.fs_uuid, sb.created)
+            self.writer.commit()
+
+        await trio.to_thread.run_sync(init, limiter=self._wlimiter)
+
+    def _install_checkpoint(self, blob: bytes, seq: int, what: str) -> None:
+        data = codec.decode(b"C", blob, what)
+        self.writer.close()
+        self.reader.close()
+        tmp = Path(str(self.db_path) + ".ckpt")
+        tmp.write_bytes(data)
+        check = sqlite3.connect(tmp)
+        try:
+            row = check.execute("SELECT value FROM meta WHERE key='applied_seq'").fetchone()
+            fsu = check.execute("SELECT value FROM meta WHERE key='fs_uuid'").fetchone()
+        finally:
+            check.close()
+        if row is None or int(row[0]) != seq or fsu is None or fsu[0] != self.sb.fs_uuid:
+            raise CorruptObject(f"{what}: checkpoint does not match its name or filesystem")
+        for suffix in ("-wal", "-shm"):
+            Path(str(self.db_path) + suffix).unlink(missing_ok=True)
+        os.replace(tmp, self.db_path)
+        self.writer = View(self.db_path)
+        self.reader = View(self.db_path)
+
+    async def aclose(self) -> None:
+        async with self._wlock:
+            self.writer.close()
+            self.reader.close()
+
+    # ------------------------------------------------------------------------- reads
+
+    async def read(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run fn(reader_view, *args) in a worker thread on committed state."""
+        return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+
+    @property
+    def applied_seq(self) -> int:
+        return self.writer.applied_seq
+
+    # ---------------------------------------------------------------------- catch-up
+
+    async def catch_up(self) -> int:
+        """Apply every entry up to the log head; return how many were applied.
+
+        Concurrent callers share work: a caller returns once a catch-up that *started
+        after it was called* has finished, which is what close-to-open needs."""
+        ticket = self._catchups_started
+        async with self._wlock:
+            if self._catchups_done_from > ticket:
+                return 0
+            self._catchups_started += 1
+            start = self._catchups_started
+            n = await self._catch_up_locked()
+            self._catchups_done_from = start
+            return n
+
+    async def _catch_up_locked(self) -> int:
+        applied = 0
+        while True:
+            seq = self.writer.applied_seq + 1
+            try:
+                blob = await self.store.get(log_key(seq))
+            except NotFound:
+                if applied == 0:
+                    await self._check_trimmed(seq)
+                return applied
+            await self._apply_remote(seq, blob)
+            applied += 1
+
+    async def _check_trimmed(self, seq: int) -> None:
+        """If log entries below the head were trimmed past us, reload a checkpoint."""
+        if seq <= 1:
+            return
+        try:
+            await self.store.head(log_key(seq - 1))
+            return
+        except NotFound:
+            pass
+        first: str | None = None
+        async for info in self.store.list(LOG_PREFIX):
+            first = info.key
+            break
+        if first is None or seq_of(first) <= seq:
+            return
+        raise CorruptObject(
+            f"log entries before {first} were trimmed while this mount was at {seq - 1}; "
+            "remove the cache directory to reload from the newest checkpoint"
+        )
+
+    async def _apply_remote(self, seq: int, blob: bytes) -> None:
+        def apply(seq: int = seq) -> ApplyResult:
+            entry = codec.decode_json(b"L", blob, f"{self.store.url}/{log_key(seq)}")
+            res = ApplyResult()
+            self.writer.begin()
+            try:
+                self.writer.apply_entry(seq, entry, res)
+            except BaseException:
+                self.writer.rollback()
+                raise
+            self.writer.commit()
+            return res
+
+        try:
+            res = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+        except CorruptObject as e:
+            self.broken = str(e)
+            log.error("cannot apply the metadata log: %s", e)
+            raise
+        self.on_apply(res, True)
+
+    # ------------------------------------------------------------------------ commit
+
+    async def submit(self, planner: Planner[T]) -> T:
+        """Queue a planner for the next group commit and return its result."""
+        if self.broken:
+            raise FsError(f"metadata log unusable: {self.broken}")
+        p: _Pending[T] = _Pending(planner)
+        self._queue.append(p)
+        self._wake.set()
+        await p.done.wait()
+        if p.error is not None:
+            raise p.error
+        result: T = p.result
+        return result
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The committer loop: takes everything queued and commits it as one entry."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                self._wake = trio.Event()
+                await self._wake.wait()
+            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+            try:
+                await self._commit_batch(batch)
+            except BaseException as e:
+                for p in batch:
+                    if not p.done.is_set():
+                        p.error = e if isinstance(e, Exception) else FsError("cancelled")
+                        p.done.set()
+                if not isinstance(e, Exception):
+                    raise
+                log.error("commit failed: %s", e)
+
+    async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
+        async with self._wlock:
+            for attempt in range(MAX_CONFLICT_RETRIES):
+                saved_range = (self._ino_next, self._ino_end)
+                seq, blob, res, outcomes = await trio.to_thread.run_sync(
+                    self._plan, batch, limiter=self._wlimiter
+                )
+                if blob is None:
+                    await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
+                    self._deliver(batch, outcomes)
+                    return
+                try:
+                    await self._put_entry(seq, blob)
+                except PreconditionFailed:
+                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                    self._ino_next, self._ino_end = saved_range
+                    await self._catch_up_locked()
+                    await trio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
+                    continue
+                except BaseException:
+                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                    self._ino_next, self._ino_end = saved_range
+                    raise
+
+                def finish(seq: int = seq) -> None:
+                    self.writer.set_meta("applied_seq", seq)
+                    self.writer.commit()
+
+                await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
+                self.commits += len(batch)
+                self.entries_written += 1
+                self.on_apply(res, False)
+                self._deliver(batch, outcomes)
+                return
+            raise TransientStoreError(
+                f"could not claim a log position after {MAX_CONFLICT_RETRIES} conflicts"
+            )
+
+    def _plan(
+        self, batch: list[_Pending[Any]]
+    ) -> tuple[int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]]]:
+        view = self.writer
+        view.begin()
+        seq = view.applied_seq + 1
+        res = ApplyResult()
+        ops: list[Op] = []
+        outcomes: list[tuple[Any, BaseException | None]] = []
+        try:
+            for p in batch:
+                ctx = PlanContext(self)
+                saved = (self._ino_next, self._ino_end)
+                view.savepoint("p")
+                try:
+                    pops, result = p.planner(view, ctx)
+                    for op in pops:
+                        view.apply_op(op, res)
+                except FsError as e:
+                    view.rollback_to("p")
+                    self._ino_next, self._ino_end = saved
+                    outcomes.append((None, e))
+                    continue
+                view.release("p")
+                ops.extend(ctx.extra)
+                ops.extend(pops)
+                outcomes.append((result, None))
+        except BaseException:
+            view.rollback()
+            raise
+        if not ops:
+            return seq, None, res, outcomes
+        entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": time.time_ns(), "ops": ops}
+        return seq, codec.encode_json(b"L", entry), res, outcomes
+
+    async def _put_entry(self, seq: int, blob: bytes) -> None:
+        """PUT log/seq; retry transient errors with the same bytes (idempotent)."""
+        for attempt in range(PUT_RETRIES):
+            try:
+                await self.store.put_if_absent(log_key(seq), blob)
+                return
+            except PreconditionFailed:
+                raise
+            except StoreError as e:
+                if attempt == PUT_RETRIES - 1:
+                    raise
+                log.warning("log write %s failed (%s); retrying", seq, e)
+                await trio.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+
+    @staticmethod
+    def _deliver(
+        batch: list[_Pending[Any]], outcomes: list[tuple[Any, BaseException | None]]
+    ) -> None:
+        for p, (result, error) in zip(batch, outcomes, strict=True):
+            p.result, p.error = result, error
+            p.done.set()
+
+    # ------------------------------------------------------------------- checkpoints
+
+    async def maybe_checkpoint(self) -> bool:
+        if self.applied_seq - self.last_checkpoint < self.checkpoint_every:
+            return False
+        await self.write_checkpoint()
+        return True
+
+    async def write_checkpoint(self) -> int:
+        """Upload a snapshot of the view as checkpoints/<seq>; return seq."""
+        async with self._wlock:
+            seq, data = await trio.to_thread.run_sync(self._snapshot, limiter=self._wlimiter)
+        try:
+            await self.store.put_if_absent(ckpt_key(seq), codec.encode(b"C", data))
+        except PreconditionFailed:
+            pass  # another mount checkpointed the same position
+        self.last_checkpoint = seq
+        log.info("wrote checkpoint %d (%d bytes)", seq, len(data))
+        return seq
+
+    def _snapshot(self) -> tuple[int, bytes]:
+        fd, tmp = tempfile.mkstemp(dir=self.db_path.parent, suffix=".snap")
+        os.close(fd)
+        try:
+            dst = sqlite3.connect(tmp)
+            try:
+                self.writer.db.backup(dst)
+            finally:
+                dst.close()
+            return self.writer.applied_seq, Path(tmp).read_bytes()
+        finally:
+            os.unlink(tmp)

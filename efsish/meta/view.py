@@ -1,0 +1,556 @@
+"""The materialised view of the metadata log: SQLite tables and the one function that
+applies a logged operation to them.
+
+Every change to the filesystem's metadata is an *op* (a small dict) inside a log entry.
+apply_op() is the only code that mutates the replicated tables, and it is deterministic:
+it never reads the clock, randomness or anything local, so every mount that applies the
+same log prefix holds the same tables. Planners (in efsish.filesystem) validate a request
+against the view and emit ops; the committer applies those same ops through apply_op().
+
+This module is synchronous (sqlite3) and must only be called from worker threads that
+the async layer (efsish.meta.log) serialises. It must not import trio or pyfuse3.
+"""
+
+from __future__ import annotations
+
+import base64
+import sqlite3
+import stat
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from efsish.errors import CorruptObject
+
+ROOT_INO = 1
+FIRST_FREE_INO = 2
+
+Op = dict[str, Any]
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY,
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    nlink INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    rdev INTEGER NOT NULL DEFAULT 0,
+    atime INTEGER NOT NULL,
+    mtime INTEGER NOT NULL,
+    ctime INTEGER NOT NULL,
+    version INTEGER NOT NULL DEFAULT 0,
+    target BLOB
+);
+CREATE TABLE IF NOT EXISTS dentries (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    parent INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    ino INTEGER NOT NULL,
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS dentries_ino ON dentries (ino);
+CREATE INDEX IF NOT EXISTS dentries_parent_id ON dentries (parent, id);
+CREATE TABLE IF NOT EXISTS extents (
+    ino INTEGER NOT NULL,
+    off INTEGER NOT NULL,
+    len INTEGER NOT NULL,
+    key TEXT,
+    koff INTEGER NOT NULL DEFAULT 0,
+    bsize INTEGER NOT NULL DEFAULT 0,
+    hash TEXT,
+    data BLOB,
+    PRIMARY KEY (ino, off)
+);
+CREATE INDEX IF NOT EXISTS extents_key ON extents (key);
+CREATE TABLE IF NOT EXISTS xattrs (
+    ino INTEGER NOT NULL,
+    name BLOB NOT NULL,
+    value BLOB NOT NULL,
+    PRIMARY KEY (ino, name)
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value
+);
+"""
+
+
+@dataclass
+class Attr:
+    """An inode's attributes as the view holds them (times in nanoseconds)."""
+
+    ino: int
+    mode: int
+    uid: int
+    gid: int
+    nlink: int
+    size: int
+    rdev: int
+    atime: int
+    mtime: int
+    ctime: int
+    version: int
+    target: bytes | None = None
+
+    @property
+    def is_dir(self) -> bool:
+        return stat.S_ISDIR(self.mode)
+
+    @property
+    def is_reg(self) -> bool:
+        return stat.S_ISREG(self.mode)
+
+
+@dataclass
+class Extent:
+    """A piece of a file: [off, off+len) maps to block `key` at `koff`, or inline data."""
+
+    off: int
+    len: int
+    key: str | None = None
+    koff: int = 0
+    bsize: int = 0
+    hash: str | None = None
+    data: bytes | None = None
+
+    @property
+    def end(self) -> int:
+        return self.off + self.len
+
+    def to_json(self) -> list[Any]:
+        if self.key is None:
+            return [self.off, self.len, None, b64(self.data or b"")]
+        return [self.off, self.len, self.key, self.koff, self.bsize, self.hash]
+
+    @classmethod
+    def from_json(cls, j: list[Any]) -> Extent:
+        if j[2] is None:
+            return cls(int(j[0]), int(j[1]), data=unb64(j[3]))
+        return cls(int(j[0]), int(j[1]), str(j[2]), int(j[3]), int(j[4]), j[5])
+
+    def slice(self, start: int, end: int) -> Extent:
+        """The part of this extent covering file range [start, end)."""
+        s, e = max(start, self.off), min(end, self.end)
+        d = s - self.off
+        if self.key is None:
+            return Extent(s, e - s, data=(self.data or b"")[d : d + (e - s)])
+        return Extent(s, e - s, self.key, self.koff + d, self.bsize, self.hash)
+
+
+@dataclass
+class ApplyResult:
+    """What applying ops changed, for cache invalidation and open-unlinked files."""
+
+    inodes: set[int] = field(default_factory=set)  # attrs or data changed
+    data: set[int] = field(default_factory=set)  # file contents changed
+    entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent, name) changed
+    freed: dict[int, tuple[Attr, list[Extent]]] = field(default_factory=dict)
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode()
+
+
+def unb64(s: str) -> bytes:
+    return base64.b64decode(s)
+
+
+def name_to_json(name: bytes) -> str:
+    return name.decode("utf-8", "surrogateescape")
+
+
+def name_from_json(s: str) -> bytes:
+    return s.encode("utf-8", "surrogateescape")
+
+
+_ATTR_COLS = "ino, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, version, target"
+
+
+class View:
+    """A SQLite materialised view. One writer connection applies ops; readers use their
+    own View objects on the same file (WAL mode) and see only committed state."""
+
+    def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
+        self.path = str(path)
+        uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
+        self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        self.db.execute("PRAGMA busy_timeout = 10000")
+        if not readonly:
+            self.db.execute("PRAGMA journal_mode = WAL")
+            self.db.execute("PRAGMA synchronous = NORMAL")
+            self.db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self.db.close()
+
+    # ------------------------------------------------------------------ transactions
+
+    def begin(self) -> None:
+        self.db.execute("BEGIN IMMEDIATE")
+
+    def commit(self) -> None:
+        self.db.execute("COMMIT")
+
+    def rollback(self) -> None:
+        if self.db.in_transaction:
+            self.db.execute("ROLLBACK")
+
+    def savepoint(self, name: str) -> None:
+        self.db.execute(f"SAVEPOINT {name}")
+
+    def release(self, name: str) -> None:
+        self.db.execute(f"RELEASE {name}")
+
+    def rollback_to(self, name: str) -> None:
+        self.db.execute(f"ROLLBACK TO {name}")
+        self.db.execute(f"RELEASE {name}")
+
+    # --------------------------------------------------------------------- meta keys
+
+    def get_meta(self, key: str, default: Any = None) -> Any:
+        row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
+        return default if row is None else row[0]
+
+    def set_meta(self, key: str, value: Any) -> None:
+        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+
+    @property
+    def applied_seq(self) -> int:
+        return int(self.get_meta("applied_seq", 0))
+
+    def initialised(self) -> bool:
+        return self.get_meta("fs_uuid") is not None
+
+    def init_root(
+        self, fs_uuid: str, t: int, uid: int = 0, gid: int = 0, mode: int = 0o755
+    ) -> None:
+        """Create the root directory in an empty view (state before log entry 1)."""
+        self.db.execute(
+            f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (ROOT_INO, stat.S_IFDIR | mode, uid, gid, 2, 0, 0, t, t, t, 0, None),
+        )
+        self.set_meta("fs_uuid", fs_uuid)
+        self.set_meta("applied_seq", 0)
+        self.set_meta("next_ino", FIRST_FREE_INO)
+
+    # ----------------------------------------------------------------------- queries
+
+    def getattr(self, ino: int) -> Attr | None:
+        row = self.db.execute(f"SELECT {_ATTR_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        return Attr(*row) if row else None
+
+    def lookup(self, parent: int, name: bytes) -> int | None:
+        row = self.db.execute(
+            "SELECT ino FROM dentries WHERE parent = ? AND name = ?", (parent, name)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def parent_of(self, ino: int) -> int | None:
+        """The parent of a directory (directories have exactly one dentry)."""
+        if ino == ROOT_INO:
+            return ROOT_INO
+        row = self.db.execute(
+            "SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (ino,)
+        ).fetchone()
+        return int(row[0]) if row else None
+
+    def is_empty_dir(self, ino: int) -> bool:
+        return (
+            self.db.execute("SELECT 1 FROM dentries WHERE parent = ? LIMIT 1", (ino,)).fetchone()
+            is None
+        )
+
+    def readdir(self, ino: int, after_id: int, limit: int) -> list[tuple[int, bytes, int]]:
+        """(cursor id, name, ino) of entries after `after_id`, in a stable order."""
+        rows = self.db.execute(
+            "SELECT id, name, ino FROM dentries WHERE parent = ? AND id > ? ORDER BY id LIMIT ?",
+            (ino, after_id, limit),
+        ).fetchall()
+        return [(int(r[0]), bytes(r[1]), int(r[2])) for r in rows]
+
+    def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
+        q = "SELECT off, len, key, koff, bsize, hash, data FROM extents WHERE ino = ?"
+        args: list[Any] = [ino]
+        if end is not None:
+            q += " AND off < ?"
+            args.append(end)
+        q += " AND off + len > ? ORDER BY off"
+        args.append(start)
+        return [
+            Extent(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]) if r[6] is not None else None)
+            for r in self.db.execute(q, args)
+        ]
+
+    def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        row = self.db.execute(
+            "SELECT value FROM xattrs WHERE ino = ? AND name = ?", (ino, name)
+        ).fetchone()
+        return bytes(row[0]) if row else None
+
+    def listxattr(self, ino: int) -> list[bytes]:
+        rows = self.db.execute("SELECT name FROM xattrs WHERE ino = ? ORDER BY name", (ino,))
+        return [bytes(r[0]) for r in rows]
+
+    def stats(self) -> tuple[int, int]:
+        """(number of inodes, bytes of file data)."""
+        n, size = self.db.execute(
+            "SELECT COUNT(*), COALESCE(SUM(CASE WHEN mode & 61440 = 32768 THEN size END), 0) "
+            "FROM inodes"
+        ).fetchone()
+        return int(n), int(size)
+
+    def is_ancestor(self, anc: int, ino: int) -> bool:
+        """True if directory `anc` is `ino` or one of its ancestors."""
+        seen = 0
+        cur: int | None = ino
+        while cur is not None and seen < 100000:
+            if cur == anc:
+                return True
+            if cur == ROOT_INO:
+                return False
+            cur = self.parent_of(cur)
+            seen += 1
+        return False
+
+    # ------------------------------------------------------------------ applying ops
+
+    def apply_entry(self, seq: int, entry: dict[str, Any], res: ApplyResult) -> None:
+        """Apply every op of log entry `seq` and record the new applied position."""
+        if seq != self.applied_seq + 1:
+            raise CorruptObject(
+                f"log entry {seq} applied out of order (view at {self.applied_seq})"
+            )
+        for op in entry.get("ops", []):
+            self.apply_op(op, res)
+        self.set_meta("applied_seq", seq)
+
+    def apply_op(self, op: Op, res: ApplyResult) -> None:
+        kind = op.get("o")
+        fn = _APPLY.get(str(kind))
+        if fn is None:
+            raise CorruptObject(f"unknown operation {kind!r} in the metadata log")
+        try:
+            fn(self, op, res)
+        except (KeyError, TypeError, ValueError) as e:
+            raise CorruptObject(f"malformed {kind!r} operation in the metadata log: {e}") from None
+
+    def _touch(self, ino: int, t: int, mtime: bool = True) -> None:
+        if mtime:
+            self.db.execute("UPDATE inodes SET mtime = ?, ctime = ? WHERE ino = ?", (t, t, ino))
+        else:
+            self.db.execute("UPDATE inodes SET ctime = ? WHERE ino = ?", (t, ino))
+
+    def _add_nlink(self, ino: int, delta: int) -> None:
+        self.db.execute("UPDATE inodes SET nlink = nlink + ? WHERE ino = ?", (delta, ino))
+
+    def _maybe_free(self, ino: int, res: ApplyResult) -> None:
+        attr = self.getattr(ino)
+        if attr is None:
+            return
+        if attr.nlink > 0 and not (attr.is_dir and attr.nlink <= 1):
+            return
+        res.freed[ino] = (attr, self.extents(ino))
+        for table in ("inodes", "extents", "xattrs"):
+            self.db.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
+        res.inodes.add(ino)
+
+    def _remove_entry(self, parent: int, name: bytes, t: int, res: ApplyResult) -> None:
+        ino = self.lookup(parent, name)
+        if ino is None:
+            raise ValueError(f"no entry {name!r} in {parent}")
+        attr = self.getattr(ino)
+        self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
+        if attr is not None and attr.is_dir:
+            self._add_nlink(parent, -1)
+            self.db.execute("UPDATE inodes SET nlink = 0, ctime = ? WHERE ino = ?", (t, ino))
+        else:
+            self.db.execute(
+                "UPDATE inodes SET nlink = nlink - 1, ctime = ? WHERE ino = ?", (t, ino)
+            )
+        self._touch(parent, t)
+        res.entries.add((parent, name))
+        res.inodes.update((parent, ino))
+        self._maybe_free(ino, res)
+
+    def _op_ino(self, op: Op, res: ApplyResult) -> None:
+        self.set_meta("next_ino", int(op["start"]) + int(op["n"]))
+
+    def _op_mk(self, op: Op, res: ApplyResult) -> None:
+        ino, parent, name, t = (
+            int(op["ino"]),
+            int(op["p"]),
+            name_from_json(op["name"]),
+            int(op["t"]),
+        )
+        mode = int(op["mode"])
+        target = unb64(op["tgt"]) if op.get("tgt") is not None else None
+        nlink = 2 if stat.S_ISDIR(mode) else 1
+        self.db.execute(
+            f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
+            (
+                ino,
+                mode,
+                int(op["uid"]),
+                int(op["gid"]),
+                nlink,
+                len(target) if target is not None else 0,
+                int(op.get("rdev", 0)),
+                t,
+                t,
+                t,
+                0,
+                target,
+            ),
+        )
+        self.db.execute(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
+        )
+        if stat.S_ISDIR(mode):
+            self._add_nlink(parent, 1)
+        self._touch(parent, t)
+        res.entries.add((parent, name))
+        res.inodes.update((parent, ino))
+
+    def _op_ln(self, op: Op, res: ApplyResult) -> None:
+        ino, parent, name, t = (
+            int(op["ino"]),
+            int(op["p"]),
+            name_from_json(op["name"]),
+            int(op["t"]),
+        )
+        self.db.execute(
+            "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
+        )
+        self._add_nlink(ino, 1)
+        self._touch(ino, t, mtime=False)
+        self._touch(parent, t)
+        res.entries.add((parent, name))
+        res.inodes.update((parent, ino))
+
+    def _op_rm(self, op: Op, res: ApplyResult) -> None:
+        self._remove_entry(int(op["p"]), name_from_json(op["name"]), int(op["t"]), res)
+
+    def _op_mv(self, op: Op, res: ApplyResult) -> None:
+        sp, dp, t = int(op["sp"]), int(op["dp"]), int(op["t"])
+        sn, dn = name_from_json(op["sn"]), name_from_json(op["dn"])
+        src = self.lookup(sp, sn)
+        if src is None:
+            raise ValueError("rename source missing")
+        src_attr = self.getattr(src)
+        dst = self.lookup(dp, dn)
+        if op.get("x"):  # RENAME_EXCHANGE
+            if dst is None:
+                raise ValueError("exchange target missing")
+            dst_attr = self.getattr(dst)
+            self.db.execute(
+                "UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?", (dst, sp, sn)
+            )
+            self.db.execute(
+                "UPDATE dentries SET ino = ? WHERE parent = ? AND name = ?", (src, dp, dn)
+            )
+            if sp != dp and src_attr and dst_attr and src_attr.is_dir != dst_attr.is_dir:
+                delta = 1 if src_attr.is_dir else -1
+                self._add_nlink(dp, delta)
+                self._add_nlink(sp, -delta)
+            self._touch(src, t, mtime=False)
+            self._touch(dst, t, mtime=False)
+            res.inodes.update((src, dst))
+        else:
+            if dst is not None:
+                self._remove_entry(dp, dn, t, res)
+            self.db.execute(
+                "UPDATE dentries SET parent = ?, name = ? WHERE parent = ? AND name = ?",
+                (dp, dn, sp, sn),
+            )
+            if src_attr is not None and src_attr.is_dir and sp != dp:
+                self._add_nlink(sp, -1)
+                self._add_nlink(dp, 1)
+            self._touch(src, t, mtime=False)
+            res.inodes.add(src)
+        self._touch(sp, t)
+        self._touch(dp, t)
+        res.entries.update(((sp, sn), (dp, dn)))
+        res.inodes.update((sp, dp))
+
+    def _op_attr(self, op: Op, res: ApplyResult) -> None:
+        ino = int(op["ino"])
+        sets: list[str] = []
+        args: list[Any] = []
+        for col in ("mode", "uid", "gid", "atime", "mtime", "ctime"):
+            if col in op:
+                sets.append(f"{col} = ?")
+                args.append(int(op[col]))
+        if "size" in op:
+            size = int(op["size"])
+            self._punch(ino, size, None)  # ranges without extents read as zeros
+            sets.append("size = ?")
+            args.append(size)
+            sets.append("version = version + 1")
+            res.data.add(ino)
+        if sets:
+            self.db.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE ino = ?", (*args, ino))
+        res.inodes.add(ino)
+
+    def _punch(self, ino: int, start: int, end: int | None) -> None:
+        """Remove the file range [start, end) from the layout (end None = to infinity)."""
+        for e in self.extents(ino, start, end):
+            self.db.execute("DELETE FROM extents WHERE ino = ? AND off = ?", (ino, e.off))
+            if e.off < start:
+                self._insert_extent(ino, e.slice(e.off, start))
+            if end is not None and e.end > end:
+                self._insert_extent(ino, e.slice(end, e.end))
+
+    def _insert_extent(self, ino: int, e: Extent) -> None:
+        if e.len <= 0:
+            return
+        self.db.execute(
+            "INSERT INTO extents (ino, off, len, key, koff, bsize, hash, data) "
+            "VALUES (?,?,?,?,?,?,?,?)",
+            (ino, e.off, e.len, e.key, e.koff, e.bsize, e.hash, e.data),
+        )
+
+    def _op_w(self, op: Op, res: ApplyResult) -> None:
+        ino, t = int(op["ino"]), int(op["t"])
+        if self.getattr(ino) is None:
+            return  # the file was removed before this write was committed
+        for j in op["ext"]:
+            e = Extent.from_json(j)
+            self._punch(ino, e.off, e.end)
+            self._insert_extent(ino, e)
+        self.db.execute(
+            "UPDATE inodes SET size = ?, mtime = ?, ctime = ?, version = version + 1 WHERE ino = ?",
+            (int(op["size"]), t, t, ino),
+        )
+        res.inodes.add(ino)
+        res.data.add(ino)
+
+    def _op_xs(self, op: Op, res: ApplyResult) -> None:
+        ino = int(op["ino"])
+        self.db.execute(
+            "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
+            (ino, name_from_json(op["name"]), unb64(op["v"])),
+        )
+        self._touch(ino, int(op["t"]), mtime=False)
+        res.inodes.add(ino)
+
+    def _op_xr(self, op: Op, res: ApplyResult) -> None:
+        ino = int(op["ino"])
+        self.db.execute(
+            "DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name_from_json(op["name"]))
+        )
+        self._touch(ino, int(op["t"]), mtime=False)
+        res.inodes.add(ino)
+
+
+_APPLY = {
+    "ino": View._op_ino,
+    "mk": View._op_mk,
+    "ln": View._op_ln,
+    "rm": View._op_rm,
+    "mv": View._op_mv,
+    "attr": View._op_attr,
+    "w": View._op_w,
+    "xs": View._op_xs,
+    "xr": View._op_xr,
+}

@@ -1,0 +1,353 @@
+"""Wiring for `efsish mount` and `efsish umount`: checks, daemonising, the trio nursery,
+signals, and the registry of running mounts.
+
+Every error that can be found before the mount is live (bad store, not formatted,
+missing or non-empty mountpoint, bad option) is reported by the parent process as one
+line with a non-zero exit; the daemon signals readiness through a pipe only once the
+FUSE mount is live. SIGTERM/SIGINT flush everything, then unmount.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import json
+import logging
+import logging.handlers
+import os
+import signal
+import subprocess
+import sys
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from efsish.errors import EfsishError, UsageError
+from efsish.filesystem import Filesystem, Options
+from efsish.meta.superblock import load_superblock
+from efsish.store import StoreOptions, open_store
+
+log = logging.getLogger(__name__)
+
+# Options from fstab/mount(8) that mean nothing to the daemon itself.
+IGNORED_OPTIONS = {
+    "_netdev",
+    "defaults",
+    "auto",
+    "noauto",
+    "nofail",
+    "user",
+    "users",
+    "rw",
+    "dev",
+    "nodev",
+    "suid",
+    "nosuid",
+    "exec",
+    "noexec",
+    "nouser",
+    "relatime",
+    "noatime",
+    "async",
+}
+
+
+@dataclass
+class MountConfig:
+    store_url: str
+    mountpoint: str
+    store_options: StoreOptions
+    cache_dir: Path
+    foreground: bool = False
+    allow_other: bool = True
+    ro: bool = False
+    poll_interval: float = 1.0
+    cache_bytes: int = 10 * 1024**3
+    attr_timeout: float = 1.0
+    log_file: Path | None = None
+    extra: dict[str, str] = field(default_factory=dict)
+
+
+def default_cache_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/var/cache/efsish")
+    return Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "efsish"
+
+
+def runtime_dir() -> Path:
+    if os.geteuid() == 0:
+        return Path("/run/efsish")
+    base = os.environ.get("XDG_RUNTIME_DIR") or f"/tmp/efsish-{os.geteuid()}"
+    return Path(base) / "efsish"
+
+
+def _registry_file(mountpoint: str) -> Path:
+    h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
+    return runtime_dir() / f"mount-{h}.json"
+
+
+def parse_size(text: str) -> int:
+    units = {"": 1, "k": 1024, "m": 1024**2, "g": 1024**3, "t": 1024**4}
+    t = text.strip().lower().removesuffix("ib").removesuffix("b")
+    num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
+    try:
+        return int(float(num) * units[unit])
+    except (ValueError, KeyError):
+        raise UsageError(f"invalid size {text!r} (use e.g. 512M, 10G)") from None
+
+
+def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
+    """Apply `-o a,b=c` options; unknown ones are an error that names them."""
+    for chunk in opts:
+        for item in chunk.split(","):
+            item = item.strip()
+            if not item:
+                continue
+            key, _, value = item.partition("=")
+            try:
+                if key in IGNORED_OPTIONS:
+                    continue
+                if key == "cache_dir":
+                    cfg.cache_dir = Path(value)
+                elif key == "cache_size":
+                    cfg.cache_bytes = parse_size(value)
+                elif key == "poll_interval":
+                    cfg.poll_interval = float(value)
+                    if cfg.poll_interval <= 0:
+                        raise ValueError
+                elif key == "attr_timeout":
+                    cfg.attr_timeout = float(value)
+                elif key == "endpoint":
+                    cfg.store_options = StoreOptions(
+                        **{**cfg.store_options.__dict__, "endpoint": value}
+                    )
+                elif key == "allow_other":
+                    cfg.allow_other = True
+                elif key == "noallow_other":
+                    cfg.allow_other = False
+                elif key == "ro":
+                    cfg.ro = True
+                elif key == "log":
+                    cfg.log_file = Path(value)
+                elif key == "foreground":
+                    cfg.foreground = True
+                else:
+                    raise UsageError(
+                        f"unknown mount option {key!r}; known: cache_dir, cache_size, "
+                        "poll_interval, attr_timeout, endpoint, allow_other, noallow_other, "
+                        "ro, log, and the generic _netdev/defaults/auto/noauto/nofail"
+                    )
+            except ValueError:
+                raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
+
+
+def _check_mountpoint(path: str) -> None:
+    p = Path(path)
+    if not p.exists():
+        raise UsageError(f"mountpoint {path} does not exist: create it with `mkdir -p {path}`")
+    if not p.is_dir():
+        raise UsageError(f"mountpoint {path} is not a directory")
+    if os.path.ismount(path):
+        raise UsageError(f"{path} is already a mount point")
+    if any(p.iterdir()):
+        raise UsageError(f"mountpoint {path} is not empty")
+    if not os.path.exists("/dev/fuse"):
+        raise UsageError("/dev/fuse is missing: install fuse3 and load the fuse module")
+
+
+async def _preflight(cfg: MountConfig) -> None:
+    async with open_store(cfg.store_url, cfg.store_options) as store:
+        await store.check()
+        await load_superblock(store)
+
+
+def mount(cfg: MountConfig) -> int:
+    """Check everything, then run the daemon (in the background unless foreground)."""
+    _check_mountpoint(cfg.mountpoint)
+    trio.run(_preflight, cfg)
+    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.log_file is None:
+        cfg.log_file = cfg.cache_dir / "efsish.log"
+    if cfg.foreground:
+        _setup_logging(cfg, to_stderr=True)
+        return _run_daemon(cfg, ready_fd=None)
+    r, w = os.pipe()
+    pid = os.fork()
+    if pid == 0:  # child: become the daemon
+        os.close(r)
+        os.closerange(3, w)
+        os.closerange(w + 1, 1024)
+        os.setsid()
+        devnull = os.open(os.devnull, os.O_RDWR)
+        for fd in (0, 1, 2):
+            os.dup2(devnull, fd)
+        _setup_logging(cfg, to_stderr=False)
+        code = 1
+        try:
+            code = _run_daemon(cfg, ready_fd=w)
+        except BaseException as e:
+            _report(w, f"ERR {e}")
+            log.exception("daemon failed")
+        finally:
+            os._exit(code)
+    os.close(w)
+    with os.fdopen(r, "rb") as pipe:
+        msg = pipe.read().decode(errors="replace").strip()
+    if msg.startswith("OK"):
+        return 0
+    if msg.startswith("ERR "):
+        raise EfsishError(msg[4:])
+    os.waitpid(pid, 0)
+    raise EfsishError(f"the mount daemon exited before the mount was live; see {cfg.log_file}")
+
+
+def _report(fd: int | None, msg: str) -> None:
+    if fd is None:
+        return
+    with contextlib.suppress(OSError):
+        os.write(fd, msg.encode())
+        os.close(fd)
+
+
+def _setup_logging(cfg: MountConfig, to_stderr: bool) -> None:
+    root = logging.getLogger()
+    root.setLevel(logging.INFO)
+    fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
+    assert cfg.log_file is not None
+    cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
+    fh = logging.handlers.RotatingFileHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)
+    fh.setFormatter(fmt)
+    root.handlers = [fh]
+    if to_stderr:
+        sh = logging.StreamHandler()
+        sh.setFormatter(fmt)
+        root.addHandler(sh)
+    for noisy in ("botocore", "boto3", "urllib3", "s3transfer"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+
+
+def _run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
+    trio.run(_daemon_main, cfg, ready_fd)
+    return 0
+
+
+async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
+    import pyfuse3
+
+    from efsish.fuse_ops import FuseOps, fuse_options
+
+    # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
+    # for this very daemon.
+    mountpoint = os.path.realpath(cfg.mountpoint)  # noqa: ASYNC240 - before the loop serves
+    store = open_store(cfg.store_url, cfg.store_options)
+    sb = await load_superblock(store)
+    fs = Filesystem(
+        store,
+        sb,
+        Options(
+            cache_dir=cfg.cache_dir,
+            cache_bytes=cfg.cache_bytes,
+            poll_interval=cfg.poll_interval,
+            mountpoint=mountpoint,
+        ),
+    )
+    ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
+    registry = _registry_file(mountpoint)
+    async with trio.open_nursery() as nursery:
+        await fs.start(nursery)
+        pyfuse3.init(
+            ops,
+            mountpoint,
+            fuse_options(
+                allow_other=cfg.allow_other and os.geteuid() == 0,
+                fsname=f"efsish:{cfg.store_url}",
+                ro=cfg.ro,
+            ),
+        )
+        registry.parent.mkdir(parents=True, exist_ok=True)
+        registry.write_text(
+            json.dumps(
+                {
+                    "pid": os.getpid(),
+                    "mountpoint": mountpoint,
+                    "store": cfg.store_url,
+                    "cache_dir": str(cfg.cache_dir),
+                    "client": fs.meta.client_id,
+                    "log": str(cfg.log_file),
+                }
+            )
+        )
+        log.info("mounted %s on %s (client %s)", cfg.store_url, cfg.mountpoint, fs.meta.client_id)
+        nursery.start_soon(ops.invalidation_worker)
+        stopping = trio.Event()
+
+        async def on_signals() -> None:
+            with trio.open_signal_receiver(signal.SIGTERM, signal.SIGINT, signal.SIGHUP) as sigs:
+                async for signum in sigs:
+                    log.info("signal %d: flushing and unmounting", signum)
+                    stopping.set()
+                    await fs.shutdown()
+                    pyfuse3.terminate()
+                    return
+
+        nursery.start_soon(on_signals)
+        _report(ready_fd, "OK")
+        try:
+            await pyfuse3.main()
+        finally:
+            if not stopping.is_set():
+                with trio.CancelScope(shield=True):
+                    await fs.shutdown()
+            nursery.cancel_scope.cancel()
+    try:
+        pyfuse3.close(unmount=True)
+    finally:
+        registry.unlink(missing_ok=True)
+        with trio.CancelScope(shield=True):
+            await fs.meta.aclose()
+            await store.aclose()
+        log.info("unmounted %s", mountpoint)
+
+
+def umount(mountpoint: str, timeout: float = 120.0) -> int:
+    """Flush and unmount: SIGTERM the daemon and wait; fall back to fusermount3 -u."""
+    mp = os.path.abspath(mountpoint)  # no stat(): the daemon may be stuck
+    reg = _registry_file(mp)
+    pid: int | None = None
+    if reg.exists():
+        with contextlib.suppress(ValueError, OSError):
+            pid = int(json.loads(reg.read_text())["pid"])
+    if pid is not None and _alive(pid):
+        os.kill(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and (_alive(pid) or os.path.ismount(mp)):
+            time.sleep(0.05)
+        if _alive(pid):
+            raise EfsishError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
+        return 0
+    if not os.path.ismount(mp):
+        raise UsageError(f"{mountpoint} is not mounted")
+    res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+    if res.returncode != 0:
+        raise EfsishError(f"fusermount3 -u {mp} failed: {res.stderr.strip()}")
+    return 0
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit("use `efsish mount`")
