@@ -1,0 +1,109 @@
+"""Fixtures for real FUSE mounts: each mount is an `efsish mount` daemon (a separate
+process), always unmounted and stopped by PID in teardown."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from efsish.mount import _registry_file
+
+pytestmark = pytest.mark.fuse
+
+
+def efsish(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
+           ) -> subprocess.CompletedProcess[str]:
+    """Run the efsish CLI as a user would."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "efsish", *args], capture_output=True, text=True,
+        timeout=timeout, env={**os.environ, **(env or {})},
+    )
+    if check and proc.returncode != 0:
+        raise AssertionError(f"efsish {' '.join(args)} failed ({proc.returncode}):\n"
+                             f"{proc.stdout}\n{proc.stderr}")
+    return proc
+
+
+@dataclass
+class Mount:
+    """One live mount of a store."""
+
+    store: str
+    path: Path
+    cache_dir: Path
+    pid: int
+
+    def log(self) -> str:
+        p = self.cache_dir / "efsish.log"
+        return p.read_text(errors="replace") if p.exists() else ""
+
+
+def is_mounted(path: Path) -> bool:
+    with open("/proc/mounts") as f:
+        return any(line.split()[1] == str(path) for line in f)
+
+
+def force_unmount(path: Path, pid: int | None) -> None:
+    """Last-resort cleanup: fusermount3 -u, then -z, then kill the daemon by PID."""
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", str(path)], capture_output=True)
+    if is_mounted(path):
+        subprocess.run(["fusermount3", "-u", "-z", str(path)], capture_output=True)
+    if pid is not None:
+        try:
+            os.kill(pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+@pytest.fixture
+def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
+    """mounter(store=None, *opts) -> Mount. Formats a fresh file:// store when none is
+    given. Everything mounted is unmounted (and its daemon stopped) in teardown."""
+    mounts: list[Mount] = []
+
+    def mount(store: str | None = None, *opts: str, fmt: bool = True) -> Mount:
+        n = len(mounts)
+        if store is None:
+            store = f"file://{tmp_path}/store{n}"
+            if fmt:
+                efsish("format", store, "--block-size", "1M")
+        mp = tmp_path / f"mnt{n}-{uuid.uuid4().hex[:6]}"
+        mp.mkdir()
+        cache = tmp_path / f"cache{n}"
+        efsish("mount", store, str(mp), "--cache-dir", str(cache), *opts)
+        reg = json.loads(_registry_file(str(mp)).read_text())
+        m = Mount(store, mp, cache, int(reg["pid"]))
+        mounts.append(m)
+        return m
+
+    yield mount
+    for m in reversed(mounts):
+        if is_mounted(m.path):
+            res = efsish("umount", str(m.path), check=False, timeout=60)
+            if res.returncode != 0:
+                print(f"umount {m.path} failed: {res.stderr}")
+        force_unmount(m.path, m.pid)
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:
+            try:
+                os.kill(m.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.05)
+
+
+@pytest.fixture
+def mnt(mounter: Callable[..., Mount]) -> Mount:
+    """A single fresh mount on a file:// store."""
+    return mounter()
