@@ -1,0 +1,47 @@
+"""In-process filesystem fixtures: Filesystem objects on a shared memory:// store, their
+background tasks in the test's nursery (cancelled at teardown)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+
+from efsish.filesystem import Filesystem, Options
+from efsish.meta.superblock import Superblock, format_fs
+from efsish.store import ObjectStore
+from efsish.store.memory import MemoryStore
+
+
+@pytest.fixture
+async def store() -> ObjectStore:
+    return MemoryStore(f"fs-{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+async def sb(store: ObjectStore) -> Superblock:
+    return await format_fs(store, block_size=64 * 1024)
+
+
+FsFactory = Callable[..., Awaitable[Filesystem]]
+
+
+@pytest.fixture
+def make_fs(nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> FsFactory:
+    counter = [0]
+
+    async def make(on: ObjectStore | None = None, **opts: object) -> Filesystem:
+        counter[0] += 1
+        o = Options(cache_dir=tmp_path / f"cache{counter[0]}", poll_interval=3600, **opts)  # type: ignore[arg-type]
+        fs = Filesystem(on or store, sb, o)
+        await fs.start(nursery)
+        return fs
+
+    return make
+
+
+@pytest.fixture
+async def fs(make_fs: FsFactory) -> Filesystem:
+    return await make_fs()

@@ -1,0 +1,185 @@
+"""The metadata log between several in-process mounts: conflicts, group commit,
+checkpoints, corrupt or missing objects, and store faults."""
+
+from __future__ import annotations
+
+import errno
+import io
+import os
+import stat
+
+import pytest
+import trio
+
+from efsish import codec
+from efsish.errors import FsError
+from efsish.filesystem import Ctx, Filesystem
+from efsish.fsck import run_fsck
+from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, log_key
+from efsish.meta.superblock import AlreadyFormatted, NotFormatted, format_fs, load_superblock
+from efsish.meta.view import ROOT_INO
+from efsish.store import ObjectStore
+from efsish.store.faulty import FaultPlan, FaultyStore
+from efsish.store.memory import MemoryStore
+from tests.fs.test_posix import read_file, write_file
+
+ROOT = Ctx(0, 0)
+
+
+async def fsck(store: ObjectStore) -> tuple[int, str]:
+    out = io.StringIO()
+    code = await run_fsck(store, progress=False, out=out)
+    return code, out.getvalue()
+
+
+async def test_same_name_on_two_mounts_exactly_one_wins(make_fs, store) -> None:
+    a: Filesystem = await make_fs()
+    b: Filesystem = await make_fs()
+    results: dict[str, object] = {}
+
+    async def create(name: str, fs: Filesystem) -> None:
+        try:
+            results[name] = await fs.mknod(ROOT_INO, b"same", stat.S_IFREG | 0o644, ROOT)
+        except FsError as e:
+            results[name] = e.errno
+
+    async with trio.open_nursery() as n:
+        n.start_soon(create, "a", a)
+        n.start_soon(create, "b", b)
+    errs = [v for v in results.values() if isinstance(v, int)]
+    assert errs == [errno.EEXIST], results
+    assert (await fsck(store))[0] == 0
+
+
+async def test_concurrent_creates_from_three_mounts(make_fs, store) -> None:
+    mounts = [await make_fs() for _ in range(3)]
+
+    async def create(i: int, j: int, fs: Filesystem) -> None:
+        await fs.mknod(ROOT_INO, f"m{i}-{j}".encode(), stat.S_IFREG | 0o644, ROOT)
+
+    async with trio.open_nursery() as n:
+        for j in range(40):
+            for i, fs in enumerate(mounts):
+                n.start_soon(create, i, j, fs)
+    for fs in mounts:
+        await fs.meta.catch_up()
+        names = {name for _, name, _ in await fs.readdir(ROOT_INO, 0, 1000)}
+        assert len(names) == 120
+    # Group commit: 120 creates need fewer log entries than operations per mount.
+    assert sum(fs.meta.entries_written for fs in mounts) < 120
+    code, out = await fsck(store)
+    assert code == 0, out
+
+
+async def test_inode_numbers_unique_across_mounts(make_fs) -> None:
+    a, b = await make_fs(), await make_fs()
+    inos = set()
+    for i in range(20):
+        inos.add((await a.mknod(ROOT_INO, b"a%d" % i, stat.S_IFREG | 0o644, ROOT)).ino)
+        inos.add((await b.mknod(ROOT_INO, b"b%d" % i, stat.S_IFREG | 0o644, ROOT)).ino)
+    assert len(inos) == 40
+
+
+async def test_close_to_open_between_mounts(make_fs) -> None:
+    a, b = await make_fs(), await make_fs()
+    ino = await write_file(a, ROOT_INO, b"f", b"v1" * 50_000)
+    assert await read_file(b, (await b.lookup(ROOT_INO, b"f")).ino) == b"v1" * 50_000
+    fh, _ = await a.open(ino, os.O_RDWR)
+    await a.write(fh, 0, b"v2" * 60_000)
+    await a.release(fh)  # close: flush + commit
+    assert await read_file(b, ino) == b"v2" * 60_000
+
+
+async def test_new_mount_starts_from_checkpoint(make_fs, store) -> None:
+    a = await make_fs()
+    for i in range(30):
+        await write_file(a, ROOT_INO, b"f%d" % i, b"x%d" % i)
+    seq = await a.meta.write_checkpoint()
+    # Trim the log below the checkpoint: a new mount must not need it.
+    for s in range(1, seq + 1):
+        await store.delete(log_key(s))
+    await write_file(a, ROOT_INO, b"after", b"tail")
+    b = await make_fs()
+    assert b.meta.last_checkpoint == seq
+    assert await read_file(b, (await b.lookup(ROOT_INO, b"f7")).ino) == b"x7"
+    assert await read_file(b, (await b.lookup(ROOT_INO, b"after")).ino) == b"tail"
+    code, out = await fsck(store)
+    assert code == 0, out
+
+
+async def test_corrupt_log_entry_is_a_clear_error(make_fs, store) -> None:
+    a = await make_fs()
+    await write_file(a, ROOT_INO, b"ok", b"fine")
+    seq = a.meta.applied_seq + 1
+    await store.put(log_key(seq), b"EFSISH\x01L" + b"\0" * 10)  # truncated entry
+    with pytest.raises(FsError) as e:
+        await a.mknod(ROOT_INO, b"new", stat.S_IFREG | 0o644, ROOT)
+    assert e.value.errno == errno.EIO
+    assert a.meta.broken and "truncated" in a.meta.broken or "corrupt" in str(a.meta.broken)
+    # What was committed before is still readable.
+    assert await read_file(a, (await a.lookup(ROOT_INO, b"ok")).ino) == b"fine"
+    code, out = await fsck(store)
+    assert code == 1 and "cannot be replayed" in out
+
+
+async def test_missing_and_corrupt_blocks_give_eio(make_fs, store) -> None:
+    a = await make_fs()
+    data = os.urandom(3 * a.block_size)
+    ino = await write_file(a, ROOT_INO, b"f", data)
+    keys = [i.key async for i in store.list("data/")]
+    assert len(keys) == 3
+    await store.delete(keys[0])
+    await store.put(keys[1], os.urandom(a.block_size))  # same size, wrong content
+    code, out = await fsck(store)
+    assert code == 1 and "missing" in out
+    b = await make_fs()  # fresh cache: must go to the store
+    fh, _ = await b.open(ino, os.O_RDONLY)
+    for off in (keys_off := [0, a.block_size, 2 * a.block_size]):
+        block_key_at = [
+            e.key for e in await b.meta.read(lambda v: v.extents(ino)) if e.off == off
+        ][0]
+        if block_key_at in keys[:2]:
+            with pytest.raises(FsError) as e:
+                await b.read(fh, off, 100)
+            assert e.value.errno == errno.EIO
+        else:
+            assert await b.read(fh, off, 100) == data[off : off + 100]
+    assert len(keys_off) == 3
+    await b.release(fh)
+
+
+async def test_store_faults_become_eio_not_hangs(sb, store, make_fs) -> None:
+    faulty = FaultyStore(store, FaultPlan(fail_after=0, ops=frozenset({"put_if_absent"})))
+    a = await make_fs(on=faulty)
+    with trio.fail_after(30):
+        with pytest.raises(FsError) as e:
+            await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
+    assert e.value.errno == errno.EIO
+    faulty.plan = FaultPlan()  # the store recovers: so does the mount
+    await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
+
+
+async def test_foreign_and_unformatted_prefixes() -> None:
+    empty = MemoryStore("foreign-empty")
+    with pytest.raises(NotFormatted, match="efsish format"):
+        await load_superblock(empty)
+    foreign = MemoryStore("foreign-junk")
+    await foreign.put("superblock", b"{not efsish}")
+    with pytest.raises(NotFormatted, match="not an efsish superblock"):
+        await load_superblock(foreign)
+    other = MemoryStore("foreign-other")
+    await other.put("photos/cat.jpg", b"...")
+    with pytest.raises(AlreadyFormatted, match="not empty"):
+        await format_fs(other)
+    ok = MemoryStore("foreign-ok")
+    await format_fs(ok)
+    with pytest.raises(AlreadyFormatted, match="already holds"):
+        await format_fs(ok)
+
+
+async def test_log_entries_are_checksummed() -> None:
+    blob = codec.encode_json(b"L", {"ops": []})
+    bad = blob[:-3] + bytes(3)
+    with pytest.raises(Exception, match="corrupt|damaged"):
+        codec.decode_json(b"L", bad)
+    assert LOG_PREFIX == "log/" and CKPT_PREFIX == "checkpoints/"

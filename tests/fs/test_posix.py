@@ -1,0 +1,236 @@
+"""POSIX semantics of Filesystem, called directly (no FUSE)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+
+import pytest
+
+from efsish.errors import FsError
+from efsish.filesystem import (
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    Ctx,
+    Filesystem,
+)
+from efsish.meta.view import ROOT_INO
+
+ROOT = Ctx(0, 0)
+
+
+async def write_file(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
+    fh, attr = await fs.create(parent, name, 0o644, os.O_WRONLY, ROOT)
+    await fs.write(fh, 0, data)
+    await fs.flush(fh)
+    await fs.release(fh)
+    return attr.ino
+
+
+async def read_file(fs: Filesystem, ino: int) -> bytes:
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    try:
+        size = (await fs.getattr(ino)).size
+        return await fs.read(fh, 0, size + 10)
+    finally:
+        await fs.release(fh)
+
+
+def errno_of(exc: pytest.ExceptionInfo[FsError]) -> int:
+    return exc.value.errno
+
+
+async def test_create_exists_and_missing(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"a", b"hello")
+    assert (await fs.lookup(ROOT_INO, b"a")).ino == ino
+    with pytest.raises(FsError) as e:
+        await fs.mknod(ROOT_INO, b"a", stat.S_IFREG | 0o644, ROOT)
+    assert errno_of(e) == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        await fs.lookup(ROOT_INO, b"nope")
+    assert errno_of(e) == errno.ENOENT
+    assert await read_file(fs, ino) == b"hello"
+
+
+async def test_name_limits(fs: Filesystem) -> None:
+    await fs.mkdir(ROOT_INO, b"x" * 255, 0o755, ROOT)
+    for call in (
+        fs.mkdir(ROOT_INO, b"y" * 256, 0o755, ROOT),
+        fs.lookup(ROOT_INO, b"y" * 256),
+        fs.symlink(ROOT_INO, b"y" * 256, b"t", ROOT),
+    ):
+        with pytest.raises(FsError) as e:
+            await call
+        assert errno_of(e) == errno.ENAMETOOLONG
+    await fs.symlink(ROOT_INO, b"ok", b"t" * 4080, ROOT)
+    with pytest.raises(FsError) as e:
+        await fs.symlink(ROOT_INO, b"long", b"t" * 4081, ROOT)
+    assert errno_of(e) == errno.ENAMETOOLONG
+    ino = (await fs.lookup(ROOT_INO, b"ok")).ino
+    assert await fs.readlink(ino) == b"t" * 4080
+
+
+async def test_dirs_nlink_and_rmdir(fs: Filesystem) -> None:
+    d = await fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)
+    await fs.mkdir(d.ino, b"s1", 0o755, ROOT)
+    await fs.mkdir(d.ino, b"s2", 0o755, ROOT)
+    assert (await fs.getattr(d.ino)).nlink == 4
+    with pytest.raises(FsError) as e:
+        await fs.rmdir(ROOT_INO, b"d")
+    assert errno_of(e) == errno.ENOTEMPTY
+    with pytest.raises(FsError) as e:
+        await fs.unlink(ROOT_INO, b"d")
+    assert errno_of(e) == errno.EISDIR
+    await fs.rmdir(d.ino, b"s1")
+    assert (await fs.getattr(d.ino)).nlink == 3
+    root_links = (await fs.getattr(ROOT_INO)).nlink
+    await fs.rmdir(d.ino, b"s2")
+    await fs.rmdir(ROOT_INO, b"d")
+    assert (await fs.getattr(ROOT_INO)).nlink == root_links - 1
+
+
+async def test_hard_links(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"data")
+    await fs.link(ino, ROOT_INO, b"g")
+    assert (await fs.getattr(ino)).nlink == 2
+    await fs.unlink(ROOT_INO, b"f")
+    assert (await fs.getattr(ino)).nlink == 1
+    assert await read_file(fs, ino) == b"data"
+    d = await fs.mkdir(ROOT_INO, b"dir", 0o755, ROOT)
+    with pytest.raises(FsError) as e:
+        await fs.link(d.ino, ROOT_INO, b"dirlink")
+    assert errno_of(e) == errno.EPERM
+
+
+async def test_rename_rules(fs: Filesystem) -> None:
+    a = await fs.mkdir(ROOT_INO, b"a", 0o755, ROOT)
+    b = await fs.mkdir(a.ino, b"b", 0o755, ROOT)
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT_INO, b"a", b.ino, b"inside")
+    assert errno_of(e) == errno.EINVAL
+    f1 = await write_file(fs, ROOT_INO, b"f1", b"one")
+    f2 = await write_file(fs, ROOT_INO, b"f2", b"two")
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT_INO, b"f1", ROOT_INO, b"f2", RENAME_NOREPLACE)
+    assert errno_of(e) == errno.EEXIST
+    await fs.rename(ROOT_INO, b"f1", ROOT_INO, b"f2", RENAME_EXCHANGE)
+    assert (await fs.lookup(ROOT_INO, b"f2")).ino == f1
+    assert (await fs.lookup(ROOT_INO, b"f1")).ino == f2
+    await fs.rename(ROOT_INO, b"f1", ROOT_INO, b"f2")  # replace
+    assert (await fs.lookup(ROOT_INO, b"f2")).ino == f2
+    with pytest.raises(FsError):
+        await fs.lookup(ROOT_INO, b"f1")
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT_INO, b"f2", ROOT_INO, b"a")
+    assert errno_of(e) == errno.EISDIR
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT_INO, b"a", ROOT_INO, b"f2")
+    assert errno_of(e) == errno.ENOTDIR
+    empty = await fs.mkdir(ROOT_INO, b"empty", 0o755, ROOT)
+    await fs.rename(a.ino, b"b", ROOT_INO, b"empty")  # dir over empty dir
+    assert (await fs.lookup(ROOT_INO, b"empty")).ino == b.ino
+    with pytest.raises(FsError):
+        await fs.getattr(empty.ino)
+    assert (await fs.getattr(a.ino)).nlink == 2
+
+
+async def test_setgid_dir_inheritance(fs: Filesystem) -> None:
+    d = await fs.mkdir(ROOT_INO, b"shared", 0o2775, Ctx(0, 0))
+    await fs.setattr(d.ino, ROOT, gid=500)
+    f = await fs.mknod(d.ino, b"f", stat.S_IFREG | 0o644, Ctx(1000, 1000))
+    assert (f.uid, f.gid) == (1000, 500)
+    sub = await fs.mkdir(d.ino, b"sub", 0o755, Ctx(1000, 1000))
+    assert sub.gid == 500 and sub.mode & stat.S_ISGID
+
+
+async def test_chown_clears_setuid(fs: Filesystem) -> None:
+    f = await fs.mknod(ROOT_INO, b"f", stat.S_IFREG | 0o6755, ROOT)
+    a = await fs.setattr(f.ino, ROOT, uid=1000)
+    assert a.uid == 1000 and not a.mode & stat.S_ISUID and not a.mode & stat.S_ISGID
+
+
+async def test_truncate_and_sparse(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"x" * 100_000)
+    await fs.setattr(ino, ROOT, size=10)
+    assert await read_file(fs, ino) == b"x" * 10
+    await fs.setattr(ino, ROOT, size=50_000)
+    assert await read_file(fs, ino) == b"x" * 10 + bytes(49_990)
+    fh, _ = await fs.open(ino, os.O_RDWR)
+    await fs.write(fh, 5 << 30, b"end")  # 5 GiB offset: a hole
+    await fs.flush(fh)
+    await fs.release(fh)
+    attr = await fs.getattr(ino)
+    assert attr.size == (5 << 30) + 3
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    assert await fs.read(fh, (5 << 30) - 5, 8) == bytes(5) + b"end"
+    assert await fs.read(fh, 3 << 30, 4096) == bytes(4096)
+    await fs.release(fh)
+
+
+async def test_random_write_touches_only_its_block(fs: Filesystem) -> None:
+    bs = fs.block_size
+    data = bytearray(os.urandom(8 * bs))
+    ino = await write_file(fs, ROOT_INO, b"big", bytes(data))
+    up_before = fs.blocks.bytes_up
+    fh, _ = await fs.open(ino, os.O_RDWR)
+    await fs.write(fh, 3 * bs + 100, b"patch")
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert fs.blocks.bytes_up - up_before == 5  # only the new bytes were uploaded
+    data[3 * bs + 100 : 3 * bs + 105] = b"patch"
+    assert await read_file(fs, ino) == bytes(data)
+
+
+async def test_unlinked_open_file_keeps_working(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"tmp", b"before")
+    fh, _ = await fs.open(ino, os.O_RDWR)
+    await fs.unlink(ROOT_INO, b"tmp")
+    assert await fs.read(fh, 0, 100) == b"before"
+    await fs.write(fh, 6, b"+after")
+    await fs.flush(fh)
+    assert await fs.read(fh, 0, 100) == b"before+after"
+    assert (await fs.getattr(ino)).nlink == 0
+    await fs.release(fh)
+    with pytest.raises(FsError):
+        await fs.getattr(ino)
+
+
+async def test_xattrs(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"")
+    await fs.setxattr(ino, b"user.a", b"1", XATTR_CREATE)
+    with pytest.raises(FsError) as e:
+        await fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
+    assert errno_of(e) == errno.EEXIST
+    with pytest.raises(FsError) as e:
+        await fs.setxattr(ino, b"user.b", b"2", XATTR_REPLACE)
+    assert errno_of(e) == errno.ENODATA
+    await fs.setxattr(ino, b"user.a", b"3", XATTR_REPLACE)
+    assert await fs.getxattr(ino, b"user.a") == b"3"
+    assert await fs.listxattr(ino) == [b"user.a"]
+    await fs.removexattr(ino, b"user.a")
+    with pytest.raises(FsError) as e:
+        await fs.getxattr(ino, b"user.a")
+    assert errno_of(e) == errno.ENODATA
+
+
+async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:
+    for i in range(300):
+        await fs.mknod(ROOT_INO, b"f%03d" % i, stat.S_IFREG | 0o644, ROOT)
+    seen: list[bytes] = []
+    after = 0
+    while True:
+        page = await fs.readdir(ROOT_INO, after, 50)
+        if not page:
+            break
+        seen += [name for _, name, _ in page]
+        after = page[-1][0]
+        # Churn while listing: remove a later entry, add a new one.
+        if len(seen) < 250:
+            await fs.unlink(ROOT_INO, b"f%03d" % (299 - len(seen) // 50))
+            await fs.mknod(ROOT_INO, b"new%03d" % len(seen), stat.S_IFREG | 0o644, ROOT)
+    stable = {b"f%03d" % i for i in range(295)}
+    assert stable <= set(seen)
+    assert len(seen) == len(set(seen))
