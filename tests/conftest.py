@@ -82,3 +82,13 @@ def seaweedfs_target() -> Iterator[S3Target]:
 def env_target() -> S3Target:
     endpoint = os.environ["EFSISH_TEST_S3_ENDPOINT"]
     return S3Target("env", endpoint, os.environ.get("EFSISH_TEST_S3_BUCKET", "efsish-test"))
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    """Tier by directory: tests/fuse are `fuse`, tests/integration are `integration`."""
+    for item in items:
+        parts = Path(str(item.fspath)).parts
+        if "fuse" in parts:
+            item.add_marker(pytest.mark.fuse)
+        if "integration" in parts:
+            item.add_marker(pytest.mark.integration)

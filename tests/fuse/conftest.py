@@ -18,8 +18,6 @@ import pytest
 
 from efsish.mount import _registry_file
 
-pytestmark = pytest.mark.fuse
-
 
 def efsish(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
            ) -> subprocess.CompletedProcess[str]:
@@ -107,3 +105,46 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
 def mnt(mounter: Callable[..., Mount]) -> Mount:
     """A single fresh mount on a file:// store."""
     return mounter()
+
+
+def stop_mount(m: Mount) -> None:
+    """`efsish umount`, then the last-resort cleanup, then wait for the daemon to exit."""
+    if is_mounted(m.path):
+        res = efsish("umount", str(m.path), check=False, timeout=60)
+        if res.returncode != 0:
+            print(f"umount {m.path} failed: {res.stderr}")
+    force_unmount(m.path, m.pid)
+    deadline = time.monotonic() + 10
+    while time.monotonic() < deadline:
+        try:
+            os.kill(m.pid, 0)
+        except ProcessLookupError:
+            break
+        time.sleep(0.05)
+
+
+@pytest.fixture(scope="module")
+def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+    """One mount shared by every test of a module (each test works in its own `work`
+    directory): mounting and unmounting per test would dominate the runtime."""
+    base = tmp_path_factory.mktemp("shared")
+    store = f"file://{base}/store"
+    efsish("format", store, "--block-size", "1M")
+    mp = base / "mnt"
+    mp.mkdir()
+    cache = base / "cache"
+    efsish("mount", store, str(mp), "--cache-dir", str(cache))
+    reg = json.loads(_registry_file(str(mp)).read_text())
+    m = Mount(store, mp, cache, int(reg["pid"]))
+    try:
+        yield m
+    finally:
+        stop_mount(m)
+
+
+@pytest.fixture
+def work(shared_mount: Mount, request: pytest.FixtureRequest) -> Path:
+    """A fresh directory on the module's shared mount, named after the test."""
+    d = shared_mount.path / request.node.name.replace("[", "_").replace("]", "")[:200]
+    d.mkdir()
+    return d

@@ -1,0 +1,92 @@
+"""Crash safety: kill -9 the daemon in the middle of a write workload, clean up, mount
+again: everything whose close()/fsync() returned is intact and fsck is clean."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.fuse.conftest import _registry_file, efsish, force_unmount, is_mounted
+
+WRITER = textwrap.dedent(
+    """
+    import os, random, sys
+    root, ack = sys.argv[1], sys.argv[2]
+    with open(ack, "a") as acklog:
+        i = 0
+        while True:
+            rng = random.Random(i)
+            size = rng.choice([0, 10, 5000, 20000, 300000, 2500000])
+            data = rng.randbytes(size)
+            path = os.path.join(root, f"d{i % 7}", f"f{i}")
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            with open(path, "wb") as f:
+                f.write(data)
+                if i % 3 == 0:
+                    os.fsync(f.fileno())
+            # close() returned: the file is acknowledged.
+            acklog.write(f"{i}\\n")
+            acklog.flush()
+            os.fsync(acklog.fileno())
+            i += 1
+    """
+)
+
+
+def expected(i: int) -> bytes:
+    rng = random.Random(i)
+    size = rng.choice([0, 10, 5000, 20000, 300000, 2500000])
+    return rng.randbytes(size)
+
+
+@pytest.mark.parametrize("same_cache", [True, False])
+def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: bool) -> None:
+    m = mounter()
+    ack = tmp_path / "acked"
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER)
+    writer = subprocess.Popen([sys.executable, str(script), str(m.path), str(ack)],
+                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            time.sleep(0.2)
+            if ack.exists() and len(ack.read_text().split()) >= 25:
+                break
+        os.kill(m.pid, signal.SIGKILL)
+        writer.wait(timeout=30)
+    finally:
+        if writer.poll() is None:
+            writer.kill()
+        force_unmount(m.path, m.pid)
+    assert not is_mounted(m.path)
+    acked = [int(x) for x in ack.read_text().split()]
+    assert len(acked) >= 10, "the workload did not get going"
+    # Mount again (with the crashed mount's cache, or a fresh one) and check.
+    if same_cache:
+        m.path.rmdir()
+        m.path.mkdir()
+        efsish("mount", m.store, str(m.path), "--cache-dir", str(m.cache_dir))
+        m2 = m
+        m2.pid = int(json.loads(_registry_file(str(m.path)).read_text())["pid"])
+    else:
+        m2 = mounter(m.store)
+    try:
+        for i in acked:
+            p = m2.path / f"d{i % 7}" / f"f{i}"
+            assert p.read_bytes() == expected(i), f"acknowledged file f{i} is damaged"
+        res = efsish("fsck", m.store, "-q", check=False)
+        assert res.returncode == 0, res.stdout + res.stderr
+    finally:
+        if same_cache:
+            efsish("umount", str(m2.path), check=False)
+            force_unmount(m2.path, m2.pid)
