@@ -15,7 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import _registry_file, efsish, force_unmount, is_mounted
+from efsish.mount import _registry_file
+from tests.fuse.conftest import efsish, force_unmount, is_mounted
 
 WRITER = textwrap.dedent(
     """
@@ -54,8 +55,11 @@ def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: 
     ack = tmp_path / "acked"
     script = tmp_path / "writer.py"
     script.write_text(WRITER)
-    writer = subprocess.Popen([sys.executable, str(script), str(m.path), str(ack)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    writer = subprocess.Popen(
+        [sys.executable, str(script), str(m.path), str(ack)],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:

@@ -45,8 +45,7 @@ def test_mount_errors_are_one_line(tmp_path, seaweedfs_target) -> None:
         ("s3://no-such-bucket-efsish/x", "does not exist"),
     ]
     for store, expect in cases:
-        res = efsish("mount", store, str(mp), *ep, "--cache-dir", str(tmp_path / "c"),
-                     check=False)
+        res = efsish("mount", store, str(mp), *ep, "--cache-dir", str(tmp_path / "c"), check=False)
         assert res.returncode != 0
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and expect in lines[0], res.stderr
@@ -54,10 +53,10 @@ def test_mount_errors_are_one_line(tmp_path, seaweedfs_target) -> None:
     assert res.returncode == 2 and "unknown mount option" in res.stderr
     res = efsish("mount", "s3://x/y", str(tmp_path / "missing"), *ep, check=False)
     assert res.returncode == 2 and "does not exist" in res.stderr
-    res = efsish("mount", "s3://x/y", str(mp), "--endpoint", "http://127.0.0.1:1",
-                 check=False)
+    res = efsish("mount", "s3://x/y", str(mp), "--endpoint", "http://127.0.0.1:1", check=False)
     assert res.returncode == 1 and "cannot reach" in res.stderr
     env_bad = {"AWS_ACCESS_KEY_ID": "wrong", "AWS_SECRET_ACCESS_KEY": "wrong"}
-    res = efsish("mount", f"s3://{seaweedfs_target.bucket}/x", str(mp), *ep, check=False,
-                 env=env_bad)
+    res = efsish(
+        "mount", f"s3://{seaweedfs_target.bucket}/x", str(mp), *ep, check=False, env=env_bad
+    )
     assert res.returncode == 1 and ("credentials" in res.stderr or "denied" in res.stderr)
