@@ -105,6 +105,20 @@ async def _fsck(args: argparse.Namespace) -> int:
         return await run_fsck(store, verify_data=args.verify_data, progress=not args.quiet)
 
 
+async def _gc(args: argparse.Namespace) -> int:
+    from efsish.gc import run_gc
+
+    async with open_store(args.store, store_options(args)) as store:
+        return await run_gc(store, dry_run=args.dry_run, grace=args.grace, progress=not args.quiet)
+
+
+async def _status(args: argparse.Namespace) -> int:
+    from efsish.gc import run_status
+
+    async with open_store(args.store, store_options(args)) as store:
+        return await run_status(store)
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="efsish",
@@ -156,6 +170,22 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_fsck)
+
+    p = sub.add_parser("gc", help="delete unreferenced blocks and trim the log")
+    add_store_options(p)
+    p.add_argument("--dry-run", "-n", action="store_true", help="only report what would go")
+    p.add_argument(
+        "--grace",
+        type=float,
+        default=3600.0,
+        help="keep garbage younger than this many seconds (default 3600)",
+    )
+    p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
+    p.set_defaults(func=_gc)
+
+    p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
+    add_store_options(p)
+    p.set_defaults(func=_status)
     return ap
 
 

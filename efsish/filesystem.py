@@ -30,6 +30,7 @@ from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
 from efsish.data.dirty import DirtyBuffer
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
+from efsish.gc import collect as gc_collect
 from efsish.meta.log import MetaLog, PlanContext
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import (
@@ -115,6 +116,8 @@ class Options:
     max_dirty_bytes: int = 256 * 1024**2
     readahead_blocks: int = 2
     checkpoint_every: int = 1000
+    gc_interval: float = 3600.0
+    gc_grace: float = 3600.0
     mountpoint: str = ""
 
 
@@ -202,36 +205,60 @@ class Filesystem:
             pass
 
     async def _poller(self) -> None:
+        last_gc = time.monotonic()
         while True:
             await trio.sleep(self.opts.poll_interval)
             try:
                 await self.meta.catch_up()
                 await self.meta.maybe_checkpoint()
+                if time.monotonic() - last_gc > self.opts.gc_interval:
+                    last_gc = time.monotonic()
+                    r = await gc_collect(self.store, self.meta, grace=self.opts.gc_grace)
+                    log.info(
+                        "gc: %d blocks deleted, %d log entries trimmed",
+                        r.deleted_blocks + r.swept_orphans,
+                        r.trimmed_entries,
+                    )
             except EfsishError as e:
                 log.warning("background catch-up failed: %s", e)
 
     async def _heartbeat(self) -> None:
         while True:
             try:
-                await self.store.put(
-                    f"clients/{self.meta.client_id}",
-                    codec.encode_json(
-                        b"H",
-                        {
-                            "client": self.meta.client_id,
-                            "host": socket.gethostname(),
-                            "mountpoint": self.opts.mountpoint,
-                            "version": __version__,
-                            "pid": os.getpid(),
-                            "applied_seq": self.meta.applied_seq,
-                            "t": time.time_ns(),
-                            "started": int(self.started * 1e9),
-                        },
-                    ),
-                )
+                await self.write_heartbeat()
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
             await trio.sleep(self.opts.heartbeat_interval)
+
+    async def write_heartbeat(self) -> None:
+        """Publish where this mount is (clients/<id>): read by status and gc."""
+        await self.store.put(
+            f"clients/{self.meta.client_id}",
+            codec.encode_json(
+                b"H",
+                {
+                    "client": self.meta.client_id,
+                    "host": socket.gethostname(),
+                    "mountpoint": self.opts.mountpoint,
+                    "version": __version__,
+                    "pid": os.getpid(),
+                    "applied_seq": self.meta.applied_seq,
+                    "held": self.held_blocks(),
+                    "t": time.time_ns(),
+                    "started": int(self.started * 1e9),
+                },
+            ),
+        )
+
+    def held_blocks(self, limit: int = 10000) -> list[str]:
+        """Blocks this mount may still read that the log no longer references: those of
+        unlinked-but-open files and uploaded-but-uncommitted writes. gc spares them."""
+        keys: set[str] = set()
+        for of in self.files.values():
+            if of.orphan is not None:
+                keys.update(e.key for e in of.orphan[1] if e.key is not None)
+            keys.update(p.ext.key for p in of.pending if p.ext.key is not None)
+        return sorted(keys)[:limit]
 
     def _on_apply(self, res: ApplyResult, remote: bool) -> None:
         for ino, snap in res.freed.items():

@@ -1,6 +1,6 @@
 """Block I/O: upload new immutable blocks and fetch (verified, cached) existing ones.
 
-Keys say what they hold: data/<ino hex>-<unique>, never reused or overwritten. A block's
+Keys say what they hold: data/<ino hex>-<time hex>-<random>, never reused or overwritten. A block's
 BLAKE2b hash is recorded in the log next to every reference to it, so a corrupt or
 foreign object is detected (EIO), never returned. Concurrent fetches of one block share
 one GET. This module must not know about inodes beyond using the number in key names.
@@ -9,6 +9,7 @@ one GET. This module must not know about inodes beyond using the number in key n
 from __future__ import annotations
 
 import logging
+import time
 import uuid
 
 import trio
@@ -24,7 +25,17 @@ DATA_PREFIX = "data/"
 
 
 def new_block_key(ino: int) -> str:
-    return f"{DATA_PREFIX}{ino:x}-{uuid.uuid4().hex}"
+    """data/<inode hex>-<creation time, ns hex>-<random>: never reused."""
+    return f"{DATA_PREFIX}{ino:x}-{time.time_ns():x}-{uuid.uuid4().hex[:16]}"
+
+
+def block_key_time_ns(key: str) -> int | None:
+    """The creation time recorded in a block key, or None for a foreign key."""
+    parts = key[len(DATA_PREFIX) :].split("-")
+    try:
+        return int(parts[1], 16) if len(parts) == 3 else None
+    except ValueError:
+        return None
 
 
 class BlockIO:

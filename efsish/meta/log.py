@@ -320,6 +320,13 @@ class MetaLog:
                 seq, blob, res, outcomes = await trio.to_thread.run_sync(
                     self._plan, batch, limiter=self._wlimiter
                 )
+                if any(err is not None for _, err in outcomes) and await self._stale(seq):
+                    # An error (ENOENT, EEXIST...) must be judged against the log head,
+                    # not a view that is behind it: catch up and plan again.
+                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                    self._ino_next, self._ino_end = saved_range
+                    await self._catch_up_locked()
+                    continue
                 if blob is None:
                     await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
                     self._deliver(batch, outcomes)
@@ -357,6 +364,8 @@ class MetaLog:
         view = self.writer
         view.begin()
         seq = view.applied_seq + 1
+        t_entry = time.time_ns()
+        view.cur_seq, view.cur_t = seq, t_entry
         res = ApplyResult()
         ops: list[Op] = []
         outcomes: list[tuple[Any, BaseException | None]] = []
@@ -383,8 +392,16 @@ class MetaLog:
             raise
         if not ops:
             return seq, None, res, outcomes
-        entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": time.time_ns(), "ops": ops}
+        entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": t_entry, "ops": ops}
         return seq, codec.encode_json(b"L", entry), res, outcomes
+
+    async def _stale(self, seq: int) -> bool:
+        """True if log entry `seq` already exists (this view is behind the head)."""
+        try:
+            await self.store.head(log_key(seq))
+        except NotFound:
+            return False
+        return True
 
     async def _put_entry(self, seq: int, blob: bytes) -> None:
         """PUT log/seq; retry transient errors with the same bytes (idempotent)."""

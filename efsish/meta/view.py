@@ -69,6 +69,11 @@ CREATE TABLE IF NOT EXISTS xattrs (
     value BLOB NOT NULL,
     PRIMARY KEY (ino, name)
 );
+CREATE TABLE IF NOT EXISTS garbage (
+    key TEXT PRIMARY KEY,
+    seq INTEGER NOT NULL,
+    t INTEGER NOT NULL
+);
 CREATE TABLE IF NOT EXISTS meta (
     key TEXT PRIMARY KEY,
     value
@@ -175,6 +180,9 @@ class View:
         self.path = str(path)
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
+        # Position and time of the entry being applied: recorded with garbage blocks.
+        self.cur_seq = 0
+        self.cur_t = 0
         self.db.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
@@ -321,6 +329,7 @@ class View:
             raise CorruptObject(
                 f"log entry {seq} applied out of order (view at {self.applied_seq})"
             )
+        self.cur_seq, self.cur_t = seq, int(entry.get("t", 0))
         for op in entry.get("ops", []):
             self.apply_op(op, res)
         self.set_meta("applied_seq", seq)
@@ -350,10 +359,30 @@ class View:
             return
         if attr.nlink > 0 and not (attr.is_dir and attr.nlink <= 1):
             return
-        res.freed[ino] = (attr, self.extents(ino))
+        extents = self.extents(ino)
+        res.freed[ino] = (attr, extents)
         for table in ("inodes", "extents", "xattrs"):
             self.db.execute(f"DELETE FROM {table} WHERE ino = ?", (ino,))
+        self._collect_garbage({e.key for e in extents if e.key is not None})
         res.inodes.add(ino)
+
+    def _collect_garbage(self, keys: set[str]) -> None:
+        """Record blocks that no extent references any more (deleted later by gc)."""
+        for key in keys:
+            if self.db.execute("SELECT 1 FROM extents WHERE key = ? LIMIT 1", (key,)).fetchone():
+                continue
+            self.db.execute(
+                "INSERT OR IGNORE INTO garbage (key, seq, t) VALUES (?, ?, ?)",
+                (key, self.cur_seq, self.cur_t),
+            )
+
+    def garbage(self) -> list[tuple[str, int, int]]:
+        return [(r[0], r[1], r[2]) for r in self.db.execute("SELECT key, seq, t FROM garbage")]
+
+    def referenced_keys(self) -> set[str]:
+        return {
+            r[0] for r in self.db.execute("SELECT DISTINCT key FROM extents WHERE key IS NOT NULL")
+        }
 
     def _remove_entry(self, parent: int, name: bytes, t: int, res: ApplyResult) -> None:
         ino = self.lookup(parent, name)
@@ -483,7 +512,7 @@ class View:
                 args.append(int(op[col]))
         if "size" in op:
             size = int(op["size"])
-            self._punch(ino, size, None)  # ranges without extents read as zeros
+            self._collect_garbage(self._punch(ino, size, None))  # holes read as zeros
             sets.append("size = ?")
             args.append(size)
             sets.append("version = version + 1")
@@ -492,14 +521,18 @@ class View:
             self.db.execute(f"UPDATE inodes SET {', '.join(sets)} WHERE ino = ?", (*args, ino))
         res.inodes.add(ino)
 
-    def _punch(self, ino: int, start: int, end: int | None) -> None:
+    def _punch(self, ino: int, start: int, end: int | None) -> set[str]:
         """Remove the file range [start, end) from the layout (end None = to infinity)."""
+        removed: set[str] = set()
         for e in self.extents(ino, start, end):
             self.db.execute("DELETE FROM extents WHERE ino = ? AND off = ?", (ino, e.off))
+            if e.key is not None:
+                removed.add(e.key)
             if e.off < start:
                 self._insert_extent(ino, e.slice(e.off, start))
             if end is not None and e.end > end:
                 self._insert_extent(ino, e.slice(end, e.end))
+        return removed
 
     def _insert_extent(self, ino: int, e: Extent) -> None:
         if e.len <= 0:
@@ -514,10 +547,14 @@ class View:
         ino, t = int(op["ino"]), int(op["t"])
         if self.getattr(ino) is None:
             return  # the file was removed before this write was committed
+        removed: set[str] = set()
         for j in op["ext"]:
             e = Extent.from_json(j)
-            self._punch(ino, e.off, e.end)
+            removed |= self._punch(ino, e.off, e.end)
             self._insert_extent(ino, e)
+            if e.key is not None:
+                self.db.execute("DELETE FROM garbage WHERE key = ?", (e.key,))
+        self._collect_garbage(removed)
         self.db.execute(
             "UPDATE inodes SET size = ?, mtime = ?, ctime = ?, version = version + 1 WHERE ino = ?",
             (int(op["size"]), t, t, ino),
@@ -543,7 +580,14 @@ class View:
         res.inodes.add(ino)
 
 
+def _op_gc(self: View, op: Op, res: ApplyResult) -> None:
+    """Blocks listed here were deleted from the store by gc: forget them."""
+    for key in op["keys"]:
+        self.db.execute("DELETE FROM garbage WHERE key = ?", (str(key),))
+
+
 _APPLY = {
+    "gc": _op_gc,
     "ino": View._op_ino,
     "mk": View._op_mk,
     "ln": View._op_ln,

@@ -1,0 +1,257 @@
+"""Garbage collection, log trimming and status: the maintenance of a filesystem's bucket.
+
+- gc deletes blocks the log has marked as garbage, but only once every live mount has
+  applied the change (heartbeats in clients/ tell how far each mount is; a mount whose
+  heartbeat is older than `expire` seconds counts as crashed), the change is older than
+  `grace`, and no live mount holds the block (unlinked-but-open files). It then commits a
+  `gc` op so every view forgets the deleted keys. Blocks that were uploaded but never
+  referenced (a writer that crashed before committing) are swept after `orphan_age`.
+- trim deletes log entries up to the newest checkpoint once every live mount is past
+  them and they are older than `grace`; it keeps the two newest checkpoints.
+It must never delete anything a live mount may still read.
+"""
+
+from __future__ import annotations
+
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TextIO
+
+import trio
+from tqdm import tqdm
+
+from efsish import codec
+from efsish.data.blocks import DATA_PREFIX, block_key_time_ns
+from efsish.errors import CorruptObject, NotFound
+from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog, PlanContext, ckpt_key, log_key, seq_of
+from efsish.meta.superblock import load_superblock
+from efsish.meta.view import Op, View
+from efsish.store import ObjectStore
+
+log = logging.getLogger(__name__)
+
+HEARTBEAT_EXPIRE = 120.0  # seconds without a heartbeat: the mount is considered crashed
+
+
+@dataclass
+class Client:
+    client: str
+    host: str
+    mountpoint: str
+    version: str
+    applied_seq: int
+    age: float
+    held: list[str] = field(default_factory=list)
+
+    @property
+    def live(self) -> bool:
+        return self.age < HEARTBEAT_EXPIRE
+
+
+async def read_clients(store: ObjectStore) -> list[Client]:
+    out: list[Client] = []
+    now = time.time_ns()
+    async for info in store.list("clients/"):
+        try:
+            hb = codec.decode_json(b"H", await store.get(info.key), info.key)
+            out.append(
+                Client(
+                    client=str(hb["client"]),
+                    host=str(hb.get("host", "?")),
+                    mountpoint=str(hb.get("mountpoint", "?")),
+                    version=str(hb.get("version", "?")),
+                    applied_seq=int(hb.get("applied_seq", 0)),
+                    age=(now - int(hb["t"])) / 1e9,
+                    held=[str(k) for k in hb.get("held", [])],
+                )
+            )
+        except (NotFound, CorruptObject, KeyError, ValueError, TypeError) as e:
+            log.warning("ignoring unreadable heartbeat %s: %s", info.key, e)
+    return out
+
+
+async def log_head(store: ObjectStore) -> tuple[int, int]:
+    """(first, last) log positions present in the store; (0, 0) if none."""
+    first = last = 0
+    async for info in store.list(LOG_PREFIX):
+        s = seq_of(info.key)
+        first = first or s
+        last = s
+    return first, last
+
+
+async def checkpoints(store: ObjectStore) -> list[int]:
+    return [seq_of(i.key) async for i in store.list(CKPT_PREFIX)]
+
+
+@dataclass
+class GcResult:
+    deleted_blocks: int = 0
+    deleted_bytes: int = 0
+    swept_orphans: int = 0
+    deferred: int = 0
+    trimmed_entries: int = 0
+    deleted_checkpoints: int = 0
+    notes: list[str] = field(default_factory=list)
+
+
+async def collect(
+    store: ObjectStore,
+    meta: MetaLog,
+    *,
+    dry_run: bool = False,
+    grace: float = 3600.0,
+    orphan_age: float = 24 * 3600.0,
+    progress: bool = False,
+    trim: bool = True,
+) -> GcResult:
+    """One gc + trim pass using `meta` (a MetaLog whose committer is running)."""
+    res = GcResult()
+    await meta.catch_up()
+    clients = [c for c in await read_clients(store) if c.live and c.client != meta.client_id]
+    min_seq = min([c.applied_seq for c in clients], default=meta.applied_seq)
+    held = {k for c in clients for k in c.held}
+    now = time.time_ns()
+    garbage = await meta.read(View.garbage)
+    referenced = await meta.read(View.referenced_keys)
+    sizes = {i.key: i.size async for i in store.list(DATA_PREFIX)}
+    victims: list[str] = []
+    for key, seq, t in garbage:
+        if seq > min_seq or now - t < grace * 1e9 or key in held or key in referenced:
+            res.deferred += 1
+        else:
+            victims.append(key)
+    known = {k for k, _, _ in garbage}
+    orphans = [
+        k
+        for k in sizes
+        if k not in referenced
+        and k not in known
+        and k not in held
+        and (block_key_time_ns(k) or now) < now - orphan_age * 1e9
+    ]
+    bar = tqdm(
+        total=len(victims) + len(orphans),
+        desc="gc",
+        unit="blk",
+        disable=not progress or not sys.stderr.isatty(),
+    )
+    limiter = trio.CapacityLimiter(16)
+
+    async def delete(key: str) -> None:
+        async with limiter:
+            if not dry_run:
+                await store.delete(key)
+        bar.update(1)
+
+    async with trio.open_nursery() as n:
+        for k in victims + orphans:
+            n.start_soon(delete, k)
+    bar.close()
+    res.deleted_blocks = len(victims)
+    res.deleted_bytes = sum(sizes.get(k, 0) for k in victims + orphans)
+    res.swept_orphans = len(orphans)
+    if victims and not dry_run:
+        keys = list(victims)
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            return [{"o": "gc", "keys": keys}], None
+
+        await meta.submit(plan)
+    if trim:
+        await _trim(
+            store, meta, res, min_seq=min(min_seq, meta.applied_seq), grace=grace, dry_run=dry_run
+        )
+    return res
+
+
+async def _trim(
+    store: ObjectStore, meta: MetaLog, res: GcResult, *, min_seq: int, grace: float, dry_run: bool
+) -> None:
+    ckpts = await checkpoints(store)
+    if not ckpts:
+        res.notes.append("no checkpoint yet: the log is not trimmed")
+        return
+    newest = ckpts[-1]
+    limit = min(newest, min_seq)
+    now = time.time_ns()
+    async for info in store.list(LOG_PREFIX):
+        s = seq_of(info.key)
+        if s > limit:
+            break
+        try:
+            entry = codec.decode_json(b"L", await store.get(info.key), info.key)
+            if now - int(entry.get("t", now)) < grace * 1e9:
+                break
+        except (NotFound, CorruptObject):
+            pass
+        if not dry_run:
+            await store.delete(log_key(s))
+        res.trimmed_entries += 1
+    for s in ckpts[:-2]:
+        if not dry_run:
+            await store.delete(ckpt_key(s))
+        res.deleted_checkpoints += 1
+
+
+async def run_gc(
+    store: ObjectStore, *, dry_run: bool, grace: float, progress: bool, out: TextIO | None = None
+) -> int:
+    stream = out or sys.stdout
+    sb = await load_superblock(store)
+    with tempfile.TemporaryDirectory(prefix="efsish-gc-") as tmp:
+        meta = MetaLog(store, sb, Path(tmp) / "gc.db", client_id="gc")
+        await meta.open()
+        async with trio.open_nursery() as n:
+            await n.start(meta.run)
+            r = await collect(store, meta, dry_run=dry_run, grace=grace, progress=progress)
+            n.cancel_scope.cancel()
+        await meta.aclose()
+    verb = "would delete" if dry_run else "deleted"
+    print(
+        f"gc: {verb} {r.deleted_blocks} garbage block(s) and {r.swept_orphans} "
+        f"never-committed block(s), {r.deleted_bytes} bytes; {r.deferred} deferred "
+        f"(still visible to a mount or younger than {grace:.0f}s); log: {verb} "
+        f"{r.trimmed_entries} entries and {r.deleted_checkpoints} old checkpoint(s)",
+        file=stream,
+    )
+    for note in r.notes:
+        print(f"gc: {note}", file=stream)
+    return 0
+
+
+async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
+    stream = out or sys.stdout
+    sb = await load_superblock(store)
+    first, last = await log_head(store)
+    ckpts = await checkpoints(store)
+    clients = await read_clients(store)
+    info: dict[str, Any] = {
+        "filesystem": sb.fs_uuid,
+        "block size": sb.block_size,
+        "throughput mode": sb.throughput_mode,
+        "log": f"entries {first}..{last}" if last else "empty",
+        "newest checkpoint": ckpts[-1] if ckpts else "none",
+    }
+    for k, v in info.items():
+        print(f"{k:>18}: {v}", file=stream)
+    live = [c for c in clients if c.live]
+    print(f"{'live mounts':>18}: {len(live)}", file=stream)
+    if clients:
+        print(
+            f"  {'HOST':<20} {'MOUNTPOINT':<28} {'VERSION':<8} {'APPLIED':>8} "
+            f"{'LAST SEEN':>10}  STATE",
+            file=stream,
+        )
+        for c in sorted(clients, key=lambda c: (c.host, c.mountpoint)):
+            state = "live" if c.live else "expired"
+            print(
+                f"  {c.host:<20} {c.mountpoint:<28} {c.version:<8} {c.applied_seq:>8} "
+                f"{c.age:>9.0f}s  {state}",
+                file=stream,
+            )
+    return 0
