@@ -164,9 +164,12 @@ async def _preflight(cfg: MountConfig) -> None:
 
 
 def mount(cfg: MountConfig) -> int:
-    """Check everything, then run the daemon (in the background unless foreground)."""
+    """Check everything, then run the daemon (in the background unless foreground).
+
+    No threads or trio run may exist in this process before fork(): a forked child would
+    inherit a thread cache whose threads do not exist. So the child does the store checks
+    and reports any error back through a pipe, which the parent prints."""
     _check_mountpoint(cfg.mountpoint)
-    trio.run(_preflight, cfg)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
     if cfg.log_file is None:
         cfg.log_file = cfg.cache_dir / "efsish.log"
@@ -183,12 +186,18 @@ def mount(cfg: MountConfig) -> int:
         devnull = os.open(os.devnull, os.O_RDWR)
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
+        os.close(devnull)
         _setup_logging(cfg, to_stderr=False)
         code = 1
         try:
             code = _run_daemon(cfg, ready_fd=w)
-        except BaseException as e:
+        except UsageError as e:
+            _report(w, f"USAGE {e}")
+        except EfsishError as e:
             _report(w, f"ERR {e}")
+            log.error("mount failed: %s", e)
+        except BaseException as e:
+            _report(w, f"ERR unexpected error: {e!r}; see {cfg.log_file}")
             log.exception("daemon failed")
         finally:
             os._exit(code)
@@ -197,9 +206,11 @@ def mount(cfg: MountConfig) -> int:
         msg = pipe.read().decode(errors="replace").strip()
     if msg.startswith("OK"):
         return 0
+    os.waitpid(pid, 0)
+    if msg.startswith("USAGE "):
+        raise UsageError(msg[6:])
     if msg.startswith("ERR "):
         raise EfsishError(msg[4:])
-    os.waitpid(pid, 0)
     raise EfsishError(f"the mount daemon exited before the mount was live; see {cfg.log_file}")
 
 
@@ -241,6 +252,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
     # for this very daemon.
     mountpoint = os.path.realpath(cfg.mountpoint)  # noqa: ASYNC240 - before the loop serves
+    await _preflight(cfg)
     store = open_store(cfg.store_url, cfg.store_options)
     sb = await load_superblock(store)
     fs = Filesystem(
