@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
@@ -119,6 +120,85 @@ async def _status(args: argparse.Namespace) -> int:
         return await run_status(store)
 
 
+async def _config(args: argparse.Namespace) -> int:
+    from efsish.meta.superblock import load_superblock
+    from efsish.metering import write_config
+
+    if (
+        args.throughput_mode is None
+        and args.provisioned_mibps is None
+        and (args.initial_balance is None)
+    ):
+        raise UsageError("nothing to change: give --throughput-mode and/or --provisioned-mibps")
+    if args.throughput_mode == "provisioned" and not args.provisioned_mibps:
+        raise UsageError("--throughput-mode provisioned needs --provisioned-mibps N")
+    async with open_store(args.store, store_options(args)) as store:
+        sb = await load_superblock(store)
+        try:
+            new = await write_config(
+                store,
+                sb,
+                mode=args.throughput_mode,
+                provisioned_mibps=args.provisioned_mibps,
+                initial_balance=args.initial_balance,
+            )
+        except ValueError as e:
+            raise UsageError(str(e)) from None
+    print(
+        f"throughput: {new['mode']}"
+        + (
+            f", provisioned {new.get('provisioned_mibps')} MiB/s"
+            if new["mode"] == "provisioned"
+            else ""
+        )
+        + " (live mounts apply it within seconds)"
+    )
+    return 0
+
+
+def _stats(args: argparse.Namespace) -> int:
+    import json
+    import time
+
+    from efsish.mount import stats_file
+
+    path = stats_file(os.path.abspath(args.mountpoint))
+    while True:
+        try:
+            doc = json.loads(path.read_text())
+        except (OSError, ValueError):
+            raise EfsishError(
+                f"no statistics for {args.mountpoint}: is it an efsish mount made on this machine?"
+            ) from None
+        if args.json:
+            print(json.dumps(doc, indent=None if args.watch else 2), flush=True)
+        else:
+            print(format_stats(doc), flush=True)
+        if not args.watch:
+            return 0
+        time.sleep(args.interval)
+
+
+def format_stats(doc: dict[str, object]) -> str:
+    m = doc["metrics"]
+    assert isinstance(m, dict)
+    mib = 1024 * 1024
+    rows = [
+        ("ThroughputMode", str(doc.get("mode"))),
+        ("PermittedThroughput", f"{m['PermittedThroughput'] / mib:,.2f} MiB/s"),
+        ("BurstCreditBalance", f"{m['BurstCreditBalance'] / 1024**3:,.2f} GiB"),
+        ("PercentIOLimit", f"{m['PercentIOLimit']:.1f} %"),
+        ("MeteredIOBytes", f"{m['MeteredIOBytes']:,.0f}"),
+        ("TotalIOBytes", f"{m['TotalIOBytes']:,.0f}"),
+        ("DataReadIOBytes", f"{m['DataReadIOBytes']:,.0f}"),
+        ("DataWriteIOBytes", f"{m['DataWriteIOBytes']:,.0f}"),
+        ("MetadataIOBytes", f"{m['MetadataIOBytes']:,.0f}"),
+        ("ClientConnections", f"{m['ClientConnections']:.0f}"),
+        ("StorageBytes", f"{m['StorageBytes']:,.0f}"),
+    ]
+    return "\n".join(f"{k:<20} {v}" for k, v in rows) + "\n"
+
+
 def build_parser() -> argparse.ArgumentParser:
     ap = argparse.ArgumentParser(
         prog="efsish",
@@ -182,6 +262,20 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_gc)
+
+    p = sub.add_parser("config", help="change the throughput mode of a filesystem")
+    add_store_options(p)
+    p.add_argument("--throughput-mode", choices=["bursting", "provisioned", "elastic"])
+    p.add_argument("--provisioned-mibps", type=float)
+    p.add_argument("--initial-balance", type=float, help=argparse.SUPPRESS)  # tests only
+    p.set_defaults(func=_config)
+
+    p = sub.add_parser("stats", help="EFS metrics of a mount (BurstCreditBalance, ...)")
+    p.add_argument("mountpoint", metavar="MOUNTPOINT")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.add_argument("--watch", action="store_true", help="print again every --interval s")
+    p.add_argument("--interval", type=float, default=1.0)
+    p.set_defaults(func=_stats, sync=True)
 
     p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
     add_store_options(p)

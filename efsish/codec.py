@@ -19,7 +19,7 @@ import zstandard
 from efsish.errors import CorruptObject
 
 MAGIC = b"EFSISH\x01"
-KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat"}
+KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat", b"T": "throughput"}
 _HDR = len(MAGIC) + 1 + 16
 
 _cctx = zstandard.ZstdCompressor(level=3)

@@ -43,6 +43,7 @@ from efsish.meta.view import (
     b64,
     name_to_json,
 )
+from efsish.metering import Metering
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -59,6 +60,8 @@ XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
+STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
+METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
 
 
 ACL_ACCESS = b"system.posix_acl_access"
@@ -112,11 +115,13 @@ class Options:
     cache_dir: Path
     cache_bytes: int = 10 * 1024**3
     poll_interval: float = 1.0
-    heartbeat_interval: float = 10.0
+    heartbeat_interval: float = 2.0
     max_dirty_bytes: int = 256 * 1024**2
     readahead_blocks: int = 2
     checkpoint_every: int = 1000
     gc_interval: float = 3600.0
+    stats_file: Path | None = None
+    prometheus_port: int | None = None
     gc_grace: float = 3600.0
     mountpoint: str = ""
 
@@ -170,6 +175,9 @@ class Filesystem:
             checkpoint_every=options.checkpoint_every,
         )
         self.cache = BlockCache(cache_dir / "blocks", options.cache_bytes)
+        self.metering = Metering(
+            store, sb, self.meta.client_id, options.stats_file, options.prometheus_port
+        )
         self.blocks = BlockIO(store, self.cache)
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}  # fh -> ino
@@ -188,6 +196,7 @@ class Filesystem:
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
         await self.meta.open()
+        await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
@@ -200,6 +209,7 @@ class Filesystem:
             except EfsishError as e:
                 log.error("could not flush inode %d at shutdown: %s", of.ino, e)
         try:
+            await self.metering.save()
             await self.store.delete(f"clients/{self.meta.client_id}")
         except StoreError:
             pass
@@ -223,12 +233,29 @@ class Filesystem:
                 log.warning("background catch-up failed: %s", e)
 
     async def _heartbeat(self) -> None:
+        stored = (await self.meta.read(View.stats))[1]
+        last_measure = time.monotonic()
         while True:
             try:
                 await self.write_heartbeat()
+                if time.monotonic() - last_measure > STORED_REMEASURE:
+                    last_measure = time.monotonic()
+                    stored = (await self.meta.read(View.stats))[1]
+                await self.metering.sync(await self._read_heartbeats(), stored)
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
             await trio.sleep(self.opts.heartbeat_interval)
+
+    async def _read_heartbeats(self) -> list[dict[str, Any]]:
+        out: list[dict[str, Any]] = []
+        async for info in self.store.list("clients/"):
+            if info.key.endswith(self.meta.client_id):
+                continue
+            try:
+                out.append(codec.decode_json(b"H", await self.store.get(info.key), info.key))
+            except (StoreError, EfsishError) as e:
+                log.debug("skipping heartbeat %s: %s", info.key, e)
+        return out
 
     async def write_heartbeat(self) -> None:
         """Publish where this mount is (clients/<id>): read by status and gc."""
@@ -244,6 +271,7 @@ class Filesystem:
                     "pid": os.getpid(),
                     "applied_seq": self.meta.applied_seq,
                     "held": self.held_blocks(),
+                    **self.metering.heartbeat_fields(),
                     "t": time.time_ns(),
                     "started": int(self.started * 1e9),
                 },
@@ -295,6 +323,7 @@ class Filesystem:
         return attr
 
     async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
+        await self.metering.acquire("metadata", METADATA_OP_BYTES)
         try:
             return await self.meta.submit(planner)
         except FsError:
@@ -322,6 +351,7 @@ class Filesystem:
     async def lookup(self, parent: int, name: bytes) -> Attr:
         if len(name) > NAME_MAX:
             raise FsError("name too long", errno.ENAMETOOLONG)
+        await self.metering.acquire("metadata", METADATA_OP_BYTES)
         await self._catch_up()
         if name == b".":
             return await self._attr(parent)
@@ -724,6 +754,7 @@ class Filesystem:
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         of = self._file(fh)
+        await self.metering.acquire("write", len(data))
         if of.error is not None:
             err, of.error = of.error, None
             raise FsError(f"earlier background upload failed: {err}", errno.EIO)
@@ -766,6 +797,7 @@ class Filesystem:
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self._file(fh)
+        await self.metering.acquire("read", size)
         end = min(off + size, of.size)
         if off >= end:
             return b""

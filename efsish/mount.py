@@ -67,6 +67,7 @@ class MountConfig:
     cache_bytes: int = 10 * 1024**3
     attr_timeout: float = 1.0
     log_file: Path | None = None
+    prometheus_port: int | None = None
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -86,6 +87,11 @@ def runtime_dir() -> Path:
 def _registry_file(mountpoint: str) -> Path:
     h = hashlib.sha256(os.path.abspath(mountpoint).encode()).hexdigest()[:16]
     return runtime_dir() / f"mount-{h}.json"
+
+
+def stats_file(mountpoint: str) -> Path:
+    """Where a mount publishes its EFS metrics once a second (read by `efsish stats`)."""
+    return _registry_file(mountpoint).with_suffix(".stats.json")
 
 
 def parse_size(text: str) -> int:
@@ -131,13 +137,18 @@ def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
                     cfg.ro = True
                 elif key == "log":
                     cfg.log_file = Path(value)
+                elif key == "prometheus_port":
+                    cfg.prometheus_port = int(value)
+                    if not 0 < cfg.prometheus_port < 65536:
+                        raise ValueError
                 elif key == "foreground":
                     cfg.foreground = True
                 else:
                     raise UsageError(
                         f"unknown mount option {key!r}; known: cache_dir, cache_size, "
                         "poll_interval, attr_timeout, endpoint, allow_other, noallow_other, "
-                        "ro, log, and the generic _netdev/defaults/auto/noauto/nofail"
+                        "ro, log, prometheus_port, and the generic "
+                        "_netdev/defaults/auto/noauto/nofail"
                     )
             except ValueError:
                 raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
@@ -263,6 +274,8 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             cache_bytes=cfg.cache_bytes,
             poll_interval=cfg.poll_interval,
             mountpoint=mountpoint,
+            stats_file=stats_file(mountpoint),
+            prometheus_port=cfg.prometheus_port,
         ),
     )
     ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
@@ -317,6 +330,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         pyfuse3.close(unmount=True)
     finally:
         registry.unlink(missing_ok=True)
+        stats_file(mountpoint).unlink(missing_ok=True)
         with trio.CancelScope(shield=True):
             await fs.meta.aclose()
             await store.aclose()

@@ -81,11 +81,11 @@ def random_ops(rng: random.Random, root: Path, model: dict[str, bytes | None], n
         elif op == "rename" and files:
             rel = rng.choice(files)
             parent = rng.choice(dirs)
-            new = f"{parent}/r{rng.randrange(10**6)}" if parent else f"r{rng.randrange(10**6)}"
-            if new in model:
+            dst = f"{parent}/r{rng.randrange(10**6)}" if parent else f"r{rng.randrange(10**6)}"
+            if dst in model:
                 continue
-            os.rename(root / rel, root / new)
-            model[new] = model.pop(rel)
+            os.rename(root / rel, root / dst)
+            model[dst] = model.pop(rel)
         elif op == "unlink" and files:
             rel = rng.choice(files)
             os.unlink(root / rel)
@@ -153,7 +153,7 @@ def test_randomised_stress_matches_model(mounter, seaweedfs_target) -> None:
                 os.close(fd)
                 results[i] = 1
             except OSError as e:
-                results[i] = -e.errno
+                results[i] = -(e.errno or 0)
 
         threads = [threading.Thread(target=excl, args=(i,)) for i in range(MOUNTS)]
         for t in threads:
