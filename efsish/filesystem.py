@@ -18,8 +18,8 @@ import os
 import socket
 import stat
 import time
-from collections.abc import Callable
-from dataclasses import dataclass, field
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -149,6 +149,7 @@ class OpenFile:
     error: BaseException | None = None
     orphan: tuple[Attr, list[Extent]] | None = None
     last_read_end: int = -1
+    stale: bool = False  # another mount changed the file: re-read its size
 
 
 def _check_name(name: bytes) -> None:
@@ -183,6 +184,15 @@ class Filesystem:
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = 1
         self._kcache_ok: set[int] = set()
+        # Inodes the kernel still knows (lookup counts) and snapshots of those that the
+        # log has freed meanwhile ("ghosts"): fstat() on an fd of a removed file, a path
+        # resolved before a rename replaced it, still work, as on a local filesystem.
+        self.kernel_refs: dict[int, int] = {}
+        self._remote_changed: set[int] = set()
+        self.ghosts: dict[int, tuple[Attr, list[Extent]]] = {}
+        # Set by the FUSE adapter: drop the kernel's cached attributes of an inode now
+        # (attribute-only, takes no page locks; used by open() for close-to-open).
+        self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
         self._dirty_total = 0
         self._dirty_cond = trio.Condition()
         self._nursery: trio.Nursery | None = None
@@ -282,21 +292,45 @@ class Filesystem:
         """Blocks this mount may still read that the log no longer references: those of
         unlinked-but-open files and uploaded-but-uncommitted writes. gc spares them."""
         keys: set[str] = set()
+        for _, extents in self.ghosts.values():
+            keys.update(e.key for e in extents if e.key is not None)
         for of in self.files.values():
             if of.orphan is not None:
                 keys.update(e.key for e in of.orphan[1] if e.key is not None)
             keys.update(p.ext.key for p in of.pending if p.ext.key is not None)
         return sorted(keys)[:limit]
 
+    def remember(self, ino: int, n: int = 1) -> None:
+        """The kernel learned about inode `ino` (lookup count + n)."""
+        self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + n
+
+    def forget(self, ino: int, n: int) -> None:
+        """The kernel forgot `ino` n times; drop its ghost once nothing refers to it."""
+        left = self.kernel_refs.get(ino, 0) - n
+        if left > 0:
+            self.kernel_refs[ino] = left
+            return
+        self.kernel_refs.pop(ino, None)
+        if ino not in self.files:
+            self.ghosts.pop(ino, None)
+
     def _on_apply(self, res: ApplyResult, remote: bool) -> None:
         for ino, snap in res.freed.items():
             of = self.files.get(ino)
             if of is not None and of.orphan is None:
                 of.orphan = snap
+            if of is not None or self.kernel_refs.get(ino, 0) > 0:
+                snap[0].nlink = 0
+                self.ghosts[ino] = snap
         if not remote:
             return
         for ino in res.data:
             self._kcache_ok.discard(ino)
+        self._remote_changed.update(res.inodes)
+        for ino in res.inodes:
+            of = self.files.get(ino)
+            if of is not None:
+                of.stale = True
         for ino in res.inodes:
             if ino not in res.freed:
                 self._inval_send.send_nowait(("inode", ino, b""))
@@ -313,8 +347,9 @@ class Filesystem:
         attr = await self.meta.read(View.getattr, ino)
         if attr is None:
             if of is not None and of.orphan is not None:
-                attr = of.orphan[0]
-                attr.nlink = 0
+                attr = replace(of.orphan[0], nlink=0)
+            elif ino in self.ghosts:
+                attr = replace(self.ghosts[ino][0], nlink=0)
             else:
                 raise FsError("no such inode", errno.ENOENT)
         if of is not None and of.modified:
@@ -698,20 +733,32 @@ class Filesystem:
 
     # ------------------------------------------------------------------ open files
 
-    async def open(self, ino: int, flags: int) -> tuple[int, bool]:
+    async def open(self, ino: int, flags: int, ctx: Ctx | None = None) -> tuple[int, bool]:
         """Open a file; return (fh, keep_cache)."""
         await self._catch_up()
         attr = await self._attr(ino)
         if attr.is_dir:
             raise FsError("is a directory", errno.EISDIR)
+        keep = ino in self._kcache_ok
+        if ino in self._remote_changed and self.invalidate_attr is not None:
+            self._remote_changed.discard(ino)
+            # Another mount changed the file since the kernel cached it: make the kernel
+            # ask for the new size before it reads (close-to-open).
+            await self.invalidate_attr(ino)
+        if flags & os.O_TRUNC and (flags & os.O_ACCMODE) != os.O_RDONLY and attr.size:
+            attr = await self.setattr(ino, ctx or Ctx(), size=0)
+            keep = False
         of = self.files.get(ino)
         if of is None:
             of = self.files[ino] = OpenFile(ino, attr.size, attr.mtime)
+            if ino in self.ghosts:
+                of.orphan = self.ghosts[ino]
+        elif not of.modified and of.orphan is None:
+            of.size, of.mtime, of.stale = attr.size, attr.mtime, False
         of.opens += 1
         fh = self._next_fh
         self._next_fh += 1
         self.handles[fh] = ino
-        keep = ino in self._kcache_ok
         self._kcache_ok.add(ino)
         if (
             (flags & os.O_ACCMODE) == os.O_RDONLY
@@ -798,6 +845,11 @@ class Filesystem:
     async def read(self, fh: int, off: int, size: int) -> bytes:
         of = self._file(fh)
         await self.metering.acquire("read", size)
+        if of.stale and not of.modified and of.orphan is None:
+            fresh = await self.meta.read(View.getattr, of.ino)
+            if fresh is not None:
+                of.size, of.mtime = fresh.size, fresh.mtime
+            of.stale = False
         end = min(off + size, of.size)
         if off >= end:
             return b""
@@ -808,12 +860,19 @@ class Filesystem:
             committed = await self.meta.read(View.extents, of.ino, off, end)
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
+        # Fetch blocks concurrently, then lay the pieces over each other in layer order
+        # (committed, pending oldest to newest, dirty): newer data must win.
+        pieces: list[bytes | None] = [None] * len(layers)
         try:
             async with trio.open_nursery() as n:
-                for e in layers:
-                    n.start_soon(self._fill, buf, off, end, e)
+                for i, e in enumerate(layers):
+                    n.start_soon(self._fetch_piece, pieces, i, off, end, e)
         except BaseExceptionGroup as eg:
             raise FsError(f"read failed: {eg.exceptions[0]}", errno.EIO) from None
+        for e, piece in zip(layers, pieces, strict=True):
+            s0 = max(off, e.off)
+            if piece:
+                buf[s0 - off : s0 - off + len(piece)] = piece
         for iv in of.dirty.overlapping(off, end):
             s, e2 = max(off, iv.off), min(end, iv.end)
             buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
@@ -822,16 +881,17 @@ class Filesystem:
         of.last_read_end = end
         return bytes(buf)
 
-    async def _fill(self, buf: bytearray, off: int, end: int, e: Extent) -> None:
-        """Copy the part of extent e inside [off, end) into buf (laid over older layers)."""
+    async def _fetch_piece(
+        self, pieces: list[bytes | None], i: int, off: int, end: int, e: Extent
+    ) -> None:
+        """pieces[i] = the bytes of extent e inside [off, end)."""
         s, e2 = max(off, e.off), min(end, e.end)
         if e.key is None:
-            piece = (e.data or b"")[s - e.off : e2 - e.off]
+            pieces[i] = (e.data or b"")[s - e.off : e2 - e.off]
         else:
             block = await self.blocks.fetch(e.key, e.hash, e.bsize)
             k = e.koff + (s - e.off)
-            piece = block[k : k + (e2 - s)]
-        buf[s - off : s - off + len(piece)] = piece
+            pieces[i] = block[k : k + (e2 - s)]
 
     async def _readahead(self, of: OpenFile, end: int) -> None:
         span = self.opts.readahead_blocks * self.block_size
@@ -900,3 +960,5 @@ class Filesystem:
             if of.opens == 0:
                 self._dirty_total -= of.dirty.nbytes
                 del self.files[ino]
+                if self.kernel_refs.get(ino, 0) <= 0:
+                    self.ghosts.pop(ino, None)

@@ -64,6 +64,20 @@ class FuseOps(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self._dirs: dict[int, int] = {}
         self._next_dh = 1
+        fs.invalidate_attr = self._invalidate_attr_now
+
+    async def _invalidate_attr_now(self, ino: int) -> None:
+        """Attribute-only invalidation (no page locks), used by open() for close-to-open."""
+        try:
+            await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, True)
+        except OSError as e:
+            if e.errno not in (errno.ENOENT, errno.ENOTCONN):
+                log.debug("attr invalidation of %d failed: %s", ino, e)
+
+    def _known(self, a: Attr) -> pyfuse3.EntryAttributes:
+        """An entry reply: the kernel's lookup count of the inode goes up by one."""
+        self.fs.remember(a.ino)
+        return self._entry(a)
 
     # ------------------------------------------------------------------ helpers
 
@@ -106,10 +120,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def lookup(self, parent_inode: int, name: bytes, ctx: Any) -> Any:
-        return self._entry(await self.fs.lookup(parent_inode, name))
+        return self._known(await self.fs.lookup(parent_inode, name))
 
     async def forget(self, inode_list: Any) -> None:
-        return None
+        for ino, n in inode_list:
+            self.fs.forget(ino, n)
 
     @_errors
     async def getattr(self, inode: int, ctx: Any = None) -> Any:
@@ -136,19 +151,19 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        return self._entry(await self.fs.mknod(parent_inode, name, mode, self._ctx(ctx), rdev))
+        return self._known(await self.fs.mknod(parent_inode, name, mode, self._ctx(ctx), rdev))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        return self._entry(await self.fs.mkdir(parent_inode, name, mode, self._ctx(ctx)))
+        return self._known(await self.fs.mkdir(parent_inode, name, mode, self._ctx(ctx)))
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
-        return self._entry(await self.fs.symlink(parent_inode, name, target, self._ctx(ctx)))
+        return self._known(await self.fs.symlink(parent_inode, name, target, self._ctx(ctx)))
 
     @_errors
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: Any) -> Any:
-        return self._entry(await self.fs.link(inode, new_parent_inode, new_name))
+        return self._known(await self.fs.link(inode, new_parent_inode, new_name))
 
     @_errors
     async def unlink(self, parent_inode: int, name: bytes, ctx: Any) -> None:
@@ -172,13 +187,13 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def open(self, inode: int, flags: int, ctx: Any) -> Any:
-        fh, keep = await self.fs.open(inode, flags)
+        fh, keep = await self.fs.open(inode, flags, self._ctx(ctx))
         return pyfuse3.FileInfo(fh=fh, keep_cache=keep)
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
         fh, attr = await self.fs.create(parent_inode, name, mode, flags, self._ctx(ctx))
-        return pyfuse3.FileInfo(fh=fh), self._entry(attr)
+        return pyfuse3.FileInfo(fh=fh), self._known(attr)
 
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -219,6 +234,7 @@ class FuseOps(pyfuse3.Operations):
             for cursor, name, attr in entries:
                 if not pyfuse3.readdir_reply(token, name, self._entry(attr), cursor):
                     return
+                self.fs.remember(attr.ino)
             after = entries[-1][0]
 
     async def releasedir(self, fh: int) -> None:

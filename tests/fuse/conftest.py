@@ -19,16 +19,21 @@ import pytest
 from efsish.mount import _registry_file
 
 
-def efsish(*args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
-           ) -> subprocess.CompletedProcess[str]:
+def efsish(
+    *args: str, check: bool = True, timeout: float = 120, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess[str]:
     """Run the efsish CLI as a user would."""
     proc = subprocess.run(
-        [sys.executable, "-m", "efsish", *args], capture_output=True, text=True,
-        timeout=timeout, env={**os.environ, **(env or {})},
+        [sys.executable, "-m", "efsish", *args],
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env={**os.environ, **(env or {})},
     )
     if check and proc.returncode != 0:
-        raise AssertionError(f"efsish {' '.join(args)} failed ({proc.returncode}):\n"
-                             f"{proc.stdout}\n{proc.stderr}")
+        raise AssertionError(
+            f"efsish {' '.join(args)} failed ({proc.returncode}):\n{proc.stdout}\n{proc.stderr}"
+        )
     return proc
 
 
@@ -145,6 +150,7 @@ def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
 @pytest.fixture
 def work(shared_mount: Mount, request: pytest.FixtureRequest) -> Path:
     """A fresh directory on the module's shared mount, named after the test."""
-    d = shared_mount.path / request.node.name.replace("[", "_").replace("]", "")[:200]
+    name = str(request.node.name).replace("[", "_").replace("]", "")[:200]
+    d: Path = shared_mount.path / name
     d.mkdir()
     return d
