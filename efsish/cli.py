@@ -67,7 +67,7 @@ async def _format(args: argparse.Namespace) -> int:
         raise UsageError("--throughput-mode provisioned needs --provisioned-mibps N")
     if args.provisioned_mibps is not None and args.provisioned_mibps <= 0:
         raise UsageError("--provisioned-mibps must be positive")
-    async with open_store(args.store, store_options(args)) as store:
+    async with open_store(args.store, store_options(args), create=True) as store:
         await store.check()
         sb = await format_fs(
             store,
@@ -286,6 +286,9 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> int:
     ap = build_parser()
     args = ap.parse_args(argv)
+    # Everything efsish creates (cache, metadata view, file:// store, logs) holds other
+    # users' names and data: keep it private to the owner.
+    os.umask(0o077)
     logging.basicConfig(
         level=logging.WARNING - 10 * min(args.verbose, 2),
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

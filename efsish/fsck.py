@@ -31,7 +31,7 @@ from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
 
-KNOWN_PREFIXES = (LOG_PREFIX, CKPT_PREFIX, DATA_PREFIX, "clients/", ".efsish-probe/")
+KNOWN_PREFIXES = (LOG_PREFIX, CKPT_PREFIX, DATA_PREFIX, "clients/", "throttle/", ".efsish-probe/")
 
 
 @dataclass

@@ -225,14 +225,22 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
+        # Cursors: 1 after ".", 2 after "..", then dentry id + 2 (stable under changes).
         ino = self._dirs[fh]
-        after = start_id
+        dot = self._entry(await self.fs.getattr(ino))
+        if start_id == 0 and not pyfuse3.readdir_reply(token, b".", dot, 1):
+            return
+        if start_id <= 1:
+            parent = await self.fs.lookup(ino, b"..")
+            if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
+                return
+        after = max(0, start_id - 2)
         while True:
             entries = await self.fs.readdir(ino, after, 512)
             if not entries:
                 return
             for cursor, name, attr in entries:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cursor):
+                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cursor + 2):
                     return
                 self.fs.remember(attr.ino)
             after = entries[-1][0]

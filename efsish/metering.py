@@ -93,11 +93,13 @@ async def write_config(
     return new
 
 
-async def load_ledger(store: ObjectStore) -> tuple[float, float] | None:
-    """(balance, wall-clock seconds it was valid at), or None for a new filesystem."""
+async def load_ledger(store: ObjectStore) -> tuple[float, float, dict[str, float]] | None:
+    """(balance, wall-clock seconds it was valid at, metered totals of each mount already
+    charged to it), or None for a new filesystem."""
     try:
         d = codec.decode_json(b"T", await store.get(LEDGER_KEY), LEDGER_KEY)
-        return float(d["balance"]), float(d["wall"])
+        seen = {str(k): float(v) for k, v in dict(d.get("seen", {})).items()}
+        return float(d["balance"]), float(d["wall"]), seen
     except NotFound:
         return None
     except (CorruptObject, KeyError, ValueError, TypeError) as e:
@@ -137,7 +139,10 @@ class Metering:
         if saved is None:
             ledger = CreditLedger.new(now, stored_bytes, config.initial_balance)
         else:
-            balance, wall = saved
+            balance, wall, seen = saved
+            # Usage of other mounts up to these totals is already in the balance: charge
+            # only what they metered since (the first sync), so all copies agree.
+            self._seen.update(seen)
             # Credits accrue for the time no mount was running, as on EFS.
             ledger = CreditLedger(balance=balance, updated_at=now - max(0.0, time.time() - wall))
         self.throttle = Throttle(config, stored_bytes, ledger=ledger, sync_interval=SYNC)

@@ -32,6 +32,22 @@ from efsish.store import StoreOptions, open_store
 log = logging.getLogger(__name__)
 
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
+#: Options the daemon understands (see apply_mount_options and README).
+KNOWN_OPTIONS = frozenset(
+    {
+        "cache_dir",
+        "cache_size",
+        "poll_interval",
+        "attr_timeout",
+        "endpoint",
+        "allow_other",
+        "noallow_other",
+        "ro",
+        "log",
+        "prometheus_port",
+        "foreground",
+    }
+)
 IGNORED_OPTIONS = {
     "_netdev",
     "defaults",
@@ -182,6 +198,8 @@ def mount(cfg: MountConfig) -> int:
     and reports any error back through a pipe, which the parent prints."""
     _check_mountpoint(cfg.mountpoint)
     cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    if cfg.cache_dir.stat().st_uid == os.geteuid():
+        os.chmod(cfg.cache_dir, 0o700)  # it holds names and data of every user
     if cfg.log_file is None:
         cfg.log_file = cfg.cache_dir / "efsish.log"
     if cfg.foreground:
@@ -346,7 +364,16 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
         with contextlib.suppress(ValueError, OSError):
             pid = int(json.loads(reg.read_text())["pid"])
     if pid is not None and _alive(pid):
-        os.kill(pid, signal.SIGTERM)
+        # A normal (not lazy) unmount first: a busy mount must stay mounted and usable.
+        res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
+        if res.returncode != 0 and "busy" in res.stderr.lower():
+            raise EfsishError(
+                f"{mountpoint}: target is busy (a process has a file or its working "
+                "directory there); close it and retry, e.g. find it with `fuser -vm "
+                f"{mountpoint}`"
+            )
+        if res.returncode != 0:
+            os.kill(pid, signal.SIGTERM)  # let the daemon flush and unmount itself
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline and (_alive(pid) or os.path.ismount(mp)):
             time.sleep(0.05)

@@ -28,8 +28,12 @@ class StoreOptions:
     concurrency: int = 32
 
 
-def open_store(url: str, options: StoreOptions | None = None) -> ObjectStore:
-    """Return the ObjectStore for `url`; raise StoreConfigError for a malformed URL."""
+def open_store(
+    url: str, options: StoreOptions | None = None, *, create: bool = False
+) -> ObjectStore:
+    """Return the ObjectStore for `url`; raise StoreConfigError for a malformed URL.
+
+    `create` lets a file:// store create its directory (only `efsish format` does)."""
     opts = options or StoreOptions()
     if url.startswith("s3://"):
         from efsish.store.s3 import S3Store
@@ -50,7 +54,7 @@ def open_store(url: str, options: StoreOptions | None = None) -> ObjectStore:
             raise StoreConfigError(
                 f"{url}: a file:// store needs an absolute path, e.g. file:///var/lib/efsish"
             )
-        return LocalStore(path, concurrency=opts.concurrency)
+        return LocalStore(path, concurrency=opts.concurrency, create=create)
     if url.startswith("memory://"):
         from efsish.store.memory import MemoryStore
 

@@ -33,7 +33,7 @@ T = TypeVar("T")
 class LocalStore(ObjectStore):
     """Objects as files under a root directory. See the module docstring."""
 
-    def __init__(self, root: str | Path, *, create: bool = True, concurrency: int = 16) -> None:
+    def __init__(self, root: str | Path, *, create: bool = False, concurrency: int = 16) -> None:
         self.root = Path(root)
         self.url = f"file://{self.root}"
         if not self.root.is_absolute():
@@ -53,7 +53,7 @@ class LocalStore(ObjectStore):
         if not self.root.exists():
             if not self._create:
                 raise StoreConfigError(
-                    f"{self.root} does not exist: create it or run `efsish format {self.url}`"
+                    f"{self.root} does not exist: run `efsish format {self.url}` first"
                 )
             self.root.mkdir(parents=True, exist_ok=True)
         if not self.root.is_dir():

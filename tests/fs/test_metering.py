@@ -87,3 +87,22 @@ async def test_config_change_reaches_live_mounts(nursery) -> None:
         "StorageBytes",
     ):
         assert name in metrics
+
+
+async def test_a_mount_joining_a_busy_filesystem_agrees_on_the_balance(nursery) -> None:
+    store = MemoryStore("metering-join")
+    sb = await format_fs(store)
+    await write_config(store, sb, mode=None, provisioned_mibps=None, initial_balance=1 * GiB)
+    a = Metering(store, sb, "a")
+    await a.start(nursery, 0)
+    assert a.throttle is not None
+    await a.throttle.acquire("write", 32 * MiB)
+    await a.save()
+    await a.throttle.acquire("write", 16 * MiB)  # after the save: only in a's heartbeat
+    total_a = a.heartbeat_fields()["metered_total"]
+    b = Metering(store, sb, "b")
+    await b.start(nursery, 0)
+    assert b.throttle is not None
+    await b.sync([hb("a", total_a)], 0)
+    assert b.throttle.ledger.balance == pytest.approx(a.throttle.ledger.balance, abs=2 * MiB)
+    assert b.throttle.ledger.balance == pytest.approx(1 * GiB - 48 * MiB, abs=2 * MiB)

@@ -35,7 +35,7 @@ class Backend:
     options: StoreOptions
 
     def open(self) -> ObjectStore:
-        return open_store(self.url, self.options)
+        return open_store(self.url, self.options, create=True)
 
 
 def _make_backend(request: pytest.FixtureRequest, tmp_path) -> Backend:
@@ -234,7 +234,7 @@ def _race_in_threads(backend: Backend, key: str) -> list[str]:
 
 def _race_process(url: str, endpoint: str | None, key: str, i: int, barrier, out) -> None:
     async def go() -> str:
-        store = open_store(url, StoreOptions(endpoint=endpoint))
+        store = open_store(url, StoreOptions(endpoint=endpoint), create=True)
         try:
             barrier.wait()
             try:
