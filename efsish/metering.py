@@ -224,12 +224,10 @@ class Metering:
         assert self.throttle is not None
         self.throttle.permitted_bps()  # bring the ledger up to now
         balance = self.throttle.ledger.balance
-        await self.store.put(
-            LEDGER_KEY,
-            codec.encode_json(
-                b"T", {"balance": balance, "wall": time.time(), "client": self.client_id}
-            ),
-        )
+        self.heartbeat_fields()  # fold this mount's usage into metered_total
+        seen = {**self._seen, self.client_id: self.metered_total}
+        doc = {"balance": balance, "wall": time.time(), "client": self.client_id, "seen": seen}
+        await self.store.put(LEDGER_KEY, codec.encode_json(b"T", doc))
 
     async def save(self) -> None:
         """Persist the balance now (at unmount)."""
