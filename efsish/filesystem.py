@@ -806,8 +806,10 @@ class Filesystem:
             err, of.error = of.error, None
             raise FsError(f"earlier background upload failed: {err}", errno.EIO)
         while self._dirty_total > self.opts.max_dirty_bytes:
+            self._relieve_pressure()
             async with self._dirty_cond:
-                await self._dirty_cond.wait()
+                with trio.move_on_after(1.0):
+                    await self._dirty_cond.wait()
         before = of.dirty.nbytes
         of.dirty.write(off, data)
         self._dirty_total += of.dirty.nbytes - before
@@ -820,6 +822,22 @@ class Filesystem:
                 self._start_upload(of, iv.off, bytes(iv.buf))
             self._dirty_total -= before - of.dirty.nbytes
         return len(data)
+
+    def _relieve_pressure(self) -> None:
+        """Too much unwritten data: start uploading the largest write buffers as they are
+        (partial blocks too); they are committed at the next flush/close of their file."""
+        files = sorted(
+            (f for f in self.files.values() if f.orphan is None and f.dirty),
+            key=lambda f: f.dirty.nbytes,
+            reverse=True,
+        )
+        for of in files[:4]:
+            before = of.dirty.nbytes
+            for iv in of.dirty.take_all():
+                data = bytes(iv.buf)
+                for i in range(0, len(data), self.block_size):
+                    self._start_upload(of, iv.off + i, data[i : i + self.block_size])
+            self._dirty_total -= before
 
     def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
         p = Pending(Extent(off, len(data), data=data))

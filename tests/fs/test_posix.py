@@ -234,3 +234,20 @@ async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:
     stable = {b"f%03d" % i for i in range(295)}
     assert stable <= set(seen)
     assert len(seen) == len(set(seen))
+
+
+async def test_many_small_dirty_files_do_not_deadlock(make_fs) -> None:
+    import trio
+
+    fs = await make_fs(max_dirty_bytes=256 * 1024)
+    handles = []
+    for i in range(20):
+        fh, attr = await fs.create(ROOT_INO, b"f%d" % i, 0o644, os.O_WRONLY, ROOT)
+        handles.append((fh, attr.ino))
+    with trio.fail_after(30):
+        for i, (fh, _) in enumerate(handles):
+            await fs.write(fh, 0, bytes([i]) * 60_000)  # < 2 blocks each: never cut alone
+    for fh, _ in handles:
+        await fs.release(fh)
+    for i, (_, ino) in enumerate(handles):
+        assert await read_file(fs, ino) == bytes([i]) * 60_000
