@@ -251,3 +251,29 @@ async def test_many_small_dirty_files_do_not_deadlock(make_fs) -> None:
         await fs.release(fh)
     for i, (_, ino) in enumerate(handles):
         assert await read_file(fs, ino) == bytes([i]) * 60_000
+
+
+@pytest.mark.slow
+async def test_readdir_of_100000_entries(fs: Filesystem) -> None:
+    import trio
+
+    d = await fs.mkdir(ROOT_INO, b"big", 0o755, ROOT)
+    limiter = trio.CapacityLimiter(200)
+
+    async def create(i: int) -> None:
+        async with limiter:
+            await fs.mknod(d.ino, b"entry-%06d" % i, stat.S_IFREG | 0o644, ROOT)
+
+    async with trio.open_nursery() as n:
+        for i in range(100_000):
+            n.start_soon(create, i)
+    names: list[bytes] = []
+    after = 0
+    while True:
+        page = await fs.readdir(d.ino, after, 1000)
+        if not page:
+            break
+        names += [name for _, name, _ in page]
+        after = page[-1][0]
+    assert len(names) == 100_000 and len(set(names)) == 100_000
+    assert (await fs.lookup(d.ino, b"entry-099999")).is_reg
