@@ -27,6 +27,7 @@ import trio
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import load_superblock
+from efsish.procs import pid_alive
 from efsish.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -363,7 +364,7 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
     if reg.exists():
         with contextlib.suppress(ValueError, OSError):
             pid = int(json.loads(reg.read_text())["pid"])
-    if pid is not None and _alive(pid):
+    if pid is not None and pid_alive(pid):
         # A normal (not lazy) unmount first: a busy mount must stay mounted and usable.
         res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
         if res.returncode != 0 and "busy" in res.stderr.lower():
@@ -375,9 +376,9 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
         if res.returncode != 0:
             os.kill(pid, signal.SIGTERM)  # let the daemon flush and unmount itself
         deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline and (_alive(pid) or os.path.ismount(mp)):
+        while time.monotonic() < deadline and (pid_alive(pid) or os.path.ismount(mp)):
             time.sleep(0.05)
-        if _alive(pid):
+        if pid_alive(pid):
             raise EfsishError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
         return 0
     if not os.path.ismount(mp):
@@ -386,20 +387,6 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
     if res.returncode != 0:
         raise EfsishError(f"fusermount3 -u {mp} failed: {res.stderr.strip()}")
     return 0
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 if __name__ == "__main__":  # pragma: no cover

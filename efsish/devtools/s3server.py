@@ -26,6 +26,8 @@ import boto3
 import botocore.config
 import botocore.exceptions
 
+from efsish.procs import pid_alive
+
 ACCESS_KEY = "efsish-test"
 SECRET_KEY = "efsish-test-secret"
 DEFAULT_BUCKET = "efsish-test"
@@ -239,29 +241,15 @@ def start(
     return info
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return True
-
-
 def _kill(pid: int, timeout: float = 5.0) -> None:
     try:
         os.killpg(pid, signal.SIGTERM)
     except ProcessLookupError:
         return
     deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline and _alive(pid):
+    while time.monotonic() < deadline and pid_alive(pid):
         time.sleep(0.1)
-    if _alive(pid):
+    if pid_alive(pid):
         try:
             os.killpg(pid, signal.SIGKILL)
         except ProcessLookupError:
@@ -278,7 +266,7 @@ def status(state_dir: Path) -> ServerInfo | None:
     if not meta.exists():
         return None
     info = ServerInfo(**json.loads(meta.read_text()))
-    return info if _alive(info.pid) else None
+    return info if pid_alive(info.pid) else None
 
 
 def stop(state_dir: Path, keep_data: bool = False) -> bool:
