@@ -61,6 +61,7 @@ RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
 STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
+TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimmed past us
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
 
 
@@ -225,11 +226,14 @@ class Filesystem:
             pass
 
     async def _poller(self) -> None:
-        last_gc = time.monotonic()
+        last_gc = last_trim_check = time.monotonic()
         while True:
             await trio.sleep(self.opts.poll_interval)
             try:
-                await self.meta.catch_up()
+                check = time.monotonic() - last_trim_check > TRIM_CHECK_INTERVAL
+                if check:
+                    last_trim_check = time.monotonic()
+                await self.meta.catch_up(check_trimmed=check)
                 await self.meta.maybe_checkpoint()
                 if time.monotonic() - last_gc > self.opts.gc_interval:
                     last_gc = time.monotonic()
@@ -393,10 +397,19 @@ class Filesystem:
         if name == b"..":
             p = await self.meta.read(View.parent_of, parent)
             return await self._attr(p or ROOT_INO)
-        ino = await self.meta.read(View.lookup, parent, name)
-        if ino is None:
+
+        def q(view: View) -> Attr | None:
+            ino = view.lookup(parent, name)
+            return None if ino is None else view.getattr(ino)
+
+        attr = await self.meta.read(q)
+        if attr is None:
             raise FsError("no such entry", errno.ENOENT)
-        return await self._attr(ino)
+        of = self.files.get(attr.ino)
+        if of is not None and of.modified:
+            attr.size = of.size
+            attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
+        return attr
 
     async def _catch_up(self) -> None:
         try:

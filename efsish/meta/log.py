@@ -137,7 +137,7 @@ class MetaLog:
         await trio.to_thread.run_sync(self._open_local)
         if not await trio.to_thread.run_sync(self.writer.initialised):
             await self._load_initial()
-        await self.catch_up()
+        await self.catch_up(check_trimmed=True)
 
     def _open_local(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -210,29 +210,31 @@ class MetaLog:
 
     # ---------------------------------------------------------------------- catch-up
 
-    async def catch_up(self) -> int:
+    async def catch_up(self, check_trimmed: bool = False) -> int:
         """Apply every entry up to the log head; return how many were applied.
 
         Concurrent callers share work: a caller returns once a catch-up that *started
-        after it was called* has finished, which is what close-to-open needs."""
+        after it was called* has finished, which is what close-to-open needs.
+        `check_trimmed` also verifies (one more request) that the log was not trimmed
+        past this view while it was away; open() and the poller ask for it."""
         ticket = self._catchups_started
         async with self._wlock:
-            if self._catchups_done_from > ticket:
+            if self._catchups_done_from > ticket and not check_trimmed:
                 return 0
             self._catchups_started += 1
             start = self._catchups_started
-            n = await self._catch_up_locked()
+            n = await self._catch_up_locked(check_trimmed)
             self._catchups_done_from = start
             return n
 
-    async def _catch_up_locked(self) -> int:
+    async def _catch_up_locked(self, check_trimmed: bool = False) -> int:
         applied = 0
         while True:
             seq = self.writer.applied_seq + 1
             try:
                 blob = await self.store.get(log_key(seq))
             except NotFound:
-                if applied == 0:
+                if applied == 0 and check_trimmed:
                     await self._check_trimmed(seq)
                 return applied
             await self._apply_remote(seq, blob)
