@@ -142,6 +142,8 @@ async def run_fsck(
             await meta.open()
         except EfsishError as e:
             rep.error(f"metadata log cannot be replayed: {e}")
+            # Still report what else is in the prefix (foreign objects...).
+            await _check_objects(store, None, rep, False, progress)
         else:
             rep.stats["log_head"] = meta.applied_seq
             blocks = await trio.to_thread.run_sync(check_namespace, meta.reader, rep)
@@ -165,7 +167,7 @@ async def run_fsck(
 
 async def _check_objects(
     store: ObjectStore,
-    blocks: dict[str, tuple[int, str | None]],
+    blocks: dict[str, tuple[int, str | None]] | None,
     rep: Report,
     verify_data: bool,
     progress: bool,
@@ -182,6 +184,9 @@ async def _check_objects(
                 rep.warn(f"foreign object {info.key!r} in the log/checkpoint area")
         elif not info.key.startswith(KNOWN_PREFIXES):
             rep.warn(f"foreign object {info.key!r} (not written by efsish)")
+    if blocks is None:  # the metadata could not be rebuilt: nothing to compare with
+        rep.stats["objects"] = len(present)
+        return
     bar = tqdm(
         total=len(blocks),
         desc="checking blocks",
