@@ -12,6 +12,7 @@ import logging
 import time
 import uuid
 
+import cachetools
 import trio
 
 from efsish.codec import block_hash
@@ -41,9 +42,14 @@ def block_key_time_ns(key: str) -> int | None:
 class BlockIO:
     """Uploads and verified, cached downloads of data blocks."""
 
-    def __init__(self, store: ObjectStore, cache: BlockCache, concurrency: int = 16) -> None:
+    def __init__(self, store: ObjectStore, cache: BlockCache, concurrency: int = 16,
+                 memory_bytes: int = 128 * 1024 * 1024) -> None:
         self.store = store
         self.cache = cache
+        # Verified blocks in memory: a FUSE read is at most 1 MiB, a block up to 64 MiB,
+        # so sequential reads hit the same block many times; verify it once, not each time.
+        self._mem: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(
+            maxsize=memory_bytes, getsizeof=len)
         self._limiter = trio.CapacityLimiter(concurrency)
         self._inflight: dict[str, trio.Event] = {}
         self._results: dict[str, bytes | BaseException] = {}
@@ -57,13 +63,22 @@ class BlockIO:
         async with self._limiter:
             await self.store.put(key, data)
         self.bytes_up += len(data)
+        self._remember(key, data)
         await self.cache.put(key, data)
         return key, h
 
+    def _remember(self, key: str, data: bytes) -> None:
+        if len(data) <= self._mem.maxsize // 4:
+            self._mem[key] = data
+
     async def fetch(self, key: str, hash_: str | None, size: int) -> bytes:
         """The whole block `key`, verified against `hash_`."""
+        data = self._mem.get(key)
+        if data is not None:
+            return data
         data = await self.cache.get(key, hash_)
         if data is not None:
+            self._remember(key, data)
             return data
         ev = self._inflight.get(key)
         if ev is not None:
@@ -99,6 +114,7 @@ class BlockIO:
             log.error("data block %s is corrupt (size %d, expected %d)", key, len(data), size)
             raise CorruptObject(f"data block {key} failed its checksum")
         self.bytes_down += len(data)
+        self._remember(key, data)
         await self.cache.put(key, data)
         return data
 
