@@ -42,14 +42,20 @@ def block_key_time_ns(key: str) -> int | None:
 class BlockIO:
     """Uploads and verified, cached downloads of data blocks."""
 
-    def __init__(self, store: ObjectStore, cache: BlockCache, concurrency: int = 16,
-                 memory_bytes: int = 128 * 1024 * 1024) -> None:
+    def __init__(
+        self,
+        store: ObjectStore,
+        cache: BlockCache,
+        concurrency: int = 16,
+        memory_bytes: int = 128 * 1024 * 1024,
+    ) -> None:
         self.store = store
         self.cache = cache
         # Verified blocks in memory: a FUSE read is at most 1 MiB, a block up to 64 MiB,
         # so sequential reads hit the same block many times; verify it once, not each time.
         self._mem: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(
-            maxsize=memory_bytes, getsizeof=len)
+            maxsize=memory_bytes, getsizeof=len
+        )
         self._limiter = trio.CapacityLimiter(concurrency)
         self._inflight: dict[str, trio.Event] = {}
         self._results: dict[str, bytes | BaseException] = {}

@@ -46,7 +46,9 @@ T = TypeVar("T")
 LOG_PREFIX = "log/"
 CKPT_PREFIX = "checkpoints/"
 MAX_BATCH = 512
-MAX_CONFLICT_RETRIES = 50
+# Contention must slow a commit down, never fail it: retry conflicts (with growing,
+# randomised back-off so a losing mount eventually wins) until this deadline.
+CONFLICT_DEADLINE = 120.0
 PUT_RETRIES = 6
 INO_RANGE = 1024
 
@@ -317,7 +319,10 @@ class MetaLog:
 
     async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
         async with self._wlock:
-            for attempt in range(MAX_CONFLICT_RETRIES):
+            deadline = trio.current_time() + CONFLICT_DEADLINE
+            attempt = 0
+            while trio.current_time() < deadline:
+                attempt += 1
                 saved_range = (self._ino_next, self._ino_end)
                 seq, blob, res, outcomes = await trio.to_thread.run_sync(
                     self._plan, batch, limiter=self._wlimiter
@@ -339,7 +344,7 @@ class MetaLog:
                     await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
                     self._ino_next, self._ino_end = saved_range
                     await self._catch_up_locked()
-                    await trio.sleep(random.uniform(0, 0.002 * min(attempt, 10)))
+                    await trio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(attempt, 7))))
                     continue
                 except BaseException:
                     await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
@@ -357,7 +362,7 @@ class MetaLog:
                 self._deliver(batch, outcomes)
                 return
             raise TransientStoreError(
-                f"could not claim a log position after {MAX_CONFLICT_RETRIES} conflicts"
+                f"could not claim a log position in {CONFLICT_DEADLINE:.0f}s ({attempt} conflicts)"
             )
 
     def _plan(
