@@ -15,6 +15,8 @@ import time
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
+from efsish.procs import pid_alive
+
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = REPO / ".venv" / "bin"
 PYTHON = VENV_BIN / "python"
@@ -64,18 +66,7 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().rsplit(")", 1)[-1].split()[0] != "Z"
-    except OSError:
-        return False
+alive = pid_alive  # one implementation, shared with the daemon
 
 
 def reap(pid: int) -> None:
