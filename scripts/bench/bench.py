@@ -527,6 +527,13 @@ class Bench:
             log("stopping SeaweedFS")
             s3server.stop(state)
 
+        from systems import EFSISH_VERSIONS_SEEN
+
+        if len(EFSISH_VERSIONS_SEEN) > 1:
+            seen = "; ".join(f"{v} (from {t})" for v, t in EFSISH_VERSIONS_SEEN.items())
+            note = f"the efsish code changed during the run; daemons ran: {seen}"
+            warn(note)
+            self.results["notes"].setdefault("efsish", []).append(note)
         finished = datetime.datetime.now().astimezone()
         self.results["meta"] = {
             "started": started.isoformat(timespec="seconds"),
@@ -535,6 +542,7 @@ class Bench:
             "command": " ".join(["scripts/bench/run", *sys.argv[1:]]),
             "machine": machine_info(),
             "versions": versions,
+            "efsish_versions_seen": EFSISH_VERSIONS_SEEN,
             "params": self.params,
             "systems": [s.name for s in systems],
             "labels": {s.name: s.label for s in systems},

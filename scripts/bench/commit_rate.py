@@ -64,6 +64,7 @@ def storm(dirs: list[Path], threads: int, duration: float, shared: bool = False)
         th.join(duration + 300)
     elapsed = max(e for r in res for (_, e, _, _) in r)
     per_mount = [sum(c for (c, _, _, _) in r) for r in res]
+    per_mount_lat = [[x for (_, _, lat, _) in r for x in lat] for r in res]
     lats = [x for r in res for (_, _, lat, _) in r for x in lat]
     errors = [err for r in res for (_, _, _, err) in r if err]
     return {
@@ -71,6 +72,11 @@ def storm(dirs: list[Path], threads: int, duration: float, shared: bool = False)
         "creates": sum(per_mount),
         "creates_per_s": sum(per_mount) / elapsed,
         "per_mount_creates_per_s": [c / elapsed for c in per_mount],
+        "per_mount_creates": per_mount,
+        "per_mount_latency_p95_ms": [
+            percentile(v, 95) * 1000 if v else None for v in per_mount_lat
+        ],
+        "latency_max_ms": max(lats) * 1000 if lats else None,
         "latency_p50_ms": percentile(lats, 50) * 1000 if lats else None,
         "latency_p95_ms": percentile(lats, 95) * 1000 if lats else None,
         "errors": errors,

@@ -235,17 +235,21 @@ def render(res: dict[str, Any]) -> str:
         )
         L.append(
             "| Mounts | Creates/s (total) | Creates/s per mount | Creates per log entry | "
-            "Create latency p50 / p95 (ms) | CPU s (daemons / S3) | Failed creates (EIO) |"
+            "Create latency p50 / p95 (/ max) (ms) | CPU s (daemons / S3) | Failed creates (EIO) |"
         )
         L.append("|---|---|---|---|---|---|---|")
         for r in cr["storm"]:
             per = ", ".join(f"{x:.0f}" for x in r["per_mount_creates_per_s"])
+            if r.get("per_mount_creates") and len(r["per_mount_creates"]) > 1:
+                per += " (" + ", ".join(str(c) for c in r["per_mount_creates"]) + " creates)"
             cpe = f"{r['creates_per_entry']:.1f}" if r.get("creates_per_entry") else "?"
             lat = (
                 f"{r['latency_p50_ms']:.0f} / {r['latency_p95_ms']:.0f}"
                 if r.get("latency_p50_ms") is not None
                 else "—"
             )
+            if r.get("latency_max_ms") is not None:
+                lat += f" / {r['latency_max_ms']:.0f}"
             mounts = f"{r['mounts']}" + (" (shared dir)" if r.get("shared_dir") else "")
             L.append(
                 f"| {mounts} | {r['creates_per_s']:.0f} | {per} | {cpe} | {lat} | "

@@ -226,6 +226,11 @@ def efsish_registry_file(mountpoint: str | os.PathLike[str]) -> Path:
 FORMAT_ARGS: list[str] = ["--throughput-mode", "elastic"]
 
 
+# The efsish code each daemon was started from (version -> first time seen): the tree may
+# change while a run is in progress, and every new mount imports what is on disk.
+EFSISH_VERSIONS_SEEN: dict[str, str] = {}
+
+
 class Efsish(System):
     name = "efsish"
     label = "efsish"
@@ -293,6 +298,7 @@ class Efsish(System):
         if self.mount_opts:
             cmd += ["-o", self.mount_opts]
         m = self._track(Mount(self, mp, cache_dir, None))
+        EFSISH_VERSIONS_SEEN.setdefault(self.version(), time.strftime("%H:%M:%S"))
         try:
             run(cmd, env=self.env, timeout=MOUNT_TIMEOUT * 2)
             reg = efsish_registry_file(os.path.realpath(mp))
