@@ -5,12 +5,14 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+from typing import Any
 
 import pytest
 
 from efsish.devtools import s3server
-from efsish.errors import StoreConfigError
+from efsish.errors import NotFound, StoreConfigError, TransientStoreError
 from efsish.store import StoreOptions, open_store
+from efsish.store.s3 import S3Store
 
 
 async def test_missing_bucket(moto_target) -> None:
@@ -67,3 +69,34 @@ def test_cli_prints_one_line_not_a_traceback(moto_target) -> None:
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1, proc.stderr
     assert lines[0].startswith("efsish: bucket 'no-such-bucket-xyz' does not exist")
+
+
+@pytest.mark.integration
+async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
+    """Payloads are not hashed into the signature; the CRC32 every PUT carries is what
+    lets the server refuse a body damaged on the way (and efsish sends it again)."""
+    store = open_store(f"s3://{seaweedfs_target.bucket}/crc", seaweedfs_target.options())
+    assert isinstance(store, S3Store)
+    damaged: list[int] = []
+
+    def damage(request: Any, **_: Any) -> None:
+        if len(damaged) < budget[0] and request.body:
+            raw = request.body
+            body = bytearray(raw.read() if hasattr(raw, "read") else raw)
+            if hasattr(raw, "seek"):
+                raw.seek(0)
+            body[len(body) // 2] ^= 0xFF
+            request.body = bytes(body)
+            damaged.append(1)
+
+    budget = [1]
+    store._client.meta.events.register("before-send.s3.PutObject", damage)
+    data = os.urandom(256 * 1024)
+    await store.put("data/once", data)  # damaged once, resent intact
+    assert damaged == [1]
+    assert await store.get("data/once") == data
+    budget[0] = 100  # damaged every time: an error, and nothing stored
+    with pytest.raises(TransientStoreError, match="BadDigest"):
+        await store.put("data/always", data)
+    with pytest.raises(NotFound):
+        await store.get("data/always")
