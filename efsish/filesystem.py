@@ -118,7 +118,8 @@ class Options:
     poll_interval: float = 1.0
     heartbeat_interval: float = 2.0
     max_dirty_bytes: int = 256 * 1024**2
-    readahead_blocks: int = 2
+    readahead_blocks: int = 2  # initial readahead window of a sequential reader
+    readahead_max_bytes: int = 64 * 1024**2  # the window doubles up to this
     checkpoint_every: int = 1000
     gc_interval: float = 3600.0
     stats_file: Path | None = None
@@ -150,6 +151,8 @@ class OpenFile:
     error: BaseException | None = None
     orphan: tuple[Attr, list[Extent]] | None = None
     last_read_end: int = -1
+    ra_window: int = 0  # readahead: current window (bytes), 0 = not sequential
+    ra_end: int = 0  # prefetches were started up to this offset
     stale: bool = False  # another mount changed the file: re-read its size
 
 
@@ -209,6 +212,7 @@ class Filesystem:
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
+        await nursery.start(self.cache.run)
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
 
@@ -219,6 +223,8 @@ class Filesystem:
                 await self._flush_file(of)
             except EfsishError as e:
                 log.error("could not flush inode %d at shutdown: %s", of.ino, e)
+        with trio.move_on_after(10):
+            await self.cache.drain()  # so that the next mount starts with a warm cache
         try:
             await self.metering.save()
             await self.store.delete(f"clients/{self.meta.client_id}")
@@ -907,8 +913,8 @@ class Filesystem:
         for iv in of.dirty.overlapping(off, end):
             s, e2 = max(off, iv.off), min(end, iv.end)
             buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
-        if off == of.last_read_end and of.orphan is None and self._nursery is not None:
-            await self._readahead(of, end)
+        if of.orphan is None and self._nursery is not None:
+            await self._readahead(of, off, end)
         of.last_read_end = end
         return bytes(buf)
 
@@ -924,9 +930,35 @@ class Filesystem:
             k = e.koff + (s - e.off)
             pieces[i] = block[k : k + (e2 - s)]
 
-    async def _readahead(self, of: OpenFile, end: int) -> None:
-        span = self.opts.readahead_blocks * self.block_size
-        ahead = await self.meta.read(View.extents, of.ino, end, end + span)
+    async def _readahead(self, of: OpenFile, off: int, end: int) -> None:
+        """Adaptive readahead: while a file is read sequentially, keep the next blocks
+        downloading; the window starts at `readahead_blocks` blocks and doubles each time
+        the reader gets half-way through it, up to `readahead_max_bytes` (bounded further
+        by the verified-block memory budget). A random read resets it: fetch only what is
+        asked. The kernel issues its own reads slightly out of order, so "sequential"
+        allows a little slack around the previous read's end."""
+        slack = min(1024 * 1024, self.block_size)
+        if of.last_read_end < 0 or not (
+            of.last_read_end - slack <= off <= of.last_read_end + slack
+        ):
+            of.ra_window, of.ra_end = 0, 0
+            return
+        limit = max(
+            self.block_size, min(self.opts.readahead_max_bytes, self.blocks.memory_bytes // 2)
+        )
+        if of.ra_window == 0:
+            of.ra_window = min(limit, self.opts.readahead_blocks * self.block_size)
+            of.ra_end = end
+        if of.ra_end - end >= of.ra_window // 2 or of.ra_end >= of.size:
+            return  # far enough ahead already
+        if of.ra_end > end:  # the reader caught up with half the window: grow it
+            of.ra_window = min(limit, of.ra_window * 2)
+        start = max(end, of.ra_end)
+        stop = min(of.size, end + of.ra_window)
+        of.ra_end = stop
+        if start >= stop:
+            return
+        ahead = await self.meta.read(View.extents, of.ino, start, stop)
         assert self._nursery is not None
         for e in ahead:
             if e.key is not None:

@@ -51,6 +51,7 @@ class BlockIO:
     ) -> None:
         self.store = store
         self.cache = cache
+        self.memory_bytes = memory_bytes
         # Verified blocks in memory: a FUSE read is at most 1 MiB, a block up to 64 MiB,
         # so sequential reads hit the same block many times; verify it once, not each time.
         self._mem: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(
@@ -70,7 +71,7 @@ class BlockIO:
             await self.store.put(key, data)
         self.bytes_up += len(data)
         self._remember(key, data)
-        await self.cache.put(key, data)
+        self.cache.offer(key, data)
         return key, h
 
     def _remember(self, key: str, data: bytes) -> None:
@@ -121,7 +122,7 @@ class BlockIO:
             raise CorruptObject(f"data block {key} failed its checksum")
         self.bytes_down += len(data)
         self._remember(key, data)
-        await self.cache.put(key, data)
+        self.cache.offer(key, data)
         return data
 
     def prefetch(self, nursery: trio.Nursery, key: str, hash_: str | None, size: int) -> None:

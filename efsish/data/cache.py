@@ -3,7 +3,10 @@ size-bounded cachetools LRU, rebuilt from the directory at start so it survives 
 
 Blocks never change once written, so a cached block is never stale; every entry is
 checked against the block hash recorded in the metadata when read. Disk I/O runs in
-worker threads. This module must not talk to the object store.
+worker threads. Filling the cache is best-effort and off the critical path: `offer` queues
+a block for a background writer (bounded in bytes; a block that does not fit is simply not
+cached), so an upload or a read never waits for the local disk. This module must not talk
+to the object store.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from collections import deque
 from pathlib import Path
 
 import cachetools
@@ -40,8 +44,15 @@ class _Index(cachetools.LRUCache[str, int]):
 class BlockCache:
     """Thread-safe disk cache of whole blocks."""
 
-    def __init__(self, root: Path, max_bytes: int) -> None:
+    def __init__(self, root: Path, max_bytes: int, queue_bytes: int = 64 * 1024 * 1024) -> None:
         self.root = Path(root)
+        self.queue_bytes = queue_bytes
+        self._queue: deque[tuple[str, bytes]] = deque()
+        self._queued = 0
+        self._wake = trio.Event()
+        self._idle = trio.Event()
+        self._idle.set()
+        self.dropped = 0
         self.root.mkdir(parents=True, exist_ok=True)
         self._lock = threading.Lock()
         self._index = _Index(max_bytes, self.root)
@@ -99,9 +110,44 @@ class BlockCache:
         return data
 
     async def put(self, key: str, data: bytes) -> None:
+        """Write a block now (and wait for it)."""
         if len(data) > self._index.maxsize:
             return
         await trio.to_thread.run_sync(self._put, key, data, limiter=self._limiter)
+
+    def offer(self, key: str, data: bytes) -> None:
+        """Cache a block in the background (see `run`), unless the queue is full."""
+        if len(data) > self._index.maxsize:
+            return
+        if self._queued + len(data) > self.queue_bytes:
+            self.dropped += 1
+            return
+        self._queue.append((key, data))
+        self._queued += len(data)
+        self._idle = trio.Event() if self._idle.is_set() else self._idle
+        self._wake.set()
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        """The background writer: drains what `offer` queued. Runs until cancelled."""
+        task_status.started()
+        while True:
+            if not self._queue:
+                self._idle.set()
+                self._wake = trio.Event()
+                await self._wake.wait()
+                continue
+            key, data = self._queue[0]
+            try:
+                await trio.to_thread.run_sync(self._put, key, data, limiter=self._limiter)
+            except OSError as e:
+                log.warning("cannot cache block %s: %s", key, e)
+            finally:
+                self._queue.popleft()
+                self._queued -= len(data)
+
+    async def drain(self) -> None:
+        """Wait until every offered block is on disk (needs `run` running)."""
+        await self._idle.wait()
 
     @property
     def used_bytes(self) -> int:

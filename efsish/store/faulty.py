@@ -41,11 +41,13 @@ class FaultyStore(ObjectStore):
         self.plan = plan or FaultPlan()
         self.url = f"faulty+{inner.url}"
         self.calls: dict[str, int] = dict.fromkeys(OPS, 0)
+        self.requests: list[tuple[str, str]] = []  # (op, key) of every call, in order
         self._rng = random.Random(self.plan.seed)
 
     async def _before(self, op: str, key: str) -> None:
         plan = self.plan
         self.calls[op] += 1
+        self.requests.append((op, key))
         if plan.ops and op not in plan.ops:
             return
         delay = plan.latency + (self._rng.uniform(0, plan.jitter) if plan.jitter else 0.0)

@@ -34,7 +34,9 @@ def make_fs(nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> FsFa
 
     async def make(on: ObjectStore | None = None, **opts: object) -> Filesystem:
         counter[0] += 1
-        o = Options(cache_dir=tmp_path / f"cache{counter[0]}", poll_interval=3600, **opts)  # type: ignore[arg-type]
+        opts.setdefault("cache_dir", tmp_path / f"cache{counter[0]}")
+        opts.setdefault("poll_interval", 3600)
+        o = Options(**opts)  # type: ignore[arg-type]
         fs = Filesystem(on or store, sb, o)
         await fs.start(nursery)
         return fs

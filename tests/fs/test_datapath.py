@@ -1,0 +1,168 @@
+"""The data path, in process: the on-disk block cache (survives a restart, serves reads
+without the network, bounded, checksummed) and readahead (grows for sequential readers,
+nothing extra for random ones). Requests are counted by a FaultyStore wrapper."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from efsish.data.cache import BlockCache
+from efsish.filesystem import Filesystem, Options
+from efsish.meta.superblock import Superblock
+from efsish.meta.view import ROOT_INO
+from efsish.store import ObjectStore
+from efsish.store.faulty import FaultPlan, FaultyStore
+from tests.fs.conftest import FsFactory
+from tests.fs.test_posix import write_file
+
+BS = 64 * 1024  # the block size of the fs fixtures
+
+
+def data_gets(store: FaultyStore) -> list[str]:
+    return [k for op, k in store.requests if op == "get" and k.startswith("data/")]
+
+
+@asynccontextmanager
+async def mounted(
+    store: ObjectStore, sb: Superblock, cache_dir: Path, **opts: object
+) -> AsyncIterator[Filesystem]:
+    """A Filesystem that is shut down and stopped (its tasks cancelled) on exit, so the
+    next one can reuse its cache directory: a restart of the mount."""
+    async with trio.open_nursery() as n:
+        fs = Filesystem(store, sb, Options(cache_dir=cache_dir, poll_interval=3600, **opts))  # type: ignore[arg-type]
+        await fs.start(n)
+        try:
+            yield fs
+        finally:
+            await fs.shutdown()
+            await fs.meta.aclose()
+            n.cancel_scope.cancel()
+
+
+async def read_sequentially(fs: Filesystem, ino: int, chunk: int = 16 * 1024) -> bytes:
+    fh, _ = await fs.open(ino, os.O_RDONLY)
+    out = bytearray()
+    try:
+        while True:
+            piece = await fs.read(fh, len(out), chunk)
+            if not piece:
+                return bytes(out)
+            out += piece
+    finally:
+        await fs.release(fh)
+
+
+async def test_cache_survives_restart_and_serves_reads_without_network(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    data = os.urandom(5 * BS + 123)
+    writer = await make_fs()
+    ino = await write_file(writer, ROOT_INO, b"f", data)
+    counted = FaultyStore(store)
+    cache = tmp_path / "reader-cache"
+    async with mounted(counted, sb, cache) as fs:
+        assert await read_sequentially(fs, ino) == data
+        assert len(set(data_gets(counted))) == 6  # every block fetched once
+    counted.requests.clear()
+    async with mounted(counted, sb, cache) as fs:  # restarted: same cache dir
+        assert await read_sequentially(fs, ino) == data
+        assert data_gets(counted) == []  # all from the disk cache
+        assert fs.cache.hits >= 6
+
+
+async def test_corrupt_cached_block_is_dropped_and_refetched(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    data = os.urandom(2 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", data)
+    counted = FaultyStore(store)
+    cache = tmp_path / "c"
+    async with mounted(counted, sb, cache) as fs:
+        assert await read_sequentially(fs, ino) == data
+    files = sorted((cache / sb.fs_uuid / "blocks").iterdir())
+    assert len(files) == 2
+    raw = bytearray(files[0].read_bytes())
+    raw[100] ^= 0xFF
+    files[0].write_bytes(bytes(raw))
+    counted.requests.clear()
+    async with mounted(counted, sb, cache) as fs:
+        assert await read_sequentially(fs, ino) == data  # never the corrupt bytes
+        assert len(data_gets(counted)) == 1  # only the damaged block came from the store
+
+
+async def test_cache_stays_within_its_size(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    data = os.urandom(12 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", data)
+    cache = tmp_path / "small"
+    async with mounted(store, sb, cache, cache_bytes=3 * BS) as fs:
+        assert await read_sequentially(fs, ino) == data
+        await fs.cache.drain()
+        assert fs.cache.used_bytes <= 3 * BS
+    on_disk = list((cache / sb.fs_uuid / "blocks").iterdir())
+    assert 1 <= len(on_disk) <= 3
+    assert sum(p.stat().st_size for p in on_disk) <= 3 * BS
+
+
+async def test_cache_fill_is_bounded_and_never_blocks(tmp_path: Path) -> None:
+    cache = BlockCache(tmp_path / "c", max_bytes=1 << 30, queue_bytes=3 * BS)
+    for i in range(5):  # not running yet: the queue fills, then blocks are skipped
+        cache.offer(f"data/k{i}", bytes([i]) * BS)
+    assert cache.dropped == 2
+    async with trio.open_nursery() as n:
+        await n.start(cache.run)
+        await cache.drain()
+        for i in range(3):
+            assert await cache.get(f"data/k{i}", None) == bytes([i]) * BS
+        assert await cache.get("data/k3", None) is None
+        n.cancel_scope.cancel()
+
+
+async def test_sequential_read_prefetches_a_growing_window(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    nblocks = 40
+    data = os.urandom(nblocks * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", data)
+    counted = FaultyStore(store, FaultPlan(latency=0.002, ops=frozenset({"get"})))
+    async with mounted(
+        counted, sb, tmp_path / "c", readahead_blocks=2, readahead_max_bytes=16 * BS
+    ) as fs:
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        got = bytearray()
+        ahead: list[int] = []
+        for _ in range(12):  # read block by block, recording how far the fetches got
+            for _ in range(4):
+                got += await fs.read(fh, len(got), BS // 4)
+            await trio.sleep(0.05)
+            ahead.append(len(set(data_gets(counted))) - len(got) // BS)
+        await fs.release(fh)
+        assert got == data[: len(got)]
+    # ahead[i] = blocks fetched beyond the i+1 blocks read. The window starts at 2 blocks,
+    # doubles as the reader advances, and never exceeds its limit (16 blocks).
+    assert ahead[0] >= 2
+    assert max(ahead) >= 8
+    assert max(ahead) <= 16
+    assert all(a >= 1 for a in ahead)
+
+
+async def test_random_reads_fetch_only_what_they_need(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    data = os.urandom(30 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", data)
+    counted = FaultyStore(store)
+    async with mounted(counted, sb, tmp_path / "c") as fs:
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        for blk in (17, 3, 25, 9):
+            off = blk * BS + 1000
+            assert await fs.read(fh, off, 4096) == data[off : off + 4096]
+        await trio.sleep(0.05)
+        await fs.release(fh)
+    assert len(data_gets(counted)) == 4
