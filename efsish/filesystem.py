@@ -28,7 +28,7 @@ import trio
 from efsish import __version__, codec
 from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
-from efsish.data.dirty import DirtyBuffer
+from efsish.data.dirty import DirtyBuffer, Interval
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta.log import MetaLog, PlanContext
@@ -60,6 +60,7 @@ XATTR_REPLACE = 2
 RENAME_NOREPLACE = 1
 RENAME_EXCHANGE = 2
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
+ATIME_BATCH = 1.0  # seconds: relatime updates are collected and committed together
 STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
 TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimmed past us
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
@@ -120,6 +121,7 @@ class Options:
     max_dirty_bytes: int = 256 * 1024**2
     readahead_blocks: int = 2  # initial readahead window of a sequential reader
     readahead_max_bytes: int = 64 * 1024**2  # the window doubles up to this
+    atime: bool = True  # relatime (batched); False = noatime
     checkpoint_every: int = 1000
     gc_interval: float = 3600.0
     stats_file: Path | None = None
@@ -199,6 +201,7 @@ class Filesystem:
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
         self._dirty_total = 0
         self._dirty_cond = trio.Condition()
+        self._atime_due: dict[int, int] = {}  # ino -> atime to commit (relatime, batched)
         self._nursery: trio.Nursery | None = None
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
         self._inval_send = send
@@ -215,6 +218,7 @@ class Filesystem:
         await nursery.start(self.cache.run)
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
+        nursery.start_soon(self._atime_committer)
 
     async def shutdown(self) -> None:
         """Flush every open file; the caller cancels the nursery afterwards."""
@@ -223,6 +227,7 @@ class Filesystem:
                 await self._flush_file(of)
             except EfsishError as e:
                 log.error("could not flush inode %d at shutdown: %s", of.ino, e)
+        await self._commit_atimes()
         with trio.move_on_after(10):
             await self.cache.drain()  # so that the next mount starts with a warm cache
         try:
@@ -365,6 +370,7 @@ class Filesystem:
         if of is not None and of.modified:
             attr.size = of.size
             attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
+        attr.atime = max(attr.atime, self._atime_due.get(ino, 0))
         return attr
 
     async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
@@ -780,23 +786,38 @@ class Filesystem:
         self.handles[fh] = ino
         self._kcache_ok.add(ino)
         if (
-            (flags & os.O_ACCMODE) == os.O_RDONLY
+            self.opts.atime
+            and (flags & os.O_ACCMODE) == os.O_RDONLY
             and (attr.atime <= attr.mtime or attr.atime < time.time_ns() - ATIME_REFRESH_NS)
-            and self._nursery is not None
         ):
-            self._nursery.start_soon(self._touch_atime, ino)
+            self._atime_due[ino] = time.time_ns()
         return fh, keep
 
-    async def _touch_atime(self, ino: int) -> None:
+    async def _atime_committer(self) -> None:
+        while True:
+            await trio.sleep(ATIME_BATCH)
+            await self._commit_atimes()
+
+    async def _commit_atimes(self) -> None:
+        """Commit the access times that reads made due (relatime) as one log entry. They
+        are advisory: batching them keeps reads from costing a commit each, and a crash
+        loses at most the last second of them."""
+        if not self._atime_due:
+            return
+        due, self._atime_due = self._atime_due, {}
+
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            if view.getattr(ino) is None:
-                return [], None
-            return [{"o": "attr", "ino": ino, "atime": pc.now_ns}], None
+            ops: list[Op] = []
+            for ino, t in due.items():
+                a = view.getattr(ino)
+                if a is not None and a.atime < t:
+                    ops.append({"o": "attr", "ino": ino, "atime": t})
+            return ops, None
 
         try:
             await self.meta.submit(plan)
         except EfsishError as e:
-            log.debug("atime update of %d failed: %s", ino, e)
+            log.debug("atime update of %d files failed: %s", len(due), e)
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx
@@ -890,45 +911,60 @@ class Filesystem:
         end = min(off + size, of.size)
         if off >= end:
             return b""
-        buf = bytearray(end - off)
         if of.orphan is not None:
             committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
         else:
             committed = await self.meta.read(View.extents, of.ino, off, end)
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
-        # Fetch blocks concurrently, then lay the pieces over each other in layer order
-        # (committed, pending oldest to newest, dirty): newer data must win.
+        dirty = of.dirty.overlapping(off, end)
+        if len(layers) == 1 and not dirty and layers[0].off <= off and layers[0].end >= end:
+            # The common case: one block piece covers the whole read; no copying around.
+            try:
+                out = await self._piece(layers[0], off, end)
+            except EfsishError as e:
+                raise FsError(f"read failed: {e}", errno.EIO) from None
+        else:
+            out = await self._assemble(layers, dirty, off, end)
+        if of.orphan is None and self._nursery is not None:
+            await self._readahead(of, off, end)
+        of.last_read_end = end
+        return out
+
+    async def _assemble(
+        self, layers: list[Extent], dirty: list[Interval], off: int, end: int
+    ) -> bytes:
+        """The bytes [off, end) from block pieces laid over each other in layer order
+        (committed, pending oldest to newest), then the dirty buffer: newer data wins."""
+        buf = bytearray(end - off)
         pieces: list[bytes | None] = [None] * len(layers)
+
+        async def fetch(i: int, e: Extent) -> None:
+            pieces[i] = await self._piece(e, off, end)
+
         try:
             async with trio.open_nursery() as n:
                 for i, e in enumerate(layers):
-                    n.start_soon(self._fetch_piece, pieces, i, off, end, e)
+                    n.start_soon(fetch, i, e)
         except BaseExceptionGroup as eg:
             raise FsError(f"read failed: {eg.exceptions[0]}", errno.EIO) from None
         for e, piece in zip(layers, pieces, strict=True):
             s0 = max(off, e.off)
             if piece:
                 buf[s0 - off : s0 - off + len(piece)] = piece
-        for iv in of.dirty.overlapping(off, end):
+        for iv in dirty:
             s, e2 = max(off, iv.off), min(end, iv.end)
             buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
-        if of.orphan is None and self._nursery is not None:
-            await self._readahead(of, off, end)
-        of.last_read_end = end
         return bytes(buf)
 
-    async def _fetch_piece(
-        self, pieces: list[bytes | None], i: int, off: int, end: int, e: Extent
-    ) -> None:
-        """pieces[i] = the bytes of extent e inside [off, end)."""
+    async def _piece(self, e: Extent, off: int, end: int) -> bytes:
+        """The bytes of extent e inside [off, end)."""
         s, e2 = max(off, e.off), min(end, e.end)
         if e.key is None:
-            pieces[i] = (e.data or b"")[s - e.off : e2 - e.off]
-        else:
-            block = await self.blocks.fetch(e.key, e.hash, e.bsize)
-            k = e.koff + (s - e.off)
-            pieces[i] = block[k : k + (e2 - s)]
+            return (e.data or b"")[s - e.off : e2 - e.off]
+        block = await self.blocks.fetch(e.key, e.hash, e.bsize)
+        k = e.koff + (s - e.off)
+        return block[k : k + (e2 - s)]
 
     async def _readahead(self, of: OpenFile, off: int, end: int) -> None:
         """Adaptive readahead: while a file is read sequentially, keep the next blocks

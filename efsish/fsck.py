@@ -21,7 +21,7 @@ from typing import TextIO
 import trio
 from tqdm import tqdm
 
-from efsish.codec import block_hash
+from efsish.codec import block_matches
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import EfsishError, NotFound
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog
@@ -207,7 +207,7 @@ async def _check_objects(
                 except NotFound:
                     rep.error(f"block {key} vanished during the check")
                 else:
-                    if h is not None and block_hash(data) != h:
+                    if h is not None and not block_matches(data, h):
                         rep.error(f"block {key} fails its checksum (corrupt)")
         bar.update(1)
 

@@ -64,7 +64,13 @@ class FuseOps(pyfuse3.Operations):
         self.entry_timeout = entry_timeout
         self._dirs: dict[int, int] = {}
         self._next_dh = 1
+        # Set once the kernel's INIT has been answered: settings the kernel derives
+        # from that answer (its readahead) can only be changed afterwards.
+        self.initialized = trio.Event()
         fs.invalidate_attr = self._invalidate_attr_now
+
+    def init(self) -> None:
+        self.initialized.set()
 
     async def _invalidate_attr_now(self, ino: int) -> None:
         """Attribute-only invalidation (no page locks), used by open() for close-to-open."""

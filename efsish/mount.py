@@ -47,6 +47,8 @@ KNOWN_OPTIONS = frozenset(
         "log",
         "prometheus_port",
         "foreground",
+        "readahead",
+        "noatime",
     }
 )
 IGNORED_OPTIONS = {
@@ -66,7 +68,6 @@ IGNORED_OPTIONS = {
     "noexec",
     "nouser",
     "relatime",
-    "noatime",
     "async",
 }
 
@@ -85,6 +86,8 @@ class MountConfig:
     attr_timeout: float = 1.0
     log_file: Path | None = None
     prometheus_port: int | None = None
+    readahead: int = 1024 * 1024  # the kernel's readahead for this mount (its BDI)
+    atime: bool = True  # relatime; noatime turns access-time updates off
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -160,15 +163,43 @@ def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
                         raise ValueError
                 elif key == "foreground":
                     cfg.foreground = True
+                elif key == "readahead":
+                    cfg.readahead = parse_size(value)
+                    if not 0 <= cfg.readahead <= 1024**3:
+                        raise ValueError
+                elif key == "noatime":
+                    cfg.atime = False
                 else:
                     raise UsageError(
                         f"unknown mount option {key!r}; known: cache_dir, cache_size, "
                         "poll_interval, attr_timeout, endpoint, allow_other, noallow_other, "
-                        "ro, log, prometheus_port, and the generic "
+                        "ro, log, prometheus_port, readahead, noatime, and the generic "
                         "_netdev/defaults/auto/noauto/nofail"
                     )
             except ValueError:
                 raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
+
+
+def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
+    """Set the kernel's readahead for the FUSE mount at `mountpoint` (best effort; needs
+    root). The kernel starts FUSE mounts at 128 KiB, so a sequential reader sends one
+    128 KiB request at a time; 1 MiB lets it send 1 MiB requests, a quarter of the
+    round trips through the daemon. Reads /proc/self/mountinfo, never the mount itself
+    (the daemon is not serving requests yet)."""
+    target = os.path.abspath(mountpoint)
+    dev = None
+    try:
+        with open("/proc/self/mountinfo") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
+                    dev = fields[2]  # the last match is the newest mount on that path
+        if dev is None:
+            return
+        Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(nbytes // 1024))
+        log.debug("kernel readahead of %s (bdi %s) set to %d KiB", target, dev, nbytes // 1024)
+    except OSError as e:
+        log.debug("could not set the kernel readahead of %s: %s", target, e)
 
 
 def _check_mountpoint(path: str) -> None:
@@ -295,6 +326,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             mountpoint=mountpoint,
             stats_file=stats_file(mountpoint),
             prometheus_port=cfg.prometheus_port,
+            atime=cfg.atime,
         ),
     )
     ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
@@ -310,6 +342,13 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
                 ro=cfg.ro,
             ),
         )
+
+        async def readahead_after_init() -> None:
+            await ops.initialized.wait()
+            await trio.sleep(0)  # the INIT reply has been written by now
+            set_kernel_readahead(mountpoint, cfg.readahead)
+
+        nursery.start_soon(readahead_after_init)
         registry.parent.mkdir(parents=True, exist_ok=True)
         registry.write_text(
             json.dumps(

@@ -9,13 +9,14 @@ one GET. This module must not know about inodes beyond using the number in key n
 from __future__ import annotations
 
 import logging
+import os
 import time
 import uuid
 
 import cachetools
 import trio
 
-from efsish.codec import block_hash
+from efsish.codec import block_hash, block_matches
 from efsish.data.cache import BlockCache
 from efsish.errors import CorruptObject, NotFound, StoreError
 from efsish.store import ObjectStore
@@ -58,6 +59,7 @@ class BlockIO:
             maxsize=memory_bytes, getsizeof=len
         )
         self._limiter = trio.CapacityLimiter(concurrency)
+        self._hash_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
         self._inflight: dict[str, trio.Event] = {}
         self._results: dict[str, bytes | BaseException] = {}
         self.bytes_up = 0
@@ -66,13 +68,25 @@ class BlockIO:
     async def upload(self, ino: int, data: bytes) -> tuple[str, str]:
         """Store `data` as a new block; return (key, hash)."""
         key = new_block_key(ino)
-        h = block_hash(data)
+        h = await self._hash(data)
         async with self._limiter:
             await self.store.put(key, data)
         self.bytes_up += len(data)
         self._remember(key, data)
         self.cache.offer(key, data)
         return key, h
+
+    async def _hash(self, data: bytes) -> str:
+        """block_hash in a worker thread (hashlib releases the GIL): hashing a 4 MiB block
+        takes milliseconds that the FUSE loop must not spend."""
+        if len(data) < 64 * 1024:
+            return block_hash(data)
+        return await trio.to_thread.run_sync(block_hash, data, limiter=self._hash_limiter)
+
+    async def _matches(self, data: bytes, hash_: str) -> bool:
+        if len(data) < 64 * 1024:
+            return block_matches(data, hash_)
+        return await trio.to_thread.run_sync(block_matches, data, hash_, limiter=self._hash_limiter)
 
     def _remember(self, key: str, data: bytes) -> None:
         if len(data) <= self._mem.maxsize // 4:
@@ -117,7 +131,9 @@ class BlockIO:
         except StoreError as e:
             log.error("cannot read data block %s: %s", key, e)
             raise
-        if (size and len(data) != size) or (hash_ is not None and block_hash(data) != hash_):
+        if (size and len(data) != size) or (
+            hash_ is not None and not await self._matches(data, hash_)
+        ):
             log.error("data block %s is corrupt (size %d, expected %d)", key, len(data), size)
             raise CorruptObject(f"data block {key} failed its checksum")
         self.bytes_down += len(data)

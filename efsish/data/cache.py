@@ -20,7 +20,7 @@ from pathlib import Path
 import cachetools
 import trio
 
-from efsish.codec import block_hash
+from efsish.codec import block_matches
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +82,7 @@ class BlockCache:
             data = (self.root / name).read_bytes()
         except FileNotFoundError:
             return None
-        if hash_ is not None and block_hash(data) != hash_:
+        if hash_ is not None and not block_matches(data, hash_):
             log.warning("cached block %s is corrupt; dropping it", key)
             self._drop(name)
             return None

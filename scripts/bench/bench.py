@@ -145,7 +145,7 @@ class Bench:
             return self.mounts[name].daemon_pids()
 
         def step(group: str, fn: Any) -> Any:
-            if (name, group) in self.slow_skip:
+            if (name, group) in self.slow_skip or not selected(a, group):
                 return None
             if not is_mounted(self.mounts[name].mp) and sysobj.kind == "fs":
                 warn(f"{name} is no longer mounted; mounting it again")
@@ -274,6 +274,8 @@ class Bench:
         prefix = f"run{r}"
 
         def step(group: str, fn: Any) -> Any:
+            if not selected(self.args, group):
+                return None
             try:
                 return self.measure(name, group, [], fn)
             except Exception as e:
@@ -477,7 +479,7 @@ class Bench:
                         self.run_fs_round(s, r)
 
             for s in systems:
-                if s.multi_mount:
+                if s.multi_mount and selected(a, "visibility"):
                     self.run_visibility(s)
             for s in systems:
                 if s.kind == "fs" and not s.multi_mount:
@@ -784,6 +786,23 @@ def _os_release() -> str:
     return platform.platform()
 
 
+# --only: which workload groups to run (default: all).
+ONLY_GROUPS = {
+    "seq": {"seq_write", "cold_read", "warm_read"},
+    "small": {"small_files", "small_create", "small_stat", "small_read", "small_unlink"},
+    "tar": {"tar_extract", "rm_rf"},
+    "git": {"git_clone"},
+    "latency": {"create_latency"},
+    "twomount": {"visibility"},
+}
+
+
+def selected(a: argparse.Namespace, group: str) -> bool:
+    if not a.only:
+        return True
+    return any(group in ONLY_GROUPS[o] for o in a.only)
+
+
 def parse_args(argv: list[str]) -> argparse.Namespace:
     ap = argparse.ArgumentParser(
         prog="scripts/bench/run",
@@ -814,6 +833,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--commit-mounts", default="1,2,4", help="mount counts for the commit rate")
     ap.add_argument("--no-commit-rate", dest="commit_rate", action="store_false")
     ap.add_argument(
+        "--only",
+        default="",
+        help=f"comma-separated workload groups to run ({','.join(ONLY_GROUPS)}; default all); "
+        "implies --no-commit-rate",
+    )
+    ap.add_argument(
         "--profile",
         action="store_true",
         help="extra passes: S3 requests per operation (efsish, JuiceFS), efsish under py-spy",
@@ -843,6 +868,12 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         "--report-only", action="store_true", help="rewrite results.md/png from results.json"
     )
     a = ap.parse_args(argv)
+    a.only = [o for o in a.only.split(",") if o]
+    bad = [o for o in a.only if o not in ONLY_GROUPS]
+    if bad:
+        ap.error(f"--only: unknown group(s) {', '.join(bad)}; choose from {', '.join(ONLY_GROUPS)}")
+    if a.only:
+        a.commit_rate = False
     q = a.quick
     a.runs = a.runs or (1 if q else 3)
     a.size = a.size or (32 if q else 512)

@@ -13,6 +13,7 @@ import stat
 import subprocess
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -1236,3 +1237,31 @@ def test_path_resolved_before_replace_still_opens(work: Path) -> None:
     finally:
         os.close(pfd)
     assert f.read_bytes() == b"new"
+
+
+def _bdi_readahead_kb(path: Path) -> int:
+    st = os.stat(path)
+    return int(
+        Path(
+            f"/sys/class/bdi/{os.major(st.st_dev)}:{os.minor(st.st_dev)}/read_ahead_kb"
+        ).read_text()
+    )
+
+
+def test_kernel_readahead_and_noatime_options(mounter: Callable[..., Mount]) -> None:
+    """The mount raises the kernel's readahead from 128 KiB (1 MiB FUSE reads instead of
+    128 KiB ones); -o readahead= sets it; -o noatime stops access-time updates."""
+    if os.geteuid() != 0:
+        pytest.fail("this test needs root (/sys/class/bdi is root-writable)")
+    default = mounter()
+    assert _bdi_readahead_kb(default.path) == 1024
+    m = mounter(None, "-o", "readahead=4M,noatime")
+    assert _bdi_readahead_kb(m.path) == 4096
+    f = m.path / "f"
+    f.write_bytes(b"content")
+    st = os.stat(f)
+    os.utime(f, ns=(st.st_mtime_ns - 10 * 10**9, st.st_mtime_ns))  # relatime would update
+    before = os.stat(f).st_atime_ns
+    assert f.read_bytes() == b"content"
+    time.sleep(2.5)  # atime updates are committed within about a second
+    assert os.stat(f).st_atime_ns == before
