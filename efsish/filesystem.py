@@ -53,6 +53,8 @@ SYMLINK_MAX = 4080
 LINK_MAX = 177  # EFS's limit on hard links to one file
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
+EXTENT_CACHE_SPAN = 64 * 1024**2  # bytes of a file's layout a reader caches at once
+EXTENT_CACHE_MAX = 256  # extents; a more fragmented span is not cached
 INLINE_MAX = 16 * 1024  # files up to this size keep their data in the log
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
 XATTR_CREATE = 1
@@ -155,6 +157,11 @@ class OpenFile:
     last_read_end: int = -1
     ra_window: int = 0  # readahead: current window (bytes), 0 = not sequential
     ra_end: int = 0  # prefetches were started up to this offset
+    # The committed layout of [start, end) as last read from the view, so that a
+    # sequential reader does not query SQLite (a worker-thread hop) for every FUSE read.
+    # Dropped whenever a log entry changes the file's data (ext_gen counts that).
+    ext_cache: tuple[int, int, list[Extent]] | None = None
+    ext_gen: int = 0
     stale: bool = False  # another mount changed the file: re-read its size
 
 
@@ -337,6 +344,11 @@ class Filesystem:
             if of is not None or self.kernel_refs.get(ino, 0) > 0:
                 snap[0].nlink = 0
                 self.ghosts[ino] = snap
+        for ino in res.data:
+            of = self.files.get(ino)
+            if of is not None:
+                of.ext_cache = None
+                of.ext_gen += 1
         if not remote:
             return
         for ino in res.data:
@@ -914,7 +926,7 @@ class Filesystem:
         if of.orphan is not None:
             committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
         else:
-            committed = await self.meta.read(View.extents, of.ino, off, end)
+            committed = await self._extents(of, off, end)
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
         dirty = of.dirty.overlapping(off, end)
@@ -930,6 +942,19 @@ class Filesystem:
             await self._readahead(of, off, end)
         of.last_read_end = end
         return out
+
+    async def _extents(self, of: OpenFile, off: int, end: int) -> list[Extent]:
+        """The committed extents of `of` overlapping [off, end), through its cache."""
+        c = of.ext_cache
+        if c is None or off < c[0] or end > c[1]:
+            gen, span_end = of.ext_gen, max(end, off + EXTENT_CACHE_SPAN)
+            exts = await self.meta.read(View.extents, of.ino, off, span_end)
+            if len(exts) > EXTENT_CACHE_MAX:
+                return [e for e in exts if e.off < end and e.end > off]
+            c = (off, span_end, exts)
+            if gen == of.ext_gen:  # nothing changed the file while we asked
+                of.ext_cache = c
+        return [e for e in c[2] if e.off < end and e.end > off]
 
     async def _assemble(
         self, layers: list[Extent], dirty: list[Interval], off: int, end: int
@@ -968,11 +993,12 @@ class Filesystem:
 
     async def _readahead(self, of: OpenFile, off: int, end: int) -> None:
         """Adaptive readahead: while a file is read sequentially, keep the next blocks
-        downloading; the window starts at `readahead_blocks` blocks and doubles each time
-        the reader gets half-way through it, up to `readahead_max_bytes` (bounded further
-        by the verified-block memory budget). A random read resets it: fetch only what is
-        asked. The kernel issues its own reads slightly out of order, so "sequential"
-        allows a little slack around the previous read's end."""
+        downloading; the window starts at `readahead_blocks` blocks, is topped up each
+        time the reader frees a block's worth of it, and doubles each time, up to
+        `readahead_max_bytes` (bounded further by the verified-block memory budget). A
+        random read resets it: fetch only what is asked. The kernel issues its own reads
+        slightly out of order, so "sequential" allows a little slack around the previous
+        read's end."""
         slack = min(1024 * 1024, self.block_size)
         if of.last_read_end < 0 or not (
             of.last_read_end - slack <= off <= of.last_read_end + slack
@@ -985,9 +1011,9 @@ class Filesystem:
         if of.ra_window == 0:
             of.ra_window = min(limit, self.opts.readahead_blocks * self.block_size)
             of.ra_end = end
-        if of.ra_end - end >= of.ra_window // 2 or of.ra_end >= of.size:
-            return  # far enough ahead already
-        if of.ra_end > end:  # the reader caught up with half the window: grow it
+        if of.ra_end - end > of.ra_window - self.block_size or of.ra_end >= of.size:
+            return  # not a whole block of room in the window yet
+        if of.ra_end > end:  # the reader keeps going: grow the window
             of.ra_window = min(limit, of.ra_window * 2)
         start = max(end, of.ra_end)
         stop = min(of.size, end + of.ra_window)

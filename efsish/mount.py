@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 import trio
+import trio.lowlevel
 
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
@@ -345,7 +346,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
 
         async def readahead_after_init() -> None:
             await ops.initialized.wait()
-            await trio.sleep(0)  # the INIT reply has been written by now
+            await trio.lowlevel.checkpoint()  # the INIT reply has been written by now
             set_kernel_readahead(mountpoint, cfg.readahead)
 
         nursery.start_soon(readahead_after_init)

@@ -1,22 +1,32 @@
-"""Block checksums: new blocks get SHA-256-128, blocks from before still verify."""
+"""Block checksums: new blocks get a CRC-32; blocks from earlier versions still verify."""
 
 from __future__ import annotations
 
 import hashlib
+import zlib
 
 from efsish.codec import block_hash, block_matches
 
 
-def test_new_blocks_use_sha256_and_detect_damage() -> None:
+def test_new_blocks_use_crc32_and_detect_damage() -> None:
     data = b"x" * 100_000
     h = block_hash(data)
-    assert h == "s" + hashlib.sha256(data).hexdigest()[:32]
+    assert h == f"r{zlib.crc32(data):08x}"
     assert block_matches(data, h)
     assert not block_matches(data[:-1] + b"y", h)
+    assert not block_matches(data[:50_000] + b"\\0" + data[50_001:], h)
 
 
-def test_blocks_written_with_blake2b_still_verify() -> None:
+def test_blocks_written_by_earlier_versions_still_verify() -> None:
     data = b"older block"
-    old = hashlib.blake2b(data, digest_size=16).hexdigest()
-    assert block_matches(data, old)
-    assert not block_matches(b"older blocK", old)
+    # Old hashes are bare hex: whatever digit they start with, they are not a CRC.
+    for i in range(200):
+        d = b"%d" % i
+        old = hashlib.blake2b(d, digest_size=16).hexdigest()
+        assert block_matches(d, old)
+    for old in (
+        hashlib.blake2b(data, digest_size=16).hexdigest(),
+        "s" + hashlib.sha256(data).hexdigest()[:32],
+    ):
+        assert block_matches(data, old)
+        assert not block_matches(b"older blocK", old)

@@ -38,6 +38,7 @@ from efsish.throttle import (
 )
 
 DAY = 86_400.0
+CLASSIC = 500 * MiB  # the per-client ceiling of older EFS clients
 HOUR = 3_600.0
 
 BURSTING = ThrottleConfig(mode=ThroughputMode.BURSTING)
@@ -834,10 +835,10 @@ async def test_live_config_change(autojump_clock: trio.testing.MockClock) -> Non
     assert finished[0] == pytest.approx(1 + (40 * MiB - base) / (200 * MiB), abs=0.001)
     # Provisioned and elastic modes freeze the balance (neither earned nor spent)...
     assert throttle.snapshot()["BurstCreditBalance"] == 1 * GiB
-    throttle.set_config(ThrottleConfig(mode=ThroughputMode.ELASTIC))
+    throttle.set_config(ThrottleConfig(mode=ThroughputMode.ELASTIC, per_client_ceiling_bps=CLASSIC))
     # (warm-up: the per-client bucket, idle so far, holds a 5 s burst)
     r = await measure(throttle, [Stream("write", 8 * MiB)], warmup=6, seconds=30)
-    assert r["MeteredIOBytes"] == pytest.approx(500 * MiB, rel=0.01)  # per-client ceiling
+    assert r["MeteredIOBytes"] == pytest.approx(CLASSIC, rel=0.01)  # per-client ceiling
     assert throttle.snapshot()["BurstCreditBalance"] == 1 * GiB
     # ...and bursting picks up from there.
     throttle.set_config(ThrottleConfig())
@@ -884,9 +885,11 @@ async def test_iops_ceiling(
 async def test_a_request_is_one_operation_however_it_is_paced(
     autojump_clock: trio.testing.MockClock,
 ) -> None:
-    # 64 MiB writes at the 500 MiB/s client ceiling are 7.8 requests/s, under a 10 IOPS
+    # 64 MiB writes at a 500 MiB/s client ceiling are 7.8 requests/s, under a 10 IOPS
     # ceiling, although the pacer takes their tokens in ~20 chunks a second.
-    config = ThrottleConfig(mode=ThroughputMode.ELASTIC, write_iops=10)
+    config = ThrottleConfig(
+        mode=ThroughputMode.ELASTIC, write_iops=10, per_client_ceiling_bps=CLASSIC
+    )
     throttle = Throttle(config, 0)
     r = await measure(throttle, [Stream("write", 64 * MiB)], warmup=1, seconds=10)
     assert r["DataWriteIOBytes"] == pytest.approx(500 * MiB, rel=0.015)
@@ -895,12 +898,18 @@ async def test_a_request_is_one_operation_however_it_is_paced(
 
 async def test_per_client_ceiling(autojump_clock: trio.testing.MockClock) -> None:
     # Elastic permits 1 GiB/s metered = 3 GiB/s of reads, but one client is held to
-    # 500 MiB/s of actual bytes (metered at 1/3).
-    throttle = Throttle(ThrottleConfig(mode=ThroughputMode.ELASTIC), 10 * TiB)
-    r = await measure(throttle, [Stream("read", 4 * MiB)], warmup=1, seconds=10)
-    assert r["TotalIOBytes"] == pytest.approx(500 * MiB, rel=0.01)
-    assert r["MeteredIOBytes"] == pytest.approx(500 * MiB / 3, rel=0.01)
-    assert r["PermittedThroughput"] == pytest.approx(1 * GiB)
+    # its ceiling of actual bytes (metered at 1/3): 1,500 MiB/s by default (a current
+    # EFS client), 500 MiB/s for the classic one.
+    for ceiling in (None, CLASSIC):
+        cfg = ThrottleConfig(mode=ThroughputMode.ELASTIC)
+        if ceiling is not None:
+            cfg = ThrottleConfig(mode=ThroughputMode.ELASTIC, per_client_ceiling_bps=ceiling)
+        expected = ceiling or 1500 * MiB
+        throttle = Throttle(cfg, 10 * TiB)
+        r = await measure(throttle, [Stream("read", 4 * MiB)], warmup=1, seconds=10)
+        assert r["TotalIOBytes"] == pytest.approx(expected, rel=0.01)
+        assert r["MeteredIOBytes"] == pytest.approx(expected / 3, rel=0.01)
+        assert r["PermittedThroughput"] == pytest.approx(1 * GiB)
     # Writes in elastic mode: the 1 GiB/s write ceiling is above the client's 500 MiB/s.
     fast = Throttle(ThrottleConfig(mode=ThroughputMode.ELASTIC, per_client_ceiling_bps=4 * GiB), 0)
     r = await measure(fast, [Stream("write", 16 * MiB)], warmup=1, seconds=10)
