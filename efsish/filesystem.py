@@ -163,6 +163,9 @@ class OpenFile:
     ext_cache: tuple[int, int, list[Extent]] | None = None
     ext_gen: int = 0
     stale: bool = False  # another mount changed the file: re-read its size
+    # chmod/chown/utimens made while this mount holds unflushed writes to the file: they
+    # are committed in the same log entry as those writes (at close/fsync), like the data.
+    deferred: dict[str, int] = field(default_factory=dict)
 
 
 def _check_name(name: bytes) -> None:
@@ -379,10 +382,19 @@ class Filesystem:
                 attr = replace(self.ghosts[ino][0], nlink=0)
             else:
                 raise FsError("no such inode", errno.ENOENT)
-        if of is not None and of.modified:
-            attr.size = of.size
-            attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
-        attr.atime = max(attr.atime, self._atime_due.get(ino, 0))
+        return self._overlay(attr)
+
+    def _overlay(self, attr: Attr) -> Attr:
+        """`attr` as this mount sees it: with its own unflushed size, mtime and deferred
+        attribute changes, and access times not yet committed."""
+        of = self.files.get(attr.ino)
+        if of is not None:
+            if of.modified:
+                attr.size = of.size
+                attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
+            for k, v in of.deferred.items():
+                setattr(attr, k, v)
+        attr.atime = max(attr.atime, self._atime_due.get(attr.ino, 0))
         return attr
 
     async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
@@ -429,11 +441,7 @@ class Filesystem:
         attr = await self.meta.read(q)
         if attr is None:
             raise FsError("no such entry", errno.ENOENT)
-        of = self.files.get(attr.ino)
-        if of is not None and of.modified:
-            attr.size = of.size
-            attr.mtime = attr.ctime = max(attr.mtime, of.mtime)
-        return attr
+        return self._overlay(attr)
 
     async def _catch_up(self) -> None:
         try:
@@ -624,6 +632,20 @@ class Filesystem:
                     of.orphan[0].size = size
                     return await self._attr(ino)
 
+        if size is None and of is not None and of.modified and of.orphan is None:
+            current = await self._attr(ino)
+            if of.modified and of.orphan is None and not of.flush_lock.locked():
+                # The file has unflushed writes here: commit this change with them (one
+                # log entry instead of one per call: tar, cp -p and rsync set owner,
+                # mode and times on every file they write). Other mounts see it at
+                # close, like the data; a crash loses it only together with the data.
+                changes = self._attr_changes(current, mode, uid, gid, atime, mtime)
+                changes["ctime"] = self._now()
+                of.deferred.update(changes)
+                if mtime is not None:
+                    of.mtime = mtime
+                return self._overlay(current)
+
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
             a = self._need(view, ino)
             op: Op = {"o": "attr", "ino": ino, "ctime": pc.now_ns}
@@ -634,25 +656,7 @@ class Filesystem:
                     raise FsError("not a regular file", errno.EINVAL)
                 op["size"] = size
                 op["mtime"] = pc.now_ns
-            new_mode = a.mode
-            if mode is not None:
-                new_mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
-            owner_changes = (uid is not None and uid != a.uid) or (gid is not None and gid != a.gid)
-            if owner_changes and a.is_reg and mode is None:
-                # chown clears set-user-ID, and set-group-ID when group-executable.
-                new_mode &= ~stat.S_ISUID
-                if new_mode & stat.S_IXGRP:
-                    new_mode &= ~stat.S_ISGID
-            if new_mode != a.mode:
-                op["mode"] = new_mode
-            if uid is not None:
-                op["uid"] = uid
-            if gid is not None:
-                op["gid"] = gid
-            if atime is not None:
-                op["atime"] = atime
-            if mtime is not None:
-                op["mtime"] = mtime
+            op.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
             return [op], None
 
         await self._submit(plan)
@@ -662,6 +666,38 @@ class Filesystem:
         if mtime is not None and of is not None:
             of.mtime = mtime
         return await self._attr(ino)
+
+    @staticmethod
+    def _attr_changes(
+        a: Attr,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        atime: int | None,
+        mtime: int | None,
+    ) -> dict[str, int]:
+        """The attribute values a chmod/chown/utimens of `a` sets (POSIX rules)."""
+        out: dict[str, int] = {}
+        new_mode = a.mode
+        if mode is not None:
+            new_mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
+        owner_changes = (uid is not None and uid != a.uid) or (gid is not None and gid != a.gid)
+        if owner_changes and a.is_reg and mode is None:
+            # chown clears set-user-ID, and set-group-ID when group-executable.
+            new_mode &= ~stat.S_ISUID
+            if new_mode & stat.S_IXGRP:
+                new_mode &= ~stat.S_ISGID
+        if new_mode != a.mode:
+            out["mode"] = new_mode
+        if uid is not None:
+            out["uid"] = uid
+        if gid is not None:
+            out["gid"] = gid
+        if atime is not None:
+            out["atime"] = atime
+        if mtime is not None:
+            out["mtime"] = mtime
+        return out
 
     # ------------------------------------------------------------------ directory
 
@@ -684,9 +720,7 @@ class Filesystem:
 
         entries = await self.meta.read(q)
         for _, _, a in entries:
-            of = self.files.get(a.ino)
-            if of is not None and of.modified:
-                a.size, a.mtime = of.size, max(a.mtime, of.mtime)
+            self._overlay(a)
         return entries
 
     # ------------------------------------------------------------------ xattrs
@@ -868,6 +902,9 @@ class Filesystem:
         of.size = max(of.size, off + len(data))
         of.mtime = time.time_ns()
         of.modified = True
+        if of.deferred:  # a write after utimens: the write's time wins, as on a local disk
+            of.deferred.pop("mtime", None)
+            of.deferred.pop("ctime", None)
         if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
             before = of.dirty.nbytes
             for iv in of.dirty.take_full_blocks(self.block_size):
@@ -1056,14 +1093,21 @@ class Filesystem:
                 return
             pend = list(of.pending)
             size, mtime = of.size, of.mtime
+            deferred = dict(of.deferred)
 
             def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
                 if view.getattr(of.ino) is None:
                     return [], None
                 ext = [p.ext.to_json() for p in pend]
-                return [{"o": "w", "ino": of.ino, "ext": ext, "size": size, "t": mtime}], None
+                ops: list[Op] = [{"o": "w", "ino": of.ino, "ext": ext, "size": size, "t": mtime}]
+                if deferred:
+                    ops.append({"o": "attr", "ino": of.ino, **deferred})
+                return ops, None
 
             await self._submit(plan)
+            for k, v in deferred.items():
+                if of.deferred.get(k) == v:
+                    del of.deferred[k]
             del of.pending[: len(pend)]
             if not of.pending and not of.dirty:
                 of.modified = False

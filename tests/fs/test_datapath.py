@@ -5,6 +5,7 @@ nothing extra for random ones). Requests are counted by a FaultyStore wrapper.""
 from __future__ import annotations
 
 import os
+import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -18,7 +19,7 @@ from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from tests.fs.conftest import FsFactory
-from tests.fs.test_posix import write_file
+from tests.fs.test_posix import ROOT, write_file
 
 BS = 64 * 1024  # the block size of the fs fixtures
 
@@ -166,3 +167,62 @@ async def test_random_reads_fetch_only_what_they_need(
         await trio.sleep(0.05)
         await fs.release(fh)
     assert len(data_gets(counted)) == 4
+
+
+async def test_attribute_changes_ride_with_the_data_commit(
+    store: ObjectStore, make_fs: FsFactory
+) -> None:
+    """tar, cp -p and rsync write a file, then set its times, owner and mode before
+    closing it: with writes still unflushed those changes are committed in the same log
+    entry as the data, while this mount shows them at once and others see them at close."""
+    counted = FaultyStore(store)
+    a = await make_fs(on=counted)
+    b = await make_fs()
+    counted.requests.clear()
+    fh, attr = await a.create(ROOT_INO, b"f", 0o600, os.O_WRONLY, ROOT)
+    await a.write(fh, 0, b"data")
+    t = 1_000_000_000 * 10**9
+    await a.setattr(attr.ino, ROOT, atime=t, mtime=t + 5)
+    await a.setattr(attr.ino, ROOT, uid=1000, gid=1000)
+    now = await a.setattr(attr.ino, ROOT, mode=0o4755)
+    assert (now.mode & 0o7777, now.uid, now.gid, now.mtime, now.size) == (
+        0o4755,
+        1000,
+        1000,
+        t + 5,
+        4,
+    )
+    assert (await a.getattr(attr.ino)).mtime == t + 5
+    await a.flush(fh)
+    await a.release(fh)
+    log_puts = [k for op, k in counted.requests if op == "put_if_absent" and k.startswith("log/")]
+    assert len(log_puts) == 2  # the create, then data + attributes together
+    await b.meta.catch_up()
+    seen = await b.getattr(attr.ino)
+    assert (seen.mode & 0o7777, seen.uid, seen.gid, seen.atime, seen.mtime, seen.size) == (
+        0o4755,
+        1000,
+        1000,
+        t,
+        t + 5,
+        4,
+    )
+    # A write after utimens: the write's time wins, as on a local disk.
+    fh, _ = await a.open(attr.ino, os.O_WRONLY)
+    await a.write(fh, 0, b"more")
+    await a.setattr(attr.ino, ROOT, mtime=t)
+    before = time.time_ns()
+    await a.write(fh, 4, b"!")
+    await a.release(fh)
+    await b.meta.catch_up()
+    seen = await b.getattr(attr.ino)
+    assert seen.mtime >= before and seen.size == 5
+    # chown of a setuid file clears set-user-ID, deferred or not.
+    fh, _ = await a.open(attr.ino, os.O_WRONLY)
+    await a.write(fh, 0, b"x")
+    await a.setattr(attr.ino, ROOT, mode=0o4755)
+    cleared = await a.setattr(attr.ino, ROOT, uid=0)
+    assert cleared.mode & 0o7777 == 0o755
+    await a.release(fh)
+    await b.meta.catch_up()
+    assert (await b.getattr(attr.ino)).mode & 0o7777 == 0o755
