@@ -49,10 +49,16 @@ class BlockIO:
         cache: BlockCache,
         concurrency: int = 16,
         memory_bytes: int = 128 * 1024 * 1024,
+        cache_writes_below: int = 1024 * 1024,
     ) -> None:
         self.store = store
         self.cache = cache
         self.memory_bytes = memory_bytes
+        # Uploaded blocks this size or larger (whole blocks of big sequential writes) are
+        # not written to the disk cache: that doubled the disk writes of every large
+        # write (JuiceFS does the same by default); the page cache and the in-memory LRU
+        # still serve an immediate re-read. Small files and tails are cached.
+        self.cache_writes_below = cache_writes_below
         # Verified blocks in memory: a FUSE read is at most 1 MiB, a block up to 64 MiB,
         # so sequential reads hit the same block many times; verify it once, not each time.
         self._mem: cachetools.LRUCache[str, bytes] = cachetools.LRUCache(
@@ -73,7 +79,8 @@ class BlockIO:
             await self.store.put(key, data)
         self.bytes_up += len(data)
         self._remember(key, data)
-        self.cache.offer(key, data)
+        if len(data) < self.cache_writes_below:
+            self.cache.offer(key, data)
         return key, h
 
     async def _hash(self, data: bytes) -> str:
