@@ -50,6 +50,7 @@ MAX_BATCH = 512
 # randomised back-off so a losing mount eventually wins) until this deadline.
 CONFLICT_DEADLINE = 120.0
 PUT_RETRIES = 6
+FAIRNESS_PAUSE = 0.005  # seconds, at most, between commits while other mounts commit
 INO_RANGE = 1024
 
 
@@ -128,6 +129,10 @@ class MetaLog:
         self.writer: View
         self.reader: View
         self.broken: str | None = None  # set when the log cannot be applied
+        # The position of the view as last committed to SQLite, kept in Python: read
+        # without touching the writer connection, which a worker thread may be using.
+        self._seq = 0
+        self._others_active_until = 0.0  # trio time until which other mounts count as busy
         self.last_checkpoint = 0
         self.commits = 0
         self.entries_written = 0
@@ -139,6 +144,7 @@ class MetaLog:
         await trio.to_thread.run_sync(self._open_local)
         if not await trio.to_thread.run_sync(self.writer.initialised):
             await self._load_initial()
+        self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
         await self.catch_up(check_trimmed=True)
 
     def _open_local(self) -> None:
@@ -208,37 +214,54 @@ class MetaLog:
 
     @property
     def applied_seq(self) -> int:
-        return self.writer.applied_seq
+        return self._seq
 
     # ---------------------------------------------------------------------- catch-up
 
     async def catch_up(self, check_trimmed: bool = False) -> int:
         """Apply every entry up to the log head; return how many were applied.
 
-        Concurrent callers share work: a caller returns once a catch-up that *started
-        after it was called* has finished, which is what close-to-open needs.
+        The common case, nothing new, costs one GET of the next position and does not
+        wait for the writer lock: a lookup must not queue behind a commit in flight (it
+        would also keep concurrent creates from reaching the same group commit). A 404
+        there proves the view was at the head at a moment after this call began, which is
+        what close-to-open needs. Otherwise concurrent callers share work: a caller
+        returns once a catch-up that *started after it was called* has finished.
         `check_trimmed` also verifies (one more request) that the log was not trimmed
         past this view while it was away; open() and the poller ask for it."""
         ticket = self._catchups_started
+        first: tuple[int, bytes] | None = None
+        if not check_trimmed:
+            seq = self._seq + 1
+            try:
+                first = (seq, await self.store.get(log_key(seq)))
+            except NotFound:
+                return 0
         async with self._wlock:
             if self._catchups_done_from > ticket and not check_trimmed:
                 return 0
             self._catchups_started += 1
             start = self._catchups_started
-            n = await self._catch_up_locked(check_trimmed)
+            n = await self._catch_up_locked(check_trimmed, first)
             self._catchups_done_from = start
             return n
 
-    async def _catch_up_locked(self, check_trimmed: bool = False) -> int:
+    async def _catch_up_locked(
+        self, check_trimmed: bool = False, first: tuple[int, bytes] | None = None
+    ) -> int:
         applied = 0
         while True:
-            seq = self.writer.applied_seq + 1
-            try:
-                blob = await self.store.get(log_key(seq))
-            except NotFound:
-                if applied == 0 and check_trimmed:
-                    await self._check_trimmed(seq)
-                return applied
+            seq = self._seq + 1
+            if first is not None and first[0] == seq:
+                blob = first[1]
+            else:
+                try:
+                    blob = await self.store.get(log_key(seq))
+                except NotFound:
+                    if applied == 0 and check_trimmed:
+                        await self._check_trimmed(seq)
+                    return applied
+            first = None
             await self._apply_remote(seq, blob)
             applied += 1
 
@@ -281,6 +304,8 @@ class MetaLog:
             self.broken = str(e)
             log.error("cannot apply the metadata log: %s", e)
             raise
+        self._seq = seq
+        self._others_active_until = trio.current_time() + 1.0
         self.on_apply(res, True)
 
     # ------------------------------------------------------------------------ commit
@@ -305,6 +330,12 @@ class MetaLog:
             if not self._queue:
                 self._wake = trio.Event()
                 await self._wake.wait()
+            if trio.current_time() < self._others_active_until:
+                # Other mounts are committing too. The mount that just won a position is
+                # already at the head with its next batch ready, so without a pause it
+                # would win again and again (measured: 24 vs 1,775 creates in 10 s with
+                # two mounts); a short random pause lets a loser's retry land first.
+                await trio.sleep(random.uniform(0, FAIRNESS_PAUSE))
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 await self._commit_batch(batch)
@@ -356,6 +387,7 @@ class MetaLog:
                     self.writer.commit()
 
                 await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
+                self._seq = seq
                 self.commits += len(batch)
                 self.entries_written += 1
                 self.on_apply(res, False)
