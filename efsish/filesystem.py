@@ -124,6 +124,7 @@ class Options:
     readahead_blocks: int = 2  # initial readahead window of a sequential reader
     readahead_max_bytes: int = 64 * 1024**2  # the window doubles up to this
     atime: bool = True  # relatime (batched); False = noatime
+    writeback_interval: float = 5.0  # commit a file's writes at most this long after them
     checkpoint_every: int = 1000
     gc_interval: float = 3600.0
     stats_file: Path | None = None
@@ -166,6 +167,7 @@ class OpenFile:
     # chmod/chown/utimens made while this mount holds unflushed writes to the file: they
     # are committed in the same log entry as those writes (at close/fsync), like the data.
     deferred: dict[str, int] = field(default_factory=dict)
+    dirty_since: float = 0.0  # monotonic time of the oldest change not yet committed
 
 
 def _check_name(name: bytes) -> None:
@@ -229,6 +231,7 @@ class Filesystem:
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
         nursery.start_soon(self._atime_committer)
+        nursery.start_soon(self._writeback)
 
     async def shutdown(self) -> None:
         """Flush every open file; the caller cancels the nursery afterwards."""
@@ -839,6 +842,33 @@ class Filesystem:
             self._atime_due[ino] = time.time_ns()
         return fh, keep
 
+    async def _writeback(self) -> None:
+        """Commit the writes of files held open for long: like the kernel's dirty-page
+        writeback, data written to a file that stays open (a log, a database) becomes
+        durable and visible to other mounts within about `writeback_interval` seconds,
+        not only at close/fsync. Errors are logged; the writer sees them at close/fsync."""
+        interval = self.opts.writeback_interval
+        while True:
+            await trio.sleep(interval / 2)
+            now = time.monotonic()
+            for of in list(self.files.values()):
+                if (
+                    of.modified
+                    and of.orphan is None
+                    and now - of.dirty_since >= interval
+                    and not of.flush_lock.locked()
+                    and self._nursery is not None
+                ):
+                    self._nursery.start_soon(self._background_flush, of)
+
+    async def _background_flush(self, of: OpenFile) -> None:
+        try:
+            await self._flush_file(of)
+        except EfsishError as e:
+            log.warning("background commit of inode %d failed: %s", of.ino, e)
+            if of.error is None:
+                of.error = e  # reported to the writer by its next write/fsync/close
+
     async def _atime_committer(self) -> None:
         while True:
             await trio.sleep(ATIME_BATCH)
@@ -901,6 +931,8 @@ class Filesystem:
         self._dirty_total += of.dirty.nbytes - before
         of.size = max(of.size, off + len(data))
         of.mtime = time.time_ns()
+        if not of.modified:
+            of.dirty_since = time.monotonic()
         of.modified = True
         if of.deferred:  # a write after utimens: the write's time wins, as on a local disk
             of.deferred.pop("mtime", None)
@@ -1088,7 +1120,7 @@ class Filesystem:
                 await p.done.wait()
             if of.error is not None:
                 err, of.error = of.error, None
-                raise FsError(f"upload failed: {err}", errno.EIO)
+                raise FsError(f"upload or commit failed: {err}", errno.EIO)
             if not of.modified:
                 return
             pend = list(of.pending)

@@ -226,3 +226,32 @@ async def test_attribute_changes_ride_with_the_data_commit(
     await a.release(fh)
     await b.meta.catch_up()
     assert (await b.getattr(attr.ino)).mode & 0o7777 == 0o755
+
+
+async def test_writes_to_a_file_held_open_are_committed_in_the_background(
+    make_fs: FsFactory,
+) -> None:
+    """Like the kernel's dirty-page writeback: a file that stays open (a log, a database)
+    has its writes committed, visible to other mounts, within the writeback interval."""
+    a = await make_fs(writeback_interval=0.2)
+    b = await make_fs()
+    fh, attr = await a.create(ROOT_INO, b"log", 0o644, os.O_WRONLY, ROOT)
+    await a.write(fh, 0, b"first line\n")
+    await a.setattr(attr.ino, ROOT, mode=0o640)  # deferred with the data
+    with trio.fail_after(5):
+        while True:
+            await trio.sleep(0.05)
+            await b.meta.catch_up()
+            seen = await b.getattr(attr.ino)
+            if seen.size == 11:
+                break
+    assert seen.mode & 0o777 == 0o640
+    fh2, _ = await b.open(attr.ino, os.O_RDONLY)
+    assert await b.read(fh2, 0, 100) == b"first line\n"
+    await b.release(fh2)
+    await a.write(fh, 11, b"second\n")  # still open: the next change goes the same way
+    with trio.fail_after(5):
+        while (await b.getattr(attr.ino)).size != 18:
+            await trio.sleep(0.05)
+            await b.meta.catch_up()
+    await a.release(fh)
