@@ -139,6 +139,7 @@ class Pending:
 
     ext: Extent
     done: trio.Event = field(default_factory=trio.Event)
+    failed: bool = False  # the upload failed: the next flush uploads it again
 
 
 @dataclass
@@ -974,6 +975,7 @@ class Filesystem:
             p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h)
         except StoreError as e:
             log.error("upload of a block of inode %d failed: %s", of.ino, e)
+            p.failed = True
             of.error = e
         finally:
             self._dirty_total -= len(data)
@@ -1116,6 +1118,12 @@ class Filesystem:
                 for i in range(0, len(data), self.block_size):
                     self._start_upload(of, iv.off + i, data[i : i + self.block_size])
             self._dirty_total -= before
+            for p in of.pending:
+                if p.failed and p.done.is_set():  # an earlier upload failed: try again
+                    p.failed, p.done = False, trio.Event()
+                    self._dirty_total += p.ext.len
+                    assert self._nursery is not None
+                    self._nursery.start_soon(self._upload, of, p)
             for p in list(of.pending):
                 await p.done.wait()
             if of.error is not None:

@@ -4,18 +4,21 @@ nothing extra for random ones). Requests are counted by a FaultyStore wrapper.""
 
 from __future__ import annotations
 
+import errno
 import os
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
+import pytest
 import trio
 
 from efsish.data.cache import BlockCache
+from efsish.errors import FsError
 from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ROOT_INO
+from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from tests.fs.conftest import FsFactory
@@ -255,3 +258,28 @@ async def test_writes_to_a_file_held_open_are_committed_in_the_background(
             await trio.sleep(0.05)
             await b.meta.catch_up()
     await a.release(fh)
+
+
+async def test_failed_upload_is_retried_by_the_next_flush(
+    store: ObjectStore, make_fs: FsFactory
+) -> None:
+    """A failed block upload makes fsync fail with EIO, loses nothing, and the next fsync
+    uploads the block again (it is never committed inline in the log instead)."""
+    faulty = FaultyStore(store, FaultPlan(fail_after=0, ops=frozenset({"put"})))
+    a = await make_fs(on=faulty)
+    data = os.urandom(5 * BS + 10)
+    fh, attr = await a.create(ROOT_INO, b"f", 0o644, os.O_WRONLY, ROOT)
+    await a.write(fh, 0, data)
+    with pytest.raises(FsError) as e:
+        await a.fsync(fh)
+    assert e.value.errno == errno.EIO
+    faulty.plan = FaultPlan()  # the store recovers
+    await a.fsync(fh)
+    await a.release(fh)
+    exts = await a.meta.read(View.extents, attr.ino, 0, len(data))
+    assert all(x.key is not None for x in exts if x.len > 16 * 1024)
+    b = await make_fs()
+    await b.meta.catch_up()
+    fh, _ = await b.open(attr.ino, os.O_RDONLY)
+    assert await b.read(fh, 0, len(data) + 1) == data
+    await b.release(fh)
