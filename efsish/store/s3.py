@@ -35,6 +35,7 @@ from efsish.errors import (
     TransientStoreError,
 )
 from efsish.store.base import ObjectInfo, ObjectStore, check_key, range_past_end
+from efsish.store.s3lean import LeanS3, Response
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +129,29 @@ class S3Store(ObjectStore):
             verify=verify_tls,
         )
         self._limiter = trio.CapacityLimiter(concurrency)
+        # Small GET/HEAD/conditional PUT go through a lean signed path (s3lean.py) when
+        # the endpoint is addressed path-style; anything unusual falls back to boto3.
+        self._lean: LeanS3 | None = None
+        if self.endpoint and path_style and os.environ.get("EFSISH_S3_LEAN", "1") != "0":
+            self._lean = LeanS3(
+                self.endpoint,
+                self.bucket,
+                self._client.meta.region_name,
+                session.get_credentials,
+                verify_tls=verify_tls,
+                connect_timeout=connect_timeout,
+                read_timeout=read_timeout,
+                pool_size=concurrency,
+            )
+
+    async def _lean_call(
+        self, method: str, full: str, body: bytes = b"", headers: dict[str, str] | None = None
+    ) -> Response | None:
+        if self._lean is None:
+            return None
+        return await trio.to_thread.run_sync(
+            self._lean.request, method, full, body, headers, limiter=self._limiter
+        )
 
     # ------------------------------------------------------------------------ helpers
 
@@ -208,6 +232,13 @@ class S3Store(ObjectStore):
             if range_past_end(info.size, start):
                 raise NotFound(key)
             return b""
+        if start is None and end is None:
+            r = await self._lean_call("GET", full)
+            if r is not None:
+                if r.status == 200:
+                    return r.body
+                if r.status == 404 and b"NoSuchBucket" not in r.body:
+                    raise NotFound(key)
         kwargs: dict[str, Any] = {"Bucket": self.bucket, "Key": full}
         if start is not None or end is not None:
             s = start or 0
@@ -256,8 +287,10 @@ class S3Store(ObjectStore):
         full = self._k(key)
         payload = bytes(data)
         crc = _crc32(payload)
-        for attempt in range(CONFLICT_RETRIES):
-            try:
+
+        async def attempt() -> None:
+            r = await self._lean_call("PUT", full, payload, {"If-None-Match": "*"})
+            if r is None:
                 await self._call(
                     key,
                     self._client.put_object,
@@ -267,6 +300,16 @@ class S3Store(ObjectStore):
                     ChecksumCRC32=crc,
                     IfNoneMatch="*",
                 )
+            elif r.status == 412:
+                raise PreconditionFailed(key)
+            elif r.status == 409:
+                raise TransientStoreError(f"{key}: 409 ConditionalRequestConflict")
+            elif r.status not in (200, 204):
+                raise TransientStoreError(f"{key}: unexpected status {r.status}")
+
+        for attempt_no in range(CONFLICT_RETRIES):
+            try:
+                await attempt()
                 return
             except PreconditionFailed:
                 # A retry of our own request may have hit its earlier success: idempotent.
@@ -280,10 +323,17 @@ class S3Store(ObjectStore):
                 # 409 ConditionalRequestConflict: another conditional write was in flight.
                 if "ConditionalRequestConflict" not in str(e) and "409" not in str(e):
                     raise
-                await trio.sleep(random.uniform(0.01, 0.05) * (2**attempt))
+                await trio.sleep(random.uniform(0.01, 0.05) * (2**attempt_no))
         raise TransientStoreError(f"{key}: conditional create kept conflicting; try again")
 
     async def head(self, key: str) -> ObjectInfo:
+        r = await self._lean_call("HEAD", self._k(key))
+        if r is not None:
+            if r.status == 200:
+                size = int(r.headers.get("content-length", "0"))
+                return ObjectInfo(key, size, r.headers.get("etag", "").strip('"'))
+            if r.status == 404:
+                raise NotFound(key)
         resp = await self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._k(key))
         return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")).strip('"'))
 
@@ -339,3 +389,5 @@ class S3Store(ObjectStore):
 
     async def aclose(self) -> None:
         self._client.close()
+        if self._lean is not None:
+            self._lean.close()

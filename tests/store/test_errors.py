@@ -10,7 +10,12 @@ from typing import Any
 import pytest
 
 from efsish.devtools import s3server
-from efsish.errors import NotFound, StoreConfigError, TransientStoreError
+from efsish.errors import (
+    NotFound,
+    PreconditionFailed,
+    StoreConfigError,
+    TransientStoreError,
+)
 from efsish.store import StoreOptions, open_store
 from efsish.store.s3 import S3Store
 
@@ -100,3 +105,33 @@ async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
         await store.put("data/always", data)
     with pytest.raises(NotFound):
         await store.get("data/always")
+
+
+@pytest.mark.integration
+async def test_lean_requests_and_their_fallback(seaweedfs_target, monkeypatch) -> None:
+    """Small GET/HEAD/conditional PUT take the lean signed path; an error status goes
+    through boto3 again, so the error still says what to fix."""
+    store = open_store(f"s3://{seaweedfs_target.bucket}/lean", seaweedfs_target.options())
+    assert isinstance(store, S3Store) and store._lean is not None
+    await store.put_if_absent("log/1", b"x")
+    with pytest.raises(PreconditionFailed):
+        await store.put_if_absent("log/1", b"y")
+    await store.put_if_absent("log/1", b"x")  # our own earlier success: idempotent
+    assert await store.get("log/1") == b"x"
+    assert (await store.head("log/1")).size == 1
+    with pytest.raises(NotFound):
+        await store.get("log/2")
+    with pytest.raises(NotFound):
+        await store.head("log/2")
+    assert store._lean.requests >= 7
+    assert store._lean.fallbacks == 0
+    missing = open_store("s3://no-such-bucket-lean/x", seaweedfs_target.options())
+    with pytest.raises(StoreConfigError, match="does not exist"):
+        await missing.get("log/1")
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
+    bad = open_store(f"s3://{seaweedfs_target.bucket}/lean", seaweedfs_target.options())
+    assert isinstance(bad, S3Store) and bad._lean is not None
+    with pytest.raises(StoreConfigError, match=r"credentials|access denied"):
+        await bad.get("log/1")
+    assert bad._lean.fallbacks >= 1
