@@ -280,7 +280,11 @@ class Filesystem:
                 if time.monotonic() - last_measure > STORED_REMEASURE:
                     last_measure = time.monotonic()
                     stored = (await self.meta.read(View.stats))[1]
-                await self.metering.sync(await self._read_heartbeats(), stored)
+                others = await self._read_heartbeats()
+                recent = time.time_ns() - int(5 * self.opts.heartbeat_interval * 1e9)
+                if any(hb.get("starving") and int(hb.get("t", 0)) > recent for hb in others):
+                    self.meta.make_room(2 * self.opts.heartbeat_interval)
+                await self.metering.sync(others, stored)
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
             await trio.sleep(self.opts.heartbeat_interval)
@@ -309,6 +313,7 @@ class Filesystem:
                     "version": __version__,
                     "pid": os.getpid(),
                     "applied_seq": self.meta.applied_seq,
+                    "starving": self.meta.starving,
                     "held": self.held_blocks(),
                     **self.metering.heartbeat_fields(),
                     "t": time.time_ns(),

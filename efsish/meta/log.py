@@ -50,7 +50,9 @@ MAX_BATCH = 512
 # randomised back-off so a losing mount eventually wins) until this deadline.
 CONFLICT_DEADLINE = 120.0
 PUT_RETRIES = 6
-FAIRNESS_PAUSE = 0.005  # seconds, at most, between commits while other mounts commit
+FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount starves
+STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
+CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
 INO_RANGE = 1024
 
 
@@ -132,7 +134,8 @@ class MetaLog:
         # The position of the view as last committed to SQLite, kept in Python: read
         # without touching the writer connection, which a worker thread may be using.
         self._seq = 0
-        self._others_active_until = 0.0  # trio time until which other mounts count as busy
+        self._polite_until = 0.0  # trio time until which to pause between commits
+        self._starving_until = 0.0  # trio time until which this mount reports starving
         self.last_checkpoint = 0
         self.commits = 0
         self.entries_written = 0
@@ -264,6 +267,10 @@ class MetaLog:
             first = None
             await self._apply_remote(seq, blob)
             applied += 1
+            if applied == CHASING_AFTER:
+                # Another mount writes entries as fast as this one can apply them: say
+                # so in the heartbeat (a commit of ours waiting behind this would starve).
+                self._starving_until = trio.current_time() + 3.0
 
     async def _check_trimmed(self, seq: int) -> None:
         """If log entries below the head were trimmed past us, reload a checkpoint."""
@@ -305,7 +312,6 @@ class MetaLog:
             log.error("cannot apply the metadata log: %s", e)
             raise
         self._seq = seq
-        self._others_active_until = trio.current_time() + 1.0
         self.on_apply(res, True)
 
     # ------------------------------------------------------------------------ commit
@@ -330,12 +336,13 @@ class MetaLog:
             if not self._queue:
                 self._wake = trio.Event()
                 await self._wake.wait()
-            if trio.current_time() < self._others_active_until:
-                # Other mounts are committing too. The mount that just won a position is
-                # already at the head with its next batch ready, so without a pause it
-                # would win again and again (measured: 24 vs 1,775 creates in 10 s with
-                # two mounts); a short random pause lets a loser's retry land first.
-                await trio.sleep(random.uniform(0, FAIRNESS_PAUSE))
+            if trio.current_time() < self._polite_until:
+                # Another mount reports that it keeps losing the race for the next log
+                # position. The mount that just won is already at the head with its next
+                # batch ready, so without a pause it would win again and again (measured:
+                # 24 vs 1,775 creates in 10 s with two mounts); a short random pause lets
+                # the loser's retry land first.
+                await trio.sleep(FAIRNESS_PAUSE * random.uniform(0.5, 1.0))
             batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
             try:
                 await self._commit_batch(batch)
@@ -374,8 +381,14 @@ class MetaLog:
                 except PreconditionFailed:
                     await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
                     self._ino_next, self._ino_end = saved_range
+                    if attempt >= STARVING_AFTER:
+                        self._starving_until = trio.current_time() + 3.0
                     await self._catch_up_locked()
-                    await trio.sleep(random.uniform(0, min(0.2, 0.002 * 2 ** min(attempt, 7))))
+                    if attempt > 2:
+                        # Several losers at once: spread them out, briefly. (A long,
+                        # growing back-off only hands the next position to the winner,
+                        # which is why winners pause instead; see `run`.)
+                        await trio.sleep(random.uniform(0, 0.005))
                     continue
                 except BaseException:
                     await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
@@ -396,6 +409,16 @@ class MetaLog:
             raise TransientStoreError(
                 f"could not claim a log position in {CONFLICT_DEADLINE:.0f}s ({attempt} conflicts)"
             )
+
+    @property
+    def starving(self) -> bool:
+        """This mount lost the race for the log position several times in a row lately
+        (published in its heartbeat, so that the others make room)."""
+        return trio.current_time() < self._starving_until
+
+    def make_room(self, seconds: float) -> None:
+        """Another mount is starving: pause briefly between commits for `seconds`."""
+        self._polite_until = max(self._polite_until, trio.current_time() + seconds)
 
     def _plan(
         self, batch: list[_Pending[Any]]

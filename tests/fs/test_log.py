@@ -182,3 +182,34 @@ async def test_log_entries_are_checksummed() -> None:
     with pytest.raises(Exception, match=r"corrupt|damaged"):
         codec.decode_json(b"L", bad)
     assert LOG_PREFIX == "log/" and CKPT_PREFIX == "checkpoints/"
+
+
+async def test_two_busy_mounts_share_the_log_fairly(store: ObjectStore, make_fs) -> None:
+    """Two mounts creating files as fast as they can, each with 4 creators: neither may
+    starve. (Before the winner paused for a starving loser, one mount made thousands of
+    creates while the other made none at all in 6 s.)"""
+    counts = [0, 0]
+    fss = []
+    for i in range(2):
+        slow = FaultyStore(
+            store,
+            FaultPlan(
+                latency=0.002, jitter=0.001, ops=frozenset({"put_if_absent", "get", "head"}), seed=i
+            ),
+        )
+        fss.append(await make_fs(on=slow, poll_interval=0.5, heartbeat_interval=0.2))
+    dirs = [(await fs.mkdir(ROOT_INO, b"d%d" % i, 0o755, Ctx())).ino for i, fs in enumerate(fss)]
+
+    async def creator(i: int, t: int) -> None:
+        k = 0
+        while True:
+            await fss[i].mknod(dirs[i], b"f%d-%d" % (t, k), stat.S_IFREG | 0o644, Ctx())
+            k += 1
+            counts[i] += 1
+
+    with trio.move_on_after(5):
+        async with trio.open_nursery() as n:
+            for i in range(2):
+                for t in range(4):
+                    n.start_soon(creator, i, t)
+    assert min(counts) >= 0.25 * sum(counts), counts
