@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import threading
 import zlib
 from typing import Any
 
@@ -23,7 +24,18 @@ MAGIC = b"EFSISH\x01"
 KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat", b"T": "throughput"}
 _HDR = len(MAGIC) + 1 + 16
 
-_cctx = zstandard.ZstdCompressor(level=3)
+# zstandard's compressor objects are not thread-safe, and objects are encoded both on
+# the event loop (heartbeats) and in worker threads (log entries, checkpoints): sharing
+# one made concurrent compressions fail ("Src size is incorrect") and could produce
+# garbage. One compressor per thread.
+_local = threading.local()
+
+
+def _compressor() -> zstandard.ZstdCompressor:
+    c: zstandard.ZstdCompressor | None = getattr(_local, "cctx", None)
+    if c is None:
+        c = _local.cctx = zstandard.ZstdCompressor(level=3)
+    return c
 
 
 def checksum(data: bytes) -> bytes:
@@ -54,7 +66,7 @@ def block_matches(data: bytes, hash_: str) -> bool:
 
 def encode(kind: bytes, payload: bytes) -> bytes:
     assert kind in KINDS
-    return MAGIC + kind + checksum(payload) + _cctx.compress(payload)
+    return MAGIC + kind + checksum(payload) + _compressor().compress(payload)
 
 
 def decode(kind: bytes, blob: bytes, what: str = "object", max_size: int = 1 << 31) -> bytes:

@@ -270,6 +270,10 @@ class Filesystem:
                     )
             except EfsishError as e:
                 log.warning("background catch-up failed: %s", e)
+            except Exception:
+                # A bug here must not take the mount (and everyone's unflushed writes)
+                # down with it: say so loudly and keep serving.
+                log.exception("background catch-up crashed; the mount keeps running")
 
     async def _heartbeat(self) -> None:
         stored = (await self.meta.read(View.stats))[1]
@@ -287,6 +291,8 @@ class Filesystem:
                 await self.metering.sync(others, stored)
             except StoreError as e:
                 log.warning("heartbeat failed: %s", e)
+            except Exception:
+                log.exception("heartbeat crashed; the mount keeps running")
             await trio.sleep(self.opts.heartbeat_interval)
 
     async def _read_heartbeats(self) -> list[dict[str, Any]]:
@@ -870,7 +876,9 @@ class Filesystem:
     async def _background_flush(self, of: OpenFile) -> None:
         try:
             await self._flush_file(of)
-        except EfsishError as e:
+        except Exception as e:
+            if not isinstance(e, EfsishError):
+                log.exception("background commit of inode %d crashed", of.ino)
             log.warning("background commit of inode %d failed: %s", of.ino, e)
             if of.error is None:
                 of.error = e  # reported to the writer by its next write/fsync/close
@@ -900,6 +908,8 @@ class Filesystem:
             await self.meta.submit(plan)
         except EfsishError as e:
             log.debug("atime update of %d files failed: %s", len(due), e)
+        except Exception:
+            log.exception("atime update of %d files crashed", len(due))
 
     async def create(
         self, parent: int, name: bytes, mode: int, flags: int, ctx: Ctx

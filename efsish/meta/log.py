@@ -455,7 +455,11 @@ class MetaLog:
         if not ops:
             return seq, None, res, outcomes
         entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": t_entry, "ops": ops}
-        return seq, codec.encode_json(b"L", entry), res, outcomes
+        blob = codec.encode_json(b"L", entry)
+        # A log entry is shared and permanent: one that does not decode would stop every
+        # mount at this position. Check the bytes before they can be PUT.
+        codec.decode(b"L", blob, "the log entry being written")
+        return seq, blob, res, outcomes
 
     async def _stale(self, seq: int) -> bool:
         """True if log entry `seq` already exists (this view is behind the head)."""

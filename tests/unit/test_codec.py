@@ -3,8 +3,11 @@
 from __future__ import annotations
 
 import hashlib
+import os
 import zlib
+from concurrent.futures import ThreadPoolExecutor
 
+from efsish import codec
 from efsish.codec import block_hash, block_matches
 
 
@@ -30,3 +33,17 @@ def test_blocks_written_by_earlier_versions_still_verify() -> None:
     ):
         assert block_matches(data, old)
         assert not block_matches(b"older blocK", old)
+
+
+def test_encoding_from_many_threads_at_once() -> None:
+    """Objects are encoded on the event loop and in worker threads at the same time; a
+    shared zstd compressor broke under that ("Src size is incorrect")."""
+    payloads = [os.urandom(64) * (i % 50 + 1) for i in range(400)]
+
+    def work(chunk: list[bytes]) -> list[bytes]:
+        return [codec.encode(b"L", p) for p in chunk]
+
+    with ThreadPoolExecutor(8) as pool:
+        blobs = [b for part in pool.map(work, [payloads[i::8] for i in range(8)]) for b in part]
+    expected = [p for i in range(8) for p in payloads[i::8]]
+    assert [codec.decode(b"L", b) for b in blobs] == expected
