@@ -36,6 +36,7 @@ from efsish.errors import (
 )
 from efsish.store.base import ObjectInfo, ObjectStore, check_key, range_past_end
 from efsish.store.s3lean import LeanS3, Response
+from efsish.store.s3lean import usable_for as lean_usable_for
 
 log = logging.getLogger(__name__)
 
@@ -132,7 +133,12 @@ class S3Store(ObjectStore):
         # Small GET/HEAD/conditional PUT go through a lean signed path (s3lean.py) when
         # the endpoint is addressed path-style; anything unusual falls back to boto3.
         self._lean: LeanS3 | None = None
-        if self.endpoint and path_style and os.environ.get("EFSISH_S3_LEAN", "1") != "0":
+        if (
+            self.endpoint
+            and path_style
+            and os.environ.get("EFSISH_S3_LEAN", "1") != "0"
+            and lean_usable_for(self.endpoint)
+        ):
             self._lean = LeanS3(
                 self.endpoint,
                 self.bucket,

@@ -17,10 +17,12 @@ path-less (virtual-hosted) addressing or multipart bodies.
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlsplit
+from urllib.request import getproxies, proxy_bypass
 
 import urllib3
 from botocore.auth import S3SigV4Auth
@@ -29,6 +31,15 @@ from botocore.awsrequest import AWSRequest
 log = logging.getLogger(__name__)
 
 PLAIN_STATUSES = frozenset({200, 204, 404, 409, 412})
+GIVE_UP_AFTER = 5  # connection failures before any success: leave it all to boto3
+
+
+def usable_for(endpoint: str) -> bool:
+    """Whether the lean path can talk to `endpoint` as boto3 would: not through a proxy
+    (boto3 honours HTTP(S)_PROXY; this path does not)."""
+    parts = urlsplit(endpoint)
+    proxies = getproxies()
+    return not (parts.scheme in proxies and not proxy_bypass(parts.hostname or ""))
 
 
 @dataclass
@@ -56,15 +67,22 @@ class LeanS3:
         self.base = f"{endpoint.rstrip('/')}/{quote(bucket, safe='')}/"
         self.region = region
         self._credentials = credentials
+        tls: dict[str, Any] = {"cert_reqs": "CERT_REQUIRED" if verify_tls else "CERT_NONE"}
+        if verify_tls:
+            # The same CA bundle boto3 would use: AWS_CA_BUNDLE, else botocore's default.
+            from botocore.httpsession import get_cert_path
+
+            tls["ca_certs"] = os.environ.get("AWS_CA_BUNDLE") or get_cert_path(True)
         self._pool = urllib3.PoolManager(
             num_pools=4,
             maxsize=pool_size,
             retries=False,
             timeout=urllib3.Timeout(connect=connect_timeout, read=read_timeout),
-            cert_reqs="CERT_REQUIRED" if verify_tls else "CERT_NONE",
+            **tls,
         )
         self.requests = 0
         self.fallbacks = 0
+        self.disabled = False
 
     def close(self) -> None:
         self._pool.clear()
@@ -75,7 +93,7 @@ class LeanS3:
         """Send one request for `key` (the full key, prefix included); None means "ask
         boto3 instead" (an error status, a connection failure, no credentials)."""
         creds = self._credentials()
-        if creds is None:
+        if creds is None or self.disabled:
             return None
         url = self.base + quote(key, safe="/~")
         req = AWSRequest(method=method, url=url, data=body, headers=dict(headers or {}))
@@ -92,6 +110,9 @@ class LeanS3:
         except (urllib3.exceptions.HTTPError, OSError, ValueError) as e:
             log.debug("lean %s %s failed (%s); falling back to boto3", method, key, e)
             self.fallbacks += 1
+            if self.requests == 0 and self.fallbacks >= GIVE_UP_AFTER:
+                log.info("lean S3 requests keep failing (%s); using boto3 only", e)
+                self.disabled = True
             return None
         self.requests += 1
         if resp.status not in PLAIN_STATUSES:
