@@ -44,7 +44,7 @@ class _Index(cachetools.LRUCache[str, int]):
 class BlockCache:
     """Thread-safe disk cache of whole blocks."""
 
-    def __init__(self, root: Path, max_bytes: int, queue_bytes: int = 64 * 1024 * 1024) -> None:
+    def __init__(self, root: Path, max_bytes: int, queue_bytes: int = 8 * 1024 * 1024) -> None:
         self.root = Path(root)
         self.queue_bytes = queue_bytes
         self._queue: deque[tuple[str, bytes]] = deque()
