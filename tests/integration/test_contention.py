@@ -108,7 +108,11 @@ def test_rm_rf_while_another_mount_creates(three) -> None:
         i = 0
         while time.monotonic() < stop:
             try:
-                (mounts[1].path / "tree" / f"d{i % 5}" / f"new{i}").write_text("y")
+                # Recreate the directory the remover may have taken: creates keep racing
+                # the removal for the whole run, however fast rm -rf is.
+                d = mounts[1].path / "tree" / f"d{i % 5}"
+                d.mkdir(parents=True, exist_ok=True)
+                (d / f"new{i}").write_text("y")
                 created.append(f"d{i % 5}/new{i}")
             except OSError:
                 pass  # the directory may be gone: that is the point
