@@ -109,12 +109,6 @@ class BlockCache:
             self.hits += 1
         return data
 
-    async def put(self, key: str, data: bytes) -> None:
-        """Write a block now (and wait for it)."""
-        if len(data) > self._index.maxsize:
-            return
-        await trio.to_thread.run_sync(self._put, key, data, limiter=self._limiter)
-
     def offer(self, key: str, data: bytes) -> None:
         """Cache a block in the background (see `run`), unless the queue is full."""
         if len(data) > self._index.maxsize:
