@@ -491,7 +491,7 @@ class Filesystem:
         if stat.S_IFMT(mode) == 0:
             mode |= stat.S_IFREG
 
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
             p = self._need_dir(view, parent)
             if p.nlink == 0:
                 raise FsError("directory was removed", errno.ENOENT)
@@ -503,6 +503,7 @@ class Filesystem:
                 if stat.S_ISDIR(mode):
                     m |= stat.S_ISGID
             ino = pc.alloc_ino(view)
+            pc.after = lambda v: v.getattr(ino)
             op: Op = {
                 "o": "mk",
                 "ino": ino,
@@ -515,10 +516,10 @@ class Filesystem:
                 "t": pc.now_ns,
                 "tgt": b64(target) if target is not None else None,
             }
-            return [op], ino
+            return [op], None
 
-        ino = await self._submit(plan)
-        return await self._attr(ino)
+        attr: Attr = await self._submit(plan)
+        return self._overlay(attr)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
         return await self.mknod(parent, name, stat.S_IFDIR | (mode & 0o7777), ctx)
@@ -538,12 +539,13 @@ class Filesystem:
             self._need_dir(view, parent)
             if view.lookup(parent, name) is not None:
                 raise FsError("exists", errno.EEXIST)
+            pc.after = lambda v: v.getattr(ino)
             return [
                 {"o": "ln", "ino": ino, "p": parent, "name": name_to_json(name), "t": pc.now_ns}
             ], None
 
-        await self._submit(plan)
-        return await self._attr(ino)
+        attr: Attr = await self._submit(plan)
+        return self._overlay(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
         await self._remove(parent, name, want_dir=False)
@@ -672,15 +674,16 @@ class Filesystem:
                 op["size"] = size
                 op["mtime"] = pc.now_ns
             op.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
+            pc.after = lambda v: v.getattr(ino)
             return [op], None
 
-        await self._submit(plan)
+        attr: Attr = await self._submit(plan)
         if size is not None and of is not None:
             of.dirty.truncate(size)
             of.size = size
         if mtime is not None and of is not None:
             of.mtime = mtime
-        return await self._attr(ino)
+        return self._overlay(attr)
 
     @staticmethod
     def _attr_changes(

@@ -69,12 +69,16 @@ def seq_of(key: str) -> int:
 
 
 class PlanContext:
-    """Handed to planners: allocates inode numbers from ranges claimed through the log."""
+    """Handed to planners: allocates inode numbers from ranges claimed through the log.
+
+    A planner may set `after` to compute its result from the view once its ops are
+    applied (e.g. the new inode's attributes), saving the caller a read afterwards."""
 
     def __init__(self, owner: MetaLog) -> None:
         self._owner = owner
         self.extra: list[Op] = []
         self.now_ns = time.time_ns()
+        self.after: Callable[[View], Any] | None = None
 
     def alloc_ino(self, view: View) -> int:
         o = self._owner
@@ -440,6 +444,8 @@ class MetaLog:
                     pops, result = p.planner(view, ctx)
                     for op in pops:
                         view.apply_op(op, res)
+                    if ctx.after is not None:
+                        result = ctx.after(view)
                 except FsError as e:
                     view.rollback_to("p")
                     self._ino_next, self._ino_end = saved

@@ -155,9 +155,7 @@ class S3Store(ObjectStore):
     ) -> Response | None:
         if self._lean is None:
             return None
-        return await trio.to_thread.run_sync(
-            self._lean.request, method, full, body, headers, limiter=self._limiter
-        )
+        return await self._lean.request(method, full, body, headers)
 
     # ------------------------------------------------------------------------ helpers
 

@@ -1,0 +1,214 @@
+"""The lean S3 path: its SigV4 signature equals botocore's for the same request and time,
+its HTTP/1.1 parser accepts what servers send and refuses what it cannot trust, and on a
+real server (moto here, SeaweedFS in the integration tier) requests really go through it
+rather than silently falling back to boto3."""
+
+from __future__ import annotations
+
+import socket
+
+import pytest
+import trio
+from botocore.auth import S3SigV4Auth
+from botocore.awsrequest import AWSRequest
+from botocore.credentials import Credentials
+
+from efsish.errors import NotFound, PreconditionFailed
+from efsish.store import open_store
+from efsish.store.s3 import S3Store
+from efsish.store.s3lean import LeanS3, ProtocolError, SigV4, _Conn, parse_head
+
+AMZ_DATE = "20261202T031500Z"
+
+
+def botocore_authorization(
+    creds: Credentials, method: str, url: str, body: bytes, headers: dict[str, str]
+) -> str:
+    """botocore's own Authorization header for this request at AMZ_DATE (add_auth's
+    steps, with the timestamp fixed instead of read from the clock)."""
+    req = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
+    auth = S3SigV4Auth(creds, "s3", "eu-west-3")
+    req.context["timestamp"] = AMZ_DATE
+    auth._modify_request_before_signing(req)  # type: ignore[attr-defined]
+    canonical = auth.canonical_request(req)
+    sig = auth.signature(auth.string_to_sign(req, canonical), req)
+    auth._inject_signature_to_request(req, sig)  # type: ignore[attr-defined]
+    return str(req.headers["Authorization"])
+
+
+class FixedCreds:
+    def __init__(self, creds: Credentials) -> None:
+        self.creds = creds
+
+    def get_frozen_credentials(self) -> object:
+        return self.creds.get_frozen_credentials()
+
+
+@pytest.mark.parametrize(
+    ("method", "key", "body", "extra", "token"),
+    [
+        ("GET", "fs/log/0000000000000042", b"", {}, None),
+        ("HEAD", "a b/ü+ñ=&$@,;~x", b"", {}, None),
+        ("PUT", "fs/log/0000000000000043", b"\x00entry" * 50, {"If-None-Match": "*"}, None),
+        ("PUT", "fs/clients/abc", b"{}", {}, "session-token/+="),
+    ],
+)
+def test_signature_matches_botocore(
+    method: str, key: str, body: bytes, extra: dict[str, str], token: str | None
+) -> None:
+    creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
+    lean = LeanS3("http://127.0.0.1:8333", "bucket-1", "eu-west-3", lambda: FixedCreds(creds))
+    req = lean._request_bytes(method, key, body, extra, amz_date=AMZ_DATE)
+    assert req is not None
+    head = req.split(b"\r\n\r\n", 1)[0].decode()
+    lines = head.split("\r\n")
+    sent = dict(line.split(": ", 1) for line in lines[1:])
+    path = lines[0].split(" ")[1]
+    ours = sent.pop("authorization")
+    sent.pop("content-length", None)
+    theirs = botocore_authorization(creds, method, "http://127.0.0.1:8333" + path, body, sent)
+    assert ours == theirs
+    assert req.endswith(body)
+
+
+def test_signing_key_is_cached_per_day() -> None:
+    s = SigV4("us-east-1")
+    a = s._signing_key("secret", "20261202")
+    assert s._signing_key("secret", "20261202") is a
+    assert s._signing_key("secret", "20261203") != a
+
+
+def test_host_header_leaves_out_default_ports() -> None:
+    def creds() -> None:
+        return None
+
+    assert LeanS3("https://s3.example.com", "b", "r", creds).host == "s3.example.com"
+    assert LeanS3("http://s3.example.com:80/", "b", "r", creds).host == "s3.example.com"
+    assert LeanS3("http://127.0.0.1:9000", "b", "r", creds).host == "127.0.0.1:9000"
+    assert LeanS3("http://[::1]:9000", "b", "r", creds).host == "[::1]:9000"
+    assert LeanS3("http://h:1/base/", "b", "r", creds).base == "/base/b/"
+
+
+def test_parse_head() -> None:
+    status, h = parse_head(b"HTTP/1.1 404 Not Found\r\nContent-Length: 12\r\nX-A: 1\r\nx-a: 2")
+    assert status == 404 and h["content-length"] == "12" and h["x-a"] == "1, 2"
+    assert parse_head(b"HTTP/1.0 200 OK\r\nContent-Length: 0")[1]["connection"] == "close"
+    for bad in (
+        b"HTTP/2 200 OK",
+        b"ICY 200 OK",
+        b"HTTP/1.1 abc OK",
+        b"HTTP/1.1 200 OK\r\nno colon here",
+        b"HTTP/1.1 200 OK\r\n Folded: header",
+    ):
+        with pytest.raises(ProtocolError):
+            parse_head(bad)
+
+
+class FakeStream(trio.abc.Stream):
+    """Hands out fixed bytes in small pieces, as a slow server would."""
+
+    def __init__(self, data: bytes, piece: int = 3) -> None:
+        self.data = data
+        self.piece = piece
+
+    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
+        pass
+
+    async def wait_send_all_might_not_block(self) -> None:
+        pass
+
+    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+        out, self.data = self.data[: self.piece], self.data[self.piece :]
+        return out
+
+    async def aclose(self) -> None:
+        pass
+
+
+async def exchange(raw: bytes, method: str = "GET", piece: int = 3) -> tuple[int, bytes, bool]:
+    lean = LeanS3("http://127.0.0.1:1", "b", "r", lambda: None)
+    resp, reusable = await lean._exchange(_Conn(FakeStream(raw, piece)), method, b"req")
+    return resp.status, resp.body, reusable
+
+
+async def test_bodies_by_length_chunks_and_head() -> None:
+    assert await exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\n\r\nhello") == (
+        200,
+        b"hello",
+        True,
+    )
+    chunked = (
+        b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n"
+        b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+    )
+    assert await exchange(chunked) == (404, b"abcde", True)
+    assert await exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD") == (
+        200,
+        b"",
+        True,
+    )
+    interim = (
+        b"HTTP/1.1 100 Continue\r\n\r\n"
+        b"HTTP/1.1 412 PF\r\nContent-Length: 0\r\nConnection: close\r\n\r\n"
+    )
+    assert await exchange(interim) == (412, b"", False)
+    # Bytes beyond the answer: the connection is not reused.
+    extra = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxy"
+    assert (await exchange(extra, piece=1000))[2] is False
+
+
+async def test_truncated_or_unbounded_answers_are_refused() -> None:
+    for raw in (
+        b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # connection closed early
+        b"HTTP/1.1 200 OK\r\n\r\nbody until close",  # no length: not for this parser
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
+        b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000,
+    ):
+        with pytest.raises(ProtocolError):
+            await exchange(raw)
+
+
+SERVERS = ["moto", pytest.param("seaweedfs", marks=pytest.mark.integration)]
+
+
+@pytest.mark.parametrize("server", SERVERS)
+async def test_requests_use_the_lean_path_on_a_real_server(server, request) -> None:
+    target = request.getfixturevalue(f"{server}_target")
+    store = open_store(f"s3://{target.bucket}/lean-test-{trio.current_time()}", target.options())
+    assert isinstance(store, S3Store) and store._lean is not None
+    lean = store._lean
+    try:
+        with pytest.raises(NotFound):
+            await store.get("log/0000000000000001")
+        await store.put_if_absent("log/0000000000000001", b"entry")
+        with pytest.raises(PreconditionFailed):
+            await store.put_if_absent("log/0000000000000001", b"other")
+        await store.put_if_absent("log/0000000000000001", b"entry")  # our own: idempotent
+        assert await store.get("log/0000000000000001") == b"entry"
+        assert (await store.head("log/0000000000000001")).size == 5
+        with pytest.raises(NotFound):
+            await store.head("log/0000000000000002")
+        assert lean.requests >= 7
+        assert lean.fallbacks == 0
+        if server == "seaweedfs":  # keeps connections alive (moto's server closes them)
+            assert len(lean._idle) == 1  # one keep-alive connection served them all
+    finally:
+        await store.aclose()
+
+
+@pytest.mark.integration
+async def test_a_server_that_closed_an_idle_connection_is_asked_again(seaweedfs_target) -> None:
+    target = seaweedfs_target
+    store = open_store(f"s3://{target.bucket}/lean-stale-{trio.current_time()}", target.options())
+    assert isinstance(store, S3Store) and store._lean is not None
+    lean = store._lean
+    try:
+        await store.put_if_absent("k", b"v")
+        assert len(lean._idle) == 1
+        # What a server's idle timeout does: the pooled connection is closed under us.
+        lean._idle[0].stream.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        assert await store.get("k") == b"v"
+        assert lean.fallbacks == 0
+    finally:
+        await store.aclose()
