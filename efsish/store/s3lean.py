@@ -7,7 +7,8 @@ validation, the event system, urllib3, http.client's e-mail header parser and a 
 signer that rebuilds its signing key every time) and a hop to a worker thread; on a
 nearby server that is more than the request itself (measured here: botocore+urllib3 GET
 of a missing key 917 us CPU, a plain socket exchange 48 us). This module sends them over
-pooled keep-alive connections (trio streams, TLS where the endpoint is https), signs
+pooled keep-alive connections (non-blocking sockets driven by trio's wait_readable, TLS
+where the endpoint is https), signs
 them with AWS Signature V4 (signing key cached per day; `tests/store/test_s3lean.py`
 checks the signature against botocore's signer for the same request and time), and reads
 the answer with a strict HTTP/1.1 parser.
@@ -27,17 +28,19 @@ import hashlib
 import hmac
 import logging
 import os
+import socket
 import ssl
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol, TypeVar
 from urllib.parse import quote, urlsplit
 from urllib.request import getproxies, proxy_bypass
 
 import trio
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 PLAIN_STATUSES = frozenset({200, 204, 404, 409, 412})
 GIVE_UP_AFTER = 5  # connection failures before any success: leave it all to boto3
@@ -116,14 +119,94 @@ class SigV4:
         )
 
 
+class Transport(Protocol):
+    """One connection's byte pipe (a socket here; a fake in the tests)."""
+
+    async def send_all(self, data: bytes) -> None: ...
+
+    async def receive_some(self) -> bytes: ...
+
+    def close(self) -> None: ...
+
+
+class SocketTransport:
+    """A non-blocking socket, plain or TLS, driven with trio's wait_readable/writable.
+
+    A request costs one trip through the event loop (waiting for the answer); trio's
+    SocketStream/SSLStream add several schedule points per send and receive, and each
+    trip costs tens of microseconds of Python on a loop that also serves FUSE."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    @classmethod
+    async def connect(cls, host: str, port: int, tls: ssl.SSLContext | None) -> SocketTransport:
+        infos = await trio.socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        error: OSError = OSError(f"no address for {host}")
+        for family, type_, proto, _, addr in infos:
+            sock = socket.socket(family, type_, proto)
+            sock.setblocking(False)
+            try:
+                try:
+                    sock.connect(addr)
+                except BlockingIOError:
+                    await trio.lowlevel.wait_writable(sock)
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err)) from None
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                if tls is None:
+                    return cls(sock)
+                wrapped = tls.wrap_socket(sock, server_hostname=host, do_handshake_on_connect=False)
+                t = cls(wrapped)
+                await t._io(wrapped.do_handshake, writing=False)
+                return t
+            except OSError as e:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+                error = e
+            except BaseException:
+                trio.lowlevel.notify_closing(sock)
+                sock.close()
+                raise
+        raise error
+
+    async def _io(self, fn: Callable[..., T], *args: Any, writing: bool) -> T:
+        while True:
+            try:
+                return fn(*args)
+            except BlockingIOError:
+                if writing:
+                    await trio.lowlevel.wait_writable(self.sock)
+                else:
+                    await trio.lowlevel.wait_readable(self.sock)
+            except ssl.SSLWantReadError:
+                await trio.lowlevel.wait_readable(self.sock)
+            except ssl.SSLWantWriteError:
+                await trio.lowlevel.wait_writable(self.sock)
+
+    async def send_all(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n: int = await self._io(self.sock.send, view, writing=True)
+            view = view[n:]
+
+    async def receive_some(self) -> bytes:
+        return await self._io(self.sock.recv, 256 * 1024, writing=False)
+
+    def close(self) -> None:
+        trio.lowlevel.notify_closing(self.sock)
+        self.sock.close()
+
+
 class _Conn:
-    def __init__(self, stream: trio.abc.Stream) -> None:
-        self.stream = stream
+    def __init__(self, transport: Transport) -> None:
+        self.transport = transport
         self.buf = bytearray()
         self.received = False  # any byte of an answer arrived on this connection
 
     async def _fill(self) -> None:
-        data = await self.stream.receive_some(256 * 1024)
+        data = await self.transport.receive_some()
         if not data:
             raise ProtocolError("connection closed by the server")
         self.received = True
@@ -252,26 +335,18 @@ class LeanS3:
         return self._ssl
 
     def close(self) -> None:
-        """Forget pooled connections (the sockets close when collected; this may run
-        outside the trio run that opened them)."""
+        """Close the pooled (idle) connections."""
         for c in self._idle:
             try:
-                if isinstance(c.stream, trio.SocketStream):
-                    c.stream.socket.close()
+                c.transport.close()
             except OSError:
                 pass
         self._idle.clear()
 
     async def _connect(self) -> _Conn:
         with trio.fail_after(self.connect_timeout):
-            sock = await trio.open_tcp_stream(self.hostname, self.port)
-            sock.setsockopt(trio.socket.IPPROTO_TCP, trio.socket.TCP_NODELAY, 1)
-            stream: trio.abc.Stream = sock
-            if self.https:
-                tls = trio.SSLStream(sock, self._tls_context(), server_hostname=self.hostname)
-                await tls.do_handshake()
-                stream = tls
-        return _Conn(stream)
+            tls = self._tls_context() if self.https else None
+            return _Conn(await SocketTransport.connect(self.hostname, self.port, tls))
 
     def _request_bytes(
         self,
@@ -310,7 +385,7 @@ class LeanS3:
     async def _exchange(self, conn: _Conn, method: str, req: bytes) -> tuple[Response, bool]:
         """Send `req` and read the answer; (response, whether conn can be reused)."""
         conn.received = False
-        await conn.stream.send_all(req)
+        await conn.transport.send_all(req)
         with trio.fail_after(self.read_timeout):
             head = await conn.read_head()
             status, headers = parse_head(head)
@@ -367,7 +442,7 @@ class LeanS3:
                     UnicodeError,
                 ) as e:
                     if conn is not None:
-                        await trio.aclose_forcefully(conn.stream)
+                        conn.transport.close()
                     stale = reused and conn is not None and not conn.received
                     if stale and not isinstance(e, trio.TooSlowError):
                         # A pooled connection the server had closed while idle: once more
@@ -382,7 +457,7 @@ class LeanS3:
                 if reusable:
                     self._idle.append(conn)
                 else:
-                    await trio.aclose_forcefully(conn.stream)
+                    conn.transport.close()
                 break
             else:  # pragma: no cover - the loop always breaks or returns
                 return None

@@ -5,10 +5,14 @@ rather than silently falling back to boto3."""
 
 from __future__ import annotations
 
+import http.server
 import socket
+import ssl
+import threading
 
 import pytest
 import trio
+import trustme
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
 from botocore.credentials import Credentials
@@ -16,7 +20,14 @@ from botocore.credentials import Credentials
 from efsish.errors import NotFound, PreconditionFailed
 from efsish.store import open_store
 from efsish.store.s3 import S3Store
-from efsish.store.s3lean import LeanS3, ProtocolError, SigV4, _Conn, parse_head
+from efsish.store.s3lean import (
+    LeanS3,
+    ProtocolError,
+    SigV4,
+    SocketTransport,
+    _Conn,
+    parse_head,
+)
 
 AMZ_DATE = "20261202T031500Z"
 
@@ -104,30 +115,28 @@ def test_parse_head() -> None:
             parse_head(bad)
 
 
-class FakeStream(trio.abc.Stream):
+class FakeTransport:
     """Hands out fixed bytes in small pieces, as a slow server would."""
 
     def __init__(self, data: bytes, piece: int = 3) -> None:
         self.data = data
         self.piece = piece
 
-    async def send_all(self, data: bytes | bytearray | memoryview) -> None:
-        pass
+    async def send_all(self, data: bytes) -> None:
+        await trio.lowlevel.checkpoint()
 
-    async def wait_send_all_might_not_block(self) -> None:
-        pass
-
-    async def receive_some(self, max_bytes: int | None = None) -> bytes:
+    async def receive_some(self) -> bytes:
+        await trio.lowlevel.checkpoint()
         out, self.data = self.data[: self.piece], self.data[self.piece :]
         return out
 
-    async def aclose(self) -> None:
+    def close(self) -> None:
         pass
 
 
 async def exchange(raw: bytes, method: str = "GET", piece: int = 3) -> tuple[int, bytes, bool]:
     lean = LeanS3("http://127.0.0.1:1", "b", "r", lambda: None)
-    resp, reusable = await lean._exchange(_Conn(FakeStream(raw, piece)), method, b"req")
+    resp, reusable = await lean._exchange(_Conn(FakeTransport(raw, piece)), method, b"req")
     return resp.status, resp.body, reusable
 
 
@@ -138,8 +147,7 @@ async def test_bodies_by_length_chunks_and_head() -> None:
         True,
     )
     chunked = (
-        b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n"
-        b"3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
+        b"HTTP/1.1 404 NF\r\nTransfer-Encoding: chunked\r\n\r\n3;x=y\r\nabc\r\n2\r\nde\r\n0\r\n\r\n"
     )
     assert await exchange(chunked) == (404, b"abcde", True)
     assert await exchange(b"HTTP/1.1 200 OK\r\nContent-Length: 99\r\n\r\n", "HEAD") == (
@@ -207,8 +215,66 @@ async def test_a_server_that_closed_an_idle_connection_is_asked_again(seaweedfs_
         await store.put_if_absent("k", b"v")
         assert len(lean._idle) == 1
         # What a server's idle timeout does: the pooled connection is closed under us.
-        lean._idle[0].stream.socket.shutdown(socket.SHUT_RDWR)  # type: ignore[attr-defined]
+        transport = lean._idle[0].transport
+        assert isinstance(transport, SocketTransport)
+        transport.sock.shutdown(socket.SHUT_RDWR)
         assert await store.get("k") == b"v"
         assert lean.fallbacks == 0
     finally:
         await store.aclose()
+
+
+class _Handler(http.server.BaseHTTPRequestHandler):
+    protocol_version = "HTTP/1.1"  # keep-alive, as S3 servers do
+
+    def do_GET(self) -> None:
+        body = b"hello over tls" if self.path.endswith("/there") else b"<Error/>"
+        self.send_response(200 if self.path.endswith("/there") else 404)
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+@pytest.fixture
+def tls_server(tmp_path):
+    """An HTTPS server on 127.0.0.1 with a certificate from a test CA (trustme)."""
+    ca = trustme.CA()
+    ctx = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    ca.issue_cert("127.0.0.1", "localhost").configure_cert(ctx)
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), _Handler)
+    server.socket = ctx.wrap_socket(server.socket, server_side=True)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    ca_file = tmp_path / "ca.pem"
+    ca.cert_pem.write_to_path(str(ca_file))
+    try:
+        yield f"https://127.0.0.1:{server.server_address[1]}", ca_file
+    finally:
+        server.shutdown()
+        server.server_close()
+        thread.join()
+
+
+async def test_tls_requests_verify_the_server_and_reuse_the_connection(
+    tls_server, monkeypatch
+) -> None:
+    endpoint, ca_file = tls_server
+    creds = FixedCreds(Credentials("AKID", "secret"))
+    monkeypatch.setenv("AWS_CA_BUNDLE", str(ca_file))
+    lean = LeanS3(endpoint, "b", "us-east-1", lambda: creds)
+    r = await lean.request("GET", "k/there")
+    assert r is not None and r.status == 200 and r.body == b"hello over tls"
+    r = await lean.request("GET", "k/missing")
+    assert r is not None and r.status == 404
+    assert len(lean._idle) == 1 and lean.fallbacks == 0
+    lean.close()
+
+    # A server whose certificate is not trusted: refused, and left to boto3 (which
+    # reports the TLS error to the user).
+    monkeypatch.delenv("AWS_CA_BUNDLE")  # botocore's default bundle: not our test CA
+    untrusting = LeanS3(endpoint, "b", "us-east-1", lambda: creds)
+    assert await untrusting.request("GET", "k/there") is None
+    assert untrusting.fallbacks == 1 and untrusting.requests == 0
