@@ -389,7 +389,7 @@ class Filesystem:
 
     async def _attr(self, ino: int) -> Attr:
         of = self.files.get(ino)
-        attr = await self.meta.read(View.getattr, ino)
+        attr = await self.meta.getattr(ino)
         if attr is None:
             if of is not None and of.orphan is not None:
                 attr = replace(of.orphan[0], nlink=0)
@@ -449,11 +449,7 @@ class Filesystem:
             p = await self.meta.read(View.parent_of, parent)
             return await self._attr(p or ROOT_INO)
 
-        def q(view: View) -> Attr | None:
-            ino = view.lookup(parent, name)
-            return None if ino is None else view.getattr(ino)
-
-        attr = await self.meta.read(q)
+        attr = await self.meta.lookup(parent, name)
         if attr is None:
             raise FsError("no such entry", errno.ENOENT)
         return self._overlay(attr)

@@ -21,7 +21,7 @@ import tempfile
 import time
 import uuid
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -37,7 +37,7 @@ from efsish.errors import (
     TransientStoreError,
 )
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Op, View
+from efsish.meta.view import ApplyResult, Attr, Op, View
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -54,6 +54,7 @@ FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount 
 STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
 INO_RANGE = 1024
+MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
 
 
 def log_key(seq: int) -> str:
@@ -143,6 +144,14 @@ class MetaLog:
         self.last_checkpoint = 0
         self.commits = 0
         self.entries_written = 0
+        # Committed attributes and name lookups remembered in memory, so that a lookup
+        # or getattr of something already read costs no worker-thread hop. Every applied
+        # entry (ours or another mount's) drops what it changed, and bumps `_memo_gen`:
+        # a read that began before an apply must not store what it saw.
+        self._memo_attrs: dict[int, Attr] = {}
+        self._memo_names: dict[tuple[int, bytes], int | None] = {}
+        self._memo_gen = 0
+        self.memo_hits = 0
 
     # --------------------------------------------------------------------- lifecycle
 
@@ -207,6 +216,7 @@ class MetaLog:
         os.replace(tmp, self.db_path)
         self.writer = View(self.db_path)
         self.reader = View(self.db_path)
+        self._forget_all()
 
     async def aclose(self) -> None:
         async with self._wlock:
@@ -218,6 +228,72 @@ class MetaLog:
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
         """Run fn(reader_view, *args) in a worker thread on committed state."""
         return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+
+    async def getattr(self, ino: int) -> Attr | None:
+        """The committed attributes of `ino` (a copy: callers may change it)."""
+        a = self._memo_attrs.get(ino)
+        if a is not None:
+            self.memo_hits += 1
+        else:
+            gen = self._memo_gen
+            a = await self.read(View.getattr, ino)
+            if a is None:
+                return None
+            if gen == self._memo_gen:
+                self._remember(ino, a)
+        return replace(a)
+
+    async def lookup(self, parent: int, name: bytes) -> Attr | None:
+        """The committed attributes of the entry `name` in `parent`, or None."""
+        key = (parent, name)
+        if key in self._memo_names:
+            ino = self._memo_names[key]
+            if ino is None:
+                self.memo_hits += 1
+                return None
+            a = self._memo_attrs.get(ino)
+            if a is not None:
+                self.memo_hits += 1
+                return replace(a)
+
+        def q(view: View) -> tuple[int | None, Attr | None]:
+            ino = view.lookup(parent, name)
+            return ino, None if ino is None else view.getattr(ino)
+
+        gen = self._memo_gen
+        ino, a = await self.read(q)
+        if gen == self._memo_gen:
+            if len(self._memo_names) >= MEMO_LIMIT:
+                self._memo_names.clear()
+            self._memo_names[key] = ino
+            if ino is not None and a is not None:
+                self._remember(ino, a)
+        return None if a is None else replace(a)
+
+    def _remember(self, ino: int, a: Attr) -> None:
+        if len(self._memo_attrs) >= MEMO_LIMIT:
+            self._memo_attrs.clear()
+        self._memo_attrs[ino] = a
+
+    def _applied(self, res: ApplyResult, remote: bool) -> None:
+        """An entry was applied and committed to the view: drop what it changed from the
+        memo, then tell the filesystem."""
+        self._memo_gen += 1
+        attrs, names = self._memo_attrs, self._memo_names
+        for ino in res.inodes:
+            attrs.pop(ino, None)
+        for ino in res.data:
+            attrs.pop(ino, None)
+        for ino in res.freed:
+            attrs.pop(ino, None)
+        for entry in res.entries:
+            names.pop(entry, None)
+        self.on_apply(res, remote)
+
+    def _forget_all(self) -> None:
+        self._memo_gen += 1
+        self._memo_attrs.clear()
+        self._memo_names.clear()
 
     @property
     def applied_seq(self) -> int:
@@ -316,7 +392,7 @@ class MetaLog:
             log.error("cannot apply the metadata log: %s", e)
             raise
         self._seq = seq
-        self.on_apply(res, True)
+        self._applied(res, True)
 
     # ------------------------------------------------------------------------ commit
 
@@ -407,7 +483,7 @@ class MetaLog:
                 self._seq = seq
                 self.commits += len(batch)
                 self.entries_written += 1
-                self.on_apply(res, False)
+                self._applied(res, False)
                 self._deliver(batch, outcomes)
                 return
             raise TransientStoreError(

@@ -228,7 +228,12 @@ class _Conn:
     async def read_exact(self, n: int) -> bytes:
         while len(self.buf) < n:
             await self._fill()
-        out = bytes(self.buf[:n])
+        if len(self.buf) == n:  # the usual case: one copy of a (possibly 4 MiB) body
+            out = bytes(self.buf)
+            self.buf.clear()
+            return out
+        with memoryview(self.buf) as view:
+            out = bytes(view[:n])
         del self.buf[:n]
         return out
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import io
 import os
+import random
 import stat
 
 import pytest
@@ -17,7 +18,7 @@ from efsish.filesystem import Ctx, Filesystem
 from efsish.fsck import run_fsck
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, log_key
 from efsish.meta.superblock import AlreadyFormatted, NotFormatted, format_fs, load_superblock
-from efsish.meta.view import ROOT_INO
+from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from efsish.store.memory import MemoryStore
@@ -213,3 +214,62 @@ async def test_two_busy_mounts_share_the_log_fairly(store: ObjectStore, make_fs)
                 for t in range(4):
                     n.start_soon(creator, i, t)
     assert min(counts) >= 0.25 * sum(counts), counts
+
+
+async def test_remembered_lookups_follow_every_change(make_fs) -> None:
+    """Lookups and getattrs answered from memory equal what the view holds after every
+    kind of change, made on this mount or on another one (seeded random sequence)."""
+    a, b = await make_fs(), await make_fs()
+    d = (await a.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
+    names = [b"n%d" % i for i in range(6)]
+    rnd = random.Random(7)
+    hits_before = b.meta.memo_hits
+
+    async def check(fs: Filesystem) -> None:
+        for name in names:
+            try:
+                got = await fs.lookup(d, name)
+            except FsError as e:
+                assert e.errno == errno.ENOENT
+                got = None
+            truth_ino = await fs.meta.read(View.lookup, d, name)
+            assert (got.ino if got else None) == truth_ino, name
+            if got is not None:
+                truth = await fs.meta.read(View.getattr, got.ino)
+                again = await fs.getattr(got.ino)
+                for f in ("mode", "uid", "gid", "nlink", "size", "mtime", "ctime"):
+                    assert getattr(got, f) == getattr(truth, f), (name, f)
+                    assert getattr(again, f) == getattr(truth, f), (name, f)
+
+    for _ in range(120):
+        fs = rnd.choice([a, b])
+        other = b if fs is a else a
+        name, name2 = rnd.choice(names), rnd.choice(names)
+        await check(other)  # the other mount remembers the old state
+        kind = rnd.choice(["create", "write", "chmod", "rename", "unlink", "link", "xattr"])
+        try:
+            attr = await fs.lookup(d, name)
+        except FsError:
+            attr = None
+        try:
+            if kind == "create" or attr is None:
+                await write_file(fs, d, name, b"x" * rnd.randrange(0, 20_000))
+            elif kind == "write":
+                fh, _ = await fs.open(attr.ino, os.O_WRONLY)
+                await fs.write(fh, rnd.randrange(0, 5000), b"y" * rnd.randrange(1, 9000))
+                await fs.release(fh)
+            elif kind == "chmod":
+                await fs.setattr(attr.ino, ROOT, mode=rnd.choice([0o600, 0o644, 0o755]))
+            elif kind == "rename":
+                await fs.rename(d, name, d, name2)
+            elif kind == "unlink":
+                await fs.unlink(d, name)
+            elif kind == "link":
+                await fs.link(attr.ino, d, name2)
+            else:
+                await fs.setxattr(attr.ino, b"user.k", b"v")
+        except FsError as e:
+            assert e.errno in (errno.EEXIST, errno.ENOENT), e
+        await check(fs)
+        await check(other)
+    assert b.meta.memo_hits > hits_before  # answers really came from memory
