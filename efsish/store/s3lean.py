@@ -390,8 +390,8 @@ class LeanS3:
     async def _exchange(self, conn: _Conn, method: str, req: bytes) -> tuple[Response, bool]:
         """Send `req` and read the answer; (response, whether conn can be reused)."""
         conn.received = False
-        await conn.transport.send_all(req)
         with trio.fail_after(self.read_timeout):
+            await conn.transport.send_all(req)
             head = await conn.read_head()
             status, headers = parse_head(head)
             while 100 <= status < 200:  # interim answers (100 Continue): skip them
@@ -459,6 +459,10 @@ class LeanS3:
                         log.info("lean S3 requests keep failing (%s); using boto3 only", e)
                         self.disabled = True
                     return None
+                except BaseException:  # cancelled mid-answer: the connection is unusable
+                    if conn is not None:
+                        conn.transport.close()
+                    raise
                 if reusable:
                     self._idle.append(conn)
                 else:

@@ -278,3 +278,20 @@ async def test_tls_requests_verify_the_server_and_reuse_the_connection(
     untrusting = LeanS3(endpoint, "b", "us-east-1", lambda: creds)
     assert await untrusting.request("GET", "k/there") is None
     assert untrusting.fallbacks == 1 and untrusting.requests == 0
+
+
+async def test_a_server_that_never_answers_is_left_to_boto3() -> None:
+    """A hung server costs at most the read timeout, then the caller asks boto3 (which
+    has its own retries and error messages): never a hang."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+    creds = FixedCreds(Credentials("AKID", "secret"))
+    lean = LeanS3(f"http://127.0.0.1:{port}", "b", "r", lambda: creds, read_timeout=0.3)
+    try:
+        with trio.fail_after(5):
+            assert await lean.request("GET", "k") is None
+        assert lean.fallbacks == 1 and not lean._idle
+    finally:
+        listener.close()
