@@ -781,7 +781,7 @@ class Filesystem:
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         await self._attr(ino)
-        v = await self.meta.read(View.getxattr, ino, name)
+        v = await self.meta.getxattr(ino, name)
         if v is None:
             raise FsError("no such xattr", errno.ENODATA)
         return v

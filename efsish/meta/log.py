@@ -150,6 +150,7 @@ class MetaLog:
         # a read that began before an apply must not store what it saw.
         self._memo_attrs: dict[int, Attr] = {}
         self._memo_names: dict[tuple[int, bytes], int | None] = {}
+        self._memo_xattrs: dict[int, dict[bytes, bytes | None]] = {}
         self._memo_gen = 0
         self.memo_hits = 0
 
@@ -270,6 +271,21 @@ class MetaLog:
                 self._remember(ino, a)
         return None if a is None else replace(a)
 
+    async def getxattr(self, ino: int, name: bytes) -> bytes | None:
+        """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
+        security.capability before every write and chown: answered from memory.)"""
+        known = self._memo_xattrs.get(ino)
+        if known is not None and name in known:
+            self.memo_hits += 1
+            return known[name]
+        gen = self._memo_gen
+        value = await self.read(View.getxattr, ino, name)
+        if gen == self._memo_gen:
+            if len(self._memo_xattrs) >= MEMO_LIMIT:
+                self._memo_xattrs.clear()
+            self._memo_xattrs.setdefault(ino, {})[name] = value
+        return value
+
     def _remember(self, ino: int, a: Attr) -> None:
         if len(self._memo_attrs) >= MEMO_LIMIT:
             self._memo_attrs.clear()
@@ -279,13 +295,15 @@ class MetaLog:
         """An entry was applied and committed to the view: drop what it changed from the
         memo, then tell the filesystem."""
         self._memo_gen += 1
-        attrs, names = self._memo_attrs, self._memo_names
+        attrs, names, xattrs = self._memo_attrs, self._memo_names, self._memo_xattrs
         for ino in res.inodes:
             attrs.pop(ino, None)
+            xattrs.pop(ino, None)
         for ino in res.data:
             attrs.pop(ino, None)
         for ino in res.freed:
             attrs.pop(ino, None)
+            xattrs.pop(ino, None)
         for entry in res.entries:
             names.pop(entry, None)
         self.on_apply(res, remote)
@@ -294,6 +312,7 @@ class MetaLog:
         self._memo_gen += 1
         self._memo_attrs.clear()
         self._memo_names.clear()
+        self._memo_xattrs.clear()
 
     @property
     def applied_seq(self) -> int:

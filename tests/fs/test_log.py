@@ -235,6 +235,14 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
             truth_ino = await fs.meta.read(View.lookup, d, name)
             assert (got.ino if got else None) == truth_ino, name
             if got is not None:
+                for xname in (b"user.k", b"security.capability"):
+                    truth_x = await fs.meta.read(View.getxattr, got.ino, xname)
+                    try:
+                        x: bytes | None = await fs.getxattr(got.ino, xname)
+                    except FsError as e:
+                        assert e.errno == errno.ENODATA
+                        x = None
+                    assert x == truth_x, (name, xname)
                 truth = await fs.meta.read(View.getattr, got.ino)
                 again = await fs.getattr(got.ino)
                 for f in ("mode", "uid", "gid", "nlink", "size", "mtime", "ctime"):
@@ -267,7 +275,7 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
             elif kind == "link":
                 await fs.link(attr.ino, d, name2)
             else:
-                await fs.setxattr(attr.ino, b"user.k", b"v")
+                await fs.setxattr(attr.ino, b"user.k", rnd.choice([b"v", b"w"]))
         except FsError as e:
             assert e.errno in (errno.EEXIST, errno.ENOENT), e
         await check(fs)
