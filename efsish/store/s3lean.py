@@ -46,6 +46,7 @@ PLAIN_STATUSES = frozenset({200, 204, 404, 409, 412})
 GIVE_UP_AFTER = 5  # connection failures before any success: leave it all to boto3
 LEAN_MAX_BODY = 1 << 20  # larger PUT bodies go through boto3 (in a worker thread)
 MAX_HEAD = 64 * 1024
+BIG_BODY = 256 * 1024  # bodies larger than this are received into a buffer of their size
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Characters SigV4 leaves unescaped in a path segment (RFC 3986 unreserved, plus "/").
 _SAFE_PATH = "/~"
@@ -126,6 +127,8 @@ class Transport(Protocol):
 
     async def receive_some(self) -> bytes: ...
 
+    async def receive_into(self, view: memoryview) -> int: ...
+
     def close(self) -> None: ...
 
 
@@ -194,6 +197,9 @@ class SocketTransport:
     async def receive_some(self) -> bytes:
         return await self._io(self.sock.recv, 256 * 1024, writing=False)
 
+    async def receive_into(self, view: memoryview) -> int:
+        return await self._io(self.sock.recv_into, view, writing=False)
+
     def close(self) -> None:
         trio.lowlevel.notify_closing(self.sock)
         self.sock.close()
@@ -226,9 +232,24 @@ class _Conn:
             await self._fill()
 
     async def read_exact(self, n: int) -> bytes:
+        if n - len(self.buf) > BIG_BODY:
+            # A large body (a data block): receive straight into one buffer of its size,
+            # as much as the socket holds per wake-up, instead of growing one.
+            body = bytearray(n)
+            have = len(self.buf)
+            body[:have] = self.buf
+            self.buf.clear()
+            with memoryview(body) as view:
+                while have < n:
+                    got = await self.transport.receive_into(view[have:])
+                    if not got:
+                        raise ProtocolError("connection closed by the server")
+                    self.received = True
+                    have += got
+            return bytes(body)
         while len(self.buf) < n:
             await self._fill()
-        if len(self.buf) == n:  # the usual case: one copy of a (possibly 4 MiB) body
+        if len(self.buf) == n:  # the usual case: the whole buffer is the body
             out = bytes(self.buf)
             self.buf.clear()
             return out

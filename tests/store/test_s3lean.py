@@ -130,6 +130,11 @@ class FakeTransport:
         out, self.data = self.data[: self.piece], self.data[self.piece :]
         return out
 
+    async def receive_into(self, view: memoryview) -> int:
+        out = await self.receive_some()
+        view[: len(out)] = out
+        return len(out)
+
     def close(self) -> None:
         pass
 
@@ -163,11 +168,16 @@ async def test_bodies_by_length_chunks_and_head() -> None:
     # Bytes beyond the answer: the connection is not reused.
     extra = b"HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\nxy"
     assert (await exchange(extra, piece=1000))[2] is False
+    # A large body, received straight into a buffer of its size (in odd-sized pieces).
+    big = bytes(range(256)) * 4099
+    raw = b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(big) + big
+    assert await exchange(raw, piece=70_001) == (200, big, True)
 
 
 async def test_truncated_or_unbounded_answers_are_refused() -> None:
     for raw in (
         b"HTTP/1.1 200 OK\r\nContent-Length: 10\r\n\r\nshort",  # connection closed early
+        b"HTTP/1.1 200 OK\r\nContent-Length: 9000000\r\n\r\n" + b"x" * 500_000,
         b"HTTP/1.1 200 OK\r\n\r\nbody until close",  # no length: not for this parser
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n",
