@@ -201,7 +201,10 @@ class SocketTransport:
         return await self._io(self.sock.recv_into, view, writing=False)
 
     def close(self) -> None:
-        trio.lowlevel.notify_closing(self.sock)
+        try:
+            trio.lowlevel.notify_closing(self.sock)
+        except RuntimeError:  # outside a trio run (nothing can be waiting on it then)
+            pass
         self.sock.close()
 
 
