@@ -221,18 +221,22 @@ class _Conn:
         self.received = True
         self.buf += data
 
-    async def read_head(self) -> bytes:
+    async def _read_until(self, delim: bytes, what: str) -> bytes:
+        """The bytes before the next `delim` (consumed with it), at most MAX_HEAD."""
         start = 0
         while True:
-            i = self.buf.find(b"\r\n\r\n", start)
+            i = self.buf.find(delim, start)
             if i >= 0:
-                head = bytes(self.buf[:i])
-                del self.buf[: i + 4]
-                return head
+                out = bytes(self.buf[:i])
+                del self.buf[: i + len(delim)]
+                return out
             if len(self.buf) > MAX_HEAD:
-                raise ProtocolError("response headers too long")
-            start = max(0, len(self.buf) - 3)
+                raise ProtocolError(f"{what} too long")
+            start = max(0, len(self.buf) - len(delim) + 1)
             await self._fill()
+
+    async def read_head(self) -> bytes:
+        return await self._read_until(b"\r\n\r\n", "response headers")
 
     async def read_exact(self, n: int) -> bytes:
         if n - len(self.buf) > BIG_BODY:
@@ -262,15 +266,7 @@ class _Conn:
         return out
 
     async def read_line(self) -> bytes:
-        while True:
-            i = self.buf.find(b"\r\n")
-            if i >= 0:
-                line = bytes(self.buf[:i])
-                del self.buf[: i + 2]
-                return line
-            if len(self.buf) > MAX_HEAD:
-                raise ProtocolError("chunk header too long")
-            await self._fill()
+        return await self._read_until(b"\r\n", "chunk header")
 
     async def read_chunked(self) -> bytes:
         out = bytearray()
