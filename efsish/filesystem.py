@@ -198,7 +198,7 @@ class Filesystem:
         self.metering = Metering(
             store, sb, self.meta.client_id, options.stats_file, options.prometheus_port
         )
-        self.blocks = BlockIO(store, self.cache)
+        self.blocks = BlockIO(store, self.cache, checksum=sb.block_checksum)
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = 1
@@ -997,7 +997,7 @@ class Filesystem:
             async with self._dirty_cond:
                 self._dirty_cond.notify_all()
 
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         of = self._file(fh)
         await self.metering.acquire("read", size)
         if of.stale and not of.modified and of.orphan is None:
@@ -1047,7 +1047,7 @@ class Filesystem:
         """The bytes [off, end) from block pieces laid over each other in layer order
         (committed, pending oldest to newest), then the dirty buffer: newer data wins."""
         buf = bytearray(end - off)
-        pieces: list[bytes | None] = [None] * len(layers)
+        pieces: list[bytes | memoryview | None] = [None] * len(layers)
 
         async def fetch(i: int, e: Extent) -> None:
             pieces[i] = await self._piece(e, off, end)
@@ -1067,14 +1067,18 @@ class Filesystem:
             buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
         return bytes(buf)
 
-    async def _piece(self, e: Extent, off: int, end: int) -> bytes:
-        """The bytes of extent e inside [off, end)."""
+    async def _piece(self, e: Extent, off: int, end: int) -> bytes | memoryview:
+        """The bytes of extent e inside [off, end): a view into the cached block, not a
+        copy (pyfuse3 replies from any buffer; a sequential reader would otherwise copy
+        every byte once more on the event loop)."""
         s, e2 = max(off, e.off), min(end, e.end)
         if e.key is None:
             return (e.data or b"")[s - e.off : e2 - e.off]
         block = await self.blocks.fetch(e.key, e.hash, e.bsize)
         k = e.koff + (s - e.off)
-        return block[k : k + (e2 - s)]
+        if k == 0 and e2 - s == len(block):
+            return block
+        return memoryview(block)[k : k + (e2 - s)]
 
     async def _readahead(self, of: OpenFile, off: int, end: int) -> None:
         """Adaptive readahead: while a file is read sequentially, keep the next blocks

@@ -202,7 +202,8 @@ class FuseOps(pyfuse3.Operations):
         return pyfuse3.FileInfo(fh=fh), self._known(attr)
 
     @_errors
-    async def read(self, fh: int, off: int, size: int) -> bytes:
+    async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
+        # pyfuse3 replies from any buffer (PyObject_GetBuffer), though its stub says bytes.
         return await self.fs.read(fh, off, size)
 
     @_errors

@@ -16,7 +16,10 @@ from efsish.errors import CorruptObject, EfsishError, NotFound, PreconditionFail
 from efsish.store import ObjectStore
 
 SUPERBLOCK_KEY = "superblock"
-FORMAT_VERSION = 1
+# 1: data blocks checksummed with CRC-32 ("r"). 2: with CRC-32C ("k"), recorded in
+# extra["block_checksum"], so that an efsish that knows only format 1 refuses to mount
+# (it could not verify the new checksums) instead of reporting every block as corrupt.
+FORMAT_VERSION = 2
 MIN_BLOCK = 64 * 1024
 MAX_BLOCK = 64 * 1024 * 1024
 
@@ -39,6 +42,11 @@ class Superblock:
     provisioned_mibps: float = 0.0
     extra: dict[str, Any] = field(default_factory=dict)
 
+    @property
+    def block_checksum(self) -> str:
+        """The checksum new data blocks get (codec.block_hash): "crc32" before format 2."""
+        return str(self.extra.get("block_checksum", "crc32"))
+
 
 async def format_fs(
     store: ObjectStore,
@@ -57,6 +65,7 @@ async def format_fs(
         created=time.time_ns(),
         throughput_mode=throughput_mode,
         provisioned_mibps=provisioned_mibps,
+        extra={"block_checksum": "crc32c"},
     )
     # A prefix that already has log entries or data but no superblock is foreign or damaged.
     async for info in store.list(""):
@@ -81,11 +90,18 @@ async def load_superblock(store: ObjectStore) -> Superblock:
         ) from None
     try:
         d = codec.decode_json(b"S", blob, f"{store.url}/superblock")
+        version = d.get("format_version", 1) if isinstance(d, dict) else None
+        if isinstance(version, int) and version > FORMAT_VERSION:
+            raise EfsishError(
+                f"{store.url} was formatted by a newer efsish (format {version}); upgrade "
+                "efsish on this machine"
+            )
         sb = Superblock(**d)
-    except (TypeError, CorruptObject) as e:
+    except (TypeError, AttributeError, CorruptObject) as e:
         raise NotFormatted(f"{store.url}/superblock is not an efsish superblock: {e}") from None
-    if sb.format_version > FORMAT_VERSION:
+    if sb.block_checksum not in codec.BLOCK_CHECKSUMS:
         raise EfsishError(
-            f"{store.url} was formatted by a newer efsish (format {sb.format_version}); upgrade"
+            f"{store.url} records block checksum {sb.block_checksum!r}, which this efsish "
+            "does not know; upgrade efsish on this machine"
         )
     return sb

@@ -17,13 +17,13 @@ import logging
 import os
 import random
 import uuid
-import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
 import boto3
 import botocore.config
 import botocore.exceptions
+import google_crc32c
 import trio
 
 from efsish.errors import (
@@ -77,9 +77,10 @@ def parse_s3_url(url: str) -> tuple[str, str]:
     return bucket, prefix.strip("/")
 
 
-def _crc32(data: bytes) -> str:
-    """The x-amz-checksum-crc32 value of `data` (base64 of the big-endian CRC)."""
-    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+def _crc32c(data: bytes) -> str:
+    """The x-amz-checksum-crc32c value of `data` (base64 of the big-endian CRC-32C):
+    ~0.25 ms per 4 MiB with the CPU's CRC instruction, so it is computed inline."""
+    return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
 class S3Store(ObjectStore):
@@ -108,7 +109,7 @@ class S3Store(ObjectStore):
             max_pool_connections=concurrency,
             # Bodies are not SHA-256-hashed into the signature (botocore would do it for
             # every 4 MiB block over http: ~2 ms CPU each); instead every PUT carries a
-            # CRC32 (x-amz-checksum-crc32, ~0.6 ms per 4 MiB) that the server checks, so
+            # CRC-32C (x-amz-checksum-crc32c, ~0.25 ms per 4 MiB) that the server checks, so
             # a body damaged in transit is still refused (BadDigest), and data blocks are
             # verified against their hash in the metadata on every read anyway.
             s3={
@@ -269,7 +270,7 @@ class S3Store(ObjectStore):
 
     async def put(self, key: str, data: bytes) -> None:
         payload = bytes(data)
-        crc = _crc32(payload)
+        crc = _crc32c(payload)
         for attempt in range(DIGEST_RETRIES):
             try:
                 await self._call(
@@ -278,7 +279,7 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket,
                     Key=self._k(key),
                     Body=payload,
-                    ChecksumCRC32=crc,
+                    ChecksumCRC32C=crc,
                 )
                 return
             except TransientStoreError as e:
@@ -290,7 +291,7 @@ class S3Store(ObjectStore):
     async def put_if_absent(self, key: str, data: bytes) -> None:
         full = self._k(key)
         payload = bytes(data)
-        crc = _crc32(payload)
+        crc = _crc32c(payload)
 
         async def attempt() -> None:
             r = await self._lean_call("PUT", full, payload, {"If-None-Match": "*"})
@@ -301,7 +302,7 @@ class S3Store(ObjectStore):
                     Bucket=self.bucket,
                     Key=full,
                     Body=payload,
-                    ChecksumCRC32=crc,
+                    ChecksumCRC32C=crc,
                     IfNoneMatch="*",
                 )
             elif r.status == 412:

@@ -1,4 +1,5 @@
-"""Block checksums: new blocks get a CRC-32; blocks from earlier versions still verify."""
+"""Block checksums: new blocks get a CRC-32C (format 2) or a CRC-32 (format 1); blocks
+from earlier versions still verify."""
 
 from __future__ import annotations
 
@@ -6,18 +7,32 @@ import hashlib
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
+
+import google_crc32c
+import pytest
 
 from efsish import codec
 from efsish.codec import block_hash, block_matches
 
 
-def test_new_blocks_use_crc32_and_detect_damage() -> None:
-    data = b"x" * 100_000
-    h = block_hash(data)
-    assert h == f"r{zlib.crc32(data):08x}"
+@pytest.mark.parametrize(
+    "algorithm, expected",
+    [
+        ("crc32c", lambda d: f"k{google_crc32c.value(d):08x}"),
+        ("crc32", lambda d: f"r{zlib.crc32(d):08x}"),
+    ],
+)
+def test_block_checksums_detect_damage(algorithm: str, expected: Any) -> None:
+    data = os.urandom(100_000)
+    h = block_hash(data, algorithm)
+    assert h == expected(data)
     assert block_matches(data, h)
     assert not block_matches(data[:-1] + b"y", h)
-    assert not block_matches(data[:50_000] + b"\\0" + data[50_001:], h)
+    assert not block_matches(data[:50_000] + bytes([data[50_000] ^ 1]) + data[50_001:], h)
+    assert block_hash(data) == block_hash(data, "crc32c")  # the default for new blocks
+    with pytest.raises(ValueError):
+        block_hash(data, "md5")
 
 
 def test_blocks_written_by_earlier_versions_still_verify() -> None:
