@@ -954,8 +954,8 @@ class Filesystem:
             of.deferred.pop("ctime", None)
         if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
             before = of.dirty.nbytes
-            for iv in of.dirty.take_full_blocks(self.block_size):
-                self._start_upload(of, iv.off, bytes(iv.buf))
+            for block_off, block in of.dirty.take_full_blocks(self.block_size):
+                self._start_upload(of, block_off, block)
             self._dirty_total -= before - of.dirty.nbytes
         return len(data)
 

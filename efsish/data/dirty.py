@@ -90,12 +90,15 @@ class DirtyBuffer:
         ivs, self.ivs, self.nbytes = self.ivs, [], 0
         return ivs
 
-    def take_full_blocks(self, block_size: int) -> list[Interval]:
-        """Cut whole blocks (block_size bytes) from the front of large intervals."""
-        out: list[Interval] = []
+    def take_full_blocks(self, block_size: int) -> list[tuple[int, bytes]]:
+        """Cut whole blocks (block_size bytes) from the front of large intervals: (offset,
+        bytes) each, copied once out of the buffer (deleting from the front of a
+        bytearray moves no bytes)."""
+        out: list[tuple[int, bytes]] = []
         for iv in self.ivs:
             while len(iv.buf) >= 2 * block_size:
-                out.append(Interval(iv.off, iv.buf[:block_size]))
+                with memoryview(iv.buf) as view:
+                    out.append((iv.off, bytes(view[:block_size])))
                 del iv.buf[:block_size]
                 iv.off += block_size
                 self.nbytes -= block_size
