@@ -55,6 +55,9 @@ STARVING_AFTER = 3  # consecutive lost races that make a mount report itself sta
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
 INO_RANGE = 1024
 MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
+FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
+# What `MetaLog._fresh` read after a commit: new attributes, and the names' new inodes.
+_Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
 
 
 def log_key(seq: int) -> str:
@@ -291,9 +294,26 @@ class MetaLog:
             self._memo_attrs.clear()
         self._memo_attrs[ino] = a
 
-    def _applied(self, res: ApplyResult, remote: bool) -> None:
+    def _fresh(self, res: ApplyResult) -> _Fresh | None:
+        """In the writer's worker thread, right after an entry's commit: the new
+        attributes of the inodes it changed and the new state of the names it changed,
+        so that `_applied` can put them in the memo instead of only dropping the old
+        ones (a create changes its directory's attributes, and the kernel asks for them
+        next: one worker-thread hop less per create, unlink, rename or chmod). Nothing
+        for large entries (the memo then only forgets)."""
+        changed = (res.inodes | res.data) - res.freed.keys()
+        if len(changed) + len(res.entries) > FRESH_LIMIT:
+            return None
+        view = self.writer
+        attrs = {ino: view.getattr(ino) for ino in changed}
+        names = {(p, n): view.lookup(p, n) for p, n in res.entries}
+        return attrs, names
+
+    def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:
         """An entry was applied and committed to the view: drop what it changed from the
-        memo, then tell the filesystem."""
+        memo (and put in what `_fresh` read after the commit), then tell the filesystem.
+        Runs on the trio thread under the write lock, so nothing was applied between
+        that commit and this."""
         self._memo_gen += 1
         attrs, names, xattrs = self._memo_attrs, self._memo_names, self._memo_xattrs
         for ino in res.inodes:
@@ -306,6 +326,14 @@ class MetaLog:
             xattrs.pop(ino, None)
         for entry in res.entries:
             names.pop(entry, None)
+        if fresh is not None:
+            new_attrs, new_names = fresh
+            for ino, a in new_attrs.items():
+                if a is not None:
+                    self._remember(ino, a)
+            if len(names) + len(new_names) >= MEMO_LIMIT:
+                names.clear()
+            names.update(new_names)
         self.on_apply(res, remote)
 
     def _forget_all(self) -> None:
@@ -392,7 +420,7 @@ class MetaLog:
         )
 
     async def _apply_remote(self, seq: int, blob: bytes) -> None:
-        def apply(seq: int = seq) -> ApplyResult:
+        def apply(seq: int = seq) -> tuple[ApplyResult, _Fresh | None]:
             entry = codec.decode_json(b"L", blob, f"{self.store.url}/{log_key(seq)}")
             res = ApplyResult()
             self.writer.begin()
@@ -402,16 +430,16 @@ class MetaLog:
                 self.writer.rollback()
                 raise
             self.writer.commit()
-            return res
+            return res, self._fresh(res)
 
         try:
-            res = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+            res, fresh = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
         except CorruptObject as e:
             self.broken = str(e)
             log.error("cannot apply the metadata log: %s", e)
             raise
         self._seq = seq
-        self._applied(res, True)
+        self._applied(res, True, fresh)
 
     # ------------------------------------------------------------------------ commit
 
@@ -494,15 +522,16 @@ class MetaLog:
                     self._ino_next, self._ino_end = saved_range
                     raise
 
-                def finish(seq: int = seq) -> None:
+                def finish(seq: int = seq, res: ApplyResult = res) -> _Fresh | None:
                     self.writer.set_meta("applied_seq", seq)
                     self.writer.commit()
+                    return self._fresh(res)
 
-                await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
+                fresh = await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
                 self._seq = seq
                 self.commits += len(batch)
                 self.entries_written += 1
-                self._applied(res, False)
+                self._applied(res, False, fresh)
                 self._deliver(batch, outcomes)
                 return
             raise TransientStoreError(
