@@ -34,7 +34,7 @@ async def read_file(fs: Filesystem, ino: int) -> bytes:
     fh, _ = await fs.open(ino, os.O_RDONLY)
     try:
         size = (await fs.getattr(ino)).size
-        return await fs.read(fh, 0, size + 10)
+        return bytes(await fs.read(fh, 0, size + 10))
     finally:
         await fs.release(fh)
 
