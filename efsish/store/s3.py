@@ -17,6 +17,7 @@ import logging
 import os
 import random
 import uuid
+import zlib
 from collections.abc import AsyncIterator, Callable
 from typing import Any, TypeVar
 
@@ -83,6 +84,18 @@ def _crc32c(data: bytes) -> str:
     return base64.b64encode(google_crc32c.value(data).to_bytes(4, "big")).decode()
 
 
+def _crc32(data: bytes) -> str:
+    """The x-amz-checksum-crc32 value of `data`: for servers that refuse CRC-32C."""
+    return base64.b64encode(zlib.crc32(data).to_bytes(4, "big")).decode()
+
+
+def _refuses_checksum(e: StoreError) -> bool:
+    """A 4xx that says the server does not do the checksum algorithm we sent (e.g.
+    "InvalidRequest: Checksum algorithm not supported: CRC32C")."""
+    text = str(e).lower()
+    return isinstance(e, PermanentStoreError) and ("checksum" in text or "crc32c" in text)
+
+
 class S3Store(ObjectStore):
     """ObjectStore over boto3. See the module docstring."""
 
@@ -131,6 +144,7 @@ class S3Store(ObjectStore):
             verify=verify_tls,
         )
         self._limiter = trio.CapacityLimiter(concurrency)
+        self._put_crc32c = True  # False once the server refused x-amz-checksum-crc32c
         # Small GET/HEAD/conditional PUT go through a lean signed path (s3lean.py) when
         # the endpoint is addressed path-style; anything unusual falls back to boto3.
         self._lean: LeanS3 | None = None
@@ -268,19 +282,34 @@ class S3Store(ObjectStore):
                     return b""
             raise
 
+    def _checksum(self, payload: bytes) -> dict[str, str]:
+        """The upload checksum every PUT carries (see the client config above)."""
+        if self._put_crc32c:
+            return {"ChecksumCRC32C": _crc32c(payload)}
+        return {"ChecksumCRC32": _crc32(payload)}
+
+    async def _put_checked(self, key: str, **kwargs: Any) -> None:
+        """put_object with the upload checksum; a server that refuses CRC-32C gets CRC-32
+        from then on (a warning, once) instead of failing every upload."""
+        payload: bytes = kwargs["Body"]
+        try:
+            await self._call(key, self._client.put_object, **kwargs, **self._checksum(payload))
+        except StoreError as e:
+            if not (self._put_crc32c and _refuses_checksum(e)):
+                raise
+            self._put_crc32c = False
+            log.warning(
+                "%s refuses x-amz-checksum-crc32c (%s); sending CRC-32 checksums instead",
+                self._where(),
+                e,
+            )
+            await self._call(key, self._client.put_object, **kwargs, **self._checksum(payload))
+
     async def put(self, key: str, data: bytes) -> None:
         payload = bytes(data)
-        crc = _crc32c(payload)
         for attempt in range(DIGEST_RETRIES):
             try:
-                await self._call(
-                    key,
-                    self._client.put_object,
-                    Bucket=self.bucket,
-                    Key=self._k(key),
-                    Body=payload,
-                    ChecksumCRC32C=crc,
-                )
+                await self._put_checked(key, Bucket=self.bucket, Key=self._k(key), Body=payload)
                 return
             except TransientStoreError as e:
                 # The server refused a body that arrived damaged: send it again.
@@ -291,19 +320,12 @@ class S3Store(ObjectStore):
     async def put_if_absent(self, key: str, data: bytes) -> None:
         full = self._k(key)
         payload = bytes(data)
-        crc = _crc32c(payload)
 
         async def attempt() -> None:
             r = await self._lean_call("PUT", full, payload, {"If-None-Match": "*"})
             if r is None:
-                await self._call(
-                    key,
-                    self._client.put_object,
-                    Bucket=self.bucket,
-                    Key=full,
-                    Body=payload,
-                    ChecksumCRC32C=crc,
-                    IfNoneMatch="*",
+                await self._put_checked(
+                    key, Bucket=self.bucket, Key=full, Body=payload, IfNoneMatch="*"
                 )
             elif r.status == 412:
                 raise PreconditionFailed(key)

@@ -76,9 +76,52 @@ def test_cli_prints_one_line_not_a_traceback(moto_target) -> None:
     assert lines[0].startswith("efsish: bucket 'no-such-bucket-xyz' does not exist")
 
 
+class _Raw:
+    """Just enough of a urllib3 response for botocore to read a canned body."""
+
+    def __init__(self, body: bytes) -> None:
+        self.body = body
+
+    def stream(self, *_: Any, **__: Any) -> Any:
+        yield self.body
+
+
+async def test_server_refusing_crc32c_gets_crc32(moto_target, caplog) -> None:
+    """Some S3-compatible servers refuse x-amz-checksum-crc32c (400 InvalidRequest,
+    "Checksum algorithm not supported"): uploads switch to CRC-32 instead of failing."""
+    from botocore.awsrequest import AWSResponse, HTTPHeaders
+
+    store = open_store(
+        f"s3://{moto_target.bucket}/nocrc32c", StoreOptions(endpoint=moto_target.endpoint)
+    )
+    assert isinstance(store, S3Store)
+    seen: list[str] = []
+
+    def refuse(request: Any, **_: Any) -> AWSResponse | None:
+        names = {k.lower() for k in request.headers}
+        seen.append("crc32c" if "x-amz-checksum-crc32c" in names else "crc32")
+        if "x-amz-checksum-crc32c" not in names:
+            return None  # sent on to the server
+        body = (
+            b"<?xml version='1.0' encoding='UTF-8'?><Error><Code>InvalidRequest</Code>"
+            b"<Message>Checksum algorithm not supported: CRC32C</Message></Error>"
+        )
+        headers = HTTPHeaders()
+        headers["Content-Type"] = "application/xml"
+        return AWSResponse(request.url, 400, headers, _Raw(body))
+
+    # (botocore sends a response a before-send handler returns instead of the request)
+    store._client.meta.events.register("before-send.s3.PutObject", refuse)  # type: ignore[arg-type]
+    await store.put("data/a", b"first")
+    await store.put("data/b", b"second")
+    assert seen == ["crc32c", "crc32", "crc32"]  # refused once, then CRC-32 only
+    assert await store.get("data/a") == b"first"
+    assert "refuses x-amz-checksum-crc32c" in caplog.text
+
+
 @pytest.mark.integration
 async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
-    """Payloads are not hashed into the signature; the CRC32 every PUT carries is what
+    """Payloads are not hashed into the signature; the CRC-32C every PUT carries is what
     lets the server refuse a body damaged on the way (and efsish sends it again)."""
     store = open_store(f"s3://{seaweedfs_target.bucket}/crc", seaweedfs_target.options())
     assert isinstance(store, S3Store)
