@@ -14,6 +14,7 @@ import time
 import uuid
 
 import cachetools
+import google_crc32c
 import trio
 
 from efsish.codec import block_hash, block_matches
@@ -24,6 +25,11 @@ from efsish.store import ObjectStore
 log = logging.getLogger(__name__)
 
 DATA_PREFIX = "data/"
+# google-crc32c falls back to pure Python where it has no wheel: far too slow for the
+# event loop (the checksums then go to worker threads like the older ones).
+CRC32C_IN_C = google_crc32c.implementation == "c"
+if not CRC32C_IN_C:
+    log.warning("google-crc32c has no C extension here: block checksums will be slow")
 
 
 def new_block_key(ino: int) -> str:
@@ -90,7 +96,9 @@ class BlockIO:
         thread: CRC-32C of a 4 MiB block takes ~0.25 ms here, less than a thread hop
         costs; the older checksums (zlib CRC-32 ~2 ms, SHA-256 ~10 ms per 4 MiB) and
         very large blocks go to a thread (both libraries release the GIL)."""
-        return size < 64 * 1024 or (algorithm == "crc32c" and size <= 16 * 1024 * 1024)
+        return size < 64 * 1024 or (
+            algorithm == "crc32c" and CRC32C_IN_C and size <= 16 * 1024 * 1024
+        )
 
     async def _hash(self, data: bytes) -> str:
         if self._inline(len(data), self.checksum):

@@ -300,13 +300,21 @@ class MetaLog:
         so that `_applied` can put them in the memo instead of only dropping the old
         ones (a create changes its directory's attributes, and the kernel asks for them
         next: one worker-thread hop less per create, unlink, rename or chmod). Nothing
-        for large entries (the memo then only forgets)."""
+        for large entries (the memo then only forgets). Never raises: the entry is
+        committed by now, and a failed refill must cost only the refill."""
         changed = (res.inodes | res.data) - res.freed.keys()
         if len(changed) + len(res.entries) > FRESH_LIMIT:
             return None
+        try:
+            return self._read_fresh(changed, res.entries)
+        except Exception as e:  # e.g. sqlite3.OperationalError: disk I/O error
+            log.warning("could not re-read what entry %d changed (%s); forgetting it", self._seq, e)
+            return None
+
+    def _read_fresh(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> _Fresh:
         view = self.writer
-        attrs = {ino: view.getattr(ino) for ino in changed}
-        names = {(p, n): view.lookup(p, n) for p, n in res.entries}
+        attrs = {ino: view.getattr(ino) for ino in inodes}
+        names = {(p, n): view.lookup(p, n) for p, n in entries}
         return attrs, names
 
     def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:

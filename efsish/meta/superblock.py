@@ -90,14 +90,20 @@ async def load_superblock(store: ObjectStore) -> Superblock:
         ) from None
     try:
         d = codec.decode_json(b"S", blob, f"{store.url}/superblock")
-        version = d.get("format_version", 1) if isinstance(d, dict) else None
-        if isinstance(version, int) and version > FORMAT_VERSION:
+        if not isinstance(d, dict):
+            raise CorruptObject("not a JSON object")
+        version = d.setdefault("format_version", 1)  # format 1 always wrote it; be lenient
+        if not isinstance(version, int) or isinstance(version, bool):
+            raise CorruptObject(f"format_version is {version!r}")
+        if version > FORMAT_VERSION:
             raise EfsishError(
                 f"{store.url} was formatted by a newer efsish (format {version}); upgrade "
                 "efsish on this machine"
             )
+        if not isinstance(d.get("extra", {}), dict):
+            raise CorruptObject("its 'extra' field is not an object")
         sb = Superblock(**d)
-    except (TypeError, AttributeError, CorruptObject) as e:
+    except (TypeError, CorruptObject) as e:
         raise NotFormatted(f"{store.url}/superblock is not an efsish superblock: {e}") from None
     if sb.block_checksum not in codec.BLOCK_CHECKSUMS:
         raise EfsishError(

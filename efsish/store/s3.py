@@ -90,10 +90,13 @@ def _crc32(data: bytes) -> str:
 
 
 def _refuses_checksum(e: StoreError) -> bool:
-    """A 4xx that says the server does not do the checksum algorithm we sent (e.g.
-    "InvalidRequest: Checksum algorithm not supported: CRC32C")."""
+    """The server does not do the checksum algorithm we sent: a 4xx that says so (e.g.
+    "InvalidRequest: Checksum algorithm not supported: CRC32C"), or a 501 NotImplemented.
+    A wrong guess costs one resend with CRC-32."""
     text = str(e).lower()
-    return isinstance(e, PermanentStoreError) and ("checksum" in text or "crc32c" in text)
+    if isinstance(e, PermanentStoreError):
+        return "checksum" in text or "crc32c" in text
+    return isinstance(e, TransientStoreError) and "notimplemented" in text
 
 
 class S3Store(ObjectStore):
@@ -290,20 +293,23 @@ class S3Store(ObjectStore):
 
     async def _put_checked(self, key: str, **kwargs: Any) -> None:
         """put_object with the upload checksum; a server that refuses CRC-32C gets CRC-32
-        from then on (a warning, once) instead of failing every upload."""
+        from then on (a warning, once) instead of failing every upload. Uploads already
+        in flight with CRC-32C when the first refusal arrives are each sent again."""
         payload: bytes = kwargs["Body"]
+        sent_crc32c = self._put_crc32c
         try:
             await self._call(key, self._client.put_object, **kwargs, **self._checksum(payload))
         except StoreError as e:
-            if not (self._put_crc32c and _refuses_checksum(e)):
+            if not (sent_crc32c and _refuses_checksum(e)):
                 raise
-            self._put_crc32c = False
-            log.warning(
-                "%s refuses x-amz-checksum-crc32c (%s); sending CRC-32 checksums instead",
-                self._where(),
-                e,
-            )
-            await self._call(key, self._client.put_object, **kwargs, **self._checksum(payload))
+            if self._put_crc32c:
+                self._put_crc32c = False
+                log.warning(
+                    "%s refuses x-amz-checksum-crc32c (%s); sending CRC-32 checksums instead",
+                    self._where(),
+                    e,
+                )
+            await self._call(key, self._client.put_object, **kwargs, ChecksumCRC32=_crc32(payload))
 
     async def put(self, key: str, data: bytes) -> None:
         payload = bytes(data)

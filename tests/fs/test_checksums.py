@@ -72,6 +72,8 @@ async def test_format1_filesystems_keep_crc32(tmp_path: Path) -> None:
     [
         ({"format_version": 3, "new_field": 1}, "newer efsish \\(format 3\\); upgrade"),
         ({"extra": {"block_checksum": "blake3"}}, "block checksum 'blake3'.*upgrade"),
+        ({"extra": None}, "not an efsish superblock: its 'extra' field"),
+        ({"format_version": "2"}, "not an efsish superblock: format_version"),
     ],
 )
 async def test_superblocks_this_version_cannot_serve_are_refused(

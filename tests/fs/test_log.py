@@ -281,3 +281,32 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
         await check(fs)
         await check(other)
     assert b.meta.memo_hits > hits_before  # answers really came from memory
+
+
+async def test_a_failed_memo_refill_costs_only_the_refill(make_fs, monkeypatch) -> None:
+    """The refill after a commit reads SQLite once more; if that read fails, the entry
+    is still committed and reported so, and the mount goes on (the memo only forgets)."""
+    import sqlite3
+
+    a = await make_fs()
+    await write_file(a, ROOT_INO, b"before", b"x")
+    assert (await a.lookup(ROOT_INO, b"before")).size == 1  # now remembered
+
+    def fail(*_: object) -> None:
+        raise sqlite3.OperationalError("disk I/O error")
+
+    monkeypatch.setattr(a.meta, "_read_fresh", fail)
+    seq = a.meta.applied_seq
+    ino = await write_file(a, ROOT_INO, b"during", b"yy")  # create + data commit
+    await a.unlink(ROOT_INO, b"before")
+    assert a.meta.applied_seq > seq and not a.meta.broken
+    assert (await a.lookup(ROOT_INO, b"during")).ino == ino
+    with pytest.raises(FsError) as e:
+        await a.lookup(ROOT_INO, b"before")  # not a stale remembered answer
+    assert e.value.errno == errno.ENOENT
+    monkeypatch.undo()
+    await write_file(a, ROOT_INO, b"after", b"zzz")
+    b = await make_fs()  # another mount replays the same log: nothing was lost
+    await b.meta.catch_up()
+    assert await read_file(b, ino) == b"yy"
+    assert (await b.lookup(ROOT_INO, b"after")).size == 3

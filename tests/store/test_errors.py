@@ -8,6 +8,7 @@ import sys
 from typing import Any
 
 import pytest
+import trio
 
 from efsish.devtools import s3server
 from efsish.errors import (
@@ -112,11 +113,16 @@ async def test_server_refusing_crc32c_gets_crc32(moto_target, caplog) -> None:
 
     # (botocore sends a response a before-send handler returns instead of the request)
     store._client.meta.events.register("before-send.s3.PutObject", refuse)  # type: ignore[arg-type]
-    await store.put("data/a", b"first")
-    await store.put("data/b", b"second")
-    assert seen == ["crc32c", "crc32", "crc32"]  # refused once, then CRC-32 only
-    assert await store.get("data/a") == b"first"
-    assert "refuses x-amz-checksum-crc32c" in caplog.text
+    async with trio.open_nursery() as n:  # several in flight when the first refusal comes
+        for i in range(6):
+            n.start_soon(store.put, f"data/{i}", b"block %d" % i)
+    for i in range(6):
+        assert await store.get(f"data/{i}") == b"block %d" % i
+    assert seen.count("crc32c") >= 1 and seen.count("crc32") == 6
+    seen.clear()
+    await store.put("data/later", b"later")
+    assert seen == ["crc32"]  # CRC-32 only from now on
+    assert caplog.text.count("refuses x-amz-checksum-crc32c") == 1
 
 
 @pytest.mark.integration
