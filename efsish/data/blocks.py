@@ -91,24 +91,23 @@ class BlockIO:
             self.cache.offer(key, data)
         return key, h
 
-    def _inline(self, size: int, algorithm: str) -> bool:
+    @staticmethod
+    def _inline(size: int, crc32c: bool) -> bool:
         """Whether to checksum `size` bytes on the event loop rather than in a worker
         thread: CRC-32C of a 4 MiB block takes ~0.25 ms here, less than a thread hop
         costs; the older checksums (zlib CRC-32 ~2 ms, SHA-256 ~10 ms per 4 MiB) and
         very large blocks go to a thread (both libraries release the GIL)."""
-        return size < 64 * 1024 or (
-            algorithm == "crc32c" and CRC32C_IN_C and size <= 16 * 1024 * 1024
-        )
+        return size < 64 * 1024 or (crc32c and CRC32C_IN_C and size <= 16 * 1024 * 1024)
 
     async def _hash(self, data: bytes) -> str:
-        if self._inline(len(data), self.checksum):
+        if self._inline(len(data), self.checksum == "crc32c"):
             return block_hash(data, self.checksum)
         return await trio.to_thread.run_sync(
             block_hash, data, self.checksum, limiter=self._hash_limiter
         )
 
     async def _matches(self, data: bytes, hash_: str) -> bool:
-        if self._inline(len(data), "crc32c" if hash_.startswith("k") else "other"):
+        if self._inline(len(data), hash_.startswith("k")):
             return block_matches(data, hash_)
         return await trio.to_thread.run_sync(block_matches, data, hash_, limiter=self._hash_limiter)
 

@@ -285,22 +285,21 @@ class S3Store(ObjectStore):
                     return b""
             raise
 
-    def _checksum(self, payload: bytes) -> dict[str, str]:
-        """The upload checksum every PUT carries (see the client config above)."""
-        if self._put_crc32c:
-            return {"ChecksumCRC32C": _crc32c(payload)}
-        return {"ChecksumCRC32": _crc32(payload)}
-
     async def _put_checked(self, key: str, **kwargs: Any) -> None:
-        """put_object with the upload checksum; a server that refuses CRC-32C gets CRC-32
-        from then on (a warning, once) instead of failing every upload. Uploads already
-        in flight with CRC-32C when the first refusal arrives are each sent again."""
+        """put_object with the upload checksum (see the client config above): CRC-32C,
+        or CRC-32 once the server refused CRC-32C (a warning, once) instead of failing
+        every upload. Uploads already in flight with CRC-32C when the first refusal
+        arrives are each sent again."""
         payload: bytes = kwargs["Body"]
-        sent_crc32c = self._put_crc32c
+        if not self._put_crc32c:
+            await self._call(key, self._client.put_object, **kwargs, ChecksumCRC32=_crc32(payload))
+            return
         try:
-            await self._call(key, self._client.put_object, **kwargs, **self._checksum(payload))
+            await self._call(
+                key, self._client.put_object, **kwargs, ChecksumCRC32C=_crc32c(payload)
+            )
         except StoreError as e:
-            if not (sent_crc32c and _refuses_checksum(e)):
+            if not _refuses_checksum(e):
                 raise
             if self._put_crc32c:
                 self._put_crc32c = False
