@@ -60,6 +60,11 @@ FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear th
 _Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
 
 
+class _AllXattrs(dict[bytes, bytes | None]):
+    """A remembered xattr set that is complete (a name not in it is absent), e.g. the
+    empty set of an inode this mount saw created."""
+
+
 def log_key(seq: int) -> str:
     return f"{LOG_PREFIX}{seq:016d}"
 
@@ -154,6 +159,12 @@ class MetaLog:
         self._memo_attrs: dict[int, Attr] = {}
         self._memo_names: dict[tuple[int, bytes], int | None] = {}
         self._memo_xattrs: dict[int, dict[bytes, bytes | None]] = {}
+        # Directories whose every name is in `_memo_names` (absent names included, as
+        # absent): those this mount saw created, empty, and whose every change since was
+        # remembered. A lookup of a new name there (tar, cp -r, git checkout: each create
+        # begins with one) is answered from memory; any change that is only forgotten
+        # removes its directory from this set.
+        self._memo_complete: set[int] = set()
         self._memo_gen = 0
         self.memo_hits = 0
 
@@ -250,8 +261,8 @@ class MetaLog:
     async def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
         key = (parent, name)
-        if key in self._memo_names:
-            ino = self._memo_names[key]
+        if key in self._memo_names or parent in self._memo_complete:
+            ino = self._memo_names.get(key)
             if ino is None:
                 self.memo_hits += 1
                 return None
@@ -268,7 +279,7 @@ class MetaLog:
         ino, a = await self.read(q)
         if gen == self._memo_gen:
             if len(self._memo_names) >= MEMO_LIMIT:
-                self._memo_names.clear()
+                self._forget_names()
             self._memo_names[key] = ino
             if ino is not None and a is not None:
                 self._remember(ino, a)
@@ -278,9 +289,9 @@ class MetaLog:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
         security.capability before every write and chown: answered from memory.)"""
         known = self._memo_xattrs.get(ino)
-        if known is not None and name in known:
+        if known is not None and (name in known or type(known) is _AllXattrs):
             self.memo_hits += 1
-            return known[name]
+            return known.get(name)
         gen = self._memo_gen
         value = await self.read(View.getxattr, ino, name)
         if gen == self._memo_gen:
@@ -326,28 +337,44 @@ class MetaLog:
         attrs, names, xattrs = self._memo_attrs, self._memo_names, self._memo_xattrs
         for ino in res.inodes:
             attrs.pop(ino, None)
-            xattrs.pop(ino, None)
         for ino in res.data:
             attrs.pop(ino, None)
+        for ino in res.xattrs:
+            xattrs.pop(ino, None)
         for ino in res.freed:
             attrs.pop(ino, None)
             xattrs.pop(ino, None)
+            self._memo_complete.discard(ino)
         for entry in res.entries:
             names.pop(entry, None)
+        if len(xattrs) >= MEMO_LIMIT:
+            xattrs.clear()
+        for ino in res.created - res.xattrs - res.freed.keys():
+            xattrs[ino] = _AllXattrs()
         if fresh is not None:
             new_attrs, new_names = fresh
             for ino, a in new_attrs.items():
                 if a is not None:
                     self._remember(ino, a)
             if len(names) + len(new_names) >= MEMO_LIMIT:
-                names.clear()
-            names.update(new_names)
+                self._forget_names()
+            else:
+                names.update(new_names)
+                self._memo_complete |= res.created_dirs - res.freed.keys()
+        else:
+            # The new state of these names is unknown here: their directories are no
+            # longer complete in memory.
+            self._memo_complete.difference_update(p for p, _ in res.entries)
         self.on_apply(res, remote)
+
+    def _forget_names(self) -> None:
+        self._memo_names.clear()
+        self._memo_complete.clear()
 
     def _forget_all(self) -> None:
         self._memo_gen += 1
         self._memo_attrs.clear()
-        self._memo_names.clear()
+        self._forget_names()
         self._memo_xattrs.clear()
 
     @property

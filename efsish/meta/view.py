@@ -151,6 +151,9 @@ class ApplyResult:
     data: set[int] = field(default_factory=set)  # file contents changed
     entries: set[tuple[int, bytes]] = field(default_factory=set)  # (parent, name) changed
     freed: dict[int, tuple[Attr, list[Extent]]] = field(default_factory=dict)
+    xattrs: set[int] = field(default_factory=set)  # extended attributes changed
+    created: set[int] = field(default_factory=set)  # new inodes (no xattrs yet)
+    created_dirs: set[int] = field(default_factory=set)  # new directories (empty when made)
 
 
 def b64(data: bytes) -> str:
@@ -437,9 +440,11 @@ class View:
         )
         if stat.S_ISDIR(mode):
             self._add_nlink(parent, 1)
+            res.created_dirs.add(ino)
         self._touch(parent, t)
         res.entries.add((parent, name))
         res.inodes.update((parent, ino))
+        res.created.add(ino)
 
     def _op_ln(self, op: Op, res: ApplyResult) -> None:
         ino, parent, name, t = (
@@ -570,6 +575,7 @@ class View:
         )
         self._touch(ino, int(op["t"]), mtime=False)
         res.inodes.add(ino)
+        res.xattrs.add(ino)
 
     def _op_xr(self, op: Op, res: ApplyResult) -> None:
         ino = int(op["ino"])
@@ -578,6 +584,7 @@ class View:
         )
         self._touch(ino, int(op["t"]), mtime=False)
         res.inodes.add(ino)
+        res.xattrs.add(ino)
 
 
 def _op_gc(self: View, op: Op, res: ApplyResult) -> None:

@@ -3,6 +3,7 @@ checkpoints, corrupt or missing objects, and store faults."""
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import io
 import os
@@ -225,8 +226,10 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
     rnd = random.Random(7)
     hits_before = b.meta.memo_hits
 
+    burst: list[bytes] = []
+
     async def check(fs: Filesystem) -> None:
-        for name in names:
+        for name in names + burst:
             try:
                 got = await fs.lookup(d, name)
             except FsError as e:
@@ -254,7 +257,9 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
         other = b if fs is a else a
         name, name2 = rnd.choice(names), rnd.choice(names)
         await check(other)  # the other mount remembers the old state
-        kind = rnd.choice(["create", "write", "chmod", "rename", "unlink", "link", "xattr"])
+        kind = rnd.choice(
+            ["create", "write", "chmod", "rename", "unlink", "link", "xattr", "burst"]
+        )
         try:
             attr = await fs.lookup(d, name)
         except FsError:
@@ -274,8 +279,24 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
                 await fs.unlink(d, name)
             elif kind == "link":
                 await fs.link(attr.ino, d, name2)
-            else:
+            elif kind == "xattr":
                 await fs.setxattr(attr.ino, b"user.k", rnd.choice([b"v", b"w"]))
+            else:
+                # Many changes at once: batched into entries too big to be re-read after
+                # the commit, so the memo must forget (the directory included).
+                async def one(fs: Filesystem, n: bytes, remove: bool) -> None:
+                    with contextlib.suppress(FsError):
+                        a = await fs.mknod(d, n, stat.S_IFREG | 0o644, ROOT)
+                        if remove:
+                            await fs.unlink(d, n)
+                        else:
+                            await fs.setxattr(a.ino, b"user.k", b"new")
+
+                new = [b"b%d" % rnd.randrange(10_000) for _ in range(70)]
+                burst[:] = new[:4]  # checked from now on, with `names`
+                async with trio.open_nursery() as nursery:
+                    for n in names + new:
+                        nursery.start_soon(one, fs, n, rnd.random() < 0.5)
         except FsError as e:
             assert e.errno in (errno.EEXIST, errno.ENOENT), e
         await check(fs)
