@@ -331,3 +331,75 @@ async def test_a_failed_memo_refill_costs_only_the_refill(make_fs, monkeypatch) 
     await b.meta.catch_up()
     assert await read_file(b, ino) == b"yy"
     assert (await b.lookup(ROOT_INO, b"after")).size == 3
+
+
+async def test_answers_before_the_local_commit_are_never_ahead_of_reads(
+    make_fs, monkeypatch
+) -> None:
+    """A change is answered once its entry is in the log, before SQLite has it: a read
+    right after the answer (here while SQLite is slow to commit) still sees the change,
+    from memory or from the view."""
+    import time
+
+    a = await make_fs()
+    d = (await a.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
+    assert (await a.lookup(ROOT_INO, b"d")).ino == d
+    real_commit = a.meta.writer.commit
+
+    def slow_commit() -> None:
+        time.sleep(0.05)
+        real_commit()
+
+    monkeypatch.setattr(a.meta.writer, "commit", slow_commit)
+    for i in range(5):
+        name = b"f%d" % i
+        made = await a.mknod(d, name, stat.S_IFREG | 0o644, ROOT)
+        assert (await a.lookup(d, name)).ino == made.ino
+        assert (await a.getattr(d)).mtime == made.ctime
+        await a.setxattr(made.ino, b"user.k", b"v%d" % i)
+        assert await a.getxattr(made.ino, b"user.k") == b"v%d" % i
+        await a.unlink(d, name)
+        with pytest.raises(FsError) as e:
+            await a.lookup(d, name)
+        assert e.value.errno == errno.ENOENT
+
+
+async def test_a_failed_local_commit_reapplies_the_entry_from_the_log(
+    make_fs, monkeypatch
+) -> None:
+    """If SQLite fails to record an entry that is already in the log (and answered), the
+    mount applies that entry again from the log; if it cannot, it refuses to serve a
+    view that is behind what it acknowledged."""
+    import sqlite3
+
+    a = await make_fs()
+    real_commit = a.meta.writer.commit
+    fails = [1]
+
+    def commit() -> None:
+        if fails[0] > 0:
+            fails[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit()
+
+    monkeypatch.setattr(a.meta.writer, "commit", commit)
+    ino = await write_file(a, ROOT_INO, b"kept", b"abc")  # the create's local commit fails
+    assert fails == [0] and not a.meta.broken
+    assert (await a.lookup(ROOT_INO, b"kept")).ino == ino
+    assert await read_file(a, ino) == b"abc"
+    assert await a.meta.read(View.lookup, ROOT_INO, b"kept") == ino  # in SQLite too
+
+    fails[0] = 10**6  # now every local commit fails
+    await a.mknod(ROOT_INO, b"lost-locally", stat.S_IFREG | 0o644, ROOT)
+    with pytest.raises(FsError) as e:  # answered, and then not in this mount's view
+        await a.meta.read(View.lookup, ROOT_INO, b"lost-locally")
+    assert e.value.errno == errno.EIO and a.meta.broken
+    with pytest.raises(FsError) as e:  # nor answered from memory any more
+        await a.lookup(ROOT_INO, b"lost-locally")
+    assert e.value.errno == errno.EIO
+    with pytest.raises(FsError):
+        await a.mknod(ROOT_INO, b"refused", stat.S_IFREG | 0o644, ROOT)
+    b = await make_fs()  # the log has everything that was answered
+    await b.meta.catch_up()
+    assert (await b.lookup(ROOT_INO, b"lost-locally")).nlink == 1
+    assert await read_file(b, ino) == b"abc"
