@@ -1,5 +1,5 @@
 """A lean path for the S3 requests every metadata operation waits for: whole-object GET,
-HEAD and small conditional PUT, sent from the trio event loop itself.
+HEAD and small (conditional) PUT, sent from the trio event loop itself.
 
 Every lookup waits for one GET of the next log position and every metadata change for a
 conditional PUT. Through botocore each of those costs ~0.9-1.7 ms of client CPU (parameter

@@ -364,9 +364,7 @@ async def test_answers_before_the_local_commit_are_never_ahead_of_reads(
         assert e.value.errno == errno.ENOENT
 
 
-async def test_a_failed_local_commit_reapplies_the_entry_from_the_log(
-    make_fs, monkeypatch
-) -> None:
+async def test_a_failed_local_commit_reapplies_the_entry_from_the_log(make_fs, monkeypatch) -> None:
     """If SQLite fails to record an entry that is already in the log (and answered), the
     mount applies that entry again from the log; if it cannot, it refuses to serve a
     view that is behind what it acknowledged."""

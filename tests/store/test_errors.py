@@ -18,7 +18,7 @@ from efsish.errors import (
     TransientStoreError,
 )
 from efsish.store import StoreOptions, open_store
-from efsish.store.s3 import S3Store
+from efsish.store.s3 import LEAN_PUT_MAX, S3Store
 
 
 async def test_missing_bucket(moto_target) -> None:
@@ -113,6 +113,21 @@ async def test_server_refusing_crc32c_gets_crc32(moto_target, caplog) -> None:
 
     # (botocore sends a response a before-send handler returns instead of the request)
     store._client.meta.events.register("before-send.s3.PutObject", refuse)  # type: ignore[arg-type]
+    # Small PUTs take the lean path first; this server refuses its CRC-32C the same way
+    # (an error status: the lean path hands the request to boto3).
+    assert store._lean is not None
+    lean_request = store._lean.request
+    lean_seen: list[str] = []
+
+    async def lean(method: str, key: str, body: bytes = b"", headers: Any = None) -> Any:
+        if method == "PUT":
+            names = {k.lower() for k in headers or {}}
+            lean_seen.append("crc32c" if "x-amz-checksum-crc32c" in names else "crc32")
+            if "x-amz-checksum-crc32c" in names:
+                return None
+        return await lean_request(method, key, body, headers)
+
+    store._lean.request = lean  # type: ignore[method-assign]
     async with trio.open_nursery() as n:  # several in flight when the first refusal comes
         for i in range(6):
             n.start_soon(store.put, f"data/{i}", b"block %d" % i)
@@ -120,15 +135,20 @@ async def test_server_refusing_crc32c_gets_crc32(moto_target, caplog) -> None:
         assert await store.get(f"data/{i}") == b"block %d" % i
     assert seen.count("crc32c") >= 1 and seen.count("crc32") == 6
     seen.clear()
+    lean_seen.clear()
     await store.put("data/later", b"later")
-    assert seen == ["crc32"]  # CRC-32 only from now on
+    await store.put_if_absent("log/1", b"entry")
+    assert lean_seen == ["crc32", "crc32"]  # CRC-32 only from now on, on both paths
+    assert seen == []  # and the lean path's PUTs are accepted
+    assert await store.get("data/later") == b"later"
     assert caplog.text.count("refuses x-amz-checksum-crc32c") == 1
 
 
 @pytest.mark.integration
 async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
     """Payloads are not hashed into the signature; the CRC-32C every PUT carries is what
-    lets the server refuse a body damaged on the way (and efsish sends it again)."""
+    lets the server refuse a body damaged on the way (and efsish sends it again). (Bodies
+    above LEAN_PUT_MAX, which boto3 sends; the lean path's test is the next one.)"""
     store = open_store(f"s3://{seaweedfs_target.bucket}/crc", seaweedfs_target.options())
     assert isinstance(store, S3Store)
     damaged: list[int] = []
@@ -145,7 +165,7 @@ async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
 
     budget = [1]
     store._client.meta.events.register("before-send.s3.PutObject", damage)
-    data = os.urandom(256 * 1024)
+    data = os.urandom(LEAN_PUT_MAX + 1)
     await store.put("data/once", data)  # damaged once, resent intact
     assert damaged == [1]
     assert await store.get("data/once") == data
@@ -154,6 +174,42 @@ async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
         await store.put("data/always", data)
     with pytest.raises(NotFound):
         await store.get("data/always")
+
+
+@pytest.mark.integration
+async def test_lean_puts_damaged_in_transit_are_refused_and_sent_again(seaweedfs_target) -> None:
+    """The lean path signs each body's SHA-256, but SeaweedFS stores a body that does not
+    match it; the CRC-32C header is what it checks. A log entry stored damaged would stop
+    every mount at its position for good, so: a damaged lean PUT (conditional or not) is
+    refused, sent again through boto3, and stored intact."""
+    store = open_store(f"s3://{seaweedfs_target.bucket}/leandmg", seaweedfs_target.options())
+    assert isinstance(store, S3Store) and store._lean is not None
+    lean = store._lean
+    request_bytes = lean._request_bytes
+    damaged: list[str] = []
+
+    def damage(method: str, key: str, body: bytes, extra: Any, amz_date: Any = None) -> Any:
+        req = request_bytes(method, key, body, extra, amz_date)
+        if method != "PUT" or req is None or not body or len(damaged) >= budget[0]:
+            return req
+        damaged.append(key)
+        i = len(req) - len(body) // 2  # a byte in the middle of the body
+        return req[:i] + bytes([req[i] ^ 0xFF]) + req[i + 1 :]
+
+    budget = [2]
+    lean._request_bytes = damage  # type: ignore[method-assign]
+    entry = os.urandom(3000)
+    block = os.urandom(100 * 1024)
+    await store.put_if_absent("log/1", entry)
+    await store.put("data/small", block)
+    assert len(damaged) == 2 and lean.fallbacks == 2
+    assert await store.get("log/1") == entry
+    assert await store.get("data/small") == block
+    # Undamaged, both kinds of PUT stay on the lean path (the checksum header is signed
+    # correctly: a refused signature would have fallen back to boto3 as well).
+    await store.put_if_absent("log/2", entry)
+    await store.put("data/small2", block)
+    assert lean.fallbacks == 2 and len(damaged) == 2
 
 
 @pytest.mark.integration
