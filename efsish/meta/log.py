@@ -168,9 +168,14 @@ class MetaLog:
         self._memo_complete: set[int] = set()
         self._memo_gen = 0
         self.memo_hits = 0
-        # Set while an entry of ours is in the log but not yet in SQLite and the memo.
+        # Set while an entry of ours is in the log (and answered) but not yet in SQLite.
         self._settling: trio.Event | None = None
-        self._behind: str | None = None  # our own committed entry could not be applied
+        self._answered = 0  # entries of ours answered so far (see `read`)
+        # Why reads of the view are refused: our own entry `_behind_seq`, answered, could
+        # not be recorded in SQLite yet. Cleared once the view has applied it (any later
+        # catch-up re-applies it from the log, e.g. the poller's within a second).
+        self._behind: str | None = None
+        self._behind_seq = 0
 
     # --------------------------------------------------------------------- lifecycle
 
@@ -255,9 +260,23 @@ class MetaLog:
             raise FsError(f"metadata view unusable: {self._behind}")
 
     async def read(self, fn: Callable[..., T], *args: Any) -> T:
-        """Run fn(reader_view, *args) in a worker thread on committed state."""
+        """Run fn(reader_view, *args) in a worker thread on committed state.
+
+        A read that waited for the reader, or ran, while one of our entries was answered
+        may have read SQLite before that entry's local COMMIT, after its callers dropped
+        what they held in memory for it (a flushed file's pending writes, its unflushed
+        size): what it read may be older than a write() that returned before it began.
+        Such a read is repeated, the second time holding the writer lock so that no
+        further answer can come in between (a steady stream of commits cannot starve it).
+        """
         await self._settled()
-        return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+        answered = self._answered
+        out = await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+        if answered == self._answered:
+            return out
+        async with self._wlock:
+            await self._settled()
+            return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
@@ -480,7 +499,7 @@ class MetaLog:
             "remove the cache directory to reload from the newest checkpoint"
         )
 
-    async def _apply_remote(self, seq: int, blob: bytes) -> None:
+    async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
         def apply(seq: int = seq) -> tuple[ApplyResult, _Fresh | None]:
             entry = codec.decode_json(b"L", blob, f"{self.store.url}/{log_key(seq)}")
             res = ApplyResult()
@@ -496,12 +515,21 @@ class MetaLog:
         try:
             res, fresh = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
         except CorruptObject as e:
+            if not again:
+                # Damaged on the way here (a GET carries no checksum)? Read it once more.
+                blob2 = await self.store.get(log_key(seq))
+                if blob2 != blob:
+                    log.warning("log entry %d arrived damaged (%s); read it again", seq, e)
+                    return await self._apply_remote(seq, blob2, again=True)
             self.broken = str(e)
             log.error("cannot apply the metadata log: %s", e)
             raise
         except sqlite3.Error as e:  # e.g. a full or failing disk under the cache dir
             raise FsError(f"cannot update the metadata view in {self.db_path}: {e}") from e
         self._seq = seq
+        if self._behind is not None and seq >= self._behind_seq:
+            log.info("metadata view has applied entry %d again: reads resume", seq)
+            self._behind = None
         self._applied(res, True, fresh)
 
     # ------------------------------------------------------------------------ commit
@@ -598,6 +626,7 @@ class MetaLog:
                 self.commits += len(batch)
                 self.entries_written += 1
                 settling = self._settling = trio.Event()
+                self._answered += 1
                 try:
                     self._forget(res)
                     self._refill(res, fresh)
@@ -625,17 +654,26 @@ class MetaLog:
             self.writer.commit()
 
         try:
-            await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
+            # Local work, bounded: an unmount's cancellation must not leave the entry
+            # answered but uncommitted (and the writer's transaction open).
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
         except Exception as e:
             log.error("could not record committed entry %d locally (%s); re-applying it", seq, e)
             self._seq = seq - 1
             self._forget_all()
+            self._behind_seq = seq
+            self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
             try:
-                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                with trio.CancelScope(shield=True):
+                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
                 await self._catch_up_locked()
             except Exception as e2:
-                self.broken = self._behind = f"the local view cannot be updated ({e2}); remount"
-                log.error("metadata view unusable: %s", self.broken)
+                # Reads stay refused (EIO) until a later catch-up applies the entry: the
+                # poller tries every poll interval, and so does every commit (its PUT of
+                # position `seq` conflicts with our own entry).
+                self._behind = f"the local view cannot be updated ({e2}); retrying"
+                log.error("metadata view behind what this mount answered: %s", e2)
 
     @property
     def starving(self) -> bool:
