@@ -145,18 +145,24 @@ class BlockIO:
             self._results.pop(key, None)
 
     async def _download(self, key: str, hash_: str | None, size: int) -> bytes:
-        try:
-            async with self._limiter:
-                data = await self.store.get(key)
-        except NotFound:
-            log.error("data block %s is missing from the store", key)
-            raise CorruptObject(f"data block {key} is missing") from None
-        except StoreError as e:
-            log.error("cannot read data block %s: %s", key, e)
-            raise
-        if (size and len(data) != size) or (
-            hash_ is not None and not await self._matches(data, hash_)
-        ):
+        for attempt in (1, 2):
+            try:
+                async with self._limiter:
+                    data = await self.store.get(key)
+            except NotFound:
+                log.error("data block %s is missing from the store", key)
+                raise CorruptObject(f"data block {key} is missing") from None
+            except StoreError as e:
+                log.error("cannot read data block %s: %s", key, e)
+                raise
+            if not (size and len(data) != size) and (
+                hash_ is None or await self._matches(data, hash_)
+            ):
+                break
+            if attempt == 1:
+                # A GET carries no checksum of its own: damaged on the way? Once more.
+                log.warning("data block %s failed its checksum; reading it again", key)
+                continue
             log.error("data block %s is corrupt (size %d, expected %d)", key, len(data), size)
             raise CorruptObject(f"data block {key} failed its checksum")
         self.bytes_down += len(data)

@@ -99,6 +99,36 @@ async def test_corrupt_cached_block_is_dropped_and_refetched(
         assert len(data_gets(counted)) == 1  # only the damaged block came from the store
 
 
+async def test_a_block_damaged_on_the_way_is_read_again(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    """A data block that fails its checksum is fetched once more before the read fails:
+    damage in transit costs a second GET, damage in the store is EIO."""
+    data = os.urandom(2 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", data)
+    damage = {"times": 1}
+
+    class Damaging(FaultyStore):
+        async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+            blob = await super().get(key, start, end)
+            if key.startswith("data/") and damage["times"] > 0:
+                damage["times"] -= 1
+                blob = bytes([blob[0] ^ 0xFF]) + blob[1:]
+            return blob
+
+    counted = Damaging(store)
+    async with mounted(counted, sb, tmp_path / "c1") as fs:
+        assert await read_sequentially(fs, ino) == data
+        assert len(data_gets(counted)) == 3  # the damaged block twice
+    damage["times"] = 10**6  # now every copy that arrives is damaged
+    async with mounted(counted, sb, tmp_path / "c2") as fs:
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        with pytest.raises(FsError) as e:
+            await fs.read(fh, 0, 1024)
+        assert e.value.errno == errno.EIO
+        await fs.release(fh)
+
+
 async def test_cache_stays_within_its_size(
     store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
 ) -> None:
