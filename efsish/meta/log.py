@@ -171,6 +171,7 @@ class MetaLog:
         # Set while an entry of ours is in the log (and answered) but not yet in SQLite.
         self._settling: trio.Event | None = None
         self._answered = 0  # entries of ours answered so far (see `read`)
+        self.reads_repeated = 0
         # Why reads of the view are refused: our own entry `_behind_seq`, answered, could
         # not be recorded in SQLite yet. Cleared once the view has applied it (any later
         # catch-up re-applies it from the log, e.g. the poller's within a second).
@@ -243,6 +244,14 @@ class MetaLog:
         self._forget_all()
 
     async def aclose(self) -> None:
+        log.info(
+            "metadata: %d changes in %d log entries; %d answers from memory; %d reads "
+            "repeated (they overlapped an answer)",
+            self.commits,
+            self.entries_written,
+            self.memo_hits,
+            self.reads_repeated,
+        )
         async with self._wlock:
             self.writer.close()
             self.reader.close()
@@ -274,6 +283,7 @@ class MetaLog:
         out = await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
         if answered == self._answered:
             return out
+        self.reads_repeated += 1
         async with self._wlock:
             await self._settled()
             return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
