@@ -36,6 +36,11 @@ class TransientStoreError(StoreError):
     """The store did not answer correctly after all retries; trying later may work."""
 
 
+class WriteConflict(TransientStoreError):
+    """409 ConditionalRequestConflict: another conditional write to the same key was in
+    flight at the server. Retry after a short pause."""
+
+
 class PermanentStoreError(StoreError):
     """The store refused the request; retrying will not help (e.g. access denied)."""
 

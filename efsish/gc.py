@@ -52,25 +52,42 @@ class Client:
         return self.age < HEARTBEAT_EXPIRE
 
 
-async def read_clients(store: ObjectStore) -> list[Client]:
+def _client(hb: Any, now: int) -> Client:
+    return Client(
+        client=str(hb["client"]),
+        host=str(hb.get("host", "?")),
+        mountpoint=str(hb.get("mountpoint", "?")),
+        version=str(hb.get("version", "?")),
+        applied_seq=int(hb.get("applied_seq", 0)),
+        age=(now - int(hb["t"])) / 1e9,
+        held=[str(k) for k in hb.get("held", [])],
+    )
+
+
+async def read_clients(store: ObjectStore, *, strict: bool = False) -> list[Client]:
+    """Every mount's heartbeat. One that cannot be read (twice: a GET carries no
+    checksum) is skipped with a warning, or, if `strict` (gc), stops the caller: gc must
+    not delete blocks a live mount may still hold or be about to reference."""
     out: list[Client] = []
     now = time.time_ns()
     async for info in store.list("clients/"):
-        try:
-            hb = codec.decode_json(b"H", await store.get(info.key), info.key)
-            out.append(
-                Client(
-                    client=str(hb["client"]),
-                    host=str(hb.get("host", "?")),
-                    mountpoint=str(hb.get("mountpoint", "?")),
-                    version=str(hb.get("version", "?")),
-                    applied_seq=int(hb.get("applied_seq", 0)),
-                    age=(now - int(hb["t"])) / 1e9,
-                    held=[str(k) for k in hb.get("held", [])],
-                )
-            )
-        except (NotFound, CorruptObject, KeyError, ValueError, TypeError) as e:
-            log.warning("ignoring unreadable heartbeat %s: %s", info.key, e)
+        for attempt in (1, 2):
+            try:
+                hb = codec.decode_json(b"H", await store.get(info.key), info.key)
+                out.append(_client(hb, now))
+                break
+            except NotFound:
+                break  # unmounted since the listing
+            except (CorruptObject, KeyError, ValueError, TypeError) as e:
+                if attempt == 1:
+                    continue
+                if strict:
+                    raise CorruptObject(
+                        f"heartbeat {info.key} cannot be read ({e}): gc cannot tell what "
+                        "that mount still uses, so it deleted nothing. If no mount with that "
+                        "id is running, delete that object and run gc again"
+                    ) from None
+                log.warning("ignoring unreadable heartbeat %s: %s", info.key, e)
     return out
 
 
@@ -112,7 +129,9 @@ async def collect(
     """One gc + trim pass using `meta` (a MetaLog whose committer is running)."""
     res = GcResult()
     await meta.catch_up()
-    clients = [c for c in await read_clients(store) if c.live and c.client != meta.client_id]
+    clients = [
+        c for c in await read_clients(store, strict=True) if c.live and c.client != meta.client_id
+    ]
     min_seq = min([c.applied_seq for c in clients], default=meta.applied_seq)
     held = {k for c in clients for k in c.held}
     now = time.time_ns()

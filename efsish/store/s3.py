@@ -34,6 +34,7 @@ from efsish.errors import (
     StoreConfigError,
     StoreError,
     TransientStoreError,
+    WriteConflict,
 )
 from efsish.store.base import ObjectInfo, ObjectStore, check_key, range_past_end
 from efsish.store.s3lean import LeanS3, Response
@@ -229,7 +230,9 @@ class S3Store(ObjectStore):
                     f"access denied to {self._where()} ({code or status}): the credentials "
                     "lack permission for this bucket/prefix"
                 )
-            if code in _TRANSIENT_CODES or status >= 500 or status == 409:
+            if status == 409 or code == "ConditionalRequestConflict":
+                return WriteConflict(f"{key}: S3 error {code or status} (a concurrent write)")
+            if code in _TRANSIENT_CODES or status >= 500:
                 return TransientStoreError(f"{key}: S3 error {code or status} after retries")
             return PermanentStoreError(
                 f"{key}: S3 error {code or status}: {err.get('Message', '')}"
@@ -349,16 +352,17 @@ class S3Store(ObjectStore):
             r = await self._lean_call(
                 "PUT", full, payload, {"If-None-Match": "*", **self._checksum_header(payload)}
             )
-            if r is None:
-                await self._put_checked(
-                    key, Bucket=self.bucket, Key=full, Body=payload, IfNoneMatch="*"
-                )
-            elif r.status == 412:
+            if r is not None and r.status in (200, 204):
+                return
+            if r is not None and r.status == 412:
                 raise PreconditionFailed(key)
-            elif r.status == 409:
-                raise TransientStoreError(f"{key}: 409 ConditionalRequestConflict")
-            elif r.status not in (200, 204):
-                raise TransientStoreError(f"{key}: unexpected status {r.status}")
+            if r is not None and r.status == 409:
+                raise WriteConflict(f"{key}: 409 ConditionalRequestConflict")
+            # No answer, or another status (404 NoSuchBucket...): boto3 sends it again and
+            # says what went wrong.
+            await self._put_checked(
+                key, Bucket=self.bucket, Key=full, Body=payload, IfNoneMatch="*"
+            )
 
         for attempt_no in range(CONFLICT_RETRIES):
             try:
@@ -366,18 +370,33 @@ class S3Store(ObjectStore):
                 return
             except PreconditionFailed:
                 # A retry of our own request may have hit its earlier success: idempotent.
-                try:
-                    if await self.get(key) == payload:
-                        return
-                except NotFound:
-                    continue
+                held = await self._holds(key, payload)
+                if held is None:
+                    continue  # gone again (412 then 404): send it once more
+                if held:
+                    return
                 raise
-            except TransientStoreError as e:
-                # 409 ConditionalRequestConflict: another conditional write was in flight.
-                if "ConditionalRequestConflict" not in str(e) and "409" not in str(e):
-                    raise
+            except WriteConflict:
+                # Another conditional write was in flight at the server.
                 await trio.sleep(random.uniform(0.01, 0.05) * (2**attempt_no))
         raise TransientStoreError(f"{key}: conditional create kept conflicting; try again")
+
+    async def _holds(self, key: str, payload: bytes) -> bool | None:
+        """Whether `key` holds exactly `payload` (our own earlier write); None if it does
+        not exist. A GET carries no checksum, so a copy that arrives different is read
+        again: two identical copies that differ from `payload` are another writer's."""
+        last: bytes | None = None
+        for _ in range(4):
+            try:
+                got = await self.get(key)
+            except NotFound:
+                return None
+            if got == payload:
+                return True
+            if got == last:
+                return False
+            last = got
+        raise TransientStoreError(f"{key}: read back differently each time; try again")
 
     async def head(self, key: str) -> ObjectInfo:
         r = await self._lean_call("HEAD", self._k(key))

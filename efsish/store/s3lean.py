@@ -209,13 +209,17 @@ class SocketTransport:
 
 
 class _Conn:
-    def __init__(self, transport: Transport) -> None:
+    def __init__(self, transport: Transport, idle_timeout: float = 30.0) -> None:
         self.transport = transport
         self.buf = bytearray()
         self.received = False  # any byte of an answer arrived on this connection
+        # Like boto3's read timeout: how long a receive may wait for the next bytes (a
+        # large body that keeps arriving is never cut off).
+        self.idle_timeout = idle_timeout
 
     async def _fill(self) -> None:
-        data = await self.transport.receive_some()
+        with trio.fail_after(self.idle_timeout):
+            data = await self.transport.receive_some()
         if not data:
             raise ProtocolError("connection closed by the server")
         self.received = True
@@ -248,7 +252,8 @@ class _Conn:
             self.buf.clear()
             with memoryview(body) as view:
                 while have < n:
-                    got = await self.transport.receive_into(view[have:])
+                    with trio.fail_after(self.idle_timeout):
+                        got = await self.transport.receive_into(view[have:])
                     if not got:
                         raise ProtocolError("connection closed by the server")
                     self.received = True
@@ -272,10 +277,9 @@ class _Conn:
         out = bytearray()
         while True:
             size_line = (await self.read_line()).split(b";", 1)[0].strip()
-            try:
-                size = int(size_line, 16)
-            except ValueError:
-                raise ProtocolError("bad chunk size") from None
+            if not size_line or size_line.strip(b"0123456789abcdefABCDEF"):
+                raise ProtocolError("bad chunk size")
+            size = int(size_line, 16)
             if size == 0:
                 while await self.read_line():  # trailers, up to the empty line
                     pass
@@ -368,10 +372,24 @@ class LeanS3:
                 pass
         self._idle.clear()
 
+    async def _frozen_credentials(self) -> Any:
+        """The credentials to sign with. Refreshable ones (instance role, SSO, assume
+        role) are refreshed by a blocking call to IMDS or STS when they are about to
+        expire: that runs in a worker thread, not on the event loop."""
+        creds = self._credentials()
+        if creds is None:
+            return None
+        refresh_needed = getattr(creds, "refresh_needed", None)
+        if refresh_needed is not None and refresh_needed():
+            return await trio.to_thread.run_sync(creds.get_frozen_credentials)
+        return creds.get_frozen_credentials()
+
     async def _connect(self) -> _Conn:
         with trio.fail_after(self.connect_timeout):
             tls = self._tls_context() if self.https else None
-            return _Conn(await SocketTransport.connect(self.hostname, self.port, tls))
+            return _Conn(
+                await SocketTransport.connect(self.hostname, self.port, tls), self.read_timeout
+            )
 
     def _request_bytes(
         self,
@@ -380,11 +398,13 @@ class LeanS3:
         body: bytes,
         extra: dict[str, str] | None,
         amz_date: str | None = None,
+        frozen: Any = None,
     ) -> bytes | None:
-        creds = self._credentials()
-        if creds is None:
-            return None
-        frozen = creds.get_frozen_credentials()
+        if frozen is None:
+            creds = self._credentials()
+            if creds is None:
+                return None
+            frozen = creds.get_frozen_credentials()
         path = self.base + quote(key, safe=_SAFE_PATH)
         amz_date = amz_date or time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
         payload_hash = hashlib.sha256(body).hexdigest() if body else EMPTY_SHA256
@@ -412,25 +432,26 @@ class LeanS3:
         conn.received = False
         with trio.fail_after(self.read_timeout):
             await conn.transport.send_all(req)
-            head = await conn.read_head()
-            status, headers = parse_head(head)
-            while 100 <= status < 200:  # interim answers (100 Continue): skip them
-                status, headers = parse_head(await conn.read_head())
-            reusable = "close" not in headers.get("connection", "").lower()
-            if method == "HEAD" or status in (204, 304):
-                body = b""
-            elif "chunked" in headers.get("transfer-encoding", "").lower():
-                body = await conn.read_chunked()
-            elif "content-length" in headers:
-                try:
-                    n = int(headers["content-length"])
-                except ValueError:
-                    raise ProtocolError("bad content-length") from None
-                body = await conn.read_exact(n)
-            else:
-                raise ProtocolError("response without a length")
-            if conn.buf:
-                reusable = False  # bytes beyond the answer: do not trust this connection
+        # Each receive below waits at most read_timeout for more bytes (see _Conn).
+        head = await conn.read_head()
+        status, headers = parse_head(head)
+        while 100 <= status < 200:  # interim answers (100 Continue): skip them
+            status, headers = parse_head(await conn.read_head())
+        reusable = "close" not in headers.get("connection", "").lower()
+        if method == "HEAD" or status in (204, 304):
+            body = b""
+        elif "chunked" in headers.get("transfer-encoding", "").lower():
+            body = await conn.read_chunked()
+        elif "content-length" in headers:
+            length = headers["content-length"]
+            if not (length.isascii() and length.isdigit()):  # no sign, "_" or spaces
+                raise ProtocolError("bad content-length")
+            n = int(length)
+            body = await conn.read_exact(n)
+        else:
+            raise ProtocolError("response without a length")
+        if conn.buf:
+            reusable = False  # bytes beyond the answer: do not trust this connection
         return Response(status, body, headers), reusable
 
     async def request(
@@ -445,7 +466,10 @@ class LeanS3:
             self.close()
             self._token = token
         try:
-            req = self._request_bytes(method, key, body, headers)
+            frozen = await self._frozen_credentials()
+            if frozen is None:
+                return None
+            req = self._request_bytes(method, key, body, headers, frozen=frozen)
         except Exception as e:  # credentials that cannot be resolved: boto3 will say why
             log.debug("lean %s %s: cannot sign (%s); falling back to boto3", method, key, e)
             return None

@@ -51,6 +51,27 @@ async def test_gc_deletes_garbage_after_every_mount_moved_past(make_fs, store) -
     assert code == 0 and "unreferenced" not in out, out
 
 
+async def test_an_unreadable_heartbeat_stops_gc(make_fs, store) -> None:
+    """A heartbeat that cannot be read may be a live mount's: gc deletes nothing and says
+    what to do, while `status` still shows the rest."""
+    import pytest
+
+    from efsish.errors import CorruptObject
+
+    a = await make_fs()
+    ino = await write_file(a, ROOT_INO, b"f", os.urandom(2 * a.block_size))
+    await overwrite(a, ino, os.urandom(2 * a.block_size))
+    before = await data_keys(store)
+    await store.put("clients/garbled", b"EFSISH\x01H" + b"\x00" * 40)
+    with pytest.raises(CorruptObject, match="delete that object and run gc again"):
+        await collect(store, a.meta, grace=0)
+    assert await data_keys(store) == before
+    out = io.StringIO()
+    assert await run_status(store, out) == 0
+    await store.delete("clients/garbled")
+    assert (await collect(store, a.meta, grace=0)).deleted_blocks == 2
+
+
 async def test_gc_spares_blocks_of_unlinked_open_files(make_fs, store) -> None:
     a, b = await make_fs(), await make_fs()
     data = os.urandom(3 * a.block_size)

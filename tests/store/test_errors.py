@@ -188,8 +188,8 @@ async def test_lean_puts_damaged_in_transit_are_refused_and_sent_again(seaweedfs
     request_bytes = lean._request_bytes
     damaged: list[str] = []
 
-    def damage(method: str, key: str, body: bytes, extra: Any, amz_date: Any = None) -> Any:
-        req = request_bytes(method, key, body, extra, amz_date)
+    def damage(method: str, key: str, body: bytes, extra: Any, **kw: Any) -> Any:
+        req = request_bytes(method, key, body, extra, **kw)
         if method != "PUT" or req is None or not body or len(damaged) >= budget[0]:
             return req
         damaged.append(key)
@@ -197,7 +197,7 @@ async def test_lean_puts_damaged_in_transit_are_refused_and_sent_again(seaweedfs
         return req[:i] + bytes([req[i] ^ 0xFF]) + req[i + 1 :]
 
     budget = [2]
-    lean._request_bytes = damage  # type: ignore[method-assign]
+    lean._request_bytes = damage  # type: ignore[method-assign,assignment]
     entry = os.urandom(3000)
     block = os.urandom(100 * 1024)
     await store.put_if_absent("log/1", entry)
@@ -240,3 +240,72 @@ async def test_lean_requests_and_their_fallback(seaweedfs_target, monkeypatch) -
     with pytest.raises(StoreConfigError, match=r"credentials|access denied"):
         await bad.get("log/1")
     assert bad._lean.fallbacks >= 1
+
+
+async def test_only_a_real_409_is_retried_as_a_conflict(moto_target, monkeypatch) -> None:
+    """A transient error on a key whose name contains "409" (log position 409) is that
+    error, not a conflict to retry eight times."""
+    from efsish.errors import WriteConflict
+
+    store = open_store(
+        f"s3://{moto_target.bucket}/c409", StoreOptions(endpoint=moto_target.endpoint)
+    )
+    assert isinstance(store, S3Store)
+    calls: list[str] = []
+    error: list[Exception] = [TransientStoreError("S3 error ServiceUnavailable after retries")]
+
+    async def no_lean(*_: Any, **__: Any) -> None:
+        return None
+
+    async def put_checked(key: str, **_: Any) -> None:
+        calls.append(key)
+        raise error[0]
+
+    monkeypatch.setattr(store, "_lean_call", no_lean)
+    monkeypatch.setattr(store, "_put_checked", put_checked)
+    with pytest.raises(TransientStoreError, match="ServiceUnavailable"):
+        await store.put_if_absent("log/0000000000000409", b"e")
+    assert len(calls) == 1
+    calls.clear()
+    error[0] = WriteConflict("log/0000000000000410: S3 error ConditionalRequestConflict")
+    with pytest.raises(TransientStoreError, match="kept conflicting"):
+        await store.put_if_absent("log/0000000000000410", b"e")
+    assert len(calls) == 8
+
+
+async def test_a_conditional_put_to_a_missing_bucket_says_so(moto_target) -> None:
+    store = open_store("s3://no-such-bucket-cond/x", StoreOptions(endpoint=moto_target.endpoint))
+    assert isinstance(store, S3Store) and store._lean is not None
+    with pytest.raises(StoreConfigError, match="does not exist"):
+        await store.put_if_absent("log/0000000000000001", b"v")
+
+
+async def test_our_own_write_is_recognised_when_its_read_back_arrives_damaged(
+    moto_target,
+) -> None:
+    """The conditional PUT was stored but its answer lost; the resend gets 412 and the
+    read-back that tells our own write from another's arrives damaged once: it is read
+    again, and the write is ours (a log entry judged another mount's would turn a
+    successful mkdir into EEXIST)."""
+    store = open_store(
+        f"s3://{moto_target.bucket}/own", StoreOptions(endpoint=moto_target.endpoint)
+    )
+    assert isinstance(store, S3Store) and store._lean is not None
+    real = store._lean.request
+    state = {"lost": 0, "damaged": 0}
+
+    async def request(method: str, key: str, body: bytes = b"", headers: Any = None) -> Any:
+        r = await real(method, key, body, headers)
+        if method == "PUT" and headers and "If-None-Match" in headers and not state["lost"]:
+            state["lost"] = 1
+            return None  # stored, answer lost
+        if method == "GET" and r is not None and r.status == 200 and not state["damaged"]:
+            state["damaged"] = 1
+            r.body = r.body[:5] + bytes([r.body[5] ^ 1]) + r.body[6:]
+        return r
+
+    store._lean.request = request  # type: ignore[method-assign]
+    await store.put_if_absent("log/1", b"our entry " * 30)
+    assert state == {"lost": 1, "damaged": 1}
+    with pytest.raises(PreconditionFailed):  # another writer's bytes, read twice alike
+        await store.put_if_absent("log/1", b"another entry")

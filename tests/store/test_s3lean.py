@@ -181,10 +181,85 @@ async def test_truncated_or_unbounded_answers_are_refused() -> None:
         b"HTTP/1.1 200 OK\r\n\r\nbody until close",  # no length: not for this parser
         b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\nzz\r\n",
         b"HTTP/1.1 200 OK\r\nContent-Length: many\r\n\r\n",
+        # What int() takes but HTTP does not (a sign, "_"; "-3" used to drop 3 bytes).
+        b"HTTP/1.1 200 OK\r\nContent-Length: -3\r\n\r\nhello world",
+        b"HTTP/1.1 200 OK\r\nContent-Length: +5\r\n\r\nhello",
+        b"HTTP/1.1 200 OK\r\nContent-Length: 1_0\r\n\r\n0123456789",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n0x3\r\nabc\r\n0\r\n\r\n",
+        b"HTTP/1.1 200 OK\r\nTransfer-Encoding: chunked\r\n\r\n-1\r\nabc\r\n0\r\n\r\n",
         b"HTTP/1.1 200 OK\r\n" + b"X: y\r\n" * 20000,
     ):
         with pytest.raises(ProtocolError):
             await exchange(raw)
+
+
+async def test_a_slow_answer_that_keeps_coming_is_not_cut_off() -> None:
+    """The read timeout is for silence, as in boto3, not for the whole answer: a large
+    block arriving steadily over a slow link takes longer than it and still arrives."""
+    body = bytes(range(256)) * 4000  # ~1 MB
+    creds = FixedCreds(Credentials("AKID", "secret"))
+
+    async def handler(stream: trio.SocketStream) -> None:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            data += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n" % len(body))
+        for i in range(0, len(body), 100_000):  # ~0.6 s in all, never silent for 0.2 s
+            await stream.send_all(body[i : i + 100_000])
+            await trio.sleep(0.06)
+
+    async with trio.open_nursery() as n:
+        listeners = await n.start(trio.serve_tcp, handler, 0)
+        port = listeners[0].socket.getsockname()[1]
+        lean = LeanS3(f"http://127.0.0.1:{port}", "b", "us-east-1", lambda: creds, read_timeout=0.2)
+        start = trio.current_time()
+        r = await lean.request("GET", "data/block")
+        assert trio.current_time() - start > 0.4
+        assert r is not None and r.body == body and lean.fallbacks == 0
+        n.cancel_scope.cancel()
+
+
+async def test_a_credential_refresh_does_not_stop_the_event_loop() -> None:
+    """Refreshable credentials (instance role, SSO, assume role) refresh with a blocking
+    call to IMDS or STS: it runs in a worker thread, and FUSE requests go on meanwhile."""
+    import datetime
+    import time
+
+    from botocore.credentials import RefreshableCredentials
+
+    def fetch() -> dict[str, str]:
+        time.sleep(0.5)  # what IMDS/STS may take
+        later = datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=6)
+        return {
+            "access_key": "AKID",
+            "secret_key": "s",
+            "token": "t",
+            "expiry_time": later.isoformat(),
+        }
+
+    soon = datetime.datetime.now(datetime.UTC) + datetime.timedelta(minutes=5)
+    creds = RefreshableCredentials.create_from_metadata(
+        {"access_key": "AKID", "secret_key": "s", "token": "t", "expiry_time": soon.isoformat()},
+        fetch,
+        "test",
+    )
+    lean = LeanS3("http://127.0.0.1:9", "b", "us-east-1", lambda: creds, connect_timeout=0.2)
+    worst = 0.0
+
+    async def ticker() -> None:
+        nonlocal worst
+        last = time.monotonic()
+        while True:
+            await trio.sleep(0.01)
+            now = time.monotonic()
+            worst, last = max(worst, now - last), now
+
+    async with trio.open_nursery() as n:
+        n.start_soon(ticker)
+        await trio.sleep(0.05)
+        await lean.request("GET", "log/0000000000000001")  # nothing listens: None
+        n.cancel_scope.cancel()
+    assert creds.get_frozen_credentials().token == "t" and worst < 0.3, worst
 
 
 SERVERS = ["moto", pytest.param("seaweedfs", marks=pytest.mark.integration)]
