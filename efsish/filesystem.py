@@ -276,20 +276,22 @@ class Filesystem:
                 log.exception("background catch-up crashed; the mount keeps running")
 
     async def _heartbeat(self) -> None:
-        stored = (await self.meta.read(View.stats))[1]
-        last_measure = time.monotonic()
+        stored: int | None = None
+        last_measure = 0.0
         while True:
             try:
+                # First the heartbeat itself: without it, other mounts' gc would take
+                # this mount for crashed and stop sparing the blocks it holds.
                 await self.write_heartbeat()
-                if time.monotonic() - last_measure > STORED_REMEASURE:
-                    last_measure = time.monotonic()
+                if stored is None or time.monotonic() - last_measure > STORED_REMEASURE:
                     stored = (await self.meta.read(View.stats))[1]
+                    last_measure = time.monotonic()
                 others = await self._read_heartbeats()
                 recent = time.time_ns() - int(5 * self.opts.heartbeat_interval * 1e9)
                 if any(hb.get("starving") and int(hb.get("t", 0)) > recent for hb in others):
                     self.meta.make_room(2 * self.opts.heartbeat_interval)
                 await self.metering.sync(others, stored)
-            except StoreError as e:
+            except (StoreError, FsError) as e:  # FsError: the view is unusable for now
                 log.warning("heartbeat failed: %s", e)
             except Exception:
                 log.exception("heartbeat crashed; the mount keeps running")
@@ -1008,10 +1010,12 @@ class Filesystem:
         end = min(off + size, of.size)
         if off >= end:
             return b""
-        if of.orphan is not None:
-            committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
-        else:
+        if of.orphan is None:
             committed = await self._extents(of, off, end)
+        if of.orphan is not None:
+            # (Also when the file was freed — renamed over, unlinked — while the view was
+            # asked: the view may no longer have its extents, but the snapshot does.)
+            committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
         dirty = of.dirty.overlapping(off, end)

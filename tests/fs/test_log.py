@@ -440,11 +440,10 @@ async def test_a_store_fault_while_reapplying_our_entry_heals_on_the_next_catch_
     monkeypatch.setattr(a.meta.writer, "commit", commit)
     monkeypatch.setattr(a.meta.store, "get", get)
     made = await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
-    await trio.sleep(0.05)  # the local commit runs after the answer
-    assert fails == {"commit": 0, "get": 0}
-    with pytest.raises(FsError) as e:
+    with pytest.raises(FsError) as e:  # waits for the local commit (after the answer)
         await a.meta.read(View.lookup, ROOT_INO, b"x")
     assert e.value.errno == errno.EIO
+    assert fails == {"commit": 0, "get": 0}
     await a.meta.catch_up()  # e.g. the poller's
     assert await a.meta.read(View.lookup, ROOT_INO, b"x") == made.ino
     assert not a.meta.broken
@@ -551,3 +550,30 @@ async def test_a_log_entry_damaged_on_the_way_is_read_again(make_fs, monkeypatch
     monkeypatch.setattr(b.meta.store, "get", get)
     assert (await b.lookup(ROOT_INO, b"from-a")).nlink == 1
     assert damaged and not b.meta.broken
+
+
+async def test_a_read_while_the_file_is_renamed_over_returns_its_data(make_fs, monkeypatch) -> None:
+    """A reader has the old file open and its read is waiting for the view when a rename
+    replaces (and frees) the file: the read returns the old file's bytes, not a hole.
+    (`tests/fuse/test_posix.py::test_rename_replaces_file_atomically` saw zeros.)"""
+    import time
+
+    a = await make_fs()
+    old = await write_file(a, ROOT_INO, b"f", b"old" * 1000)
+    new = await write_file(a, ROOT_INO, b"tmp", b"new" * 1000)
+    await a.meta.read(lambda v: None)  # both files' local commits are done
+    fh, _ = await a.open(old, os.O_RDONLY)
+    got: list[bytes] = []
+
+    async def reader() -> None:
+        got.append(bytes(await a.read(fh, 0, 3000)))
+
+    async with trio.open_nursery() as n:
+        n.start_soon(a.meta.read, lambda v: time.sleep(0.2))  # holds the reader a while
+        await trio.sleep(0.01)
+        n.start_soon(reader)  # waits for the view behind it
+        await trio.sleep(0.01)
+        await a.rename(ROOT_INO, b"tmp", ROOT_INO, b"f")  # frees `old`
+    assert got == [b"old" * 1000]
+    await a.release(fh)
+    assert (await a.lookup(ROOT_INO, b"f")).ino == new

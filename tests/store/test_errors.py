@@ -263,6 +263,11 @@ async def test_only_a_real_409_is_retried_as_a_conflict(moto_target, monkeypatch
 
     monkeypatch.setattr(store, "_lean_call", no_lean)
     monkeypatch.setattr(store, "_put_checked", put_checked)
+
+    async def no_pause(seconds: float) -> None:
+        await trio.lowlevel.checkpoint()
+
+    monkeypatch.setattr(trio, "sleep", no_pause)  # no back-off between the retries
     with pytest.raises(TransientStoreError, match="ServiceUnavailable"):
         await store.put_if_absent("log/0000000000000409", b"e")
     assert len(calls) == 1
