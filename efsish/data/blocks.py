@@ -120,10 +120,6 @@ class BlockIO:
         data = self._mem.get(key)
         if data is not None:
             return data
-        data = await self.cache.get(key, hash_)
-        if data is not None:
-            self._remember(key, data)
-            return data
         ev = self._inflight.get(key)
         if ev is not None:
             await ev.wait()
@@ -131,9 +127,16 @@ class BlockIO:
             if isinstance(r, bytes):
                 return r
             return await self.fetch(key, hash_, size)
+        # One fetch per block at a time, disk-cache lookup included: a reader and the
+        # readahead asking for the same block while the lookup ran in its thread used to
+        # both miss it and both GET the block.
         ev = self._inflight[key] = trio.Event()
         try:
-            data = await self._download(key, hash_, size)
+            data = await self.cache.get(key, hash_)
+            if data is not None:
+                self._remember(key, data)
+            else:
+                data = await self._download(key, hash_, size)
             self._results[key] = data
             return data
         except BaseException as e:
