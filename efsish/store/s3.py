@@ -379,6 +379,12 @@ class S3Store(ObjectStore):
             except WriteConflict:
                 # Another conditional write was in flight at the server.
                 await trio.sleep(random.uniform(0.01, 0.05) * (2**attempt_no))
+            except TransientStoreError as e:
+                # The server refused a body that arrived damaged (nothing was stored):
+                # send it again, as `put` does.
+                if "BadDigest" not in str(e) or attempt_no >= DIGEST_RETRIES - 1:
+                    raise
+                log.warning("%s arrived damaged at the server (BadDigest); resending", key)
         raise TransientStoreError(f"{key}: conditional create kept conflicting; try again")
 
     async def _holds(self, key: str, payload: bytes) -> bool | None:

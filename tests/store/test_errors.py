@@ -19,6 +19,7 @@ from efsish.errors import (
 )
 from efsish.store import StoreOptions, open_store
 from efsish.store.s3 import LEAN_PUT_MAX, S3Store
+from efsish.store.s3lean import LEAN_MAX_BODY
 
 
 async def test_missing_bucket(moto_target) -> None:
@@ -169,6 +170,11 @@ async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
     await store.put("data/once", data)  # damaged once, resent intact
     assert damaged == [1]
     assert await store.get("data/once") == data
+    damaged.clear()  # the same for a conditional PUT (a checkpoint) too big for lean
+    big = os.urandom(LEAN_MAX_BODY + 1)
+    await store.put_if_absent("checkpoints/once", big)
+    assert damaged == [1]
+    assert await store.get("checkpoints/once") == big
     budget[0] = 100  # damaged every time: an error, and nothing stored
     with pytest.raises(TransientStoreError, match="BadDigest"):
         await store.put("data/always", data)
