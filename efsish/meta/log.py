@@ -374,10 +374,10 @@ class MetaLog:
         return attrs, names
 
     def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:
-        """An entry was applied and committed to the view: drop what it changed from the
-        memo (and put in what `_fresh` read after the commit), then tell the filesystem.
-        Runs on the trio thread under the write lock, so nothing was applied between
-        that commit and this."""
+        """An entry was applied to the view (another mount's: committed; ours: in the
+        log, its local commit follows, see `_settle`): drop what it changed from the memo
+        (and put in what `_fresh` read), then tell the filesystem. Runs on the trio
+        thread under the write lock, so nothing was applied between that and this."""
         self._forget(res)
         self._refill(res, fresh)
         self.on_apply(res, remote)
@@ -638,10 +638,8 @@ class MetaLog:
                 settling = self._settling = trio.Event()
                 self._answered += 1
                 try:
-                    self._forget(res)
-                    self._refill(res, fresh)
                     try:
-                        self.on_apply(res, False)
+                        self._applied(res, False, fresh)
                         self._deliver(batch, outcomes)
                     finally:
                         await self._settle(seq)
@@ -656,8 +654,9 @@ class MetaLog:
     async def _settle(self, seq: int) -> None:
         """Commit our entry `seq`, already in the log and answered, to SQLite. If SQLite
         fails here, the view goes back to `seq - 1` and applies the entry again from the
-        log, as another mount would; if that fails too the mount stops accepting changes
-        and refuses reads (its view would be behind what it acknowledged)."""
+        log, as another mount would; if that fails too, reads of the view are refused
+        (it would be behind what this mount acknowledged) until a later catch-up has
+        applied the entry."""
 
         def finish() -> None:
             self.writer.set_meta("applied_seq", seq)
