@@ -66,10 +66,6 @@ _CONN_ERRORS = (
 )
 CONFLICT_RETRIES = 8
 DIGEST_RETRIES = 3
-# Plain PUTs (data blocks of small files and tails, heartbeats) up to this size take the
-# lean path: their SHA-256 for the signature is computed on the event loop (~0.13 ms at
-# this size); larger ones go to boto3 in a worker thread.
-LEAN_PUT_MAX = 256 * 1024
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -328,7 +324,9 @@ class S3Store(ObjectStore):
 
     async def put(self, key: str, data: bytes) -> None:
         payload = bytes(data)
-        if len(payload) <= LEAN_PUT_MAX:
+        # The lean path takes every plain PUT it can (data blocks too, on plain http:
+        # s3lean.py says why); the rest goes to boto3 in a worker thread.
+        if self._lean is not None and self._lean.takes(len(payload)):
             r = await self._lean_call("PUT", self._k(key), payload, self._checksum_header(payload))
             if r is not None and r.status in (200, 204):
                 return

@@ -18,8 +18,8 @@ from efsish.errors import (
     TransientStoreError,
 )
 from efsish.store import StoreOptions, open_store
-from efsish.store.s3 import LEAN_PUT_MAX, S3Store
-from efsish.store.s3lean import LEAN_MAX_BODY
+from efsish.store.s3 import S3Store
+from efsish.store.s3lean import LEAN_MAX_BODY, SIGNED_BODY_MAX
 
 
 async def test_missing_bucket(moto_target) -> None:
@@ -148,10 +148,12 @@ async def test_server_refusing_crc32c_gets_crc32(moto_target, caplog) -> None:
 @pytest.mark.integration
 async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
     """Payloads are not hashed into the signature; the CRC-32C every PUT carries is what
-    lets the server refuse a body damaged on the way (and efsish sends it again). (Bodies
-    above LEAN_PUT_MAX, which boto3 sends; the lean path's test is the next one.)"""
+    lets the server refuse a body damaged on the way (and efsish sends it again). (The
+    boto3 path, which TLS endpoints use for data blocks and every endpoint when a lean
+    request fails; the lean path's test is the next one.)"""
     store = open_store(f"s3://{seaweedfs_target.bucket}/crc", seaweedfs_target.options())
     assert isinstance(store, S3Store)
+    store._lean = None
     damaged: list[int] = []
 
     def damage(request: Any, **_: Any) -> None:
@@ -166,7 +168,7 @@ async def test_body_damaged_in_transit_is_refused(seaweedfs_target) -> None:
 
     budget = [1]
     store._client.meta.events.register("before-send.s3.PutObject", damage)
-    data = os.urandom(LEAN_PUT_MAX + 1)
+    data = os.urandom(SIGNED_BODY_MAX + 1)
     await store.put("data/once", data)  # damaged once, resent intact
     assert damaged == [1]
     assert await store.get("data/once") == data
@@ -195,27 +197,34 @@ async def test_lean_puts_damaged_in_transit_are_refused_and_sent_again(seaweedfs
     damaged: list[str] = []
 
     def damage(method: str, key: str, body: bytes, extra: Any, **kw: Any) -> Any:
-        req = request_bytes(method, key, body, extra, **kw)
-        if method != "PUT" or req is None or not body or len(damaged) >= budget[0]:
-            return req
+        pieces = request_bytes(method, key, body, extra, **kw)
+        if method != "PUT" or pieces is None or not body or len(damaged) >= budget[0]:
+            return pieces
         damaged.append(key)
+        req = pieces[-1]  # the body is the end of the last piece
         i = len(req) - len(body) // 2  # a byte in the middle of the body
-        return req[:i] + bytes([req[i] ^ 0xFF]) + req[i + 1 :]
+        return [*pieces[:-1], req[:i] + bytes([req[i] ^ 0xFF]) + req[i + 1 :]]
 
-    budget = [2]
+    budget = [3]
     lean._request_bytes = damage  # type: ignore[method-assign,assignment]
     entry = os.urandom(3000)
     block = os.urandom(100 * 1024)
+    big = os.urandom(4 << 20)  # a whole data block: unsigned, only its CRC-32C protects it
     await store.put_if_absent("log/1", entry)
     await store.put("data/small", block)
-    assert len(damaged) == 2 and lean.fallbacks == 2
+    await store.put("data/big", big)
+    assert len(damaged) == 3 and lean.fallbacks == 3
     assert await store.get("log/1") == entry
     assert await store.get("data/small") == block
-    # Undamaged, both kinds of PUT stay on the lean path (the checksum header is signed
+    assert await store.get("data/big") == big
+    # Undamaged, every kind of PUT stays on the lean path (the checksum header is signed
     # correctly: a refused signature would have fallen back to boto3 as well).
+    requests = lean.requests
     await store.put_if_absent("log/2", entry)
     await store.put("data/small2", block)
-    assert lean.fallbacks == 2 and len(damaged) == 2
+    await store.put("data/big2", big)
+    assert lean.fallbacks == 3 and len(damaged) == 3 and lean.requests == requests + 3
+    assert await store.get("data/big2") == big
 
 
 @pytest.mark.integration

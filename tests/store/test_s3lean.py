@@ -15,12 +15,14 @@ import trio
 import trustme
 from botocore.auth import S3SigV4Auth
 from botocore.awsrequest import AWSRequest
+from botocore.config import Config
 from botocore.credentials import Credentials
 
 from efsish.errors import NotFound, PreconditionFailed
 from efsish.store import open_store
 from efsish.store.s3 import S3Store
 from efsish.store.s3lean import (
+    SIGNED_BODY_MAX,
     LeanS3,
     ProtocolError,
     SigV4,
@@ -36,8 +38,11 @@ def botocore_authorization(
     creds: Credentials, method: str, url: str, body: bytes, headers: dict[str, str]
 ) -> str:
     """botocore's own Authorization header for this request at AMZ_DATE (add_auth's
-    steps, with the timestamp fixed instead of read from the clock)."""
+    steps, with the timestamp fixed instead of read from the clock), with efsish's client
+    setting payload_signing_enabled=False (which botocore honours for bodies it streams)."""
     req = AWSRequest(method=method, url=url, data=body, headers=dict(headers))
+    if len(body) > SIGNED_BODY_MAX:
+        req.context["client_config"] = Config(s3={"payload_signing_enabled": False})
     auth = S3SigV4Auth(creds, "s3", "eu-west-3")
     req.context["timestamp"] = AMZ_DATE
     auth._modify_request_before_signing(req)  # type: ignore[attr-defined]
@@ -62,6 +67,14 @@ class FixedCreds:
         ("HEAD", "a b/ü+ñ=&$@,;~x", b"", {}, None),
         ("PUT", "fs/log/0000000000000043", b"\x00entry" * 50, {"If-None-Match": "*"}, None),
         ("PUT", "fs/clients/abc", b"{}", {}, "session-token/+="),
+        # A data block: UNSIGNED-PAYLOAD, its CRC-32C header signed instead.
+        (
+            "PUT",
+            "fs/data/1-2-3",
+            b"\xab" * (SIGNED_BODY_MAX + 1),
+            {"x-amz-checksum-crc32c": "AAAAAA=="},
+            None,
+        ),
     ],
 )
 def test_signature_matches_botocore(
@@ -69,8 +82,14 @@ def test_signature_matches_botocore(
 ) -> None:
     creds = Credentials("AKIDEXAMPLE", "wJalrXUtnFEMI/K7MDENG+bPxRfiCYEXAMPLEKEY", token)
     lean = LeanS3("http://127.0.0.1:8333", "bucket-1", "eu-west-3", lambda: FixedCreds(creds))
-    req = lean._request_bytes(method, key, body, extra, amz_date=AMZ_DATE)
-    assert req is not None
+    pieces = lean._request_bytes(method, key, body, extra, amz_date=AMZ_DATE)
+    assert pieces is not None
+    req = b"".join(pieces)
+    if len(body) > SIGNED_BODY_MAX:  # sent as it is, not copied behind the head
+        assert len(pieces) == 2 and pieces[1] is body
+        assert b"x-amz-content-sha256: UNSIGNED-PAYLOAD\r\n" in pieces[0]
+    else:
+        assert len(pieces) == 1  # one packet
     head = req.split(b"\r\n\r\n", 1)[0].decode()
     lines = head.split("\r\n")
     sent = dict(line.split(": ", 1) for line in lines[1:])
@@ -122,7 +141,7 @@ class FakeTransport:
         self.data = data
         self.piece = piece
 
-    async def send_all(self, data: bytes) -> None:
+    async def send_all(self, data: bytes | memoryview) -> None:
         await trio.lowlevel.checkpoint()
 
     async def receive_some(self) -> bytes:
@@ -141,7 +160,7 @@ class FakeTransport:
 
 async def exchange(raw: bytes, method: str = "GET", piece: int = 3) -> tuple[int, bytes, bool]:
     lean = LeanS3("http://127.0.0.1:1", "b", "r", lambda: None)
-    resp, reusable = await lean._exchange(_Conn(FakeTransport(raw, piece)), method, b"req")
+    resp, reusable = await lean._exchange(_Conn(FakeTransport(raw, piece)), method, [b"req"])
     return resp.status, resp.body, reusable
 
 
