@@ -972,10 +972,14 @@ class Filesystem:
         for of in files[:4]:
             before = of.dirty.nbytes
             for iv in of.dirty.take_all():
-                data = bytes(iv.buf)
-                for i in range(0, len(data), self.block_size):
-                    self._start_upload(of, iv.off + i, data[i : i + self.block_size])
+                self._upload_interval(of, iv)
             self._dirty_total -= before
+
+    def _upload_interval(self, of: OpenFile, iv: Interval) -> None:
+        """Start uploading all of `iv`, cut into blocks (each copied once, if at all)."""
+        while len(iv):
+            off = iv.off
+            self._start_upload(of, off, iv.take_front(min(self.block_size, len(iv))))
 
     def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
         p = Pending(Extent(off, len(data), data=data))
@@ -1068,7 +1072,7 @@ class Filesystem:
                 buf[s0 - off : s0 - off + len(piece)] = piece
         for iv in dirty:
             s, e2 = max(off, iv.off), min(end, iv.end)
-            buf[s - off : e2 - off] = iv.buf[s - iv.off : e2 - iv.off]
+            buf[s - off : e2 - off] = iv.slice(s, e2)
         return bytes(buf)
 
     async def _piece(self, e: Extent, off: int, end: int) -> bytes | memoryview:
@@ -1132,13 +1136,12 @@ class Filesystem:
                 return  # unlinked while open: data lives here until the last close
             before = of.dirty.nbytes
             for iv in of.dirty.take_all():
-                data = bytes(iv.buf)
                 if of.size <= INLINE_MAX:
+                    data = iv.tobytes()
                     of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
                     of.pending[-1].done.set()
                     continue
-                for i in range(0, len(data), self.block_size):
-                    self._start_upload(of, iv.off + i, data[i : i + self.block_size])
+                self._upload_interval(of, iv)
             self._dirty_total -= before
             for p in of.pending:
                 if p.failed and p.done.is_set():  # an earlier upload failed: try again

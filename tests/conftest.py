@@ -12,9 +12,11 @@ from __future__ import annotations
 import logging
 import os
 import tempfile
+import threading
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -50,11 +52,33 @@ def _set_test_credentials() -> None:
 _set_test_credentials()
 
 
+def _make_motos_conditional_put_atomic() -> None:
+    """moto's server answers requests in threads, and its PUT with If-None-Match: *
+    checks that the key is absent, then stores it, with no lock between the two: two
+    racing writers can both get 200 (seen once in the 16-process race of the contract
+    suite). SeaweedFS and AWS make the check and the write one step; so, here, does a
+    lock around moto's PUT of an object."""
+    from moto.s3.responses import S3Response
+
+    if getattr(S3Response.put_object, "_efsish_locked", False):
+        return
+    lock = threading.Lock()
+    put = S3Response.put_object
+
+    def locked(self: Any) -> Any:
+        with lock:
+            return put(self)
+
+    locked._efsish_locked = True  # type: ignore[attr-defined]
+    S3Response.put_object = locked  # type: ignore[method-assign]
+
+
 @pytest.fixture(scope="session")
 def moto_target() -> Iterator[S3Target]:
     from moto.server import ThreadedMotoServer
 
     logging.getLogger("werkzeug").setLevel(logging.ERROR)
+    _make_motos_conditional_put_atomic()
     port = s3server.free_port()
     server = ThreadedMotoServer(ip_address="127.0.0.1", port=port, verbose=False)
     server.start()

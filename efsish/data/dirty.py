@@ -1,24 +1,121 @@
 """Write-back buffer for one file on one mount: dirty byte ranges not yet uploaded.
 
-Intervals are kept sorted and non-overlapping; appends extend the last interval in place
-(amortised O(1)), overwrites inside an interval are slice assignments, and only truly
-overlapping writes merge. This module is pure data structure: no I/O, no trio.
+Intervals are kept sorted and non-overlapping. An interval is a list of chunks: a large
+append (a FUSE write of 64 KiB or more, e.g. 1 MiB of a sequential writer) is kept as the
+caller's own bytes object, not copied, and cutting a whole block off the front joins the
+chunks it spans into one new bytes object, so each byte of a sequential write is copied
+once here (it used to be twice: into a growing bytearray, then out of it). Small appends
+go into a bytearray chunk of our own; overwrites inside a chunk are slice assignments;
+only writes that bridge intervals or chunks merge them. This module is pure data
+structure: no I/O, no trio.
 """
 
 from __future__ import annotations
 
 import bisect
-from dataclasses import dataclass
+
+Chunk = bytes | bytearray | memoryview
+BIG_WRITE = 64 * 1024  # appends this large are kept by reference, not copied
 
 
-@dataclass
 class Interval:
-    off: int
-    buf: bytearray
+    """Dirty bytes [off, end) of a file, as a list of chunks in order."""
+
+    __slots__ = ("_chunks", "_len", "off")
+
+    def __init__(self, off: int, data: Chunk, *, owned: bool = False) -> None:
+        """`data` is kept as it is if it is ours (`owned`) or a large immutable bytes
+        object; anything else is copied (a caller's bytearray may change later)."""
+        self.off = off
+        keep = owned or (isinstance(data, bytes) and len(data) >= BIG_WRITE)
+        self._chunks: list[Chunk] = [data if keep else bytearray(data)]
+        self._len = len(data)
+
+    def __len__(self) -> int:
+        return self._len
 
     @property
     def end(self) -> int:
-        return self.off + len(self.buf)
+        return self.off + self._len
+
+    @property
+    def buf(self) -> bytearray:
+        """The bytes as one writable buffer (the chunks are joined into it, once)."""
+        c = self._chunks
+        if len(c) != 1 or not isinstance(c[0], bytearray):
+            self._chunks = c = [bytearray().join(c)]
+        b = c[0]
+        assert isinstance(b, bytearray)
+        return b
+
+    def tobytes(self) -> bytes:
+        return b"".join(self._chunks)
+
+    def slice(self, start: int, end: int) -> bytes:
+        """The bytes at file offsets [start, end) (inside the interval), copied once."""
+        out: list[memoryview] = []
+        pos = self.off
+        for c in self._chunks:
+            n = len(c)
+            if pos + n > start and pos < end:
+                out.append(memoryview(c)[max(start - pos, 0) : min(end - pos, n)])
+            pos += n
+            if pos >= end:
+                break
+        return b"".join(out)
+
+    def append(self, data: Chunk) -> None:
+        last = self._chunks[-1] if self._chunks else None
+        if len(data) >= BIG_WRITE and isinstance(data, bytes):
+            self._chunks.append(data)  # immutable: safe to keep as it is
+        elif isinstance(last, bytearray) and len(last) < BIG_WRITE:
+            last += data
+        else:
+            self._chunks.append(bytearray(data))
+        self._len += len(data)
+
+    def overwrite(self, off: int, data: Chunk) -> bool:
+        """Write `data` at file offset `off` if it lies inside one chunk; False if not
+        (the caller then uses `buf`)."""
+        pos = self.off
+        for i, c in enumerate(self._chunks):
+            n = len(c)
+            if pos <= off and off + len(data) <= pos + n:
+                if not isinstance(c, bytearray):
+                    c = self._chunks[i] = bytearray(c)
+                c[off - pos : off - pos + len(data)] = data
+                return True
+            if pos + n > off:
+                return False
+            pos += n
+        return False
+
+    def take_front(self, n: int) -> bytes:
+        """Remove the first n bytes (n <= len) and return them as one bytes object."""
+        out: list[Chunk] = []
+        need = n
+        chunks = self._chunks
+        while need:
+            c = chunks[0]
+            if len(c) <= need:
+                out.append(c)
+                need -= len(c)
+                chunks.pop(0)
+            else:
+                v = memoryview(c)
+                out.append(v[:need])
+                chunks[0] = v[need:]  # the rest of a chunk stays, as a view
+                need = 0
+        data = out[0] if len(out) == 1 and isinstance(out[0], bytes) else b"".join(out)
+        self.off += n
+        self._len -= n
+        return data
+
+    def truncate(self, size: int) -> None:
+        """Keep the first `size` bytes."""
+        if size < self._len:
+            del self.buf[size:]
+            self._len = size
 
 
 class DirtyBuffer:
@@ -34,22 +131,29 @@ class DirtyBuffer:
     def _starts(self) -> list[int]:
         return [iv.off for iv in self.ivs]
 
-    def write(self, off: int, data: bytes) -> None:
+    def write(self, off: int, data: Chunk) -> None:
+        """Record `data` at `off`. A large bytes object is kept as it is (bytes cannot
+        change); any other buffer is copied."""
         if not data:
             return
         end = off + len(data)
         ivs = self.ivs
-        # Fast path: append to, or overwrite within, the last interval.
+        # Fast paths: append to, or overwrite within one chunk of, the last interval.
         if ivs:
             last = ivs[-1]
-            if last.off <= off <= last.end:
-                if end >= last.end:
-                    inside = last.end - off
-                    last.buf[off - last.off :] = data[:inside]
-                    last.buf += data[inside:]
-                    self.nbytes += end - (off + inside)
-                else:
-                    last.buf[off - last.off : end - last.off] = data
+            if off == last.end:
+                last.append(data)
+                self.nbytes += len(data)
+                return
+            if last.off <= off < last.end < end:  # rewrites the tail, then appends
+                inside = last.end - off
+                with memoryview(data) as view:
+                    if not last.overwrite(off, view[:inside]):
+                        last.buf[off - last.off :] = view[:inside]
+                    last.append(bytes(view[inside:]))
+                self.nbytes += end - (off + inside)
+                return
+            if last.off <= off and end <= last.end and last.overwrite(off, data):
                 return
         starts = self._starts()
         i = bisect.bisect_right(starts, off) - 1
@@ -61,28 +165,33 @@ class DirtyBuffer:
             j += 1
         touching = ivs[i:j]
         if not touching:
-            ivs.insert(i, Interval(off, bytearray(data)))
+            ivs.insert(i, Interval(off, data))
             self.nbytes += len(data)
+            return
+        if len(touching) == 1 and touching[0].off <= off and end <= touching[0].end:
+            iv = touching[0]
+            if not iv.overwrite(off, data):
+                iv.buf[off - iv.off : end - iv.off] = data
             return
         new_off = min(off, touching[0].off)
         new_end = max(end, touching[-1].end)
         buf = bytearray(new_end - new_off)
         for iv in touching:
             buf[iv.off - new_off : iv.end - new_off] = iv.buf
-            self.nbytes -= len(iv.buf)
+            self.nbytes -= len(iv)
         buf[off - new_off : end - new_off] = data
-        ivs[i:j] = [Interval(new_off, buf)]
+        ivs[i:j] = [Interval(new_off, buf, owned=True)]
         self.nbytes += len(buf)
 
     def truncate(self, size: int) -> None:
         keep: list[Interval] = []
         for iv in self.ivs:
             if iv.off >= size:
-                self.nbytes -= len(iv.buf)
+                self.nbytes -= len(iv)
                 continue
             if iv.end > size:
                 self.nbytes -= iv.end - size
-                del iv.buf[size - iv.off :]
+                iv.truncate(size - iv.off)
             keep.append(iv)
         self.ivs = keep
 
@@ -91,16 +200,13 @@ class DirtyBuffer:
         return ivs
 
     def take_full_blocks(self, block_size: int) -> list[tuple[int, bytes]]:
-        """Cut whole blocks (block_size bytes) from the front of large intervals: (offset,
-        bytes) each, copied once out of the buffer (deleting from the front of a
-        bytearray moves no bytes)."""
+        """Cut whole blocks (block_size bytes) from the front of large intervals, leaving
+        at least one block in each: (offset, bytes) each, copied at most once."""
         out: list[tuple[int, bytes]] = []
         for iv in self.ivs:
-            while len(iv.buf) >= 2 * block_size:
-                with memoryview(iv.buf) as view:
-                    out.append((iv.off, bytes(view[:block_size])))
-                del iv.buf[:block_size]
-                iv.off += block_size
+            while len(iv) >= 2 * block_size:
+                off = iv.off
+                out.append((off, iv.take_front(block_size)))
                 self.nbytes -= block_size
         return out
 

@@ -1,5 +1,7 @@
 """The write-back buffer against a plain bytearray model: random writes, truncates and
-block cuts, then every byte and every dirty range compared."""
+block cuts, then every byte and every dirty range compared — with the threshold above
+which appends are kept by reference at its real value and at 8 and 1 bytes, so that the
+chunked paths (references, views left by a cut, overwrites inside one chunk) all run."""
 
 from __future__ import annotations
 
@@ -8,13 +10,16 @@ import random
 
 import pytest
 
+from efsish.data import dirty as dirty_mod
 from efsish.data.dirty import DirtyBuffer
 
 BS = 64
 
 
+@pytest.mark.parametrize("big", [dirty_mod.BIG_WRITE, 8, 1])
 @pytest.mark.parametrize("seed", range(20))
-def test_dirty_buffer_matches_a_model(seed: int) -> None:
+def test_dirty_buffer_matches_a_model(seed: int, big: int, monkeypatch) -> None:
+    monkeypatch.setattr(dirty_mod, "BIG_WRITE", big)
     rng = random.Random(seed)
     buf = DirtyBuffer()
     model = bytearray(1024)
@@ -36,7 +41,12 @@ def test_dirty_buffer_matches_a_model(seed: int) -> None:
             continue
         n = min(n, 1024 - off)
         data = rng.randbytes(n)
-        buf.write(off, data)
+        if rng.random() < 0.3:  # a caller's buffer that changes after the write
+            mutable = bytearray(data)
+            buf.write(off, mutable)
+            mutable[:] = bytes(len(mutable))
+        else:
+            buf.write(off, data)
         model[off : off + n] = data
         for i in range(off, off + n):
             dirty[i] = True
@@ -54,7 +64,12 @@ def test_dirty_buffer_matches_a_model(seed: int) -> None:
         for a, b in itertools.pairwise(ivs):
             assert a.end <= b.off  # sorted, never overlapping
         for iv in ivs:
-            assert bytes(iv.buf) == bytes(model[iv.off : iv.end])
+            assert iv.tobytes() == bytes(model[iv.off : iv.end])
+            lo = rng.randrange(iv.off, iv.end)
+            hi = rng.randrange(lo, iv.end) + 1
+            assert iv.slice(lo, hi) == bytes(model[lo:hi])
+            if rng.random() < 0.1:  # joining the chunks into one buffer changes nothing
+                assert bytes(iv.buf) == bytes(model[iv.off : iv.end])
             for i in range(iv.off, iv.end):
                 covered[i] = True
         assert covered == dirty
