@@ -10,6 +10,7 @@ import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import Any
 
 import pytest
 import trio
@@ -156,6 +157,26 @@ async def test_cache_fill_is_bounded_and_never_blocks(tmp_path: Path) -> None:
             assert await cache.get(f"data/k{i}", None) == bytes([i]) * BS
         assert await cache.get("data/k3", None) is None
         n.cancel_scope.cancel()
+
+
+async def test_a_block_the_cache_does_not_hold_costs_no_thread_hop(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    root = tmp_path / "c"
+    BlockCache(root, max_bytes=1 << 30)._put("data/k1", b"x" * 10)  # on disk before start
+    cache = BlockCache(root, max_bytes=1 << 30)  # its index is rebuilt from the directory
+    hops: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn: Any, *args: Any, **kw: Any) -> Any:
+        hops.append(fn)
+        return await run_sync(fn, *args, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    assert await cache.get("data/k0", None) is None
+    assert hops == [] and cache.misses == 1
+    assert await cache.get("data/k1", None) == b"x" * 10  # a hit still reads the disk
+    assert len(hops) == 1 and cache.hits == 1
 
 
 async def test_sequential_read_prefetches_a_growing_window(
