@@ -56,6 +56,7 @@ XATTR_SIZE_MAX = 65536
 EXTENT_CACHE_SPAN = 64 * 1024**2  # bytes of a file's layout a reader caches at once
 EXTENT_CACHE_MAX = 256  # extents; a more fragmented span is not cached
 INLINE_MAX = 16 * 1024  # files up to this size keep their data in the log
+READ_SNAPSHOT_TRIES = 4  # reads of the extents a commit of the same file overlapped
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -1014,15 +1015,27 @@ class Filesystem:
         end = min(off + size, of.size)
         if off >= end:
             return b""
-        if of.orphan is None:
+        for _ in range(READ_SNAPSHOT_TRIES):
+            if of.orphan is not None:
+                break
+            gen = of.ext_gen
             committed = await self._extents(of, off, end)
+            # A flush that committed while we asked has moved its pending extents into
+            # the view after our answer came from it: ask again, or they would be missed.
+            if gen == of.ext_gen:
+                break
         if of.orphan is not None:
             # (Also when the file was freed — renamed over, unlinked — while the view was
             # asked: the view may no longer have its extents, but the snapshot does.)
             committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
-        dirty = of.dirty.overlapping(off, end)
+        # The dirty bytes are copied now, before any wait: a flush during the block fetches
+        # below takes them out of the buffer (into uploads this read does not know).
+        dirty: list[tuple[int, bytes]] = []
+        for iv in of.dirty.overlapping(off, end):
+            start = max(off, iv.off)
+            dirty.append((start, iv.slice(start, min(end, iv.end))))
         if len(layers) == 1 and not dirty and layers[0].off <= off and layers[0].end >= end:
             # The common case: one block piece covers the whole read; no copying around.
             try:
@@ -1050,10 +1063,11 @@ class Filesystem:
         return [e for e in c[2] if e.off < end and e.end > off]
 
     async def _assemble(
-        self, layers: list[Extent], dirty: list[Interval], off: int, end: int
+        self, layers: list[Extent], dirty: list[tuple[int, bytes]], off: int, end: int
     ) -> bytes:
         """The bytes [off, end) from block pieces laid over each other in layer order
-        (committed, pending oldest to newest), then the dirty buffer: newer data wins."""
+        (committed, pending oldest to newest), then the dirty bytes (offset, bytes),
+        copied before any wait: newer data wins."""
         buf = bytearray(end - off)
         pieces: list[bytes | memoryview | None] = [None] * len(layers)
 
@@ -1070,9 +1084,8 @@ class Filesystem:
             s0 = max(off, e.off)
             if piece:
                 buf[s0 - off : s0 - off + len(piece)] = piece
-        for iv in dirty:
-            s, e2 = max(off, iv.off), min(end, iv.end)
-            buf[s - off : e2 - off] = iv.slice(s, e2)
+        for s, data in dirty:
+            buf[s - off : s - off + len(data)] = data
         return bytes(buf)
 
     async def _piece(self, e: Extent, off: int, end: int) -> bytes | memoryview:

@@ -334,3 +334,67 @@ async def test_failed_upload_is_retried_by_the_next_flush(
     fh, _ = await b.open(attr.ino, os.O_RDONLY)
     assert await b.read(fh, 0, len(data) + 1) == data
     await b.release(fh)
+
+
+async def test_a_read_that_waits_for_a_block_while_a_flush_runs_sees_every_write(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    """A read covering a block it must fetch and bytes still in the write buffer: an
+    fsync while the read waits for the block takes those bytes out of the buffer and
+    commits them. The read must still return them (it used to return the old bytes)."""
+    old = os.urandom(2 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", old)
+    slow = FaultyStore(store, FaultPlan(latency=0.1, ops=frozenset({"get"})))
+    async with mounted(slow, sb, tmp_path / "cold") as fs:
+        fh, _ = await fs.open(ino, os.O_RDWR)
+        new = os.urandom(100)
+        await fs.write(fh, BS + 10, new)  # dirty, inside the second block
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(bytes(await fs.read(fh, 0, 2 * BS)))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await trio.sleep(0.03)  # the reader waits for its blocks now
+            await fs.fsync(fh)
+        assert got[0] == old[: BS + 10] + new + old[BS + 110 :]
+        await fs.release(fh)
+
+
+async def test_a_read_whose_extents_a_commit_overtook_asks_again(
+    store: ObjectStore, sb: Superblock, make_fs: FsFactory, tmp_path: Path
+) -> None:
+    """The read asks the view for the committed extents; an fsync of the same file
+    commits while it waits for the answer (held here until the fsync is done), so the
+    answer predates the commit and the pending extents it moved into the view are gone
+    from the file by then: the read must ask again, not return the old bytes."""
+    old = os.urandom(2 * BS)
+    ino = await write_file(await make_fs(), ROOT_INO, b"f", old)
+    async with mounted(store, sb, tmp_path / "c") as fs:
+        fh, _ = await fs.open(ino, os.O_RDWR)
+        new = os.urandom(100)
+        await fs.write(fh, BS + 10, new)
+        extents = fs._extents
+        asked, go = trio.Event(), trio.Event()
+
+        async def held(of: Any, off: int, end: int) -> Any:
+            answer = await extents(of, off, end)
+            if not asked.is_set():
+                asked.set()
+                await go.wait()
+            return answer
+
+        fs._extents = held  # type: ignore[method-assign]
+        got: list[bytes] = []
+
+        async def reader() -> None:
+            got.append(bytes(await fs.read(fh, 0, 2 * BS)))
+
+        async with trio.open_nursery() as n:
+            n.start_soon(reader)
+            await asked.wait()
+            await fs.fsync(fh)
+            go.set()
+        assert got[0] == old[: BS + 10] + new + old[BS + 110 :]
+        await fs.release(fh)
