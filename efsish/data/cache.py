@@ -102,10 +102,12 @@ class BlockCache:
             self._index[name] = len(data)
 
     async def get(self, key: str, hash_: str | None) -> bytes | None:
-        with self._lock:
-            known = self._name(key) in self._index
         # A block the index does not know is not on disk: no worker-thread hop (~0.1 ms)
-        # in front of the GET of every cold block.
+        # in front of the GET of every cold block. Asked without the lock, which a worker
+        # may hold while evictions delete files: a membership test is one dict lookup under
+        # the GIL, and a block that arrives or goes meanwhile costs at most one GET or one
+        # hop (`_get` looks again under the lock).
+        known = self._name(key) in self._index
         data = (
             await trio.to_thread.run_sync(self._get, key, hash_, limiter=self._limiter)
             if known

@@ -5,8 +5,8 @@ append (a FUSE write of 64 KiB or more, e.g. 1 MiB of a sequential writer) is ke
 caller's own bytes object, not copied, and cutting a whole block off the front joins the
 chunks it spans into one new bytes object, so each byte of a sequential write is copied
 once here (it used to be twice: into a growing bytearray, then out of it). Small appends
-go into a bytearray chunk of our own; overwrites inside a chunk are slice assignments;
-only writes that bridge intervals or chunks merge them. This module is pure data
+go into a bytearray chunk of our own; overwrites are slice assignments into the chunks
+they touch; only writes that bridge intervals merge them. This module is pure data
 structure: no I/O, no trio.
 """
 
@@ -74,21 +74,24 @@ class Interval:
             self._chunks.append(bytearray(data))
         self._len += len(data)
 
-    def overwrite(self, off: int, data: Chunk) -> bool:
-        """Write `data` at file offset `off` if it lies inside one chunk; False if not
-        (the caller then uses `buf`)."""
-        pos = self.off
-        for i, c in enumerate(self._chunks):
-            n = len(c)
-            if pos <= off and off + len(data) <= pos + n:
-                if not isinstance(c, bytearray):
-                    c = self._chunks[i] = bytearray(c)
-                c[off - pos : off - pos + len(data)] = data
-                return True
-            if pos + n > off:
-                return False
-            pos += n
-        return False
+    def overwrite(self, off: int, data: Chunk) -> None:
+        """Write `data` at file offset `off`, inside the interval, chunk by chunk: only
+        the chunks it touches are made writable (copied if they are not ours), never the
+        whole interval (up to two blocks) for a write that crosses a chunk boundary."""
+        end = off + len(data)
+        assert self.off <= off and end <= self.end
+        with memoryview(data) as src:
+            pos = self.off
+            for i, c in enumerate(self._chunks):
+                n = len(c)
+                if pos + n > off:
+                    if pos >= end:
+                        break
+                    if not isinstance(c, bytearray):
+                        c = self._chunks[i] = bytearray(c)
+                    lo, hi = max(off, pos), min(end, pos + n)
+                    c[lo - pos : hi - pos] = src[lo - off : hi - off]
+                pos += n
 
     def take_front(self, n: int) -> bytes:
         """Remove the first n bytes (n <= len) and return them as one bytes object."""
@@ -148,12 +151,12 @@ class DirtyBuffer:
             if last.off <= off < last.end < end:  # rewrites the tail, then appends
                 inside = last.end - off
                 with memoryview(data) as view:
-                    if not last.overwrite(off, view[:inside]):
-                        last.buf[off - last.off :] = view[:inside]
+                    last.overwrite(off, view[:inside])
                     last.append(bytes(view[inside:]))
                 self.nbytes += end - (off + inside)
                 return
-            if last.off <= off and end <= last.end and last.overwrite(off, data):
+            if last.off <= off and end <= last.end:
+                last.overwrite(off, data)
                 return
         starts = self._starts()
         i = bisect.bisect_right(starts, off) - 1
@@ -169,9 +172,7 @@ class DirtyBuffer:
             self.nbytes += len(data)
             return
         if len(touching) == 1 and touching[0].off <= off and end <= touching[0].end:
-            iv = touching[0]
-            if not iv.overwrite(off, data):
-                iv.buf[off - iv.off : end - iv.off] = data
+            touching[0].overwrite(off, data)
             return
         new_off = min(off, touching[0].off)
         new_end = max(end, touching[-1].end)

@@ -58,7 +58,6 @@ LEAN_MAX_BODY = 1 << 20  # larger PUT bodies over TLS go through boto3 (in a wor
 LEAN_MAX_PLAIN_BODY = 64 << 20  # over plain http: up to the largest block size
 SIGNED_BODY_MAX = 256 * 1024  # larger bodies are sent UNSIGNED-PAYLOAD (see above)
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
-SEND_SLICE = 1 << 20
 MAX_HEAD = 64 * 1024
 BIG_BODY = 256 * 1024  # bodies larger than this are received into a buffer of their size
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
@@ -137,7 +136,7 @@ class SigV4:
 class Transport(Protocol):
     """One connection's byte pipe (a socket here; a fake in the tests)."""
 
-    async def send_all(self, data: bytes | memoryview) -> None: ...
+    async def send_some(self, data: memoryview) -> int: ...
 
     async def receive_some(self) -> bytes: ...
 
@@ -202,11 +201,10 @@ class SocketTransport:
             except ssl.SSLWantWriteError:
                 await trio.lowlevel.wait_writable(self.sock)
 
-    async def send_all(self, data: bytes | memoryview) -> None:
-        view = memoryview(data)
-        while view:
-            n: int = await self._io(self.sock.send, view, writing=True)
-            view = view[n:]
+    async def send_some(self, data: memoryview) -> int:
+        """Send what the socket takes now (waiting until it takes anything)."""
+        n: int = await self._io(self.sock.send, data, writing=True)
+        return n
 
     async def receive_some(self) -> bytes:
         return await self._io(self.sock.recv, 256 * 1024, writing=False)
@@ -456,11 +454,14 @@ class LeanS3:
         """Send `req` and read the answer; (response, whether conn can be reused)."""
         conn.received = False
         for piece in req:
-            with memoryview(piece) as view:
-                # Like the receives: read_timeout for each MiB to go, not for a whole block.
-                for i in range(0, len(view), SEND_SLICE):
-                    with trio.fail_after(self.read_timeout):
-                        await conn.transport.send_all(view[i : i + SEND_SLICE])
+            view = memoryview(piece)
+            while view:
+                # Like the receives (and boto3): read_timeout bounds each wait for the
+                # socket to take more, so a block going out slowly but steadily is not
+                # cut off, and a server that stops reading is.
+                with trio.fail_after(self.read_timeout):
+                    sent = await conn.transport.send_some(view)
+                view = view[sent:]
         # Each receive below waits at most read_timeout for more bytes (see _Conn).
         head = await conn.read_head()
         status, headers = parse_head(head)

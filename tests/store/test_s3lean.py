@@ -6,6 +6,7 @@ rather than silently falling back to boto3."""
 from __future__ import annotations
 
 import http.server
+import os
 import socket
 import ssl
 import threading
@@ -141,8 +142,9 @@ class FakeTransport:
         self.data = data
         self.piece = piece
 
-    async def send_all(self, data: bytes | memoryview) -> None:
+    async def send_some(self, data: memoryview) -> int:
         await trio.lowlevel.checkpoint()
+        return len(data)
 
     async def receive_some(self) -> bytes:
         await trio.lowlevel.checkpoint()
@@ -210,6 +212,41 @@ async def test_truncated_or_unbounded_answers_are_refused() -> None:
     ):
         with pytest.raises(ProtocolError):
             await exchange(raw)
+
+
+class SlowReader(FakeTransport):
+    """A server that takes a request 64 KiB at a time, 10 ms apart (a thin uplink), or
+    that stops taking it after `stall_after` bytes."""
+
+    def __init__(self, answer: bytes, stall_after: int | None = None) -> None:
+        super().__init__(answer, piece=1 << 20)
+        self.taken = bytearray()
+        self.stall_after = stall_after
+
+    async def send_some(self, data: memoryview) -> int:
+        if self.stall_after is not None and len(self.taken) >= self.stall_after:
+            await trio.sleep_forever()
+        await trio.sleep(0.01)
+        n = min(len(data), 65536)
+        self.taken += data[:n]
+        return n
+
+
+async def test_a_slow_upload_that_keeps_going_is_not_cut_off() -> None:
+    """The same for a data block the server takes slowly: the timeout bounds each wait
+    for the socket to take more (as boto3's does), not the whole body; a server that
+    stops reading is still given up on."""
+    lean = LeanS3("http://127.0.0.1:1", "b", "r", lambda: None, read_timeout=0.05)
+    pieces = [b"PUT /b/data/x HTTP/1.1\r\n\r\n", os.urandom(1 << 20)]
+    ok = b"HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n"
+    slow = SlowReader(ok)
+    start = trio.current_time()
+    resp, _ = await lean._exchange(_Conn(slow, idle_timeout=0.05), "PUT", pieces)
+    assert resp.status == 200 and bytes(slow.taken) == b"".join(pieces)
+    assert trio.current_time() - start > 0.15  # 17 sends, 10 ms each: > 3 timeouts
+    stalled = SlowReader(ok, stall_after=300_000)
+    with pytest.raises(trio.TooSlowError):
+        await lean._exchange(_Conn(stalled, idle_timeout=0.05), "PUT", pieces)
 
 
 async def test_a_slow_answer_that_keeps_coming_is_not_cut_off() -> None:

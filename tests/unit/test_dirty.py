@@ -74,3 +74,29 @@ def test_dirty_buffer_matches_a_model(seed: int, big: int, monkeypatch) -> None:
                 covered[i] = True
         assert covered == dirty
         assert buf.nbytes == sum(dirty)
+
+
+def test_an_overwrite_across_chunks_copies_only_the_chunks_it_touches() -> None:
+    """Seven 1 MiB appends, then 8 bytes across the boundary of the 3rd and 4th: those
+    two chunks become ours, the other five stay the caller's objects (not one 7 MiB join
+    on the event loop, which a database's page writes would repeat after every append)."""
+    parts = [bytes([i]) * (1 << 20) for i in range(7)]
+    buf = DirtyBuffer()
+    for i, p in enumerate(parts):
+        buf.write(i << 20, p)
+    buf.write((3 << 20) - 4, b"\xff" * 8)
+    (iv,) = buf.ivs
+    chunks = iv._chunks
+    assert len(chunks) == 7
+    assert [c is p for c, p in zip(chunks, parts, strict=True)] == [
+        True,
+        True,
+        False,
+        False,
+        True,
+        True,
+        True,
+    ]
+    expected = bytearray(b"".join(parts))
+    expected[(3 << 20) - 4 : (3 << 20) + 4] = b"\xff" * 8
+    assert iv.tobytes() == bytes(expected) and buf.nbytes == 7 << 20
