@@ -59,7 +59,8 @@ LEAN_MAX_PLAIN_BODY = 64 << 20  # over plain http: up to the largest block size
 SIGNED_BODY_MAX = 256 * 1024  # larger bodies are sent UNSIGNED-PAYLOAD (see above)
 UNSIGNED_PAYLOAD = "UNSIGNED-PAYLOAD"
 MAX_HEAD = 64 * 1024
-BIG_BODY = 256 * 1024  # bodies larger than this are received into a buffer of their size
+BIG_BODY = 256 * 1024  # bodies larger than this are received as pieces joined once
+RECEIVE_MAX = 1024 * 1024  # at most this much per receive (what a loopback wake-up holds)
 EMPTY_SHA256 = hashlib.sha256(b"").hexdigest()
 # Characters SigV4 leaves unescaped in a path segment (RFC 3986 unreserved, plus "/").
 _SAFE_PATH = "/~"
@@ -138,9 +139,7 @@ class Transport(Protocol):
 
     async def send_some(self, data: memoryview) -> int: ...
 
-    async def receive_some(self) -> bytes: ...
-
-    async def receive_into(self, view: memoryview) -> int: ...
+    async def receive_some(self, max_bytes: int) -> bytes: ...
 
     def close(self) -> None: ...
 
@@ -206,11 +205,8 @@ class SocketTransport:
         n: int = await self._io(self.sock.send, data, writing=True)
         return n
 
-    async def receive_some(self) -> bytes:
-        return await self._io(self.sock.recv, 256 * 1024, writing=False)
-
-    async def receive_into(self, view: memoryview) -> int:
-        return await self._io(self.sock.recv_into, view, writing=False)
+    async def receive_some(self, max_bytes: int) -> bytes:
+        return await self._io(self.sock.recv, max_bytes, writing=False)
 
     def close(self) -> None:
         try:
@@ -231,7 +227,7 @@ class _Conn:
 
     async def _fill(self) -> None:
         with trio.fail_after(self.idle_timeout):
-            data = await self.transport.receive_some()
+            data = await self.transport.receive_some(BIG_BODY)
         if not data:
             raise ProtocolError("connection closed by the server")
         self.received = True
@@ -256,21 +252,23 @@ class _Conn:
 
     async def read_exact(self, n: int) -> bytes:
         if n - len(self.buf) > BIG_BODY:
-            # A large body (a data block): receive straight into one buffer of its size,
-            # as much as the socket holds per wake-up, instead of growing one.
-            body = bytearray(n)
+            # A large body (a data block): keep what each wake-up brings as it came and
+            # join the pieces once. Receiving into a bytearray of the body's size and
+            # turning that into bytes cost a zero-fill and a copy more than this (~1.0
+            # against ~0.5 ms per 4 MiB here); the block must end up as bytes, which
+            # google-crc32c insists on.
+            pieces = [bytes(self.buf)]
             have = len(self.buf)
-            body[:have] = self.buf
             self.buf.clear()
-            with memoryview(body) as view:
-                while have < n:
-                    with trio.fail_after(self.idle_timeout):
-                        got = await self.transport.receive_into(view[have:])
-                    if not got:
-                        raise ProtocolError("connection closed by the server")
-                    self.received = True
-                    have += got
-            return bytes(body)
+            while have < n:
+                with trio.fail_after(self.idle_timeout):
+                    got = await self.transport.receive_some(min(n - have, RECEIVE_MAX))
+                if not got:
+                    raise ProtocolError("connection closed by the server")
+                self.received = True
+                pieces.append(got)
+                have += len(got)
+            return b"".join(pieces)
         while len(self.buf) < n:
             await self._fill()
         if len(self.buf) == n:  # the usual case: the whole buffer is the body
