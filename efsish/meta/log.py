@@ -6,7 +6,9 @@ view at position S inside one SQLite transaction; their ops are PUT as `log/S+1`
 If-None-Match. On success the callers are answered and then the SQLite transaction
 commits (reads of the view wait for that); on 412 it rolls back, the view catches up to
 the head, and the planners run again (they may now fail, e.g. EEXIST). Requests that
-arrive while a PUT is in flight form the next batch (group commit).
+arrive while a PUT is in flight form the next batch (group commit). The local commit of
+an answered entry is left to the worker-thread hop that plans the next batch, if one
+comes within SETTLE_WAIT; anyone who needs the view or the writer sooner hurries it.
 
 All SQLite work runs in worker threads behind CapacityLimiters; the writer connection is
 used only under `self._wlock`. This module must not import pyfuse3 or know POSIX rules.
@@ -21,7 +23,8 @@ import sqlite3
 import tempfile
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, Generic, TypeVar
@@ -54,6 +57,10 @@ PUT_RETRIES = 6
 FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount starves
 STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
+# How long an answered entry may wait for the next batch's planning hop to commit it to
+# SQLite (one worker-thread hop per change instead of two for a serial caller: rm -rf,
+# tar, a build). Readers of the view and takers of the writer lock do not wait for it.
+SETTLE_WAIT = 0.050
 INO_RANGE = 1024
 MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
 FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
@@ -104,6 +111,14 @@ class PlanContext:
 
 
 Planner = Callable[[View, PlanContext], tuple[list[Op], T]]
+
+
+class _SettleFailed(Exception):
+    """The local commit of an answered entry failed (in the hop that was to plan next)."""
+
+    def __init__(self, cause: Exception) -> None:
+        super().__init__(str(cause))
+        self.cause = cause
 
 
 @dataclass
@@ -168,8 +183,11 @@ class MetaLog:
         self._memo_complete: set[int] = set()
         self._memo_gen = 0
         self.memo_hits = 0
-        # Set while an entry of ours is in the log (and answered) but not yet in SQLite.
+        # Set while an entry of ours is in the log (and answered) but not yet in SQLite:
+        # its seq is `_unsettled`, and the committer task holds `_wlock` until it is.
         self._settling: trio.Event | None = None
+        self._unsettled: int | None = None
+        self._settle_soon = False  # someone waits for the local commit: do it now
         self._answered = 0  # entries of ours answered so far (see `read`)
         self.reads_repeated = 0
         # Why reads of the view are refused: our own entry `_behind_seq`, answered, could
@@ -252,11 +270,26 @@ class MetaLog:
             self.memo_hits,
             self.reads_repeated,
         )
-        async with self._wlock:
+        async with self._writer_lock():
             self.writer.close()
             self.reader.close()
 
     # ------------------------------------------------------------------------- reads
+
+    def _hurry(self) -> None:
+        """Ask the committer to commit its answered entry to SQLite now, rather than
+        leave it to the next batch's planning hop."""
+        if self._unsettled is not None:
+            self._settle_soon = True
+            self._wake.set()
+
+    @asynccontextmanager
+    async def _writer_lock(self) -> AsyncIterator[None]:
+        """`_wlock`, hurrying an answered entry's local commit (the committer holds the
+        lock until that is done)."""
+        self._hurry()
+        async with self._wlock:
+            yield
 
     async def _settled(self) -> None:
         """Wait until this mount's last committed entry is in SQLite (see
@@ -264,6 +297,7 @@ class MetaLog:
         date before anyone is answered.)"""
         settling = self._settling
         if settling is not None:
+            self._hurry()
             await settling.wait()
         if self._behind is not None:
             raise FsError(f"metadata view unusable: {self._behind}")
@@ -284,7 +318,7 @@ class MetaLog:
         if answered == self._answered:
             return out
         self.reads_repeated += 1
-        async with self._wlock:
+        async with self._writer_lock():
             await self._settled()
             return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
 
@@ -457,7 +491,7 @@ class MetaLog:
                 first = (seq, await self.store.get(log_key(seq)))
             except NotFound:
                 return 0
-        async with self._wlock:
+        async with self._writer_lock():
             if self._catchups_done_from > ticket and not check_trimmed:
                 return 0
             self._catchups_started += 1
@@ -560,129 +594,195 @@ class MetaLog:
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         """The committer loop: takes everything queued and commits it as one entry."""
         task_status.started()
-        while True:
-            if not self._queue:
-                self._wake = trio.Event()
-                await self._wake.wait()
-            if trio.current_time() < self._polite_until:
-                # Another mount reports that it keeps losing the race for the next log
-                # position. The mount that just won is already at the head with its next
-                # batch ready, so without a pause it would win again and again (measured:
-                # 24 vs 1,775 creates in 10 s with two mounts); a short random pause lets
-                # the loser's retry land first.
-                await trio.sleep(FAIRNESS_PAUSE * random.uniform(0.5, 1.0))
-            batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
-            try:
-                await self._commit_batch(batch)
-            except BaseException as e:
-                for p in batch:
-                    if not p.done.is_set():
-                        p.error = e if isinstance(e, Exception) else FsError("cancelled")
-                        p.done.set()
-                if not isinstance(e, Exception):
-                    raise
-                log.error("commit failed: %s", e)
+        try:
+            while True:
+                if self._unsettled is not None:
+                    # Our last entry is answered but not in SQLite yet. A serial caller's
+                    # next change usually comes within a millisecond, and the hop that
+                    # plans it commits this one too; whoever needs the view or the writer
+                    # lock meanwhile has it done at once.
+                    if self._wlock.statistics().tasks_waiting:
+                        self._settle_soon = True  # queued for the lock mid-commit
+                    if not self._queue and not self._settle_soon:
+                        self._wake = trio.Event()
+                        with trio.move_on_after(SETTLE_WAIT):
+                            await self._wake.wait()
+                    if not self._queue or self._settle_soon:
+                        await self._settle_answered()
+                        continue
+                elif not self._queue:
+                    self._wake = trio.Event()
+                    await self._wake.wait()
+                    continue
+                if trio.current_time() < self._polite_until:
+                    # Another mount reports that it keeps losing the race for the next log
+                    # position. The mount that just won is already at the head with its
+                    # next batch ready, so without a pause it would win again and again
+                    # (measured: 24 vs 1,775 creates in 10 s with two mounts); a short
+                    # random pause lets the loser's retry land first.
+                    await self._settle_answered()
+                    await trio.sleep(FAIRNESS_PAUSE * random.uniform(0.5, 1.0))
+                batch, self._queue = self._queue[:MAX_BATCH], self._queue[MAX_BATCH:]
+                try:
+                    await self._commit_batch(batch)
+                except BaseException as e:
+                    for p in batch:
+                        if not p.done.is_set():
+                            p.error = e if isinstance(e, Exception) else FsError("cancelled")
+                            p.done.set()
+                    if not isinstance(e, Exception):
+                        raise
+                    log.error("commit failed: %s", e)
+        finally:
+            # Unmount (cancelled): an answered entry must still reach SQLite.
+            await self._settle_answered()
 
     async def _commit_batch(self, batch: list[_Pending[Any]]) -> None:
-        async with self._wlock:
-            deadline = trio.current_time() + CONFLICT_DEADLINE
-            attempt = 0
-            while trio.current_time() < deadline:
-                attempt += 1
-                saved_range = (self._ino_next, self._ino_end)
+        """Commit `batch` as one entry. On success the committer task keeps `_wlock`,
+        with the entry answered but not yet in SQLite (`_unsettled`); otherwise the
+        lock is released."""
+        if self._unsettled is None:
+            await self._wlock.acquire()
+        answered = False
+        try:
+            answered = await self._commit_locked(batch)
+        finally:
+            if not answered:
+                if self._unsettled is not None:  # e.g. cancelled before the planning hop
+                    await self._settle_answered()  # (releases the lock)
+                else:
+                    self._wlock.release()
+
+    async def _commit_locked(self, batch: list[_Pending[Any]]) -> bool:
+        """`_commit_batch` under the lock; True if an entry was written and answered."""
+        deadline = trio.current_time() + CONFLICT_DEADLINE
+        attempt = 0
+        while trio.current_time() < deadline:
+            attempt += 1
+            saved_range = (self._ino_next, self._ino_end)
+            settle = self._unsettled
+            try:
                 seq, blob, res, outcomes, fresh = await trio.to_thread.run_sync(
-                    self._plan, batch, limiter=self._wlimiter
+                    self._plan, batch, settle, limiter=self._wlimiter
                 )
-                if any(err is not None for _, err in outcomes) and await self._stale(seq):
-                    # An error (ENOENT, EEXIST...) must be judged against the log head,
-                    # not a view that is behind it: catch up and plan again.
+            except _SettleFailed as e:
+                assert settle is not None
+                self._ino_next, self._ino_end = saved_range
+                await self._settle_failed(settle, e.cause)
+                continue
+            if settle is not None:
+                self._settled_now()
+            if any(err is not None for _, err in outcomes) and await self._stale(seq):
+                # An error (ENOENT, EEXIST...) must be judged against the log head,
+                # not a view that is behind it: catch up and plan again.
+                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                self._ino_next, self._ino_end = saved_range
+                await self._catch_up_locked()
+                continue
+            if blob is None:
+                await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
+                self._deliver(batch, outcomes)
+                return False
+            try:
+                await self._put_entry(seq, blob)
+            except PreconditionFailed:
+                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                self._ino_next, self._ino_end = saved_range
+                if attempt >= STARVING_AFTER:
+                    self._starving_until = trio.current_time() + 3.0
+                await self._catch_up_locked()
+                if attempt > 2:
+                    # Several losers at once: spread them out, briefly. (A long,
+                    # growing back-off only hands the next position to the winner,
+                    # which is why winners pause instead; see `run`.)
+                    await trio.sleep(random.uniform(0, 0.005))
+                continue
+            except BaseException:
+                with trio.CancelScope(shield=True):
                     await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
-                    self._ino_next, self._ino_end = saved_range
-                    await self._catch_up_locked()
-                    continue
-                if blob is None:
-                    await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
-                    self._deliver(batch, outcomes)
-                    return
-                try:
-                    await self._put_entry(seq, blob)
-                except PreconditionFailed:
-                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
-                    self._ino_next, self._ino_end = saved_range
-                    if attempt >= STARVING_AFTER:
-                        self._starving_until = trio.current_time() + 3.0
-                    await self._catch_up_locked()
-                    if attempt > 2:
-                        # Several losers at once: spread them out, briefly. (A long,
-                        # growing back-off only hands the next position to the winner,
-                        # which is why winners pause instead; see `run`.)
-                        await trio.sleep(random.uniform(0, 0.005))
-                    continue
-                except BaseException:
-                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
-                    self._ino_next, self._ino_end = saved_range
-                    raise
+                self._ino_next, self._ino_end = saved_range
+                raise
 
-                # The entry is committed: it is in the log. Answer the callers now and
-                # commit it to SQLite afterwards, off their path (a worker-thread hop,
-                # ~0.3-0.6 ms here, that would otherwise come before every answer).
-                # Until then this lock stays held and reads of the view wait
-                # (`_settled`); the memo already holds the entry's outcome (`fresh`,
-                # read in the planning hop), so what the kernel asks next (the new
-                # inode's attributes and xattrs, its directory's) is answered at once.
-                # The filesystem hears of the entry (e.g. a flushed file's extents)
-                # before anyone is answered.
-                self._seq = seq
-                self.commits += len(batch)
-                self.entries_written += 1
-                settling = self._settling = trio.Event()
-                self._answered += 1
-                try:
-                    try:
-                        self._applied(res, False, fresh)
-                        self._deliver(batch, outcomes)
-                    finally:
-                        await self._settle(seq)
-                finally:
-                    self._settling = None
-                    settling.set()
-                return
-            raise TransientStoreError(
-                f"could not claim a log position in {CONFLICT_DEADLINE:.0f}s ({attempt} conflicts)"
-            )
+            # The entry is committed: it is in the log. Answer the callers now and
+            # commit it to SQLite afterwards, off their path: in the hop that plans the
+            # next batch (`_plan`), or on its own once none came within SETTLE_WAIT or
+            # someone needs the view (`_settle_answered`). Until then this task holds the
+            # lock and reads of the view wait (`_settled`); the memo already holds the
+            # entry's outcome (`fresh`, read in the planning hop), so what the kernel
+            # asks next (the new inode's attributes and xattrs, its directory's) is
+            # answered at once. The filesystem hears of the entry (e.g. a flushed file's
+            # extents) before anyone is answered.
+            self._seq = seq
+            self.commits += len(batch)
+            self.entries_written += 1
+            self._unsettled = seq
+            self._settling = trio.Event()
+            self._answered += 1
+            self._applied(res, False, fresh)
+            self._deliver(batch, outcomes)
+            return True
+        raise TransientStoreError(
+            f"could not claim a log position in {CONFLICT_DEADLINE:.0f}s ({attempt} conflicts)"
+        )
 
-    async def _settle(self, seq: int) -> None:
-        """Commit our entry `seq`, already in the log and answered, to SQLite. If SQLite
-        fails here, the view goes back to `seq - 1` and applies the entry again from the
-        log, as another mount would; if that fails too, reads of the view are refused
-        (it would be behind what this mount acknowledged) until a later catch-up has
-        applied the entry."""
+    def _settled_now(self) -> None:
+        """The answered entry is in SQLite: reads of the view may go on."""
+        settling = self._settling
+        self._unsettled, self._settling, self._settle_soon = None, None, False
+        if settling is not None:
+            settling.set()
+
+    async def _settle_answered(self) -> None:
+        """Commit the answered entry to SQLite in a hop of its own, and release the lock
+        the committer task held for it. Nothing to do if there is none."""
+        seq = self._unsettled
+        if seq is None:
+            return
 
         def finish() -> None:
             self.writer.set_meta("applied_seq", seq)
             self.writer.commit()
 
         try:
-            # Local work, bounded: an unmount's cancellation must not leave the entry
-            # answered but uncommitted (and the writer's transaction open).
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
-        except Exception as e:
-            log.error("could not record committed entry %d locally (%s); re-applying it", seq, e)
-            self._seq = seq - 1
-            self._forget_all()
-            self._behind_seq = seq
-            self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
             try:
+                # Local work, bounded: an unmount's cancellation must not leave the entry
+                # answered but uncommitted (and the writer's transaction open).
                 with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
-                await self._catch_up_locked()
-            except Exception as e2:
-                # Reads stay refused (EIO) until a later catch-up applies the entry: the
-                # poller tries every poll interval, and so does every commit (its PUT of
-                # position `seq` conflicts with our own entry).
-                self._behind = f"the local view cannot be updated ({e2}); retrying"
-                log.error("metadata view behind what this mount answered: %s", e2)
+                    await trio.to_thread.run_sync(finish, limiter=self._wlimiter)
+                self._settled_now()
+            except Exception as e:
+                await self._settle_failed(seq, e)
+        finally:
+            self._wlock.release()
+
+    async def _settle_failed(self, seq: int, e: Exception) -> None:
+        """Our entry `seq`, already in the log and answered, could not be committed to
+        SQLite: the view goes back to `seq - 1` and applies the entry again from the
+        log, as another mount would; if that fails too, reads of the view are refused
+        (it would be behind what this mount acknowledged) until a later catch-up has
+        applied the entry. Reads of the view wait until this is over."""
+        log.error("could not record committed entry %d locally (%s); re-applying it", seq, e)
+        settling = self._settling
+        self._unsettled = None  # nobody may commit that transaction any more
+        self._seq = seq - 1
+        self._forget_all()
+        self._behind_seq = seq
+        self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
+        try:
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+            await self._catch_up_locked()
+        except Exception as e2:
+            # Reads stay refused (EIO) until a later catch-up applies the entry: the
+            # poller tries every poll interval, and so does every commit (its PUT of
+            # position `seq` conflicts with our own entry).
+            self._behind = f"the local view cannot be updated ({e2}); retrying"
+            log.error("metadata view behind what this mount answered: %s", e2)
+        finally:
+            if self._settling is settling:
+                self._settling, self._settle_soon = None, False
+            if settling is not None:
+                settling.set()
 
     @property
     def starving(self) -> bool:
@@ -695,11 +795,20 @@ class MetaLog:
         self._polite_until = max(self._polite_until, trio.current_time() + seconds)
 
     def _plan(
-        self, batch: list[_Pending[Any]]
+        self, batch: list[_Pending[Any]], settle: int | None = None
     ) -> tuple[
         int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
     ]:
+        """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
+        our answered entry of that seq, whose transaction is still open, is committed
+        first (raises _SettleFailed if that fails)."""
         view = self.writer
+        if settle is not None:
+            try:
+                view.set_meta("applied_seq", settle)
+                view.commit()
+            except Exception as e:
+                raise _SettleFailed(e) from e
         view.begin()
         seq = view.applied_seq + 1
         t_entry = time.time_ns()
@@ -780,7 +889,7 @@ class MetaLog:
 
     async def write_checkpoint(self) -> int:
         """Upload a snapshot of the view as checkpoints/<seq>; return seq."""
-        async with self._wlock:
+        async with self._writer_lock():
             seq, data = await trio.to_thread.run_sync(self._snapshot, limiter=self._wlimiter)
         try:
             await self.store.put_if_absent(ckpt_key(seq), codec.encode(b"C", data))

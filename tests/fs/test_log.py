@@ -577,3 +577,128 @@ async def test_a_read_while_the_file_is_renamed_over_returns_its_data(make_fs, m
     assert got == [b"old" * 1000]
     await a.release(fh)
     assert (await a.lookup(ROOT_INO, b"f")).ino == new
+
+
+# ------------------------------------------------- local commit in the next planning hop
+
+
+def _on_disk_seq(fs: Filesystem) -> int:
+    """applied_seq as committed to SQLite (read through a connection of our own)."""
+    v = View(fs.meta.db_path)
+    try:
+        return v.applied_seq
+    finally:
+        v.close()
+
+
+async def test_a_serial_callers_next_change_commits_the_previous_one_locally(
+    make_fs, monkeypatch
+) -> None:
+    """Each change of a serial caller (rm -rf, tar) costs one writer hop, not two: the
+    answered entry's local commit rides in the hop that plans the next one."""
+    import efsish.meta.log as mlog
+
+    monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)  # only the next change settles it
+    a = await make_fs()
+    await a.meta.read(lambda v: None)  # nothing unsettled from the start-up
+    hops: list[object] = []
+    run_sync = trio.to_thread.run_sync
+
+    async def counting(fn, *args, limiter=None, **kw):
+        if limiter is a.meta._wlimiter:
+            hops.append(getattr(fn, "__name__", fn))
+        return await run_sync(fn, *args, limiter=limiter, **kw)
+
+    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    start = a.meta.applied_seq
+    for i in range(3):
+        await a.mknod(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, ROOT)
+    assert hops == ["_plan"] * 3
+    assert a.meta.applied_seq == start + 3
+    assert await trio.to_thread.run_sync(_on_disk_seq, a) == start + 2  # the last waits
+    assert await a.meta.read(View.lookup, ROOT_INO, b"f2") is not None  # has it done now
+    assert hops == ["_plan"] * 3 + ["finish"]
+    assert await trio.to_thread.run_sync(_on_disk_seq, a) == start + 3
+
+
+async def test_nothing_waits_for_an_answered_entry_to_be_committed_locally(
+    make_fs, monkeypatch
+) -> None:
+    """Readers of the view and takers of the writer lock have the answered entry
+    committed at once instead of waiting for a next change (here: an hour)."""
+    import efsish.meta.log as mlog
+
+    monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
+    a = await make_fs()
+    b = await make_fs()
+    with trio.fail_after(20):
+        await a.mknod(ROOT_INO, b"r", stat.S_IFREG | 0o644, ROOT)
+        assert await a.meta.read(View.lookup, ROOT_INO, b"r") is not None
+        await a.mknod(ROOT_INO, b"c", stat.S_IFREG | 0o644, ROOT)
+        await b.mknod(ROOT_INO, b"remote", stat.S_IFREG | 0o644, ROOT)
+        assert await a.meta.catch_up() == 1  # applying b's entry needs the writer lock
+        await a.mknod(ROOT_INO, b"k", stat.S_IFREG | 0o644, ROOT)
+        seq = await a.meta.write_checkpoint()
+        assert seq == a.meta.applied_seq
+        await a.mknod(ROOT_INO, b"s", stat.S_IFREG | 0o644, ROOT)
+        st = await a.statfs()  # a read of the view
+        assert st["files"] - st["ffree"] >= 5
+    assert await trio.to_thread.run_sync(_on_disk_seq, a) == a.meta.applied_seq
+
+
+async def test_a_failed_local_commit_in_the_next_planning_hop_reapplies_the_entry(
+    make_fs, monkeypatch
+) -> None:
+    """The answered entry's local commit fails in the hop that plans the next change:
+    the entry is applied again from the log, and the next change still commits."""
+    import sqlite3
+
+    import efsish.meta.log as mlog
+
+    monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
+    a = await make_fs()
+    await a.meta.read(lambda v: None)
+    x = await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)  # answered, not settled
+    real_commit = a.meta.writer.commit
+    fails = [1]
+
+    def commit() -> None:
+        if fails[0]:
+            fails[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error")
+        real_commit()
+
+    monkeypatch.setattr(a.meta.writer, "commit", commit)
+    y = await a.mknod(ROOT_INO, b"y", stat.S_IFREG | 0o644, ROOT)  # its hop commits x
+    assert fails == [0] and not a.meta.broken
+    assert await a.meta.read(View.lookup, ROOT_INO, b"x") == x.ino
+    assert await a.meta.read(View.lookup, ROOT_INO, b"y") == y.ino
+    assert await trio.to_thread.run_sync(_on_disk_seq, a) == a.meta.applied_seq
+
+
+async def test_an_unmount_while_an_answered_entry_waits_commits_it_locally(
+    store, sb, tmp_path, monkeypatch
+) -> None:
+    """Cancelled (unmount) while the answered entry waits for a next change: it is
+    committed to SQLite before the committer stops."""
+    import efsish.meta.log as mlog
+    from efsish.meta.log import MetaLog
+
+    monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
+    meta = MetaLog(store, sb, tmp_path / "m.db")
+    await meta.open()
+
+    def plan(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
+        ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
+        op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "x", "mode": stat.S_IFREG | 0o644}
+        return [{**op, "uid": 0, "gid": 0, "t": 1}], ino
+
+    async with trio.open_nursery() as n:
+        await n.start(meta.run)
+        await meta.submit(plan)
+        assert meta._unsettled == 1
+        n.cancel_scope.cancel()
+    on_disk = await trio.to_thread.run_sync(lambda: View(tmp_path / "m.db").applied_seq)
+    assert on_disk == meta.applied_seq == 1
+    with trio.fail_after(20):
+        await meta.aclose()
