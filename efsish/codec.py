@@ -25,7 +25,7 @@ MAGIC = b"EFSISH\x01"
 KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat", b"T": "throughput"}
 _HDR = len(MAGIC) + 1 + 16
 
-# zstandard's compressor objects are not thread-safe, and objects are encoded both on
+# zstandard's (de)compressor objects are not thread-safe, and objects are encoded both on
 # the event loop (heartbeats) and in worker threads (log entries, checkpoints): sharing
 # one made concurrent compressions fail ("Src size is incorrect") and could produce
 # garbage. One compressor per thread.
@@ -37,6 +37,14 @@ def _compressor() -> zstandard.ZstdCompressor:
     if c is None:
         c = _local.cctx = zstandard.ZstdCompressor(level=3)
     return c
+
+
+def _decompressor() -> zstandard.ZstdDecompressor:
+    # Made once per thread: constructing one costs more than decompressing a log entry.
+    d: zstandard.ZstdDecompressor | None = getattr(_local, "dctx", None)
+    if d is None:
+        d = _local.dctx = zstandard.ZstdDecompressor()
+    return d
 
 
 def checksum(data: bytes) -> bytes:
@@ -93,7 +101,7 @@ def decode(kind: bytes, blob: bytes, what: str = "object", max_size: int = 1 << 
         raise CorruptObject(f"{what}: expected a {KINDS[kind]}, found a {got} object")
     digest = blob[len(MAGIC) + 1 : _HDR]
     try:
-        payload = zstandard.ZstdDecompressor().decompress(blob[_HDR:], max_output_size=max_size)
+        payload = _decompressor().decompress(blob[_HDR:], max_output_size=max_size)
     except zstandard.ZstdError as e:
         raise CorruptObject(f"{what}: compressed payload is damaged ({e})") from None
     if checksum(payload) != digest:
