@@ -409,9 +409,9 @@ class MetaLog:
 
     def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:
         """An entry was applied to the view (another mount's: committed; ours: in the
-        log, its local commit follows, see `_settle`): drop what it changed from the memo
-        (and put in what `_fresh` read), then tell the filesystem. Runs on the trio
-        thread under the write lock, so nothing was applied between that and this."""
+        log, its local commit follows, see `_commit_locked`): drop what it changed from
+        the memo (and put in what `_fresh` read), then tell the filesystem. Runs on the
+        trio thread under the write lock, so nothing was applied between that and this."""
         self._forget(res)
         self._refill(res, fresh)
         self.on_apply(res, remote)
