@@ -188,6 +188,7 @@ class MetaLog:
         self._settling: trio.Event | None = None
         self._unsettled: int | None = None
         self._settle_soon = False  # someone waits for the local commit: do it now
+        self._hop_settled: int | None = None  # set by `_plan` once it committed `settle`
         self._answered = 0  # entries of ours answered so far (see `read`)
         self.reads_repeated = 0
         # Why reads of the view are refused: our own entry `_behind_seq`, answered, could
@@ -312,8 +313,10 @@ class MetaLog:
         Such a read is repeated, the second time holding the writer lock so that no
         further answer can come in between (a steady stream of commits cannot starve it).
         """
-        await self._settled()
+        # Counted before the wait: the hop that commits our last entry may go straight on
+        # to answer the next one (a store whose PUT does not yield) before we resume.
         answered = self._answered
+        await self._settled()
         out = await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
         if answered == self._answered:
             return out
@@ -661,6 +664,7 @@ class MetaLog:
             attempt += 1
             saved_range = (self._ino_next, self._ino_end)
             settle = self._unsettled
+            self._hop_settled = None
             try:
                 seq, blob, res, outcomes, fresh = await trio.to_thread.run_sync(
                     self._plan, batch, settle, limiter=self._wlimiter
@@ -670,23 +674,32 @@ class MetaLog:
                 self._ino_next, self._ino_end = saved_range
                 await self._settle_failed(settle, e.cause)
                 continue
-            if settle is not None:
-                self._settled_now()
-            if any(err is not None for _, err in outcomes) and await self._stale(seq):
-                # An error (ENOENT, EEXIST...) must be judged against the log head,
-                # not a view that is behind it: catch up and plan again.
-                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+            except BaseException:
+                # Planning failed after the answered entry's local commit went through
+                # (the hop rolled its own transaction back): that entry is settled.
                 self._ino_next, self._ino_end = saved_range
-                await self._catch_up_locked()
-                continue
-            if blob is None:
-                await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
-                self._deliver(batch, outcomes)
-                return False
+                raise
+            finally:
+                if settle is not None and self._hop_settled == settle:
+                    self._settled_now()
+            # From here until the PUT succeeds, any failure rolls the planned
+            # transaction back: it must never be committed unless it is in the log.
             try:
+                stale = any(err is not None for _, err in outcomes) and await self._stale(seq)
+                if stale:
+                    # An error (ENOENT, EEXIST...) must be judged against the log head,
+                    # not a view that is behind it: catch up and plan again.
+                    await self._rollback()
+                    self._ino_next, self._ino_end = saved_range
+                    await self._catch_up_locked()
+                    continue
+                if blob is None:
+                    await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
+                    self._deliver(batch, outcomes)
+                    return False
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
-                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                await self._rollback()
                 self._ino_next, self._ino_end = saved_range
                 if attempt >= STARVING_AFTER:
                     self._starving_until = trio.current_time() + 3.0
@@ -698,8 +711,7 @@ class MetaLog:
                     await trio.sleep(random.uniform(0, 0.005))
                 continue
             except BaseException:
-                with trio.CancelScope(shield=True):
-                    await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
+                await self._rollback()
                 self._ino_next, self._ino_end = saved_range
                 raise
 
@@ -724,6 +736,11 @@ class MetaLog:
         raise TransientStoreError(
             f"could not claim a log position in {CONFLICT_DEADLINE:.0f}s ({attempt} conflicts)"
         )
+
+    async def _rollback(self) -> None:
+        """Roll the writer's open transaction back (shielded: it must not stay open)."""
+        with trio.CancelScope(shield=True):
+            await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
 
     def _settled_now(self) -> None:
         """The answered entry is in SQLite: reads of the view may go on."""
@@ -779,8 +796,7 @@ class MetaLog:
             self._behind = f"the local view cannot be updated ({e2}); retrying"
             log.error("metadata view behind what this mount answered: %s", e2)
         finally:
-            if self._settling is settling:
-                self._settling, self._settle_soon = None, False
+            self._settling, self._settle_soon = None, False
             if settling is not None:
                 settling.set()
 
@@ -801,7 +817,8 @@ class MetaLog:
     ]:
         """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
         our answered entry of that seq, whose transaction is still open, is committed
-        first (raises _SettleFailed if that fails)."""
+        first (raises _SettleFailed if that fails; `_hop_settled` says it went through).
+        Any other failure rolls the new transaction back before it leaves."""
         view = self.writer
         if settle is not None:
             try:
@@ -809,36 +826,44 @@ class MetaLog:
                 view.commit()
             except Exception as e:
                 raise _SettleFailed(e) from e
+            self._hop_settled = settle
         view.begin()
+        try:
+            return self._plan_in(view, batch)
+        except BaseException:
+            view.rollback()
+            raise
+
+    def _plan_in(
+        self, view: View, batch: list[_Pending[Any]]
+    ) -> tuple[
+        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
+    ]:
         seq = view.applied_seq + 1
         t_entry = time.time_ns()
         view.cur_seq, view.cur_t = seq, t_entry
         res = ApplyResult()
         ops: list[Op] = []
         outcomes: list[tuple[Any, BaseException | None]] = []
-        try:
-            for p in batch:
-                ctx = PlanContext(self)
-                saved = (self._ino_next, self._ino_end)
-                view.savepoint("p")
-                try:
-                    pops, result = p.planner(view, ctx)
-                    for op in pops:
-                        view.apply_op(op, res)
-                    if ctx.after is not None:
-                        result = ctx.after(view)
-                except FsError as e:
-                    view.rollback_to("p")
-                    self._ino_next, self._ino_end = saved
-                    outcomes.append((None, e))
-                    continue
-                view.release("p")
-                ops.extend(ctx.extra)
-                ops.extend(pops)
-                outcomes.append((result, None))
-        except BaseException:
-            view.rollback()
-            raise
+        for p in batch:
+            ctx = PlanContext(self)
+            saved = (self._ino_next, self._ino_end)
+            view.savepoint("p")
+            try:
+                pops, result = p.planner(view, ctx)
+                for op in pops:
+                    view.apply_op(op, res)
+                if ctx.after is not None:
+                    result = ctx.after(view)
+            except FsError as e:
+                view.rollback_to("p")
+                self._ino_next, self._ino_end = saved
+                outcomes.append((None, e))
+                continue
+            view.release("p")
+            ops.extend(ctx.extra)
+            ops.extend(pops)
+            outcomes.append((result, None))
         if not ops:
             return seq, None, res, outcomes, None
         entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": t_entry, "ops": ops}
