@@ -393,15 +393,15 @@ class MetaLog:
         so that `_applied` can put them in the memo instead of only dropping the old
         ones (a create changes its directory's attributes, and the kernel asks for them
         next: one worker-thread hop less per create, unlink, rename or chmod). Nothing
-        for large entries (the memo then only forgets). Never raises: the entry is
-        committed by now, and a failed refill must cost only the refill."""
+        for large entries (the memo then only forgets). Never raises: a failed refill
+        must cost only the refill (a remote entry is committed by now)."""
         changed = (res.inodes | res.data) - res.freed.keys()
         if len(changed) + len(res.entries) > FRESH_LIMIT:
             return None
         try:
             return self._read_fresh(changed, res.entries)
         except Exception as e:  # e.g. sqlite3.OperationalError: disk I/O error
-            log.warning("could not re-read what entry %d changed (%s); forgetting it", self._seq, e)
+            log.warning("could not re-read what an entry changed (%s); forgetting it", e)
             return None
 
     def _read_fresh(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> _Fresh:
@@ -675,8 +675,9 @@ class MetaLog:
                 await self._settle_failed(settle, e.cause)
                 continue
             except BaseException:
-                # Planning failed after the answered entry's local commit went through
-                # (the hop rolled its own transaction back): that entry is settled.
+                # Planning failed, or the hop never ran (cancelled): it rolled its own
+                # transaction back. If it committed the answered entry first, the
+                # `finally` below counts that entry as settled.
                 self._ino_next, self._ino_end = saved_range
                 raise
             finally:
@@ -785,10 +786,20 @@ class MetaLog:
         self._forget_all()
         self._behind_seq = seq
         self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
+
+        def undo() -> int:
+            self.writer.rollback()
+            return self.writer.applied_seq
+
         try:
             with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(self.writer.rollback, limiter=self._wlimiter)
-            await self._catch_up_locked()
+                at = await trio.to_thread.run_sync(undo, limiter=self._wlimiter)
+            if at >= seq:
+                # The COMMIT reported an error but had gone through: the view has it.
+                self._seq, self._behind = at, None
+                log.info("entry %d was recorded locally after all", seq)
+            else:
+                await self._catch_up_locked()
         except Exception as e2:
             # Reads stay refused (EIO) until a later catch-up applies the entry: the
             # poller tries every poll interval, and so does every commit (its PUT of

@@ -799,3 +799,31 @@ async def test_a_read_woken_by_a_local_commit_sees_what_was_answered_before_it_r
         n.start_soon(a.mknod, ROOT_INO, b"y", stat.S_IFREG | 0o644, ROOT)
         n.start_soon(reader)
     assert seen and seen[0] is not None
+
+
+async def test_a_local_commit_that_fails_after_it_went_through_keeps_the_mount_going(
+    make_fs, monkeypatch
+) -> None:
+    """The local COMMIT of an answered entry reports an error but had gone through:
+    the view is not rolled back to before it (re-applying the entry would be out of
+    order and stop the mount), and reads go on. (Review of dfa1965.)"""
+    import sqlite3
+
+    a = await make_fs()
+    await a.meta.read(lambda v: None)
+    real_commit = a.meta.writer.commit
+    fails = [1]
+
+    def commit() -> None:
+        real_commit()
+        if fails[0]:
+            fails[0] -= 1
+            raise sqlite3.OperationalError("disk I/O error, reported late")
+
+    monkeypatch.setattr(a.meta.writer, "commit", commit)
+    x = await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
+    assert await a.meta.read(View.lookup, ROOT_INO, b"x") == x.ino  # hurries the commit
+    assert fails == [0] and a.meta.broken is None and a.meta._behind is None
+    await a.mknod(ROOT_INO, b"y", stat.S_IFREG | 0o644, ROOT)
+    assert await a.meta.read(View.lookup, ROOT_INO, b"y") is not None
+    assert await trio.to_thread.run_sync(_on_disk_seq, a) == a.meta.applied_seq
