@@ -598,7 +598,11 @@ async def test_a_serial_callers_next_change_commits_the_previous_one_locally(
     answered entry's local commit rides in the hop that plans the next one."""
     import efsish.meta.log as mlog
 
+    async def no_heartbeat(self: Filesystem) -> None:  # its first one reads the view
+        await trio.sleep_forever()
+
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)  # only the next change settles it
+    monkeypatch.setattr(Filesystem, "_heartbeat", no_heartbeat)
     a = await make_fs()
     await a.meta.read(lambda v: None)  # nothing unsettled from the start-up
     hops: list[object] = []
@@ -782,17 +786,19 @@ async def test_a_read_woken_by_a_local_commit_sees_what_was_answered_before_it_r
     await m.read(lambda v: None)
     await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)  # entry N, not settled
     real_plan = m._plan
+    in_hop = trio.Event()
 
     def slow_plan(batch, settle=None):
-        if settle is not None:
-            time.sleep(0.05)  # the hop that commits N and plans N+1
+        if settle is not None:  # the hop that commits N and plans N+1
+            trio.from_thread.run_sync(in_hop.set)
+            time.sleep(0.05)
         return real_plan(batch, settle)
 
     monkeypatch.setattr(m, "_plan", slow_plan)
     seen: list[object] = []
 
     async def reader() -> None:
-        await trio.sleep(0.01)  # the committer is in that hop now
+        await in_hop.wait()
         seen.append(await m.read(View.lookup, ROOT_INO, b"y"))
 
     async with trio.open_nursery() as n:
