@@ -28,6 +28,13 @@ from tests.fs.test_posix import read_file, write_file
 ROOT = Ctx(0, 0)
 
 
+def _plan_create_x(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
+    """A planner that creates the regular file "x" in the root (for MetaLog alone)."""
+    ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
+    op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "x", "mode": stat.S_IFREG | 0o644}
+    return [{**op, "uid": 0, "gid": 0, "t": 1}], ino
+
+
 async def fsck(store: ObjectStore) -> tuple[int, str]:
     out = io.StringIO()
     code = await run_fsck(store, progress=False, out=out)
@@ -514,14 +521,9 @@ async def test_an_unmount_between_the_put_and_the_local_commit_still_commits(
 
     store.put_if_absent = put
 
-    def plan(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
-        ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
-        op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "x", "mode": stat.S_IFREG | 0o644}
-        return [{**op, "uid": 0, "gid": 0, "t": 1}], ino
-
     async with trio.open_nursery() as n:
         await n.start(meta.run)
-        n.start_soon(meta.submit, plan)
+        n.start_soon(meta.submit, _plan_create_x)
         await trio.sleep(0.02)
         n.cancel_scope.cancel()
     await store.head(log_key(1))  # the entry landed (its caller was cancelled too)
@@ -692,14 +694,9 @@ async def test_an_unmount_while_an_answered_entry_waits_commits_it_locally(
     meta = MetaLog(store, sb, tmp_path / "m.db")
     await meta.open()
 
-    def plan(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
-        ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
-        op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "x", "mode": stat.S_IFREG | 0o644}
-        return [{**op, "uid": 0, "gid": 0, "t": 1}], ino
-
     async with trio.open_nursery() as n:
         await n.start(meta.run)
-        await meta.submit(plan)
+        await meta.submit(_plan_create_x)
         assert meta._unsettled == 1
         n.cancel_scope.cancel()
     on_disk = await trio.to_thread.run_sync(lambda: View(tmp_path / "m.db").applied_seq)
