@@ -24,6 +24,8 @@ from typing import Any, TypeVar
 import boto3
 import botocore.config
 import botocore.exceptions
+import botocore.loaders
+import botocore.session
 import google_crc32c
 import trio
 
@@ -100,6 +102,36 @@ def _refuses_checksum(e: StoreError) -> bool:
     return isinstance(e, TransientStoreError) and "notimplemented" in text
 
 
+class _SearchPaths(list[str]):
+    """A loader's search path that ignores a path it already has (see `_session`)."""
+
+    def append(self, path: str) -> None:
+        if path not in self:
+            super().append(path)
+
+
+class _SharedLoader(botocore.loaders.Loader):
+    """One botocore data loader for every store this process opens."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._search_paths = _SearchPaths(self.search_paths)
+
+
+_LOADER = _SharedLoader()
+
+
+def _session() -> boto3.session.Session:
+    """A new boto3 session (own credentials and configuration, read now) whose service
+    models come from `_LOADER`. A session of its own parses the S3 model again: 0.23 s
+    per store opened here, 0.07 s with the shared loader, and 16 stores opened at once by
+    16 threads took 6 s. boto3 adds its own data directory to the loader of every session
+    it makes; `_SearchPaths` keeps that to one entry."""
+    core = botocore.session.Session()
+    core.register_component("data_loader", _LOADER)
+    return boto3.session.Session(botocore_session=core)
+
+
 class S3Store(ObjectStore):
     """ObjectStore over boto3. See the module docstring."""
 
@@ -139,7 +171,7 @@ class S3Store(ObjectStore):
             request_checksum_calculation="when_required",
             response_checksum_validation="when_required",
         )
-        session = boto3.session.Session()
+        session = _session()
         self._client = session.client(
             "s3",
             endpoint_url=self.endpoint,
