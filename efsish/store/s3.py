@@ -16,6 +16,7 @@ import base64
 import logging
 import os
 import random
+import threading
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable
@@ -119,6 +120,10 @@ class _SharedLoader(botocore.loaders.Loader):
 
 
 _LOADER = _SharedLoader()
+# Clients are made one at a time: the loader's cache is a plain dict, and two threads
+# loading a model for the first time would both process it (client creation holds the
+# GIL nearly throughout, so this costs no parallelism).
+_CLIENT_LOCK = threading.Lock()
 
 
 def _session() -> boto3.session.Session:
@@ -172,13 +177,14 @@ class S3Store(ObjectStore):
             response_checksum_validation="when_required",
         )
         session = _session()
-        self._client = session.client(
-            "s3",
-            endpoint_url=self.endpoint,
-            region_name=region or session.region_name or "us-east-1",
-            config=config,
-            verify=verify_tls,
-        )
+        with _CLIENT_LOCK:
+            self._client = session.client(
+                "s3",
+                endpoint_url=self.endpoint,
+                region_name=region or session.region_name or "us-east-1",
+                config=config,
+                verify=verify_tls,
+            )
         self._limiter = trio.CapacityLimiter(concurrency)
         self._put_crc32c = True  # False once the server refused x-amz-checksum-crc32c
         # Whole-object GET, HEAD and small PUTs go through a lean signed path (s3lean.py) when
