@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import Mount
+from tests.fuse.conftest import Mount, stop_mount
 from tests.fuse.helpers import poll
 
 MiB = 1 << 20
@@ -178,3 +178,42 @@ def test_concurrent_creates_on_both(pair: tuple[Path, Path]) -> None:
         assert poll(functools.partial(lambda d: sorted(os.listdir(d)) == want, d), timeout=3)
         for n in want:
             assert (root / "shared" / n).read_bytes() == n.encode() * 100
+
+
+def test_mmap_writes_reach_the_other_mount(mounter) -> None:
+    """Shared writable mappings: pages stored through a mapping and msync'ed are seen by
+    an open on the other mount; pages dirtied after the descriptor was closed reach the
+    store when the mapping goes (munmap), at the latest when the mount is unmounted."""
+    import mmap
+
+    a_m: Mount = mounter()
+    b_m: Mount = mounter(a_m.store)
+    a, b = a_m.path, b_m.path
+    rnd = random.Random(11)
+    data = bytearray(rnd.randbytes(5 * MiB + 123))  # 1 MiB blocks: six of them
+    (a / "m").write_bytes(data)
+    assert (b / "m").read_bytes() == data
+    with open(a / "m", "r+b") as fh, mmap.mmap(fh.fileno(), 0) as mm:
+        for off in (0, MiB - 2, 3 * MiB + 7, len(data) - 4):
+            mm[off : off + 4] = b"MMAP"
+            data[off : off + 4] = b"MMAP"
+        mm.flush()  # msync(MS_SYNC)
+        with open(b / "m", "rb") as other:
+            assert other.read() == data, "B did not see pages msync'ed on A"
+    assert (b / "m").read_bytes() == data
+    assert (a / "m").read_bytes() == data
+
+    # Dirtied after close(): no FLUSH follows, only the writeback and the RELEASE at munmap.
+    fd = os.open(a / "m", os.O_RDWR)
+    mm = mmap.mmap(fd, 0)
+    os.close(fd)
+    mm[2 * MiB : 2 * MiB + 5] = b"LATER"
+    data[2 * MiB : 2 * MiB + 5] = b"LATER"
+    mm.close()
+    assert (a / "m").read_bytes() == data
+    # A mapping of B's reads the new bytes too (kernel cache dropped on a remote change).
+    poll(lambda: (b / "m").read_bytes() == data, timeout=10)
+    with open(b / "m", "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mm_b:
+        assert mm_b[:] == data
+    stop_mount(a_m)
+    assert (b / "m").read_bytes() == data
