@@ -213,7 +213,7 @@ def test_mmap_writes_reach_the_other_mount(mounter) -> None:
     assert (a / "m").read_bytes() == data
     # A mapping of B's reads the new bytes too (kernel cache dropped on a remote change).
     poll(lambda: (b / "m").read_bytes() == data, timeout=10)
-    with open(b / "m", "rb") as fh, mmap.mmap(fh.fileno(), 0, prot=mmap.PROT_READ) as mm_b:
+    with open(b / "m", "rb") as fb, mmap.mmap(fb.fileno(), 0, prot=mmap.PROT_READ) as mm_b:
         assert mm_b[:] == data
     stop_mount(a_m)
     assert (b / "m").read_bytes() == data

@@ -375,13 +375,16 @@ async def run_phases(
     throttle: Throttle, phases: Sequence[Phase], sample_every: float
 ) -> list[tuple[float, dict[str, float]]]:
     """Run the workload; return (time since start, snapshot) every ``sample_every`` s,
-    starting half a period in (so samples never coincide with phase boundaries)."""
+    starting half a period and 0.37 s in: samples never coincide with phase boundaries or
+    with the requests of a periodic stream (which start on whole minutes). At the same
+    instant as a request, a sample might or might not include it: an unthrottled
+    request is granted without a trip through the scheduler."""
     start = trio.current_time()
     total = sum(p.seconds for p in phases)
     samples: list[tuple[float, dict[str, float]]] = []
 
     async def sampler() -> None:
-        t = sample_every / 2
+        t = sample_every / 2 + 0.37
         while t < total:
             await trio.sleep_until(start + t)
             samples.append((trio.current_time() - start, throttle.snapshot()))
@@ -650,6 +653,32 @@ async def test_small_request_not_starved_behind_large_one(
     assert max(latencies) < 0.15
     # The large request still gets the rest of the rate: 64 MiB + 10 * 4 KiB at 1 MiB/s.
     assert done["large"] == pytest.approx(64 + 10 * 4 / 1024, abs=0.01)
+
+
+async def test_no_request_overtakes_one_that_waits(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """A request that finds its tokens there is granted at once, but not past one queued
+    before it: at 1 MiB/s a 40 KiB write waits ~40 ms; a 4 KiB write arriving 35 ms in
+    would find enough tokens for itself, and must still come second."""
+    throttle = Throttle(ThrottleConfig(mode=ThroughputMode.PROVISIONED, provisioned_bps=MiB), 0)
+    order: list[str] = []
+
+    async def one(name: str, delay: float, size: int) -> None:
+        await trio.sleep(delay)
+        await throttle.acquire("write", size)
+        order.append(name)
+
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(one, "first", 0.0, 40 * KiB)
+        nursery.start_soon(one, "second", 0.035, 4 * KiB)
+    assert order == ["first", "second"]
+    # Unthrottled, a request does not pass through the scheduler at all.
+    await trio.sleep(10)
+    with trio.CancelScope() as scope:
+        scope.cancel()
+        await throttle.acquire("read", 4 * KiB)  # granted: no checkpoint to be cancelled at
+    assert not scope.cancelled_caught
 
 
 async def test_zero_credits_fall_to_baseline_and_recover(
