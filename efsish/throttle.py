@@ -525,6 +525,7 @@ class Throttle:
         first = True
         while first or remaining_raw > 0:
             async with self._lock:
+                self._sync(trio.current_time())
                 chunk_raw = self._chunk_size(op, nbytes, total_metered, remaining_raw)
                 if chunk_raw >= remaining_raw:
                     chunk_raw, chunk_metered = remaining_raw, remaining_metered
@@ -532,7 +533,7 @@ class Throttle:
                     chunk_metered = total_metered * chunk_raw / nbytes
                 costs = self._costs(op, chunk_raw, chunk_metered, first)
                 await self._wait_for(costs)
-                self._grant(op, costs, chunk_raw, chunk_metered, first)
+                self._grant(op, costs, chunk_raw, chunk_metered, first, trio.current_time())
             remaining_raw -= chunk_raw
             remaining_metered -= chunk_metered
             first = False
@@ -542,19 +543,22 @@ class Throttle:
         """Grant a request that nobody is queued ahead of, that fits in one chunk and
         whose tokens are all there: what the locked path would do without waiting, minus
         its two trips through the scheduler (most requests, every one not throttled).
-        Nothing here awaits, so no other task can come between the check and the grant."""
+        Nothing here awaits, so no other task can come between the check and the grant,
+        and one reading of the clock serves the whole of it."""
+        now = trio.current_time()
+        self._sync(now)
         if self._chunk_size(op, nbytes, total_metered, nbytes) < nbytes:
             return False
         costs = self._costs(op, nbytes, total_metered, True)
-        if self._wait_seconds(costs, trio.current_time()) > _EPSILON_SECONDS:
+        if self._max_wait(costs, now) > _EPSILON_SECONDS:
             return False
-        self._grant(op, costs, nbytes, total_metered, True)
+        self._grant(op, costs, nbytes, total_metered, True, now)
         return True
 
     def _chunk_size(self, op: OpKind, nbytes: int, total_metered: float, remaining: int) -> int:
+        """The next chunk of a request, at the bucket rates of the caller's last sync."""
         if nbytes == 0:
             return 0
-        self._sync(trio.current_time())
         metered_per_raw = total_metered / nbytes
         raw_rate = min(
             self._buckets["metered"].rate / metered_per_raw,
@@ -577,14 +581,15 @@ class Throttle:
             costs[self._elastic_bucket(op)] = float(chunk_raw)
         return costs
 
-    def _wait_seconds(self, costs: dict[str, float], now: float) -> float:
-        self._sync(now)
+    def _max_wait(self, costs: dict[str, float], now: float) -> float:
+        """How long until every bucket holds its cost (the caller has synced to now)."""
         return max(self._buckets[name].wait_seconds(c, now) for name, c in costs.items())
 
     async def _wait_for(self, costs: dict[str, float]) -> None:
         while True:
             now = trio.current_time()
-            wait = self._wait_seconds(costs, now)
+            self._sync(now)
+            wait = self._max_wait(costs, now)
             if wait <= _EPSILON_SECONDS:
                 return
             # Sleep until the tokens are there, or until the settings change (which may
@@ -599,8 +604,8 @@ class Throttle:
         chunk_raw: int,
         chunk_metered: float,
         first: bool,
+        now: float,
     ) -> None:
-        now = trio.current_time()
         for name, cost in costs.items():
             self._buckets[name].take(cost, now)
         c = self._counters
