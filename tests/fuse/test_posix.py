@@ -11,6 +11,7 @@ import random
 import socket
 import stat
 import subprocess
+import sys
 import threading
 import time
 from collections.abc import Callable
@@ -20,6 +21,7 @@ from pathlib import Path
 import pytest
 
 from tests.fuse.conftest import Mount, efsish, is_mounted
+from tests.fuse.filler import entry_names
 from tests.fuse.helpers import (
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
@@ -738,10 +740,10 @@ def test_mknod_device_and_socket(work: Path) -> None:
 
 
 def _fill_dir(d: Path, n: int, prefix: str = "entry") -> set[str]:
-    """n empty files in d, created by 8 threads. The kernel serialises creates in one
-    directory, but one thread's close and lookup overlap another's create (20,000
-    entries: 175 s one at a time, 149 s so)."""
-    names = {f"{prefix}-{i:06d}-{'x' * (i % 40)}" for i in range(n)}
+    """n empty files in d, created through the mount by 8 threads. The kernel serialises
+    creates in one directory, but one thread's close and lookup overlap another's
+    create."""
+    names = set(entry_names(n, prefix))
 
     def create(name: str) -> None:
         os.close(os.open(d / name, os.O_CREAT | os.O_WRONLY, 0o644))
@@ -749,6 +751,29 @@ def _fill_dir(d: Path, n: int, prefix: str = "entry") -> set[str]:
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(create, names))
     return names
+
+
+def _fill_dir_from_another_client(
+    m: Mount, d: Path, n: int, tmp: Path, prefix: str = "entry"
+) -> set[str]:
+    """n empty files in d, created by a second client of m's store without FUSE
+    (tests/fuse/filler.py): the tests that use it are about listing a large directory
+    through the mount; 20,000 creates through FUSE took 149 s of them."""
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "tests.fuse.filler",
+            m.store,
+            str(d.relative_to(m.path)),
+            str(n),
+            prefix,
+            str(tmp / "filler-cache"),
+        ],
+        check=True,
+        timeout=600,
+    )
+    return set(entry_names(n, prefix))
 
 
 def _list_checked(d: Path) -> list[str]:
@@ -771,16 +796,15 @@ def test_readdir_many(work: Path) -> None:
 
 
 @pytest.mark.slow
-def test_readdir_20000(work: Path) -> None:
-    names = _fill_dir(work, 20000)
+def test_readdir_20000(shared_mount: Mount, work: Path, tmp_path: Path) -> None:
+    names = _fill_dir_from_another_client(shared_mount, work, 20000, tmp_path)
     assert set(_list_checked(work)) == names
     with ThreadPoolExecutor(8) as pool:
         list(pool.map(lambda n: os.unlink(work / n), list(names)[:5000]))
     assert set(_list_checked(work)) == set(list(names)[5000:])
 
 
-def _readdir_under_churn(d: Path, stable_n: int, rounds: int) -> None:
-    stable = _fill_dir(d, stable_n, "stable")
+def _readdir_under_churn(stable: set[str], d: Path, rounds: int) -> None:
     stop = threading.Event()
     churn_err: list[BaseException] = []
 
@@ -813,12 +837,13 @@ def _readdir_under_churn(d: Path, stable_n: int, rounds: int) -> None:
 
 
 def test_readdir_while_changing(work: Path) -> None:
-    _readdir_under_churn(work, 2000, 5)
+    _readdir_under_churn(_fill_dir(work, 2000, "stable"), work, 5)
 
 
 @pytest.mark.slow
-def test_readdir_20000_while_changing(work: Path) -> None:
-    _readdir_under_churn(work, 20000, 5)
+def test_readdir_20000_while_changing(shared_mount: Mount, work: Path, tmp_path: Path) -> None:
+    stable = _fill_dir_from_another_client(shared_mount, work, 20000, tmp_path, "stable")
+    _readdir_under_churn(stable, work, 5)
 
 
 # -------------------------------------------------------------------- statfs
