@@ -1,9 +1,10 @@
 """Fill a directory of a mounted filesystem from another client, without FUSE.
 
 `python -m tests.fuse.filler STORE DIR N PREFIX CACHE_DIR` opens STORE in-process as a
-second client (its own cache dir and client id), creates N empty files named like
-tests.fuse.test_posix._fill_dir does in DIR (a path from the filesystem's root) with 64
-creates in flight, so group commit puts many creates in each log entry, and exits.
+second client (its own cache dir and client id), creates N empty files named by
+`entry_names` (the names tests.fuse.test_posix._fill_dir creates through FUSE) in DIR, a
+path from the filesystem's root, with 64 creates in flight, so group commit puts many
+creates in each log entry, and exits.
 
 For tests of large directories whose subject is listing them through a mount, not
 creating them: through FUSE the kernel serialises creates in one directory, and 20,000
@@ -14,7 +15,6 @@ from __future__ import annotations
 
 import stat
 import sys
-import tempfile
 from pathlib import Path
 
 import trio
@@ -55,9 +55,8 @@ async def fill(store_url: str, directory: str, names: list[str], cache_dir: Path
 
 
 def main(argv: list[str]) -> None:
-    store_url, directory, n, prefix = argv[:4]
-    cache = Path(argv[4]) if len(argv) > 4 else Path(tempfile.mkdtemp(prefix="filler-"))
-    trio.run(fill, store_url, directory, entry_names(int(n), prefix), cache)
+    store_url, directory, n, prefix, cache = argv
+    trio.run(fill, store_url, directory, entry_names(int(n), prefix), Path(cache))
 
 
 if __name__ == "__main__":

@@ -772,6 +772,7 @@ def _fill_dir_from_another_client(
         ],
         check=True,
         timeout=600,
+        cwd=Path(__file__).resolve().parents[2],  # `-m tests...` from any directory
     )
     return set(entry_names(n, prefix))
 
