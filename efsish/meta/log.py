@@ -685,6 +685,7 @@ class MetaLog:
                     self._settled_now()
             # From here until the PUT succeeds, any failure rolls the planned
             # transaction back: it must never be committed unless it is in the log.
+            sent = False
             try:
                 stale = any(err is not None for _, err in outcomes) and await self._stale(seq)
                 if stale:
@@ -698,6 +699,7 @@ class MetaLog:
                     await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
                     self._deliver(batch, outcomes)
                     return False
+                sent = True
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
@@ -713,7 +715,14 @@ class MetaLog:
                 continue
             except BaseException:
                 await self._rollback()
-                self._ino_next, self._ino_end = saved_range
+                if sent:
+                    # The PUT failed without an answer (errors on every try, or
+                    # cancelled): the entry may be in the log all the same, holding the
+                    # inode numbers it took, and a catch-up will apply it. Never hand
+                    # them out again: the next create claims a fresh range.
+                    self._ino_next = self._ino_end
+                else:
+                    self._ino_next, self._ino_end = saved_range
                 raise
 
             # The entry is committed: it is in the log. Answer the callers now and

@@ -167,6 +167,32 @@ async def test_store_faults_become_eio_not_hangs(sb, store, make_fs) -> None:
     await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
 
 
+async def test_a_commit_whose_answers_were_lost_costs_no_inode_numbers(
+    sb, store, make_fs
+) -> None:
+    """Every PUT of one log entry reaches the store but no answer comes back: the caller
+    gets EIO, yet the entry may be in the log (here it is), holding the inode number it
+    took. That number must never be handed out again: the mount's next creates used to
+    reuse it and fail (UNIQUE constraint) until it was remounted."""
+    faulty = FaultyStore(store)
+    a = await make_fs(on=faulty)
+    await a.mknod(ROOT_INO, b"first", stat.S_IFREG | 0o644, ROOT)
+    faulty.plan = FaultPlan(fail_after=0, lost_answer=True, ops=frozenset({"put_if_absent"}))
+    with trio.fail_after(60):
+        with pytest.raises(FsError) as e:
+            await a.mknod(ROOT_INO, b"lost", stat.S_IFREG | 0o644, ROOT)
+    assert e.value.errno == errno.EIO
+    faulty.plan = FaultPlan()  # the store recovers
+    made = [await a.mknod(ROOT_INO, n, stat.S_IFREG | 0o644, ROOT) for n in (b"y", b"z")]
+    b = await make_fs()
+    names = (b"first", b"lost", b"y", b"z")
+    for fs in (a, b):
+        inos = [(await fs.lookup(ROOT_INO, n)).ino for n in names]
+        assert len(set(inos)) == 4  # "lost" did happen: the answer was lost, not the change
+        assert inos[2:] == [m.ino for m in made]
+    assert (await fsck(store))[0] == 0
+
+
 async def test_foreign_and_unformatted_prefixes() -> None:
     empty = MemoryStore("foreign-empty")
     with pytest.raises(NotFormatted, match="efsish format"):

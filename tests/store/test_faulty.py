@@ -42,6 +42,18 @@ async def test_fail_after_and_per_operation() -> None:
     assert await s.get("k0") == b"x"  # reads are not in `ops`
 
 
+async def test_lost_answer_does_the_write_then_fails() -> None:
+    inner = MemoryStore("faulty-lost")
+    s = FaultyStore(inner, FaultPlan(fail_after=0, lost_answer=True, ops=frozenset({"put"})))
+    with pytest.raises(TransientStoreError):
+        await s.put("k", b"x")
+    assert await inner.get("k") == b"x"  # done, only the answer was lost
+    s.plan = FaultPlan(fail_after=0, ops=frozenset({"put"}))
+    with pytest.raises(TransientStoreError):
+        await s.put("k2", b"x")
+    assert [i.key async for i in inner.list()] == ["k"]  # a plain fault does nothing
+
+
 @pytest.fixture
 def mock_clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0)
