@@ -20,6 +20,7 @@ import trio
 from efsish.codec import block_hash, block_matches
 from efsish.data.cache import BlockCache
 from efsish.errors import CorruptObject, NotFound, StoreError
+from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -84,7 +85,7 @@ class BlockIO:
         key = new_block_key(ino)
         h = await self._hash(data)
         async with self._limiter:
-            await self.store.put(key, data)
+            await retry_transient(lambda: self.store.put(key, data), f"upload of {key}")
         self.bytes_up += len(data)
         self._remember(key, data)
         if len(data) < self.cache_writes_below:

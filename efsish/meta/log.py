@@ -37,11 +37,11 @@ from efsish.errors import (
     FsError,
     NotFound,
     PreconditionFailed,
-    StoreError,
     TransientStoreError,
 )
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, Op, View
+from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -53,7 +53,6 @@ MAX_BATCH = 512
 # Contention must slow a commit down, never fail it: retry conflicts (with growing,
 # randomised back-off so a losing mount eventually wins) until this deadline.
 CONFLICT_DEADLINE = 120.0
-PUT_RETRIES = 6
 FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount starves
 STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
@@ -904,17 +903,8 @@ class MetaLog:
 
     async def _put_entry(self, seq: int, blob: bytes) -> None:
         """PUT log/seq; retry transient errors with the same bytes (idempotent)."""
-        for attempt in range(PUT_RETRIES):
-            try:
-                await self.store.put_if_absent(log_key(seq), blob)
-                return
-            except PreconditionFailed:
-                raise
-            except StoreError as e:
-                if attempt == PUT_RETRIES - 1:
-                    raise
-                log.warning("log write %s failed (%s); retrying", seq, e)
-                await trio.sleep(min(2.0, 0.1 * 2**attempt) * random.uniform(0.5, 1.0))
+        key = log_key(seq)
+        await retry_transient(lambda: self.store.put_if_absent(key, blob), f"log write {seq}")
 
     @staticmethod
     def _deliver(
