@@ -77,6 +77,35 @@ def block_hash(data: bytes, algorithm: str = "crc32c") -> str:
     raise ValueError(f"unknown block checksum {algorithm!r}")
 
 
+# Blocks larger than this also get a CRC-32C per CRC_CHUNK bytes, recorded beside the
+# block's checksum, so that a random read can GET (and verify) only the chunks it needs.
+# 128 KiB: the kernel's usual read request; 32 checksums (256 hex digits) per 4 MiB block.
+CRC_CHUNK = 128 * 1024
+
+
+def chunk_crcs(data: bytes) -> str | None:
+    """The CRC-32C of each CRC_CHUNK of `data`, as 8 hex digits each; None for a block
+    of one chunk or less (it is always read whole)."""
+    if len(data) <= CRC_CHUNK:
+        return None
+    mv = memoryview(data)
+    return "".join(
+        f"{google_crc32c.value(bytes(mv[i : i + CRC_CHUNK])):08x}"
+        for i in range(0, len(data), CRC_CHUNK)
+    )
+
+
+def chunks_match(data: bytes, crcs: str, first: int) -> bool:
+    """True if `data`, the block's bytes from chunk `first` on (whole chunks, the last one
+    possibly the block's short tail), matches its recorded chunk checksums."""
+    mv = memoryview(data)
+    for n, i in enumerate(range(0, len(data), CRC_CHUNK)):
+        want = crcs[(first + n) * 8 : (first + n) * 8 + 8]
+        if len(want) != 8 or f"{google_crc32c.value(bytes(mv[i : i + CRC_CHUNK])):08x}" != want:
+            return False
+    return True
+
+
 def block_matches(data: bytes, hash_: str) -> bool:
     """True if `data` is the block whose recorded checksum is `hash_`."""
     if hash_.startswith("k"):

@@ -354,6 +354,10 @@ class Filesystem:
             self.kernel_refs[ino] = left
             return
         self.kernel_refs.pop(ino, None)
+        # The kernel dropped the inode and its page cache: nothing of it to keep or
+        # invalidate (these sets would otherwise grow with every file ever seen).
+        self._kcache_ok.discard(ino)
+        self._remote_changed.discard(ino)
         if ino not in self.files:
             self.ghosts.pop(ino, None)
 
@@ -374,7 +378,7 @@ class Filesystem:
             return
         for ino in res.data:
             self._kcache_ok.discard(ino)
-        self._remote_changed.update(res.inodes)
+        self._remote_changed.update(i for i in res.inodes if i in self.kernel_refs)
         for ino in res.inodes:
             of = self.files.get(ino)
             if of is not None:
@@ -992,8 +996,8 @@ class Filesystem:
     async def _upload(self, of: OpenFile, p: Pending) -> None:
         data = p.ext.data or b""
         try:
-            key, h = await self.blocks.upload(of.ino, data)
-            p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h)
+            key, h, crcs = await self.blocks.upload(of.ino, data)
+            p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h, crcs=crcs)
         except StoreError as e:
             log.error("upload of a block of inode %d failed: %s", of.ino, e)
             p.failed = True
@@ -1036,14 +1040,15 @@ class Filesystem:
         for iv in of.dirty.overlapping(off, end):
             start = max(off, iv.off)
             dirty.append((start, iv.slice(start, min(end, iv.end))))
+        ranged = not self._sequential(of, off)
         if len(layers) == 1 and not dirty and layers[0].off <= off and layers[0].end >= end:
             # The common case: one block piece covers the whole read; no copying around.
             try:
-                out = await self._piece(layers[0], off, end)
+                out = await self._piece(layers[0], off, end, ranged)
             except EfsishError as e:
                 raise FsError(f"read failed: {e}", errno.EIO) from None
         else:
-            out = await self._assemble(layers, dirty, off, end)
+            out = await self._assemble(layers, dirty, off, end, ranged)
         if of.orphan is None and self._nursery is not None:
             await self._readahead(of, off, end)
         of.last_read_end = end
@@ -1063,7 +1068,12 @@ class Filesystem:
         return [e for e in c[2] if e.off < end and e.end > off]
 
     async def _assemble(
-        self, layers: list[Extent], dirty: list[tuple[int, bytes]], off: int, end: int
+        self,
+        layers: list[Extent],
+        dirty: list[tuple[int, bytes]],
+        off: int,
+        end: int,
+        ranged: bool = False,
     ) -> bytes:
         """The bytes [off, end) from block pieces laid over each other in layer order
         (committed, pending oldest to newest), then the dirty bytes (offset, bytes),
@@ -1072,7 +1082,7 @@ class Filesystem:
         pieces: list[bytes | memoryview | None] = [None] * len(layers)
 
         async def fetch(i: int, e: Extent) -> None:
-            pieces[i] = await self._piece(e, off, end)
+            pieces[i] = await self._piece(e, off, end, ranged)
 
         try:
             async with trio.open_nursery() as n:
@@ -1088,15 +1098,28 @@ class Filesystem:
             buf[s - off : s - off + len(data)] = data
         return bytes(buf)
 
-    async def _piece(self, e: Extent, off: int, end: int) -> bytes | memoryview:
+    def _sequential(self, of: OpenFile, off: int) -> bool:
+        """Whether a read at `off` continues the file's previous read (or starts at 0).
+        The kernel issues its own reads slightly out of order: allow a little slack."""
+        if of.last_read_end < 0:
+            return off == 0
+        slack = min(1024 * 1024, self.block_size)
+        return of.last_read_end - slack <= off <= of.last_read_end + slack
+
+    async def _piece(
+        self, e: Extent, off: int, end: int, ranged: bool = False
+    ) -> bytes | memoryview:
         """The bytes of extent e inside [off, end): a view into the cached block, not a
         copy (pyfuse3 replies from any buffer; a sequential reader would otherwise copy
-        every byte once more on the event loop)."""
+        every byte once more on the event loop). A `ranged` (random) read of a small part
+        of a block that is nowhere here GETs only the chunks that hold it."""
         s, e2 = max(off, e.off), min(end, e.end)
         if e.key is None:
             return (e.data or b"")[s - e.off : e2 - e.off]
-        block = await self.blocks.fetch(e.key, e.hash, e.bsize)
         k = e.koff + (s - e.off)
+        if ranged and e.crcs and (e2 - s) * 4 <= e.bsize and not self.blocks.holds(e.key):
+            return await self.blocks.fetch_range(e.key, e.crcs, e.bsize, k, k + (e2 - s))
+        block = await self.blocks.fetch(e.key, e.hash, e.bsize)
         if k == 0 and e2 - s == len(block):
             return block
         return memoryview(block)[k : k + (e2 - s)]
@@ -1109,10 +1132,7 @@ class Filesystem:
         random read resets it: fetch only what is asked. The kernel issues its own reads
         slightly out of order, so "sequential" allows a little slack around the previous
         read's end."""
-        slack = min(1024 * 1024, self.block_size)
-        if of.last_read_end < 0 or not (
-            of.last_read_end - slack <= off <= of.last_read_end + slack
-        ):
+        if of.last_read_end < 0 or not self._sequential(of, off):
             of.ra_window, of.ra_end = 0, 0
             return
         limit = max(

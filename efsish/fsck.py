@@ -21,13 +21,16 @@ from typing import TextIO
 import trio
 from tqdm import tqdm
 
-from efsish.codec import block_matches
+from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import EfsishError, NotFound
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog
 from efsish.meta.superblock import SUPERBLOCK_KEY, load_superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
+
+# A referenced block: its size, checksum and chunk checksums (codec.chunk_crcs).
+Block = tuple[int, str | None, str | None]
 
 log = logging.getLogger(__name__)
 
@@ -47,7 +50,7 @@ class Report:
         self.warnings.append(msg)
 
 
-def check_namespace(view: View, rep: Report) -> dict[str, tuple[int, str | None]]:
+def check_namespace(view: View, rep: Report) -> dict[str, Block]:
     """Check the tables; return the referenced blocks {key: (size, hash)}."""
     db = view.db
     inodes = {r[0]: (r[1], r[2]) for r in db.execute("SELECT ino, mode, nlink FROM inodes")}
@@ -96,11 +99,11 @@ def check_namespace(view: View, rep: Report) -> dict[str, tuple[int, str | None]
     for d in unreachable:
         rep.error(f"directory {d} is not reachable from the root (cycle?)")
     # Layouts.
-    blocks: dict[str, tuple[int, str | None]] = {}
+    blocks: dict[str, Block] = {}
     sizes = {r[0]: r[1] for r in db.execute("SELECT ino, size FROM inodes")}
     prev: dict[int, int] = {}
-    for ino, off, ln, key, koff, bsize, h, data in db.execute(
-        "SELECT ino, off, len, key, koff, bsize, hash, data FROM extents ORDER BY ino, off"
+    for ino, off, ln, key, koff, bsize, h, data, crcs in db.execute(
+        "SELECT ino, off, len, key, koff, bsize, hash, data, crcs FROM extents ORDER BY ino, off"
     ):
         if ino not in inodes:
             rep.error(f"layout of missing inode {ino}")
@@ -119,9 +122,9 @@ def check_namespace(view: View, rep: Report) -> dict[str, tuple[int, str | None]
             if koff < 0 or koff + ln > bsize:
                 rep.error(f"inode {ino}: extent at {off} points outside block {key}")
             old = blocks.get(key)
-            if old is not None and old != (bsize, h):
+            if old is not None and (old[:2] != (bsize, h) or (crcs and old[2] and crcs != old[2])):
                 rep.error(f"block {key} is referenced with different sizes/checksums")
-            blocks[key] = (bsize, h)
+            blocks[key] = (bsize, h, crcs or (old[2] if old else None))
     rep.stats.update(inodes=len(inodes), entries=sum(refs.values()), blocks=len(blocks))
     return blocks
 
@@ -167,7 +170,7 @@ async def run_fsck(
 
 async def _check_objects(
     store: ObjectStore,
-    blocks: dict[str, tuple[int, str | None]] | None,
+    blocks: dict[str, Block] | None,
     rep: Report,
     verify_data: bool,
     progress: bool,
@@ -195,7 +198,7 @@ async def _check_objects(
     )
     limiter = trio.CapacityLimiter(16)
 
-    async def check(key: str, size: int, h: str | None) -> None:
+    async def check(key: str, size: int, h: str | None, crcs: str | None) -> None:
         async with limiter:
             if key not in present:
                 rep.error(f"block {key} is missing from the store")
@@ -209,11 +212,13 @@ async def _check_objects(
                 else:
                     if h is not None and not block_matches(data, h):
                         rep.error(f"block {key} fails its checksum (corrupt)")
+                    elif crcs and not chunks_match(data, crcs, 0):
+                        rep.error(f"block {key} does not match its chunk checksums")
         bar.update(1)
 
     async with trio.open_nursery() as n:
-        for key, (size, h) in blocks.items():
-            n.start_soon(check, key, size, h)
+        for key, (size, h, crcs) in blocks.items():
+            n.start_soon(check, key, size, h, crcs)
     bar.close()
     unref = len(set(present) - set(blocks))
     if unref:

@@ -17,7 +17,7 @@ import cachetools
 import google_crc32c
 import trio
 
-from efsish.codec import block_hash, block_matches
+from efsish.codec import CRC_CHUNK, block_hash, block_matches, chunk_crcs, chunks_match
 from efsish.data.cache import BlockCache
 from efsish.errors import CorruptObject, NotFound, StoreError
 from efsish.retry import retry_transient
@@ -45,6 +45,14 @@ def block_key_time_ns(key: str) -> int | None:
         return int(parts[1], 16) if len(parts) == 3 else None
     except ValueError:
         return None
+
+
+class _Fetch:
+    """One block on its way; those who ask for it meanwhile wait for this one."""
+
+    def __init__(self) -> None:
+        self.done = trio.Event()
+        self.result: bytes | None = None
 
 
 class BlockIO:
@@ -75,22 +83,25 @@ class BlockIO:
         )
         self._limiter = trio.CapacityLimiter(concurrency)
         self._hash_limiter = trio.CapacityLimiter(max(2, os.cpu_count() or 2))
-        self._inflight: dict[str, trio.Event] = {}
-        self._results: dict[str, bytes | BaseException] = {}
+        self._inflight: dict[str, _Fetch] = {}
         self.bytes_up = 0
+        self.ranged_gets = 0
         self.bytes_down = 0
 
-    async def upload(self, ino: int, data: bytes) -> tuple[str, str]:
-        """Store `data` as a new block; return (key, hash)."""
+    async def upload(self, ino: int, data: bytes) -> tuple[str, str, str | None]:
+        """Store `data` as a new block; return (key, hash, chunk checksums)."""
         key = new_block_key(ino)
         h = await self._hash(data)
+        crcs = None
+        if self.checksum == "crc32c" and CRC32C_IN_C:
+            crcs = chunk_crcs(data)  # ~0.25 ms per 4 MiB
         async with self._limiter:
             await retry_transient(lambda: self.store.put(key, data), f"upload of {key}")
         self.bytes_up += len(data)
         self._remember(key, data)
         if len(data) < self.cache_writes_below:
             self.cache.offer(key, data)
-        return key, h
+        return key, h, crcs
 
     @staticmethod
     def _inline(size: int, crc32c: bool) -> bool:
@@ -121,32 +132,59 @@ class BlockIO:
         data = self._mem.get(key)
         if data is not None:
             return data
-        ev = self._inflight.get(key)
-        if ev is not None:
-            await ev.wait()
-            r = self._results.get(key)
-            if isinstance(r, bytes):
-                return r
-            return await self.fetch(key, hash_, size)
+        f = self._inflight.get(key)
+        if f is not None:
+            await f.done.wait()
+            if f.result is not None:
+                return f.result  # (blocks too large for the memory LRU are shared too)
+            return await self.fetch(key, hash_, size)  # it failed: try for ourselves
         # One fetch per block at a time, disk-cache lookup included: a reader and the
         # readahead asking for the same block while the lookup ran in its thread used to
         # both miss it and both GET the block.
-        ev = self._inflight[key] = trio.Event()
+        f = self._inflight[key] = _Fetch()
         try:
             data = await self.cache.get(key, hash_)
             if data is not None:
                 self._remember(key, data)
             else:
                 data = await self._download(key, hash_, size)
-            self._results[key] = data
+            f.result = data
             return data
-        except BaseException as e:
-            self._results[key] = e
-            raise
         finally:
-            ev.set()
+            f.done.set()
             del self._inflight[key]
-            self._results.pop(key, None)
+
+    def holds(self, key: str) -> bool:
+        """Whether `key` is verified in memory, on its way, or in the disk cache."""
+        return key in self._mem or key in self._inflight or key in self.cache
+
+    async def fetch_range(self, key: str, crcs: str, size: int, start: int, end: int) -> bytes:
+        """Bytes [start, end) of block `key` (`size` bytes) by a ranged GET of just the
+        CRC_CHUNKs that hold them, each verified against `crcs`: for random reads, which
+        would otherwise fetch a whole block (up to 64 MiB) for a few KiB. Nothing is
+        cached here (the kernel's page cache keeps what was read)."""
+        first = start // CRC_CHUNK
+        lo, hi = first * CRC_CHUNK, min(size, -(-end // CRC_CHUNK) * CRC_CHUNK)
+        for attempt in (1, 2):
+            try:
+                async with self._limiter:
+                    data = await self.store.get(key, lo, hi)
+            except NotFound:
+                log.error("data block %s is missing from the store", key)
+                raise CorruptObject(f"data block {key} is missing") from None
+            except StoreError as e:
+                log.error("cannot read data block %s: %s", key, e)
+                raise
+            if len(data) == hi - lo and chunks_match(data, crcs, first):
+                break
+            if attempt == 1:
+                log.warning("part of data block %s failed its checksum; reading it again", key)
+                continue
+            log.error("data block %s is corrupt in [%d, %d)", key, lo, hi)
+            raise CorruptObject(f"data block {key} failed its checksum in [{lo}, {hi})")
+        self.bytes_down += len(data)
+        self.ranged_gets += 1
+        return data[start - lo : end - lo]
 
     async def _download(self, key: str, hash_: str | None, size: int) -> bytes:
         for attempt in (1, 2):

@@ -119,11 +119,17 @@ class BlockCache:
             self.hits += 1
         return data
 
+    def __contains__(self, key: str) -> bool:
+        """Whether the index holds `key` (asked without the lock, as `get` does)."""
+        return self._name(key) in self._index
+
     def offer(self, key: str, data: bytes) -> None:
-        """Cache a block in the background (see `run`), unless the queue is full."""
+        """Cache a block in the background (see `run`), unless the queue is full. A block
+        larger than the queue's bound (blocks reach 64 MiB) is taken when the queue is
+        empty: it used to be refused always, so such filesystems cached nothing."""
         if len(data) > self._index.maxsize:
             return
-        if self._queued + len(data) > self.queue_bytes:
+        if self._queued and self._queued + len(data) > self.queue_bytes:
             self.dropped += 1
             return
         self._queue.append((key, data))

@@ -60,6 +60,7 @@ CREATE TABLE IF NOT EXISTS extents (
     bsize INTEGER NOT NULL DEFAULT 0,
     hash TEXT,
     data BLOB,
+    crcs TEXT,
     PRIMARY KEY (ino, off)
 );
 CREATE INDEX IF NOT EXISTS extents_key ON extents (key);
@@ -118,6 +119,8 @@ class Extent:
     bsize: int = 0
     hash: str | None = None
     data: bytes | None = None
+    # The block's chunk checksums (codec.chunk_crcs), if it has them: for ranged reads.
+    crcs: str | None = None
 
     @property
     def end(self) -> int:
@@ -126,13 +129,17 @@ class Extent:
     def to_json(self) -> list[Any]:
         if self.key is None:
             return [self.off, self.len, None, b64(self.data or b"")]
-        return [self.off, self.len, self.key, self.koff, self.bsize, self.hash]
+        j: list[Any] = [self.off, self.len, self.key, self.koff, self.bsize, self.hash]
+        if self.crcs:
+            j.append(self.crcs)  # an efsish without ranged reads ignores it
+        return j
 
     @classmethod
     def from_json(cls, j: list[Any]) -> Extent:
         if j[2] is None:
             return cls(int(j[0]), int(j[1]), data=unb64(j[3]))
-        return cls(int(j[0]), int(j[1]), str(j[2]), int(j[3]), int(j[4]), j[5])
+        crcs = str(j[6]) if len(j) > 6 and j[6] else None
+        return cls(int(j[0]), int(j[1]), str(j[2]), int(j[3]), int(j[4]), j[5], crcs=crcs)
 
     def slice(self, start: int, end: int) -> Extent:
         """The part of this extent covering file range [start, end)."""
@@ -140,7 +147,7 @@ class Extent:
         d = s - self.off
         if self.key is None:
             return Extent(s, e - s, data=(self.data or b"")[d : d + (e - s)])
-        return Extent(s, e - s, self.key, self.koff + d, self.bsize, self.hash)
+        return Extent(s, e - s, self.key, self.koff + d, self.bsize, self.hash, crcs=self.crcs)
 
 
 @dataclass
@@ -191,6 +198,9 @@ class View:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
             self.db.executescript(SCHEMA)
+            cols = {r[1] for r in self.db.execute("PRAGMA table_info(extents)")}
+            if "crcs" not in cols:  # a view or checkpoint from before ranged reads
+                self.db.execute("ALTER TABLE extents ADD COLUMN crcs TEXT")
 
     def close(self) -> None:
         self.db.close()
@@ -281,7 +291,7 @@ class View:
         return [(int(r[0]), bytes(r[1]), int(r[2])) for r in rows]
 
     def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
-        q = "SELECT off, len, key, koff, bsize, hash, data FROM extents WHERE ino = ?"
+        q = "SELECT off, len, key, koff, bsize, hash, data, crcs FROM extents WHERE ino = ?"
         args: list[Any] = [ino]
         if end is not None:
             q += " AND off < ?"
@@ -289,7 +299,9 @@ class View:
         q += " AND off + len > ? ORDER BY off"
         args.append(start)
         return [
-            Extent(r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]) if r[6] is not None else None)
+            Extent(
+                r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]) if r[6] is not None else None, r[7]
+            )
             for r in self.db.execute(q, args)
         ]
 
@@ -543,9 +555,9 @@ class View:
         if e.len <= 0:
             return
         self.db.execute(
-            "INSERT INTO extents (ino, off, len, key, koff, bsize, hash, data) "
-            "VALUES (?,?,?,?,?,?,?,?)",
-            (ino, e.off, e.len, e.key, e.koff, e.bsize, e.hash, e.data),
+            "INSERT INTO extents (ino, off, len, key, koff, bsize, hash, data, crcs) "
+            "VALUES (?,?,?,?,?,?,?,?,?)",
+            (ino, e.off, e.len, e.key, e.koff, e.bsize, e.hash, e.data, e.crcs),
         )
 
     def _op_w(self, op: Op, res: ApplyResult) -> None:

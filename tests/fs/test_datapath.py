@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import errno
 import os
+import sqlite3
 import time
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -15,13 +16,16 @@ from typing import Any
 import pytest
 import trio
 
+from efsish.codec import CRC_CHUNK
+from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
 from efsish.errors import FsError
 from efsish.filesystem import Filesystem, Options
-from efsish.meta.superblock import Superblock
-from efsish.meta.view import ROOT_INO, View
+from efsish.meta.superblock import Superblock, format_fs
+from efsish.meta.view import ROOT_INO, Extent, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
+from efsish.store.memory import MemoryStore
 from tests.fs.conftest import FsFactory
 from tests.fs.test_posix import ROOT, write_file
 
@@ -156,7 +160,31 @@ async def test_cache_fill_is_bounded_and_never_blocks(tmp_path: Path) -> None:
         for i in range(3):
             assert await cache.get(f"data/k{i}", None) == bytes([i]) * BS
         assert await cache.get("data/k3", None) is None
+        # A block larger than the queue's bound (64 MiB blocks, 8 MiB queue) is taken
+        # when the queue is empty; it used to be refused always.
+        cache.offer("data/big", b"b" * (4 * BS))
+        await cache.drain()
+        assert await cache.get("data/big", None) == b"b" * (4 * BS)
         n.cancel_scope.cancel()
+
+
+async def test_concurrent_readers_of_a_large_block_share_one_get(tmp_path: Path) -> None:
+    """Blocks too large for the memory LRU (64 MiB blocks): three readers asking at once
+    get the one download's bytes; each used to GET the block again."""
+    slow = FaultyStore(MemoryStore("share"), FaultPlan(latency=0.05, ops=frozenset({"get"})))
+    io = BlockIO(slow, BlockCache(tmp_path / "c", max_bytes=1 << 30), memory_bytes=BS)
+    data = os.urandom(2 * BS)
+    key, h, _ = await io.upload(7, data)
+    got: list[bytes] = []
+
+    async def read() -> None:
+        got.append(await io.fetch(key, h, len(data)))
+
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(read)
+    assert got == [data] * 3
+    assert data_gets(slow) == [key]
 
 
 async def test_a_block_the_cache_does_not_hold_costs_no_thread_hop(
@@ -221,6 +249,130 @@ async def test_random_reads_fetch_only_what_they_need(
         await trio.sleep(0.05)
         await fs.release(fh)
     assert len(data_gets(counted)) == 4
+
+
+async def test_page_cache_kept_until_another_mount_changes_the_file(
+    make_fs: FsFactory,
+) -> None:
+    """keep_cache: a reopen of an unchanged file keeps the kernel's pages; after another
+    mount rewrote it the pages go and the kernel's attributes are dropped first
+    (close-to-open). What the kernel forgot leaves no trace in either set."""
+    a, b = await make_fs(), await make_fs()
+    ino = await write_file(a, ROOT_INO, b"f", b"one")
+    other = await write_file(a, ROOT_INO, b"g", b"two")
+    dropped: list[int] = []
+
+    async def invalidate(i: int) -> None:
+        dropped.append(i)
+
+    b.invalidate_attr = invalidate
+    b.remember((await b.lookup(ROOT_INO, b"f")).ino)  # as the FUSE adapter does
+    keeps = []
+    for _ in range(2):
+        fh, keep = await b.open(ino, os.O_RDONLY)
+        keeps.append(keep)
+        await b.release(fh)
+    assert keeps == [False, True]
+    fh, _ = await a.open(ino, os.O_WRONLY)
+    await a.write(fh, 0, b"ONE")
+    await a.release(fh)
+    await write_file(a, ROOT_INO, b"h", b"x")
+    fh2, _ = await a.open(other, os.O_WRONLY)  # a file b's kernel never looked up
+    await a.write(fh2, 0, b"TWO")
+    await a.release(fh2)
+    fh, keep = await b.open(ino, os.O_RDONLY)
+    assert (keep, dropped) == (False, [ino])
+    assert await b.read(fh, 0, 10) == b"ONE"
+    await b.release(fh)
+    assert other not in b._remote_changed
+    b.forget(ino, 1)
+    assert ino not in b._kcache_ok and ino not in b._remote_changed
+
+
+class Ranges(FaultyStore):
+    """Records the byte range of every data GET (None, None for a whole block)."""
+
+    def __init__(self, inner: ObjectStore) -> None:
+        super().__init__(inner)
+        self.ranges: list[tuple[str, int | None, int | None]] = []
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        if key.startswith("data/"):
+            self.ranges.append((key, start, end))
+        return await super().get(key, start, end)
+
+
+async def test_random_reads_get_only_the_chunks_they_need(tmp_path: Path) -> None:
+    """With 1 MiB blocks, a 4 KiB read at a random place GETs the one or two 128 KiB
+    chunks that hold it (each checked against its own CRC-32C), not the whole block; a
+    sequential read still fetches whole blocks (for the cache and readahead); a damaged
+    chunk fails only the reads that need it."""
+    store = MemoryStore("ranged")
+    sb = await format_fs(store, block_size=1024 * 1024)
+    data = os.urandom(4 * 1024 * 1024)
+    async with mounted(store, sb, tmp_path / "w") as w:
+        ino = await write_file(w, ROOT_INO, b"f", data)
+    counted = Ranges(store)
+    async with mounted(counted, sb, tmp_path / "r") as fs:
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        for off in (2 * 1024 * 1024 + 1000, 700_000, 3 * 1024 * 1024 + 131_000):
+            assert await fs.read(fh, off, 4096) == data[off : off + 4096]
+        await fs.release(fh)
+        assert len(counted.ranges) == 3
+        for key, start, end in counted.ranges:
+            assert start is not None and end is not None, key
+            assert start % CRC_CHUNK == 0 and end - start <= 2 * CRC_CHUNK
+        assert fs.blocks.bytes_down <= 4 * CRC_CHUNK
+        counted.ranges.clear()
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        step = 128 * 1024
+        got = b"".join([bytes(await fs.read(fh, o, step)) for o in range(0, len(data), step)])
+        await fs.release(fh)
+        assert got == data
+        assert counted.ranges and all(s is None for _, s, _ in counted.ranges)
+    # Damage chunk 3 of the first block: a read there fails (EIO), one in chunk 1 does not.
+    first = (await _extents_of(store, sb, tmp_path / "x", ino))[0]
+    assert first.key is not None and first.crcs is not None
+    blob = bytearray(await store.get(first.key))
+    blob[3 * CRC_CHUNK + 5] ^= 0xFF
+    await store.put(first.key, bytes(blob))
+    base = first.off - first.koff
+    async with mounted(store, sb, tmp_path / "d") as fs:
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        off = base + CRC_CHUNK + 10
+        assert await fs.read(fh, off, 4096) == data[off : off + 4096]
+        with pytest.raises(FsError) as e:
+            await fs.read(fh, base + 3 * CRC_CHUNK, 4096)
+        assert e.value.errno == errno.EIO
+        await fs.release(fh)
+
+
+async def _extents_of(store: ObjectStore, sb: Superblock, cache: Path, ino: int) -> list[Any]:
+    async with mounted(store, sb, cache) as fs:
+        return list(await fs.meta.read(View.extents, ino))
+
+
+async def test_a_view_from_before_chunk_checksums_gains_their_column(tmp_path: Path) -> None:
+    db = tmp_path / "old.db"
+    old = sqlite3.connect(db)
+    old.executescript(
+        "CREATE TABLE extents (ino INTEGER NOT NULL, off INTEGER NOT NULL, len INTEGER NOT "
+        "NULL, key TEXT, koff INTEGER NOT NULL DEFAULT 0, bsize INTEGER NOT NULL DEFAULT 0, "
+        "hash TEXT, data BLOB, PRIMARY KEY (ino, off));"
+        "INSERT INTO extents VALUES (5, 0, 10, 'data/k', 0, 10, 'k00000000', NULL);"
+    )
+    old.commit()
+    old.close()
+    v = View(db)
+    try:
+        (e,) = v.extents(5)
+        assert (e.key, e.len, e.crcs) == ("data/k", 10, None)
+        v.begin()
+        v._insert_extent(6, Extent(0, 4, "data/j", 0, 4, "k1", crcs="0badf00d"))
+        v.commit()
+        assert v.extents(6)[0].crcs == "0badf00d"
+    finally:
+        v.close()
 
 
 async def test_attribute_changes_ride_with_the_data_commit(

@@ -167,9 +167,7 @@ async def test_store_faults_become_eio_not_hangs(sb, store, make_fs) -> None:
     await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
 
 
-async def test_a_commit_whose_answers_were_lost_costs_no_inode_numbers(
-    sb, store, make_fs
-) -> None:
+async def test_a_commit_whose_answers_were_lost_costs_no_inode_numbers(sb, store, make_fs) -> None:
     """Every PUT of one log entry reaches the store but no answer comes back: the caller
     gets EIO, yet the entry may be in the log (here it is), holding the inode number it
     took. That number must never be handed out again: the mount's next creates used to
