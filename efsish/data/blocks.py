@@ -47,6 +47,10 @@ def block_key_time_ns(key: str) -> int | None:
         return None
 
 
+# Ranged GETs of one block before a small read fetches it whole instead (wants_range).
+RANGED_PER_BLOCK = 2
+
+
 class _Fetch:
     """One block on its way; those who ask for it meanwhile wait for this one."""
 
@@ -86,6 +90,7 @@ class BlockIO:
         self._inflight: dict[str, _Fetch] = {}
         self.bytes_up = 0
         self.ranged_gets = 0
+        self._ranged: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=16384)
         self.bytes_down = 0
 
     async def upload(self, ino: int, data: bytes) -> tuple[str, str, str | None]:
@@ -154,9 +159,14 @@ class BlockIO:
             f.done.set()
             del self._inflight[key]
 
-    def holds(self, key: str) -> bool:
-        """Whether `key` is verified in memory, on its way, or in the disk cache."""
-        return key in self._mem or key in self._inflight or key in self.cache
+    def wants_range(self, key: str) -> bool:
+        """Whether a small read of block `key` should GET only its chunks: not when the
+        block is here already (memory, on its way, disk cache), nor once it was read in
+        parts RANGED_PER_BLOCK times: a block read at random again and again (a small
+        database, an index) is then fetched whole, and cached like any other."""
+        if key in self._mem or key in self._inflight or key in self.cache:
+            return False
+        return self._ranged.get(key, 0) < RANGED_PER_BLOCK
 
     async def fetch_range(self, key: str, crcs: str, size: int, start: int, end: int) -> bytes:
         """Bytes [start, end) of block `key` (`size` bytes) by a ranged GET of just the
@@ -184,6 +194,7 @@ class BlockIO:
             raise CorruptObject(f"data block {key} failed its checksum in [{lo}, {hi})")
         self.bytes_down += len(data)
         self.ranged_gets += 1
+        self._ranged[key] = self._ranged.get(key, 0) + 1
         return data[start - lo : end - lo]
 
     async def _download(self, key: str, hash_: str | None, size: int) -> bytes:

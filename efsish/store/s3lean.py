@@ -52,7 +52,7 @@ import trio
 log = logging.getLogger(__name__)
 T = TypeVar("T")
 
-PLAIN_STATUSES = frozenset({200, 204, 404, 409, 412})
+PLAIN_STATUSES = frozenset({200, 204, 206, 404, 409, 412})
 GIVE_UP_AFTER = 5  # connection failures before any success: leave it all to boto3
 LEAN_MAX_BODY = 1 << 20  # larger PUT bodies over TLS go through boto3 (in a worker thread)
 LEAN_MAX_PLAIN_BODY = 64 << 20  # over plain http: up to the largest block size

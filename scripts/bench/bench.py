@@ -54,6 +54,11 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
     "seq_write": ("Sequential write {size} MiB (1 MiB writes + fsync)", "MiB/s", "higher"),
     "cold_read": ("Cold sequential read (remount, caches dropped)", "MiB/s", "higher"),
     "warm_read": ("Warm sequential read (read again)", "MiB/s", "higher"),
+    "random_read": (
+        "200 random 4 KiB preads of that file (remount, caches dropped, FADV_RANDOM)",
+        "s",
+        "lower",
+    ),
     "small_create": ("{nsmall} x 4 KiB files: create+write+close", "s", "lower"),
     "small_stat": ("{nsmall} x 4 KiB files: stat (kernel caches dropped)", "s", "lower"),
     "small_read": ("{nsmall} x 4 KiB files: open+read+close (caches dropped)", "s", "lower"),
@@ -185,13 +190,18 @@ class Bench:
             self.record("seq_write", name, self.size / MiB / v)
             log(f"  seq write {self.size / MiB / v:8.1f} MiB/s")
 
-            try:
-                self.mounts[name] = sysobj.remount_cold(self.mounts[name])
-            except Exception as e:
-                self.error(name, f"remount (run {r + 1})", e)
-                mm = self.mounts[name]
-                self.mounts[name] = sysobj.mount(mm.mp, mm.cache_dir.with_name("cache.retry"))
-            drop_caches()
+            def cold() -> None:
+                """Remount with an empty cache and drop the kernel's caches."""
+                try:
+                    self.mounts[name] = sysobj.remount_cold(self.mounts[name])
+                except Exception as e:
+                    self.error(name, f"remount (run {r + 1})", e)
+                    mm = self.mounts[name]
+                    retry = mm.cache_dir.with_name("cache.retry")
+                    self.mounts[name] = sysobj.mount(mm.mp, retry)
+                drop_caches()
+
+            cold()
             v = step("cold_read", lambda: W.seq_read(seq, self.size))
             if v:
                 self.record("cold_read", name, self.size / MiB / v)
@@ -209,6 +219,11 @@ class Bench:
                 W.verify_content(seq, self.size, self.pool)
             except Exception as e:
                 self.error(name, "content check of the sequential file", e)
+            cold()
+            v = step("random_read", lambda: W.random_reads(seq, self.size, self.pool))
+            if v:
+                self.record("random_read", name, v)
+                log(f"  {W.RANDOM_READS} random reads {v:6.2f} s")
 
         out = step(
             "small_files",
@@ -796,7 +811,7 @@ def _os_release() -> str:
 
 # --only: which workload groups to run (default: all).
 ONLY_GROUPS = {
-    "seq": {"seq_write", "cold_read", "warm_read"},
+    "seq": {"seq_write", "cold_read", "warm_read", "random_read"},
     "small": {"small_files", "small_create", "small_stat", "small_read", "small_unlink"},
     "tar": {"tar_extract", "rm_rf"},
     "git": {"git_clone"},

@@ -78,6 +78,30 @@ def seq_read(path: Path, size: int) -> float:
     return dt
 
 
+RANDOM_READS = 200
+
+
+def random_reads(path: Path, size: int, pool: DataPool, seed: int = 5) -> float:
+    """RANDOM_READS preads of 4 KiB at 4 KiB-aligned random offsets (the same for every
+    system), with POSIX_FADV_RANDOM (no kernel readahead, as a database asks); each
+    read's bytes are checked against what seq_write wrote. Seconds."""
+    rng = random.Random(seed)
+    offs = [rng.randrange(size // (4 * KiB)) * 4 * KiB for _ in range(RANDOM_READS)]
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_RANDOM)
+        t0 = time.perf_counter()
+        got = [os.pread(fd, 4 * KiB, off) for off in offs]
+        dt = time.perf_counter() - t0
+    finally:
+        os.close(fd)
+    for off, data in zip(offs, got, strict=True):
+        i, o = divmod(off, MiB)
+        if data != bytes(pool.chunk(i)[o : o + 4 * KiB]):
+            raise RuntimeError(f"{path}: 4 KiB at {off} differs from what was written")
+    return dt
+
+
 def verify_content(path: Path, size: int, pool: DataPool) -> None:
     """The first and last MiB must be what seq_write wrote (untimed)."""
     n = size // MiB

@@ -304,9 +304,9 @@ class Ranges(FaultyStore):
 
 async def test_random_reads_get_only_the_chunks_they_need(tmp_path: Path) -> None:
     """With 1 MiB blocks, a 4 KiB read at a random place GETs the one or two 128 KiB
-    chunks that hold it (each checked against its own CRC-32C), not the whole block; a
-    sequential read still fetches whole blocks (for the cache and readahead); a damaged
-    chunk fails only the reads that need it."""
+    chunks that hold it (each checked against its own CRC-32C), not the whole block, the
+    first two times for each block; a sequential read still fetches whole blocks (for the
+    cache and readahead); a damaged chunk fails only the reads that need it."""
     store = MemoryStore("ranged")
     sb = await format_fs(store, block_size=1024 * 1024)
     data = os.urandom(4 * 1024 * 1024)
@@ -323,6 +323,12 @@ async def test_random_reads_get_only_the_chunks_they_need(tmp_path: Path) -> Non
             assert start is not None and end is not None, key
             assert start % CRC_CHUNK == 0 and end - start <= 2 * CRC_CHUNK
         assert fs.blocks.bytes_down <= 4 * CRC_CHUNK
+        # Read at random again and again, a block is fetched whole (and cached) instead.
+        fh, _ = await fs.open(ino, os.O_RDONLY)
+        for off in (2 * 1024 * 1024 + 500_000, 2 * 1024 * 1024 + 900_000):
+            assert await fs.read(fh, off, 4096) == data[off : off + 4096]
+        await fs.release(fh)
+        assert [s is None for _, s, _ in counted.ranges[3:]] == [False, True]
         counted.ranges.clear()
         fh, _ = await fs.open(ino, os.O_RDONLY)
         step = 128 * 1024
