@@ -1117,7 +1117,7 @@ class Filesystem:
         if e.key is None:
             return (e.data or b"")[s - e.off : e2 - e.off]
         k = e.koff + (s - e.off)
-        if ranged and e.crcs and (e2 - s) * 4 <= e.bsize and self.blocks.wants_range(e.key):
+        if ranged and e.crcs and (e2 - s) * 8 <= e.bsize and self.blocks.wants_range(e.key):
             return await self.blocks.fetch_range(e.key, e.crcs, e.bsize, k, k + (e2 - s))
         block = await self.blocks.fetch(e.key, e.hash, e.bsize)
         if k == 0 and e2 - s == len(block):

@@ -64,12 +64,24 @@ def default_state_dir(kind: str) -> Path:
     )
 
 
+def _ephemeral_low() -> int:
+    """The lowest port the kernel hands to outgoing connections (32768 by default)."""
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768
+
+
 def free_port() -> int:
-    """A free TCP port on 127.0.0.1 below 55536, with port+10000 also free (SeaweedFS
-    derives gRPC ports that way)."""
+    """A free TCP port on 127.0.0.1 with port+10000 also free (SeaweedFS derives gRPC
+    ports that way), both below the kernel's ephemeral range: a port in that range can be
+    taken by any outgoing connection (SeaweedFS's own components connect to each other
+    while the last of them starts) between this check and the server's bind, which made
+    a start fail now and then with "address already in use"."""
     rng = random.Random()
+    top = max(12000, _ephemeral_low() - 10000)
     for _ in range(200):
-        port = rng.randrange(20000, 45000)
+        port = rng.randrange(10000, top)
         if _can_bind(port) and _can_bind(port + 10000):
             return port
     raise RuntimeError("no free port pair found on 127.0.0.1")
@@ -215,6 +227,22 @@ def start(
     if state.exists():
         shutil.rmtree(state)
     state.mkdir(parents=True)
+    for attempt in range(3):
+        try:
+            info = _start_once(kind, state, bucket, timeout)
+        except RuntimeError as e:
+            # Another process bound one of the chosen ports first: choose again.
+            if "address already in use" not in str(e) or attempt == 2:
+                raise
+            shutil.rmtree(state)
+            state.mkdir(parents=True)
+            continue
+        (state / "server.json").write_text(json.dumps(asdict(info)))
+        return info
+    raise AssertionError("unreachable")
+
+
+def _start_once(kind: str, state: Path, bucket: str, timeout: float) -> ServerInfo:
     port = free_port()
     cmd = {"seaweedfs": _seaweedfs_cmd, "moto": _moto_cmd, "minio": _minio_cmd}[kind](state, port)
     env = dict(os.environ)
@@ -237,7 +265,6 @@ def start(
     except BaseException:
         _kill(proc.pid)
         raise
-    (state / "server.json").write_text(json.dumps(asdict(info)))
     return info
 
 
