@@ -68,6 +68,11 @@ class FuseOps(pyfuse3.Operations):
         # from that answer (its readahead) can only be changed afterwards.
         self.initialized = trio.Event()
         fs.invalidate_attr = self._invalidate_attr_now
+        # The largest read and write requests the kernel sent: libfuse offers the largest
+        # it can (max_write, max_pages) at INIT, and these show what was agreed (1 MiB
+        # with libfuse 3.14). Logged at unmount.
+        self.largest_read = 0
+        self.largest_write = 0
 
     def init(self) -> None:
         self.initialized.set()
@@ -204,10 +209,14 @@ class FuseOps(pyfuse3.Operations):
     @_errors
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:  # type: ignore[override]
         # pyfuse3 replies from any buffer (PyObject_GetBuffer), though its stub says bytes.
+        if size > self.largest_read:
+            self.largest_read = size
         return await self.fs.read(fh, off, size)
 
     @_errors
     async def write(self, fh: int, off: int, buf: bytes) -> int:
+        if len(buf) > self.largest_write:
+            self.largest_write = len(buf)
         return await self.fs.write(fh, off, buf)
 
     @_errors

@@ -393,7 +393,12 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         with trio.CancelScope(shield=True):
             await fs.meta.aclose()
             await store.aclose()
-        log.info("unmounted %s", mountpoint)
+        log.info(
+            "unmounted %s (largest FUSE requests: read %d, write %d bytes)",
+            mountpoint,
+            ops.largest_read,
+            ops.largest_write,
+        )
 
 
 def umount(mountpoint: str, timeout: float = 120.0) -> int:

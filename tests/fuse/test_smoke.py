@@ -18,3 +18,9 @@ def test_write_read_remount(mounter) -> None:
     m2 = mounter(m.store)
     assert (m2.path / "d" / "f").read_bytes() == data
     assert efsish("fsck", m.store, "-q").returncode == 0
+    efsish("umount", str(m2.path))
+    # The largest requests libfuse could agree with the kernel: 1 MiB writes and reads
+    # (the write above was one write() of 3 MiB; the read goes through 1 MiB readahead).
+    mib = 1024 * 1024
+    assert f"write {mib} bytes" in m.log(), m.log()[-500:]
+    assert f"largest FUSE requests: read {mib}," in m2.log(), m2.log()[-500:]
