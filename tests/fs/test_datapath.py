@@ -27,7 +27,7 @@ from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from efsish.store.memory import MemoryStore
 from tests.fs.conftest import FsFactory
-from tests.fs.test_posix import ROOT, write_file
+from tests.fs.test_posix import ROOT, read_file, write_file
 
 BS = 64 * 1024  # the block size of the fs fixtures
 
@@ -287,6 +287,26 @@ async def test_page_cache_kept_until_another_mount_changes_the_file(
     assert other not in b._remote_changed
     b.forget(ino, 1)
     assert ino not in b._kcache_ok and ino not in b._remote_changed
+
+
+async def test_small_files_live_in_the_log_without_a_data_object(
+    store: ObjectStore, make_fs: FsFactory
+) -> None:
+    """A file of up to 16 KiB is committed inline with its layout: no data/ PUT, one log
+    entry for the data; one byte more and it gets a block."""
+    counted = FaultyStore(store)
+    fs = await make_fs(on=counted)
+    for name, size in ((b"a", 4096), (b"b", 16 * 1024)):
+        counted.requests.clear()
+        data = os.urandom(size)
+        ino = await write_file(fs, ROOT_INO, name, data)
+        puts = [k for op, k in counted.requests if op.startswith("put")]
+        assert not [k for k in puts if k.startswith("data/")], puts
+        assert len([k for k in puts if k.startswith("log/")]) == 2  # the create, the data
+        assert await read_file(await make_fs(), ino) == data  # another mount reads it
+    counted.requests.clear()
+    await write_file(fs, ROOT_INO, b"c", os.urandom(16 * 1024 + 1))
+    assert len([k for op, k in counted.requests if op == "put" and k.startswith("data/")]) == 1
 
 
 class Ranges(FaultyStore):
