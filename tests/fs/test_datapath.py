@@ -309,6 +309,44 @@ async def test_small_files_live_in_the_log_without_a_data_object(
     assert len([k for op, k in counted.requests if op == "put" and k.startswith("data/")]) == 1
 
 
+class InFlight(FaultyStore):
+    """Counts data PUTs in flight at once (each takes `plan.latency`)."""
+
+    def __init__(self, inner: ObjectStore, latency: float) -> None:
+        super().__init__(inner, FaultPlan(latency=latency, ops=frozenset({"put"})))
+        self.now = self.peak = 0
+        self.done = 0
+
+    async def put(self, key: str, data: bytes) -> None:
+        if not key.startswith("data/"):
+            return await super().put(key, data)
+        self.now += 1
+        self.peak = max(self.peak, self.now)
+        try:
+            await super().put(key, data)
+        finally:
+            self.now -= 1
+            self.done += 1
+
+
+async def test_a_large_write_uploads_blocks_in_parallel_while_it_goes_on(
+    store: ObjectStore, make_fs: FsFactory
+) -> None:
+    """Blocks upload while the writer fills the next ones (nothing waits for close), many
+    at once, never more than the limit (16)."""
+    slow = InFlight(store, latency=0.2)
+    fs = await make_fs(on=slow)
+    fh, _ = await fs.create(ROOT_INO, b"big", 0o644, os.O_WRONLY, ROOT)
+    data = os.urandom(40 * BS)
+    for off in range(0, len(data), BS // 2):
+        await fs.write(fh, off, data[off : off + BS // 2])
+    assert slow.now >= 8 and slow.done == 0  # uploading already, before any flush
+    await fs.flush(fh)
+    await fs.release(fh)
+    assert 8 <= slow.peak <= 16
+    assert await read_file(await make_fs(), (await fs.lookup(ROOT_INO, b"big")).ino) == data
+
+
 class Ranges(FaultyStore):
     """Records the byte range of every data GET (None, None for a whole block)."""
 
