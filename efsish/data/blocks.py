@@ -166,7 +166,8 @@ class BlockIO:
         database, an index) is then fetched whole, and cached like any other."""
         if key in self._mem or key in self._inflight or key in self.cache:
             return False
-        return self._ranged.get(key, 0) < RANGED_PER_BLOCK
+        # (Chunks are checked on the event loop: only with google-crc32c's C extension.)
+        return CRC32C_IN_C and self._ranged.get(key, 0) < RANGED_PER_BLOCK
 
     async def fetch_range(self, key: str, crcs: str, size: int, start: int, end: int) -> bytes:
         """Bytes [start, end) of block `key` (`size` bytes) by a ranged GET of just the
@@ -176,15 +177,7 @@ class BlockIO:
         first = start // CRC_CHUNK
         lo, hi = first * CRC_CHUNK, min(size, -(-end // CRC_CHUNK) * CRC_CHUNK)
         for attempt in (1, 2):
-            try:
-                async with self._limiter:
-                    data = await self.store.get(key, lo, hi)
-            except NotFound:
-                log.error("data block %s is missing from the store", key)
-                raise CorruptObject(f"data block {key} is missing") from None
-            except StoreError as e:
-                log.error("cannot read data block %s: %s", key, e)
-                raise
+            data = await self._get(key, lo, hi)
             if len(data) == hi - lo and chunks_match(data, crcs, first):
                 break
             if attempt == 1:
@@ -197,17 +190,21 @@ class BlockIO:
         self._ranged[key] = self._ranged.get(key, 0) + 1
         return data[start - lo : end - lo]
 
+    async def _get(self, key: str, lo: int | None = None, hi: int | None = None) -> bytes:
+        """GET block `key` (or [lo, hi) of it); a missing block is corruption."""
+        try:
+            async with self._limiter:
+                return await self.store.get(key, lo, hi)
+        except NotFound:
+            log.error("data block %s is missing from the store", key)
+            raise CorruptObject(f"data block {key} is missing") from None
+        except StoreError as e:
+            log.error("cannot read data block %s: %s", key, e)
+            raise
+
     async def _download(self, key: str, hash_: str | None, size: int) -> bytes:
         for attempt in (1, 2):
-            try:
-                async with self._limiter:
-                    data = await self.store.get(key)
-            except NotFound:
-                log.error("data block %s is missing from the store", key)
-                raise CorruptObject(f"data block {key} is missing") from None
-            except StoreError as e:
-                log.error("cannot read data block %s: %s", key, e)
-                raise
+            data = await self._get(key)
             if not (size and len(data) != size) and (
                 hash_ is None or await self._matches(data, hash_)
             ):
