@@ -646,11 +646,8 @@ class Filesystem:
                 raise FsError("negative size", errno.EINVAL)
             if of is not None:
                 await self._flush_file(of)
-                if of.orphan is not None:
-                    of.dirty.truncate(size)
-                    of.size = size
-                    of.orphan[0].size = size
-                    return await self._attr(ino)
+        if of is not None and of.orphan is not None:
+            return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
 
         if size is None and of is not None and of.modified and of.orphan is None:
             current = await self._attr(ino)
@@ -680,13 +677,63 @@ class Filesystem:
             pc.after = lambda v: v.getattr(ino)
             return [op], None
 
-        attr: Attr = await self._submit(plan)
+        try:
+            attr: Attr = await self._submit(plan)
+        except FsError as e:
+            if e.errno == errno.ENOENT and of is not None and of.orphan is not None:
+                # Another mount unlinked the open file while this change was on its way
+                # (the log position it planned for held the unlink): it now lives here.
+                return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
+            raise
         if size is not None and of is not None:
             of.dirty.truncate(size)
             of.size = size
         if mtime is not None and of is not None:
             of.mtime = mtime
         return self._overlay(attr)
+
+    async def _orphan_setattr(
+        self,
+        of: OpenFile,
+        mode: int | None,
+        uid: int | None,
+        gid: int | None,
+        size: int | None,
+        atime: int | None,
+        mtime: int | None,
+    ) -> Attr:
+        """setattr of a file unlinked while open: it lives only on this mount until its
+        last close, so the change is made to its snapshot here (ftruncate, fchmod,
+        futimens on such a descriptor work, as on a local filesystem)."""
+        assert of.orphan is not None
+        a = of.orphan[0]
+        now = self._now()
+        if size is not None:
+            # Everything past the new end goes, from every layer a read looks at: the
+            # snapshot's extents, uploads not committed (waited for, so that none puts
+            # its whole extent back afterwards), the write buffer. Extending later must
+            # read zeros there, not the old bytes.
+            for p in list(of.pending):
+                await p.done.wait()
+            of.orphan = (
+                a,
+                [e.slice(e.off, min(e.end, size)) for e in of.orphan[1] if e.off < size],
+            )
+            if of.ino in self.ghosts:
+                self.ghosts[of.ino] = of.orphan
+            for p in of.pending:
+                if p.ext.off < size < p.ext.end:
+                    p.ext = p.ext.slice(p.ext.off, size)
+            of.pending = [p for p in of.pending if p.ext.off < size]
+            of.dirty.truncate(size)
+            of.size = a.size = size
+            a.mtime = of.mtime = now
+        for k, v in self._attr_changes(a, mode, uid, gid, atime, mtime).items():
+            setattr(a, k, v)
+        if mtime is not None:
+            of.mtime = mtime
+        a.ctime = now
+        return await self._attr(of.ino)
 
     @staticmethod
     def _attr_changes(
@@ -1203,6 +1250,12 @@ class Filesystem:
                 return ops, None
 
             await self._submit(plan)
+            if of.orphan is not None:
+                # Another mount unlinked the file while this commit was on its way: it
+                # committed nothing, and the file now lives here, its snapshot from
+                # before these extents. Keep them as layers over it, or reads would
+                # return the snapshot's old bytes.
+                return
             for k, v in deferred.items():
                 if of.deferred.get(k) == v:
                     del of.deferred[k]

@@ -18,6 +18,7 @@ from efsish.filesystem import (
     Filesystem,
 )
 from efsish.meta.view import ROOT_INO
+from tests.fs.conftest import FsFactory
 
 ROOT = Ctx(0, 0)
 
@@ -196,6 +197,36 @@ async def test_unlinked_open_file_keeps_working(fs: Filesystem) -> None:
     await fs.release(fh)
     with pytest.raises(FsError):
         await fs.getattr(ino)
+
+
+async def test_a_file_another_mount_unlinks_keeps_working_where_it_is_open(
+    make_fs: FsFactory,
+) -> None:
+    """Mount B unlinks a file that A has open, A not having heard of it yet: A's flush,
+    fchmod and ftruncate, each planned against A's old view, find the file gone when
+    their log position turns out to hold the unlink. The file then lives on A alone, and
+    each of them must still act on it: the flush's bytes used to be dropped (reads gave
+    the old ones), fchmod failed with ENOENT, and a truncated orphan read its old bytes
+    again once extended."""
+    a, b = await make_fs(), await make_fs()
+    old = os.urandom(100 * 1024)
+    ino = await write_file(a, ROOT_INO, b"f", old)
+    fh, _ = await a.open(ino, os.O_RDWR)
+    await a.write(fh, 0, b"new bytes")
+    await b.unlink(ROOT_INO, b"f")
+    await a.flush(fh)  # planned on A's old view: its log position holds the unlink
+    want = bytearray(b"new bytes" + old[9:])
+    assert bytes(await a.read(fh, 0, len(want))) == want
+    assert (await a.setattr(ino, ROOT, mode=0o600)).mode & 0o7777 == 0o600
+    await a.setattr(ino, ROOT, size=10)
+    await a.write(fh, 50_000, b"!")
+    want = want[:10] + bytes(50_000 - 10) + b"!"
+    assert bytes(await a.read(fh, 0, 60_000)) == want
+    attr = await a.getattr(ino)
+    assert (attr.size, attr.nlink, attr.mode & 0o7777) == (50_001, 0, 0o600)
+    await a.release(fh)
+    with pytest.raises(FsError):
+        await a.getattr(ino)
 
 
 async def test_xattrs(fs: Filesystem) -> None:
