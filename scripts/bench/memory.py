@@ -18,9 +18,9 @@ import os
 import random
 import sys
 import tempfile
-import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 from common import KiB, MiB, drop_caches, kill_pid, log
@@ -37,21 +37,10 @@ def status_kib(pid: int, field: str) -> int:
 
 
 def in_threads(fns: list[Callable[[], None]]) -> None:
-    errors: list[BaseException] = []
-
-    def wrap(fn: Callable[[], None]) -> None:
-        try:
-            fn()
-        except BaseException as e:  # reported after the join
-            errors.append(e)
-
-    threads = [threading.Thread(target=wrap, args=(f,)) for f in fns]
-    for t in threads:
-        t.start()
-    for t in threads:
-        t.join()
-    if errors:
-        raise errors[0]
+    """Run `fns` at once, each in a thread; re-raise the first error."""
+    with ThreadPoolExecutor(len(fns)) as ex:
+        for f in [ex.submit(fn) for fn in fns]:
+            f.result()
 
 
 def write_file(path: Path, size_mib: int, seed: int) -> None:
