@@ -2,7 +2,7 @@
 
 What this module is for
     It implements the throughput model of Amazon EFS as described in
-    ``EFS-REFERENCE.md`` ("Throughput modes"): the bursting baseline, burst rate and
+    docs/THROUGHPUT.md ("The model as implemented"): the bursting baseline, burst rate and
     credit cap as closed-form functions of the stored size; the provisioned and elastic
     modes; the metering rules (4 KiB minimum per operation, discounted reads); a
     :class:`CreditLedger` that carries the filesystem's credit balance exactly and can be

@@ -44,7 +44,7 @@ HOUR = 3_600.0
 BURSTING = ThrottleConfig(mode=ThroughputMode.BURSTING)
 
 
-# --- independent closed forms (written out from EFS-REFERENCE.md) ------------------------
+# --- independent closed forms (from the EFS documentation; docs/THROUGHPUT.md) ---------
 
 
 def ref_baseline(stored: float) -> float:
