@@ -32,17 +32,9 @@ from efsish.data.dirty import DirtyBuffer, Interval
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta.log import MetaLog, PlanContext
+from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import (
-    ROOT_INO,
-    ApplyResult,
-    Attr,
-    Extent,
-    Op,
-    View,
-    b64,
-    name_to_json,
-)
+from efsish.meta.view import ROOT_INO, ApplyResult, Attr, Extent, View
 from efsish.metering import Metering
 from efsish.store import ObjectStore
 
@@ -507,18 +499,7 @@ class Filesystem:
                     m |= stat.S_ISGID
             ino = pc.alloc_ino(view)
             pc.after = lambda v: v.getattr(ino)
-            op: Op = {
-                "o": "mk",
-                "ino": ino,
-                "p": parent,
-                "name": name_to_json(name),
-                "mode": m,
-                "uid": ctx.uid,
-                "gid": gid,
-                "rdev": rdev,
-                "t": pc.now_ns,
-                "tgt": b64(target) if target is not None else None,
-            }
+            op = Mk(ino, parent, name, m, ctx.uid, gid, pc.now_ns, rdev=rdev, target=target)
             return [op], None
 
         attr: Attr = await self._submit(plan)
@@ -543,9 +524,7 @@ class Filesystem:
             if view.lookup(parent, name) is not None:
                 raise FsError("exists", errno.EEXIST)
             pc.after = lambda v: v.getattr(ino)
-            return [
-                {"o": "ln", "ino": ino, "p": parent, "name": name_to_json(name), "t": pc.now_ns}
-            ], None
+            return [Ln(ino, parent, name, pc.now_ns)], None
 
         attr: Attr = await self._submit(plan)
         return self._overlay(attr)
@@ -572,7 +551,7 @@ class Filesystem:
                 raise FsError("is a directory", errno.EISDIR)
             if a.is_dir and not view.is_empty_dir(ino):
                 raise FsError("directory not empty", errno.ENOTEMPTY)
-            return [{"o": "rm", "p": parent, "name": name_to_json(name), "t": pc.now_ns}], None
+            return [Rm(parent, name, pc.now_ns)], None
 
         await self._submit(plan)
 
@@ -595,22 +574,14 @@ class Filesystem:
                 return [], None  # same file: POSIX says do nothing
             if sa.is_dir and view.is_ancestor(src, dp):
                 raise FsError("cannot move a directory into itself", errno.EINVAL)
-            op: Op = {
-                "o": "mv",
-                "sp": sp,
-                "sn": name_to_json(sn),
-                "dp": dp,
-                "dn": name_to_json(dn),
-                "t": pc.now_ns,
-            }
+            op = Mv(sp, sn, dp, dn, pc.now_ns)
             if flags & RENAME_EXCHANGE:
                 if dst is None:
                     raise FsError("no such entry", errno.ENOENT)
                 da = self._need(view, dst)
                 if da.is_dir and view.is_ancestor(dst, sp):
                     raise FsError("cannot move a directory into itself", errno.EINVAL)
-                op["x"] = True
-                return [op], None
+                return [replace(op, exchange=True)], None
             if dst is not None:
                 if flags & RENAME_NOREPLACE:
                     raise FsError("exists", errno.EEXIST)
@@ -665,17 +636,17 @@ class Filesystem:
 
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
             a = self._need(view, ino)
-            op: Op = {"o": "attr", "ino": ino, "ctime": pc.now_ns}
+            changes: dict[str, int] = {"ctime": pc.now_ns}
             if size is not None:
                 if a.is_dir:
                     raise FsError("is a directory", errno.EISDIR)
                 if not a.is_reg:
                     raise FsError("not a regular file", errno.EINVAL)
-                op["size"] = size
-                op["mtime"] = pc.now_ns
-            op.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
+                changes["size"] = size
+                changes["mtime"] = pc.now_ns
+            changes.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
             pc.after = lambda v: v.getattr(ino)
-            return [op], None
+            return [SetAttr(ino, **changes)], None
 
         try:
             attr: Attr = await self._submit(plan)
@@ -819,16 +790,12 @@ class Filesystem:
                 mode, minimal = acl
                 new_mode = (a.mode & ~0o777) | mode
                 if new_mode != a.mode:
-                    ops.append({"o": "attr", "ino": ino, "mode": new_mode, "ctime": pc.now_ns})
+                    ops.append(SetAttr(ino, mode=new_mode, ctime=pc.now_ns))
                 if minimal:
                     if old is not None:
-                        ops.append(
-                            {"o": "xr", "ino": ino, "name": name_to_json(name), "t": pc.now_ns}
-                        )
+                        ops.append(RemoveXattr(ino, name, pc.now_ns))
                     return ops, None
-            ops.append(
-                {"o": "xs", "ino": ino, "name": name_to_json(name), "v": b64(value), "t": pc.now_ns}
-            )
+            ops.append(SetXattr(ino, name, value, pc.now_ns))
             return ops, None
 
         await self._submit(plan)
@@ -849,7 +816,7 @@ class Filesystem:
             self._need(view, ino)
             if view.getxattr(ino, name) is None:
                 raise FsError("no such xattr", errno.ENODATA)
-            return [{"o": "xr", "ino": ino, "name": name_to_json(name), "t": pc.now_ns}], None
+            return [RemoveXattr(ino, name, pc.now_ns)], None
 
         await self._submit(plan)
 
@@ -954,7 +921,7 @@ class Filesystem:
             for ino, t in due.items():
                 a = view.getattr(ino)
                 if a is not None and a.atime < t:
-                    ops.append({"o": "attr", "ino": ino, "atime": t})
+                    ops.append(SetAttr(ino, atime=t))
             return ops, None
 
         try:
@@ -1243,10 +1210,10 @@ class Filesystem:
             def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
                 if view.getattr(of.ino) is None:
                     return [], None
-                ext = [p.ext.to_json() for p in pend]
-                ops: list[Op] = [{"o": "w", "ino": of.ino, "ext": ext, "size": size, "t": mtime}]
+                ext = tuple(p.ext for p in pend)
+                ops: list[Op] = [Write(of.ino, ext, size, mtime)]
                 if deferred:
-                    ops.append({"o": "attr", "ino": of.ino, **deferred})
+                    ops.append(SetAttr(of.ino, **deferred))
                 return ops, None
 
             await self._submit(plan)

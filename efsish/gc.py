@@ -28,8 +28,9 @@ from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_time_ns
 from efsish.errors import CorruptObject, NotFound
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog, PlanContext, ckpt_key, log_key, seq_of
+from efsish.meta.ops import BlocksDeleted, Op
 from efsish.meta.superblock import load_superblock
-from efsish.meta.view import Op, View
+from efsish.meta.view import View
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -178,7 +179,7 @@ async def collect(
         keys = list(victims)
 
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            return [{"o": "gc", "keys": keys}], None
+            return [BlocksDeleted(tuple(keys))], None
 
         await meta.submit(plan)
     if trim:

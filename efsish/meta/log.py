@@ -39,8 +39,9 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
+from efsish.meta.ops import ClaimInodes, LogEntry, Op
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, Op, View
+from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -100,7 +101,7 @@ class PlanContext:
         o = self._owner
         if o._ino_next >= o._ino_end:
             start = int(view.get_meta("next_ino"))
-            op: Op = {"o": "ino", "start": start, "n": INO_RANGE}
+            op = ClaimInodes(start, INO_RANGE)
             view.apply_op(op, ApplyResult())
             self.extra.append(op)
             o._ino_next, o._ino_end = start, start + INO_RANGE
@@ -547,7 +548,8 @@ class MetaLog:
 
     async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
         def apply(seq: int = seq) -> tuple[ApplyResult, _Fresh | None]:
-            entry = codec.decode_json(b"L", blob, f"{self.store.url}/{log_key(seq)}")
+            where = f"{self.store.url}/{log_key(seq)}"
+            entry = LogEntry.unwire(codec.decode_json(b"L", blob, where))
             res = ApplyResult()
             self.writer.begin()
             try:
@@ -885,8 +887,8 @@ class MetaLog:
             outcomes.append((result, None))
         if not ops:
             return seq, None, res, outcomes, None
-        entry = {"tx": uuid.uuid4().hex, "client": self.client_id, "t": t_entry, "ops": ops}
-        blob = codec.encode_json(b"L", entry)
+        entry = LogEntry(uuid.uuid4().hex, self.client_id, t_entry, ops)
+        blob = codec.encode_json(b"L", entry.wire())
         # A log entry is shared and permanent: one that does not decode would stop every
         # mount at this position. Check the bytes before they can be PUT.
         codec.decode(b"L", blob, "the log entry being written")

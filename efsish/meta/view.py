@@ -1,11 +1,12 @@
 """The materialised view of the metadata log: SQLite tables and the one function that
 applies a logged operation to them.
 
-Every change to the filesystem's metadata is an *op* (a small dict) inside a log entry.
-apply_op() is the only code that mutates the replicated tables, and it is deterministic:
-it never reads the clock, randomness or anything local, so every mount that applies the
-same log prefix holds the same tables. Planners (in efsish.filesystem) validate a request
-against the view and emit ops; the committer applies those same ops through apply_op().
+Every change to the filesystem's metadata is an *op* (efsish.meta.ops: one typed class
+per kind) inside a log entry. apply_op() is the only code that mutates the replicated
+tables, and it is deterministic: it never reads the clock, randomness or anything local,
+so every mount that applies the same log prefix holds the same tables. Planners (in
+efsish.filesystem) validate a request against the view and emit ops; the committer
+applies those same ops through apply_op().
 
 This module is synchronous (sqlite3) and must only be called from worker threads that
 the async layer (efsish.meta.log) serialises. It must not import trio or pyfuse3.
@@ -13,7 +14,6 @@ the async layer (efsish.meta.log) serialises. It must not import trio or pyfuse3
 
 from __future__ import annotations
 
-import base64
 import sqlite3
 import stat
 from dataclasses import dataclass, field
@@ -21,11 +21,26 @@ from pathlib import Path
 from typing import Any
 
 from efsish.errors import CorruptObject
+from efsish.meta.ops import (
+    BlocksDeleted,
+    ClaimInodes,
+    Extent,
+    Ln,
+    LogEntry,
+    Mk,
+    Mv,
+    Op,
+    RemoveXattr,
+    Rm,
+    SetAttr,
+    SetXattr,
+    Write,
+)
+
+__all__ = ["FIRST_FREE_INO", "ROOT_INO", "ApplyResult", "Attr", "Extent", "Op", "View"]
 
 ROOT_INO = 1
 FIRST_FREE_INO = 2
-
-Op = dict[str, Any]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes (
@@ -109,48 +124,6 @@ class Attr:
 
 
 @dataclass
-class Extent:
-    """A piece of a file: [off, off+len) maps to block `key` at `koff`, or inline data."""
-
-    off: int
-    len: int
-    key: str | None = None
-    koff: int = 0
-    bsize: int = 0
-    hash: str | None = None
-    data: bytes | None = None
-    # The block's chunk checksums (codec.chunk_crcs), if it has them: for ranged reads.
-    crcs: str | None = None
-
-    @property
-    def end(self) -> int:
-        return self.off + self.len
-
-    def to_json(self) -> list[Any]:
-        if self.key is None:
-            return [self.off, self.len, None, b64(self.data or b"")]
-        j: list[Any] = [self.off, self.len, self.key, self.koff, self.bsize, self.hash]
-        if self.crcs:
-            j.append(self.crcs)  # an efsish without ranged reads ignores it
-        return j
-
-    @classmethod
-    def from_json(cls, j: list[Any]) -> Extent:
-        if j[2] is None:
-            return cls(int(j[0]), int(j[1]), data=unb64(j[3]))
-        crcs = str(j[6]) if len(j) > 6 and j[6] else None
-        return cls(int(j[0]), int(j[1]), str(j[2]), int(j[3]), int(j[4]), j[5], crcs=crcs)
-
-    def slice(self, start: int, end: int) -> Extent:
-        """The part of this extent covering file range [start, end)."""
-        s, e = max(start, self.off), min(end, self.end)
-        d = s - self.off
-        if self.key is None:
-            return Extent(s, e - s, data=(self.data or b"")[d : d + (e - s)])
-        return Extent(s, e - s, self.key, self.koff + d, self.bsize, self.hash, crcs=self.crcs)
-
-
-@dataclass
 class ApplyResult:
     """What applying ops changed, for cache invalidation and open-unlinked files."""
 
@@ -161,22 +134,6 @@ class ApplyResult:
     xattrs: set[int] = field(default_factory=set)  # extended attributes changed
     created: set[int] = field(default_factory=set)  # new inodes (no xattrs yet)
     created_dirs: set[int] = field(default_factory=set)  # new directories (empty when made)
-
-
-def b64(data: bytes) -> str:
-    return base64.b64encode(data).decode()
-
-
-def unb64(s: str) -> bytes:
-    return base64.b64decode(s)
-
-
-def name_to_json(name: bytes) -> str:
-    return name.decode("utf-8", "surrogateescape")
-
-
-def name_from_json(s: str) -> bytes:
-    return s.encode("utf-8", "surrogateescape")
 
 
 _ATTR_COLS = "ino, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, version, target"
@@ -338,26 +295,48 @@ class View:
 
     # ------------------------------------------------------------------ applying ops
 
-    def apply_entry(self, seq: int, entry: dict[str, Any], res: ApplyResult) -> None:
+    def apply_entry(self, seq: int, entry: LogEntry, res: ApplyResult) -> None:
         """Apply every op of log entry `seq` and record the new applied position."""
         if seq != self.applied_seq + 1:
             raise CorruptObject(
                 f"log entry {seq} applied out of order (view at {self.applied_seq})"
             )
-        self.cur_seq, self.cur_t = seq, int(entry.get("t", 0))
-        for op in entry.get("ops", []):
+        self.cur_seq, self.cur_t = seq, entry.t
+        for op in entry.ops:
             self.apply_op(op, res)
         self.set_meta("applied_seq", seq)
 
     def apply_op(self, op: Op, res: ApplyResult) -> None:
-        kind = op.get("o")
-        fn = _APPLY.get(str(kind))
-        if fn is None:
-            raise CorruptObject(f"unknown operation {kind!r} in the metadata log")
+        """Apply one op. An op that does not fit the tables (a missing entry, a name
+        that exists) means the log and this view disagree: CorruptObject."""
         try:
-            fn(self, op, res)
+            match op:
+                case Mk():
+                    self._op_mk(op, res)
+                case Ln():
+                    self._op_ln(op, res)
+                case Rm():
+                    self._remove_entry(op.parent, op.name, op.t, res)
+                case Mv():
+                    self._op_mv(op, res)
+                case SetAttr():
+                    self._op_attr(op, res)
+                case Write():
+                    self._op_w(op, res)
+                case SetXattr():
+                    self._op_xs(op, res)
+                case RemoveXattr():
+                    self._op_xr(op, res)
+                case ClaimInodes():
+                    self.set_meta("next_ino", op.start + op.n)
+                case BlocksDeleted():
+                    for key in op.keys:  # gc deleted them from the store: forget them
+                        self.db.execute("DELETE FROM garbage WHERE key = ?", (key,))
+                case _:
+                    raise CorruptObject(f"not a metadata log op: {op!r}")
         except (KeyError, TypeError, ValueError) as e:
-            raise CorruptObject(f"malformed {kind!r} operation in the metadata log: {e}") from None
+            kind = op.wire()["o"] if hasattr(op, "wire") else type(op).__name__
+            raise CorruptObject(f"{kind!r} operation does not apply to the view: {e}") from None
 
     def _touch(self, ino: int, t: int, mtime: bool = True) -> None:
         if mtime:
@@ -417,29 +396,19 @@ class View:
         res.inodes.update((parent, ino))
         self._maybe_free(ino, res)
 
-    def _op_ino(self, op: Op, res: ApplyResult) -> None:
-        self.set_meta("next_ino", int(op["start"]) + int(op["n"]))
-
-    def _op_mk(self, op: Op, res: ApplyResult) -> None:
-        ino, parent, name, t = (
-            int(op["ino"]),
-            int(op["p"]),
-            name_from_json(op["name"]),
-            int(op["t"]),
-        )
-        mode = int(op["mode"])
-        target = unb64(op["tgt"]) if op.get("tgt") is not None else None
+    def _op_mk(self, op: Mk, res: ApplyResult) -> None:
+        ino, parent, name, t, mode, target = op.ino, op.parent, op.name, op.t, op.mode, op.target
         nlink = 2 if stat.S_ISDIR(mode) else 1
         self.db.execute(
             f"INSERT INTO inodes ({_ATTR_COLS}) VALUES (?,?,?,?,?,?,?,?,?,?,?,?)",
             (
                 ino,
                 mode,
-                int(op["uid"]),
-                int(op["gid"]),
+                op.uid,
+                op.gid,
                 nlink,
                 len(target) if target is not None else 0,
-                int(op.get("rdev", 0)),
+                op.rdev,
                 t,
                 t,
                 t,
@@ -458,13 +427,8 @@ class View:
         res.inodes.update((parent, ino))
         res.created.add(ino)
 
-    def _op_ln(self, op: Op, res: ApplyResult) -> None:
-        ino, parent, name, t = (
-            int(op["ino"]),
-            int(op["p"]),
-            name_from_json(op["name"]),
-            int(op["t"]),
-        )
+    def _op_ln(self, op: Ln, res: ApplyResult) -> None:
+        ino, parent, name, t = op.ino, op.parent, op.name, op.t
         self.db.execute(
             "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
         )
@@ -474,18 +438,15 @@ class View:
         res.entries.add((parent, name))
         res.inodes.update((parent, ino))
 
-    def _op_rm(self, op: Op, res: ApplyResult) -> None:
-        self._remove_entry(int(op["p"]), name_from_json(op["name"]), int(op["t"]), res)
-
-    def _op_mv(self, op: Op, res: ApplyResult) -> None:
-        sp, dp, t = int(op["sp"]), int(op["dp"]), int(op["t"])
-        sn, dn = name_from_json(op["sn"]), name_from_json(op["dn"])
+    def _op_mv(self, op: Mv, res: ApplyResult) -> None:
+        sp, dp, t = op.src_parent, op.dst_parent, op.t
+        sn, dn = op.src_name, op.dst_name
         src = self.lookup(sp, sn)
         if src is None:
             raise ValueError("rename source missing")
         src_attr = self.getattr(src)
         dst = self.lookup(dp, dn)
-        if op.get("x"):  # RENAME_EXCHANGE
+        if op.exchange:  # RENAME_EXCHANGE
             if dst is None:
                 raise ValueError("exchange target missing")
             dst_attr = self.getattr(dst)
@@ -519,16 +480,17 @@ class View:
         res.entries.update(((sp, sn), (dp, dn)))
         res.inodes.update((sp, dp))
 
-    def _op_attr(self, op: Op, res: ApplyResult) -> None:
-        ino = int(op["ino"])
+    def _op_attr(self, op: SetAttr, res: ApplyResult) -> None:
+        ino = op.ino
         sets: list[str] = []
         args: list[Any] = []
         for col in ("mode", "uid", "gid", "atime", "mtime", "ctime"):
-            if col in op:
+            v = getattr(op, col)
+            if v is not None:
                 sets.append(f"{col} = ?")
-                args.append(int(op[col]))
-        if "size" in op:
-            size = int(op["size"])
+                args.append(v)
+        if op.size is not None:
+            size = op.size
             self._collect_garbage(self._punch(ino, size, None))  # holes read as zeros
             sets.append("size = ?")
             args.append(size)
@@ -560,13 +522,12 @@ class View:
             (ino, e.off, e.len, e.key, e.koff, e.bsize, e.hash, e.data, e.crcs),
         )
 
-    def _op_w(self, op: Op, res: ApplyResult) -> None:
-        ino, t = int(op["ino"]), int(op["t"])
+    def _op_w(self, op: Write, res: ApplyResult) -> None:
+        ino, t = op.ino, op.t
         if self.getattr(ino) is None:
             return  # the file was removed before this write was committed
         removed: set[str] = set()
-        for j in op["ext"]:
-            e = Extent.from_json(j)
+        for e in op.extents:
             removed |= self._punch(ino, e.off, e.end)
             self._insert_extent(ino, e)
             if e.key is not None:
@@ -574,46 +535,22 @@ class View:
         self._collect_garbage(removed)
         self.db.execute(
             "UPDATE inodes SET size = ?, mtime = ?, ctime = ?, version = version + 1 WHERE ino = ?",
-            (int(op["size"]), t, t, ino),
+            (op.size, t, t, ino),
         )
         res.inodes.add(ino)
         res.data.add(ino)
 
-    def _op_xs(self, op: Op, res: ApplyResult) -> None:
-        ino = int(op["ino"])
+    def _op_xs(self, op: SetXattr, res: ApplyResult) -> None:
         self.db.execute(
             "INSERT OR REPLACE INTO xattrs (ino, name, value) VALUES (?, ?, ?)",
-            (ino, name_from_json(op["name"]), unb64(op["v"])),
+            (op.ino, op.name, op.value),
         )
-        self._touch(ino, int(op["t"]), mtime=False)
-        res.inodes.add(ino)
-        res.xattrs.add(ino)
+        self._touch(op.ino, op.t, mtime=False)
+        res.inodes.add(op.ino)
+        res.xattrs.add(op.ino)
 
-    def _op_xr(self, op: Op, res: ApplyResult) -> None:
-        ino = int(op["ino"])
-        self.db.execute(
-            "DELETE FROM xattrs WHERE ino = ? AND name = ?", (ino, name_from_json(op["name"]))
-        )
-        self._touch(ino, int(op["t"]), mtime=False)
-        res.inodes.add(ino)
-        res.xattrs.add(ino)
-
-
-def _op_gc(self: View, op: Op, res: ApplyResult) -> None:
-    """Blocks listed here were deleted from the store by gc: forget them."""
-    for key in op["keys"]:
-        self.db.execute("DELETE FROM garbage WHERE key = ?", (str(key),))
-
-
-_APPLY = {
-    "gc": _op_gc,
-    "ino": View._op_ino,
-    "mk": View._op_mk,
-    "ln": View._op_ln,
-    "rm": View._op_rm,
-    "mv": View._op_mv,
-    "attr": View._op_attr,
-    "w": View._op_w,
-    "xs": View._op_xs,
-    "xr": View._op_xr,
-}
+    def _op_xr(self, op: RemoveXattr, res: ApplyResult) -> None:
+        self.db.execute("DELETE FROM xattrs WHERE ino = ? AND name = ?", (op.ino, op.name))
+        self._touch(op.ino, op.t, mtime=False)
+        res.inodes.add(op.ino)
+        res.xattrs.add(op.ino)

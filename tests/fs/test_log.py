@@ -17,7 +17,8 @@ from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
 from efsish.fsck import run_fsck
-from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, log_key
+from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, PlanContext, log_key
+from efsish.meta.ops import Extent, Mk, Op, Write
 from efsish.meta.superblock import AlreadyFormatted, NotFormatted, format_fs, load_superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
@@ -28,11 +29,10 @@ from tests.fs.test_posix import read_file, write_file
 ROOT = Ctx(0, 0)
 
 
-def _plan_create_x(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
+def _plan_create_x(view: View, ctx: PlanContext) -> tuple[list[Op], int]:
     """A planner that creates the regular file "x" in the root (for MetaLog alone)."""
-    ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
-    op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "x", "mode": stat.S_IFREG | 0o644}
-    return [{**op, "uid": 0, "gid": 0, "t": 1}], ino
+    ino = ctx.alloc_ino(view)
+    return [Mk(ino, ROOT_INO, b"x", stat.S_IFREG | 0o644, 0, 0, 1)], ino
 
 
 async def fsck(store: ObjectStore) -> tuple[int, str]:
@@ -776,13 +776,14 @@ async def test_an_entry_that_cannot_be_encoded_leaves_nothing_in_the_view(
     await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
     head = a.meta.applied_seq
 
-    def bad(view: View, ctx: object) -> tuple[list[dict[str, object]], int]:
-        ino = ctx.alloc_ino(view)  # type: ignore[attr-defined]
-        op = {"o": "mk", "ino": ino, "p": ROOT_INO, "name": "phantom"}
-        op |= {"mode": stat.S_IFREG | 0o644, "uid": 0, "gid": 0, "t": 1, "junk": {1, 2}}
-        return [op], ino
+    def bad(view: View, ctx: PlanContext) -> tuple[list[Op], int]:
+        ino = ctx.alloc_ino(view)
+        mk = Mk(ino, ROOT_INO, b"phantom", stat.S_IFREG | 0o644, 0, 0, 1)
+        # A planner's bug: a checksum as bytes. SQLite stores it; JSON cannot encode it.
+        bad = Extent(0, 1, "data/x", 0, 1, b"k0000")  # type: ignore[arg-type]
+        return [mk, Write(ino, (bad,), 1, 1)], ino
 
-    with pytest.raises(TypeError):  # a set is not JSON
+    with pytest.raises(TypeError):  # bytes are not JSON
         await a.meta.submit(bad)
     assert await a.meta.read(View.lookup, ROOT_INO, b"phantom") is None
     assert await a.meta.read(View.lookup, ROOT_INO, b"x") is not None
