@@ -124,6 +124,7 @@ class Options:
     prometheus_port: int | None = None
     gc_grace: float = 3600.0
     mountpoint: str = ""
+    read_only: bool = False  # writes nothing to the bucket; changes fail with EROFS
 
 
 @dataclass
@@ -186,10 +187,16 @@ class Filesystem:
             cache_dir / "meta.db",
             on_apply=self._on_apply,
             checkpoint_every=options.checkpoint_every,
+            read_only=options.read_only,
         )
         self.cache = BlockCache(cache_dir / "blocks", options.cache_bytes)
         self.metering = Metering(
-            store, sb, self.meta.client_id, options.stats_file, options.prometheus_port
+            store,
+            sb,
+            self.meta.client_id,
+            options.stats_file,
+            options.prometheus_port,
+            read_only=options.read_only,
         )
         self.blocks = BlockIO(store, self.cache, checksum=sb.block_checksum)
         self.files: dict[int, OpenFile] = {}
@@ -239,7 +246,8 @@ class Filesystem:
             await self.cache.drain()  # so that the next mount starts with a warm cache
         try:
             await self.metering.save()
-            await self.store.delete(f"clients/{self.meta.client_id}")
+            if not self.opts.read_only:
+                await self.store.delete(f"clients/{self.meta.client_id}")
         except StoreError:
             pass
 
@@ -253,7 +261,7 @@ class Filesystem:
                     last_trim_check = time.monotonic()
                 await self.meta.catch_up(check_trimmed=check)
                 await self.meta.maybe_checkpoint()
-                if time.monotonic() - last_gc > self.opts.gc_interval:
+                if not self.opts.read_only and time.monotonic() - last_gc > self.opts.gc_interval:
                     last_gc = time.monotonic()
                     r = await gc_collect(self.store, self.meta, grace=self.opts.gc_grace)
                     log.info(
@@ -302,7 +310,10 @@ class Filesystem:
         return out
 
     async def write_heartbeat(self) -> None:
-        """Publish where this mount is (clients/<id>): read by status and gc."""
+        """Publish where this mount is (clients/<id>): read by status and gc. A
+        read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
+        if self.opts.read_only:
+            return
         await self.store.put(
             f"clients/{self.meta.client_id}",
             codec.encode_json(
@@ -410,6 +421,12 @@ class Filesystem:
                 setattr(attr, k, v)
         attr.atime = max(attr.atime, self._atime_due.get(attr.ino, 0))
         return attr
+
+    def _writable(self) -> None:
+        """Refuse a change on a read-only mount (the kernel refuses most of them first;
+        the metadata log refuses to commit anything as well)."""
+        if self.opts.read_only:
+            raise FsError("read-only mount", errno.EROFS)
 
     async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
@@ -611,6 +628,7 @@ class Filesystem:
         mtime: int | None = None,
         fh: int | None = None,
     ) -> Attr:
+        self._writable()
         of = self.files.get(ino)
         if size is not None:
             if size < 0:
@@ -841,6 +859,8 @@ class Filesystem:
 
     async def open(self, ino: int, flags: int, ctx: Ctx | None = None) -> tuple[int, bool]:
         """Open a file; return (fh, keep_cache)."""
+        if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
+            self._writable()
         await self._catch_up()
         attr = await self._attr(ino)
         if attr.is_dir:
@@ -868,6 +888,7 @@ class Filesystem:
         self._kcache_ok.add(ino)
         if (
             self.opts.atime
+            and not self.opts.read_only
             and (flags & os.O_ACCMODE) == os.O_RDONLY
             and (attr.atime <= attr.mtime or attr.atime < time.time_ns() - ATIME_REFRESH_NS)
         ):
@@ -953,6 +974,7 @@ class Filesystem:
 
     async def write(self, fh: int, off: int, data: bytes) -> int:
         of = self._file(fh)
+        self._writable()
         await self.metering.acquire("write", len(data))
         if of.error is not None:
             err, of.error = of.error, None
@@ -1023,6 +1045,23 @@ class Filesystem:
                 self._dirty_cond.notify_all()
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
+        try:
+            return await self._read(fh, off, size)
+        except FsError as e:
+            if not self.opts.read_only or e.errno != errno.EIO:
+                raise
+            # gc does not wait for a read-only mount (it publishes no heartbeat): a view
+            # that fell behind by more than gc's grace period may name blocks that are
+            # gone. Catch up and read once more from the file's current layout.
+            seq = self.meta.applied_seq
+            await self._catch_up()
+            if self.meta.applied_seq == seq:
+                raise
+            ino = self._file(fh).ino
+            log.warning("read of inode %d failed (%s); reading again after catch-up", ino, e)
+            return await self._read(fh, off, size)
+
+    async def _read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         of = self._file(fh)
         await self.metering.acquire("read", size)
         if of.stale and not of.modified and of.orphan is None:

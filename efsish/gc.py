@@ -13,6 +13,7 @@ It must never delete anything a live mount may still read.
 
 from __future__ import annotations
 
+import errno
 import logging
 import sys
 import tempfile
@@ -26,7 +27,7 @@ from tqdm import tqdm
 
 from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_time_ns
-from efsish.errors import CorruptObject, NotFound
+from efsish.errors import CorruptObject, FsError, NotFound
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog, PlanContext, ckpt_key, log_key, seq_of
 from efsish.meta.ops import BlocksDeleted, Op
 from efsish.meta.superblock import load_superblock
@@ -128,6 +129,8 @@ async def collect(
     trim: bool = True,
 ) -> GcResult:
     """One gc + trim pass using `meta` (a MetaLog whose committer is running)."""
+    if meta.read_only:
+        raise FsError("read-only mount: no gc", errno.EROFS)
     res = GcResult()
     await meta.catch_up()
     clients = [

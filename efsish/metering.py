@@ -117,8 +117,10 @@ class Metering:
         client_id: str,
         stats_file: Path | None = None,
         prometheus_port: int | None = None,
+        read_only: bool = False,
     ) -> None:
         self.store = store
+        self.read_only = read_only  # paced by its own copy of the balance, never saved
         self.sb = sb
         self.client_id = client_id
         self.stats_file = stats_file
@@ -222,6 +224,8 @@ class Metering:
 
     async def _save_ledger(self) -> None:
         assert self.throttle is not None
+        if self.read_only:
+            return
         self.throttle.permitted_bps()  # bring the ledger up to now
         balance = self.throttle.ledger.balance
         self.heartbeat_fields()  # fold this mount's usage into metered_total

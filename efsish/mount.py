@@ -220,7 +220,8 @@ def _check_mountpoint(path: str) -> None:
 
 async def _preflight(cfg: MountConfig) -> None:
     async with open_store(cfg.store_url, cfg.store_options) as store:
-        await store.check()
+        if not cfg.ro:  # check() writes a probe; a read-only mount writes nothing
+            await store.check()
         await load_superblock(store)
 
 
@@ -349,6 +350,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             stats_file=stats_file(mountpoint),
             prometheus_port=cfg.prometheus_port,
             atime=cfg.atime,
+            read_only=cfg.ro,
         ),
     )
     ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)

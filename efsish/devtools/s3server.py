@@ -30,6 +30,10 @@ from efsish.procs import pid_alive
 
 ACCESS_KEY = "efsish-test"
 SECRET_KEY = "efsish-test-secret"
+# A second identity (SeaweedFS only) that may read and list but not write: for read-only
+# mounts.
+RO_ACCESS_KEY = "efsish-test-ro"
+RO_SECRET_KEY = "efsish-test-ro-secret"
 DEFAULT_BUCKET = "efsish-test"
 KINDS = ("seaweedfs", "moto", "minio")
 
@@ -116,7 +120,12 @@ def _seaweedfs_cmd(state: Path, s3_port: int) -> list[str]:
                         "name": "efsish",
                         "credentials": [{"accessKey": ACCESS_KEY, "secretKey": SECRET_KEY}],
                         "actions": ["Admin", "Read", "Write", "List", "Tagging"],
-                    }
+                    },
+                    {
+                        "name": "efsish-readonly",
+                        "credentials": [{"accessKey": RO_ACCESS_KEY, "secretKey": RO_SECRET_KEY}],
+                        "actions": ["Read", "List"],
+                    },
                 ]
             }
         )

@@ -16,6 +16,7 @@ used only under `self._wlock`. This module must not import pyfuse3 or know POSIX
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 import random
@@ -141,8 +142,12 @@ class MetaLog:
         client_id: str | None = None,
         on_apply: Callable[[ApplyResult, bool], None] | None = None,
         checkpoint_every: int = 1000,
+        read_only: bool = False,
     ) -> None:
         self.store = store
+        # A read-only mount follows the log but never writes to the bucket: no entries,
+        # no checkpoints (it may hold read-only credentials).
+        self.read_only = read_only
         self.sb = sb
         self.db_path = Path(db_path)
         self.client_id = client_id or uuid.uuid4().hex[:16]
@@ -584,6 +589,8 @@ class MetaLog:
 
     async def submit(self, planner: Planner[T]) -> T:
         """Queue a planner for the next group commit and return its result."""
+        if self.read_only:
+            raise FsError("read-only mount", errno.EROFS)
         if self.broken:
             raise FsError(f"metadata log unusable: {self.broken}")
         p: _Pending[T] = _Pending(planner)
@@ -919,6 +926,8 @@ class MetaLog:
     # ------------------------------------------------------------------- checkpoints
 
     async def maybe_checkpoint(self) -> bool:
+        if self.read_only:
+            return False  # the mounts that write checkpoint the log
         if self.applied_seq - self.last_checkpoint < self.checkpoint_every:
             return False
         await self.write_checkpoint()
@@ -926,6 +935,8 @@ class MetaLog:
 
     async def write_checkpoint(self) -> int:
         """Upload a snapshot of the view as checkpoints/<seq>; return seq."""
+        if self.read_only:
+            raise FsError("read-only mount: no checkpoints", errno.EROFS)
         async with self._writer_lock():
             seq, data = await trio.to_thread.run_sync(self._snapshot, limiter=self._wlimiter)
         try:

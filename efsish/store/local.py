@@ -173,7 +173,9 @@ class LocalStore(ObjectStore):
     def _sync_check(self) -> None:
         self._ensure_dirs()
         if not os.access(self.root, os.W_OK):
-            raise StoreConfigError(f"{self.root} is not writable by this user")
+            raise StoreConfigError(
+                f"{self.root} is not writable by this user; mount read-only with `-o ro`"
+            )
 
     # --------------------------------------------------------------------- async API
 

@@ -496,6 +496,15 @@ class S3Store(ObjectStore):
         probe = f".efsish-probe/{uuid.uuid4().hex}"
         try:
             await self.put_if_absent(probe, b"a")
+        except StoreConfigError:
+            # The bucket answered (head_bucket above), so the credentials are valid: they
+            # may read but not write.
+            raise StoreConfigError(
+                f"the credentials can read {self._where()} but not write to it (a test "
+                "write was refused); mount read-only with `-o ro`, or use credentials "
+                "allowed to write"
+            ) from None
+        try:
             try:
                 await self.put_if_absent(probe, b"b")
             except PreconditionFailed:
