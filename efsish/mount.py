@@ -16,6 +16,7 @@ import json
 import logging
 import logging.handlers
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -29,7 +30,7 @@ import trio.lowlevel
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import load_superblock
-from efsish.procs import pid_alive
+from efsish.procs import pid_alive, start_time
 from efsish.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
@@ -182,6 +183,25 @@ def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
                 raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
 
 
+def _mountinfo_unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it, with octal escapes (\\040) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_at(path: str) -> tuple[str, str] | None:
+    """(device major:minor, filesystem type) of the newest mount on the absolute `path`,
+    or None. Reads /proc/self/mountinfo, never the mount itself: the mount of a daemon
+    that died answers every stat() with ENOTCONN, and a live daemon may not be serving."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, tail = line.partition(" - ")
+            parts = fields.split()
+            if len(parts) > 4 and _mountinfo_unescape(parts[4]) == path:
+                found = (parts[2], tail.split()[0] if tail else "")
+    return found
+
+
 def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
     """Set the kernel's readahead for the FUSE mount at `mountpoint` (best effort; needs
     root). The kernel starts FUSE mounts at 128 KiB, so a sequential reader sends one
@@ -189,15 +209,11 @@ def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
     round trips through the daemon. Reads /proc/self/mountinfo, never the mount itself
     (the daemon is not serving requests yet)."""
     target = os.path.abspath(mountpoint)
-    dev = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
-                    dev = fields[2]  # the last match is the newest mount on that path
-        if dev is None:
+        found = mount_at(target)
+        if found is None:
             return
+        dev = found[0]
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(nbytes // 1024))
         log.debug("kernel readahead of %s (bdi %s) set to %d KiB", target, dev, nbytes // 1024)
     except OSError as e:
@@ -376,6 +392,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             json.dumps(
                 {
                     "pid": os.getpid(),
+                    "start": start_time(os.getpid()),
                     "mountpoint": mountpoint,
                     "store": cfg.store_url,
                     "cache_dir": str(cfg.cache_dir),
@@ -422,15 +439,40 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         )
 
 
+def _daemon_of(reg: Path, mountpoint: str) -> int | None:
+    """The PID of the live efsish daemon that the registry file `reg` names for
+    `mountpoint`, or None. A daemon killed with -9 leaves its registry file behind and
+    its PID may belong to any process by now: the PID counts only if that process started
+    when the registry says (its identity), runs `efsish mount`, and the file is about
+    this mountpoint."""
+    try:
+        entry = json.loads(reg.read_text())
+        pid = int(entry["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if entry.get("mountpoint") not in (None, mountpoint) or not pid_alive(pid):
+        return None
+    if entry.get("start") is not None and entry["start"] != start_time(pid):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    runs_efsish = any(os.path.basename(a) == b"efsish" for a in argv[:3])
+    return pid if runs_efsish and b"mount" in argv else None
+
+
 def umount(mountpoint: str, timeout: float = 120.0) -> int:
-    """Flush and unmount: SIGTERM the daemon and wait; fall back to fusermount3 -u."""
+    """Flush and unmount: SIGTERM the daemon and wait; fall back to fusermount3 -u.
+    Only the efsish daemon of this mountpoint is ever signalled, and only an efsish
+    mount is ever unmounted; a stale registry file is removed."""
     mp = os.path.abspath(mountpoint)  # no stat(): the daemon may be stuck
     reg = _registry_file(mp)
-    pid: int | None = None
-    if reg.exists():
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(json.loads(reg.read_text())["pid"])
-    if pid is not None and pid_alive(pid):
+    pid = _daemon_of(reg, mp)
+    if pid is None and reg.exists():
+        reg.unlink(missing_ok=True)
+        stats_file(mp).unlink(missing_ok=True)
+    if pid is not None:
         # A normal (not lazy) unmount first: a busy mount must stay mounted and usable.
         res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
         if res.returncode != 0 and "busy" in res.stderr.lower():
@@ -447,8 +489,12 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
         if pid_alive(pid):
             raise EfsishError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
         return 0
-    if not os.path.ismount(mp):
+    found = mount_at(mp)
+    if found is None:
         raise UsageError(f"{mountpoint} is not mounted")
+    if found[1] != "fuse.efsish":
+        raise UsageError(f"{mountpoint} is not an efsish mount ({found[1]}); use umount(8)")
+    # An efsish mount whose daemon is gone (killed, crashed): detach it.
     res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if res.returncode != 0:
         raise EfsishError(f"fusermount3 -u {mp} failed: {res.stderr.strip()}")
