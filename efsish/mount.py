@@ -11,13 +11,16 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
 import hashlib
+import io
 import json
 import logging
 import logging.handlers
 import os
 import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -220,6 +223,79 @@ def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
         log.debug("could not set the kernel readahead of %s: %s", target, e)
 
 
+def _refuse_foreign(path: Path, what: str) -> None:
+    """Refuse a directory the daemon keeps its cache or log in (or creates them in) that
+    another user owns or that group or others may write: whoever can write there can
+    read every user's cached names and data, plant a symlink the daemon (root) writes
+    through, or poison the metadata view it serves."""
+    st = os.stat(path)
+    euid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path} is not a directory; give a directory")
+    if st.st_uid not in (euid, 0):
+        raise UsageError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by uid {euid} or root; "
+            f"remove it (`rm -rf {path}`: it is only a cache) or `chown -R {euid} {path}`"
+        )
+    if st.st_mode & 0o022:
+        raise UsageError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run `chmod go-w {path}` or use another one"
+        )
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """Create `path` (0700, with missing parents) and return it with symlinks resolved,
+    after checking that it, and the existing directory mount creates into, belong to
+    this user (or root) and that nobody else may write to them (`_refuse_foreign`)."""
+    real = Path(os.path.realpath(path))
+    missing = []
+    p = real
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    if missing:
+        _refuse_foreign(p, f"{what} parent")
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+    _refuse_foreign(real, what)
+    return real
+
+
+def open_log(path: Path) -> io.TextIOWrapper:
+    """Open the daemon's log for appending, never through a symlink (O_NOFOLLOW) and only
+    if it is a regular file of this user (or root) with no other name (a hard link to
+    another file would make the daemon append to that file)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(
+                f"log file {path} is a symlink; efsish writes its log only to a regular "
+                f"file: remove it (`rm {path}`) or give another log=FILE"
+            ) from None
+        raise UsageError(f"cannot open the log file {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (os.geteuid(), 0):
+        os.close(fd)
+        raise UsageError(
+            f"log file {path} is not a regular file of uid {os.geteuid()} with one link; "
+            f"remove it (`rm {path}`) or give another log=FILE"
+        )
+    os.set_blocking(fd, True)
+    return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+
+class _LogHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler that opens its file (also after each rotation) with
+    `open_log`: never through a symlink."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_log(Path(self.baseFilename))
+
+
 def _check_mountpoint(path: str) -> None:
     p = Path(path)
     if not p.exists():
@@ -247,11 +323,14 @@ def mount(cfg: MountConfig) -> int:
     inherit a thread cache whose threads do not exist. So the child does the store checks
     and reports any error back through a pipe, which the parent prints."""
     _check_mountpoint(cfg.mountpoint)
-    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    cfg.cache_dir = private_dir(cfg.cache_dir, "cache dir")
     if cfg.cache_dir.stat().st_uid == os.geteuid():
         os.chmod(cfg.cache_dir, 0o700)  # it holds names and data of every user
     if cfg.log_file is None:
         cfg.log_file = cfg.cache_dir / "efsish.log"
+    elif not cfg.log_file.parent.exists():
+        private_dir(cfg.log_file.parent, "log dir")
+    open_log(cfg.log_file).close()  # refuse a bad log file here, in one line
     if cfg.foreground:
         _setup_logging(cfg, to_stderr=True)
         return _run_daemon(cfg, ready_fd=None)
@@ -266,9 +345,9 @@ def mount(cfg: MountConfig) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _setup_logging(cfg, to_stderr=False)
         code = 1
         try:
+            _setup_logging(cfg, to_stderr=False)
             code = _run_daemon(cfg, ready_fd=w)
         except UsageError as e:
             _report(w, f"USAGE {e}")
@@ -306,8 +385,7 @@ def _setup_logging(cfg: MountConfig, to_stderr: bool) -> None:
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     assert cfg.log_file is not None
-    cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.handlers.RotatingFileHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)
+    fh = _LogHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)
     fh.setFormatter(fmt)
     root.handlers = [fh]
     if to_stderr:
