@@ -12,6 +12,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import errno
+import fcntl
 import hashlib
 import io
 import json
@@ -296,6 +297,31 @@ class _LogHandler(logging.handlers.RotatingFileHandler):
         return open_log(Path(self.baseFilename))
 
 
+def lock_cache_dir(cache_dir: Path, fs_uuid: str, mountpoint: str) -> int:
+    """Take the lock of filesystem `fs_uuid`'s part of `cache_dir` and return its fd,
+    which the daemon holds until it exits (flock: the kernel drops it when the process
+    dies, even by kill -9). Two mounts of one filesystem sharing a cache dir would share
+    one metadata view and block cache; the second is refused here, in one line that
+    names the mount that has it. Mounts of different filesystems may share a cache dir
+    (each has its own part of it)."""
+    path = cache_dir / f"{fs_uuid}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = "another efsish mount"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(os.pread(fd, 4096, 0))
+            holder = f"the efsish mount at {doc['mountpoint']} (pid {int(doc['pid'])})"
+        os.close(fd)
+        raise UsageError(
+            f"cache dir {cache_dir} is in use by {holder}; give this mount its own -o cache_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}).encode(), 0)
+    return fd
+
+
 def _check_mountpoint(path: str) -> None:
     p = Path(path)
     if not p.exists():
@@ -432,6 +458,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     await _preflight(cfg)
     store = open_store(cfg.store_url, cfg.store_options)
     sb = await load_superblock(store)
+    lock_fd = lock_cache_dir(cfg.cache_dir, sb.fs_uuid, mountpoint)  # for the daemon's life
     fs = Filesystem(
         store,
         sb,
@@ -509,6 +536,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         with trio.CancelScope(shield=True):
             await fs.meta.aclose()
             await store.aclose()
+        os.close(lock_fd)
         log.info(
             "unmounted %s (largest FUSE requests: read %d, write %d bytes)",
             mountpoint,

@@ -69,18 +69,20 @@ Attempt = Callable[..., "subprocess.CompletedProcess[str]"]
 
 @pytest.fixture
 def attempt(tmp_path: Path) -> Iterator[Attempt]:
-    """attempt(cache_dir, *args) -> the result of `efsish mount STORE MP --cache-dir
-    cache_dir *args` on a fresh store and mountpoint; whatever it mounted is unmounted and
-    its daemon stopped in teardown."""
-    store = f"file://{tmp_path}/store"
-    efsish("format", store, "--block-size", "1M")
+    """attempt(cache_dir, *args, store=None) -> the result of `efsish mount STORE MP
+    --cache-dir cache_dir *args` on a fresh mountpoint (and a fresh store unless one is
+    given); whatever it mounted is unmounted and its daemon stopped in teardown."""
+    fresh = f"file://{tmp_path}/store"
+    efsish("format", fresh, "--block-size", "1M")
     made: list[Path] = []
 
-    def run(cache: Path, *args: str) -> subprocess.CompletedProcess[str]:
+    def run(cache: Path, *args: str, store: str | None = None) -> subprocess.CompletedProcess[str]:
         mp = tmp_path / f"mnt-{uuid.uuid4().hex[:6]}"
         mp.mkdir()
         made.append(mp)
-        return efsish("mount", store, str(mp), "--cache-dir", str(cache), *args, check=False)
+        return efsish(
+            "mount", store or fresh, str(mp), "--cache-dir", str(cache), *args, check=False
+        )
 
     yield run
     for mp in made:
@@ -144,3 +146,20 @@ def test_symlinked_log_is_refused(attempt: Attempt, tmp_path: Path) -> None:
     _refused(attempt(tmp_path / "cache2", "-o", f"log={other}"), str(other), "symlink")
     assert secret.read_text() == "secret\n"
     assert not [mp for mp in tmp_path.glob("mnt-*") if is_mounted(mp)]
+
+
+def test_second_mount_on_one_cache_dir_is_refused(mounter, attempt: Attempt) -> None:
+    m = mounter()
+    (m.path / "f").write_text("one\n")
+    res = attempt(m.cache_dir, store=m.store)
+    _refused(res, str(m.cache_dir), f"at {m.path} (pid {m.pid})", "own -o cache_dir")
+    assert [mp for mp in m.path.parent.glob("mnt-*") if is_mounted(mp)] == []
+    # The first mount is unharmed and still writes.
+    (m.path / "g").write_text("two\n")
+    assert (m.path / "f").read_text() == "one\n"
+    assert (m.path / "g").read_text() == "two\n"
+    # Another filesystem may share the cache dir (each has its own part of it).
+    assert attempt(m.cache_dir).returncode == 0
+    # Once the first mount is gone, its cache dir is free again.
+    efsish("umount", str(m.path))
+    assert attempt(m.cache_dir, store=m.store).returncode == 0
