@@ -79,6 +79,14 @@ IGNORED_OPTIONS = {
 }
 
 
+#: Logged at every mount (and in README, "Limits"): the kernel keeps flock and fcntl
+#: locks of a FUSE mount that does not implement them, so they are local to the mount.
+LOCKS_NOTE = (
+    "file locks (flock, fcntl/lockf) are local to this mount: processes using another "
+    "mount of this filesystem (another machine, or another mount on this one) do not see them"
+)
+
+
 @dataclass
 class MountConfig:
     store_url: str
@@ -507,6 +515,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             )
         )
         log.info("mounted %s on %s (client %s)", cfg.store_url, cfg.mountpoint, fs.meta.client_id)
+        log.info(LOCKS_NOTE)
         nursery.start_soon(ops.invalidation_worker)
         stopping = trio.Event()
 
