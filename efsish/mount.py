@@ -18,6 +18,7 @@ import io
 import json
 import logging
 import logging.handlers
+import math
 import os
 import re
 import signal
@@ -39,25 +40,26 @@ from efsish.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
 
+#: Every `-o` option efsish knows: name -> (its value, what a valid value is); a flag has
+#: no value. apply_mount_options, its errors, and mount(8)'s helper mount/mount.efsish
+#: (which passes every option on to `efsish mount -o`) all go by this one table.
+MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
+    "cache_dir": ("DIR", "a directory"),
+    "cache_size": ("SIZE", "a size of 0 or more, e.g. 10G"),
+    "poll_interval": ("SECONDS", "a number of seconds above 0, e.g. 1.0"),
+    "attr_timeout": ("SECONDS", "a number of seconds, 0 or more, e.g. 1.0"),
+    "endpoint": ("URL", "an S3 endpoint URL"),
+    "allow_other": ("", ""),
+    "noallow_other": ("", ""),
+    "ro": ("", ""),
+    "log": ("FILE", "a file name"),
+    "prometheus_port": ("PORT", "a TCP port from 1 to 65535"),
+    "foreground": ("", ""),
+    "readahead": ("SIZE", "a size from 0 to 1G, e.g. 1M"),
+    "noatime": ("", ""),
+}
+KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
-#: Options the daemon understands (see apply_mount_options and README).
-KNOWN_OPTIONS = frozenset(
-    {
-        "cache_dir",
-        "cache_size",
-        "poll_interval",
-        "attr_timeout",
-        "endpoint",
-        "allow_other",
-        "noallow_other",
-        "ro",
-        "log",
-        "prometheus_port",
-        "foreground",
-        "readahead",
-        "noatime",
-    }
-)
 IGNORED_OPTIONS = {
     "_netdev",
     "defaults",
@@ -134,65 +136,89 @@ def parse_size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
     try:
-        return int(float(num) * units[unit])
+        n = float(num) * units[unit]
+        if not math.isfinite(n) or n < 0:
+            raise ValueError
+        return int(n)
     except (ValueError, KeyError):
         raise UsageError(f"invalid size {text!r} (use e.g. 512M, 10G)") from None
 
 
-def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
-    """Apply `-o a,b=c` options; unknown ones are an error that names them."""
+def _seconds(value: str, *, zero_ok: bool) -> float:
+    """A finite, non-negative number of seconds (above 0 unless zero_ok)."""
+    x = float(value)
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero_ok):
+        raise ValueError(value)
+    return x
+
+
+def apply_mount_options(cfg: MountConfig, opts: list[str], *, sloppy: bool = False) -> None:
+    """Apply `-o a,b=c` options (MOUNT_OPTIONS); an unknown one is an error that names it
+    unless `sloppy` (mount -s), and so is a bad value, a missing one, or a value given to
+    a flag."""
     for chunk in opts:
         for item in chunk.split(","):
             item = item.strip()
             if not item:
                 continue
-            key, _, value = item.partition("=")
-            try:
-                if key in IGNORED_OPTIONS:
+            key, eq, value = item.partition("=")
+            if key in IGNORED_OPTIONS:
+                continue
+            if key not in MOUNT_OPTIONS:
+                if sloppy:
+                    log.info("ignoring unknown mount option %r (sloppy)", item)
                     continue
-                if key == "cache_dir":
-                    cfg.cache_dir = Path(value)
-                elif key == "cache_size":
-                    cfg.cache_bytes = parse_size(value)
-                elif key == "poll_interval":
-                    cfg.poll_interval = float(value)
-                    if cfg.poll_interval <= 0:
-                        raise ValueError
-                elif key == "attr_timeout":
-                    cfg.attr_timeout = float(value)
-                elif key == "endpoint":
-                    cfg.store_options = StoreOptions(
-                        **{**cfg.store_options.__dict__, "endpoint": value}
-                    )
-                elif key == "allow_other":
-                    cfg.allow_other = True
-                elif key == "noallow_other":
-                    cfg.allow_other = False
-                elif key == "ro":
-                    cfg.ro = True
-                elif key == "log":
-                    cfg.log_file = Path(value)
-                elif key == "prometheus_port":
-                    cfg.prometheus_port = int(value)
-                    if not 0 < cfg.prometheus_port < 65536:
-                        raise ValueError
-                elif key == "foreground":
-                    cfg.foreground = True
-                elif key == "readahead":
-                    cfg.readahead = parse_size(value)
-                    if not 0 <= cfg.readahead <= 1024**3:
-                        raise ValueError
-                elif key == "noatime":
-                    cfg.atime = False
-                else:
-                    raise UsageError(
-                        f"unknown mount option {key!r}; known: cache_dir, cache_size, "
-                        "poll_interval, attr_timeout, endpoint, allow_other, noallow_other, "
-                        "ro, log, prometheus_port, readahead, noatime, and the generic "
-                        "_netdev/defaults/auto/noauto/nofail"
-                    )
-            except ValueError:
-                raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
+                raise UsageError(
+                    f"unknown mount option {key!r}; known: {', '.join(MOUNT_OPTIONS)}, and "
+                    "the generic _netdev/defaults/auto/noauto/nofail"
+                )
+            metavar, valid = MOUNT_OPTIONS[key]
+            if metavar and not value:
+                raise UsageError(f"mount option {key} needs a value: {key}={metavar}")
+            if not metavar and eq:
+                raise UsageError(f"mount option {key} takes no value: give {key}, not {item}")
+            try:
+                _apply_one(cfg, key, value)
+            except (ValueError, UsageError):
+                raise UsageError(
+                    f"invalid value for mount option {key}: {value!r} (give {valid})"
+                ) from None
+
+
+def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
+    """Set one known option (ValueError or UsageError if its value is bad)."""
+    if key == "cache_dir":
+        cfg.cache_dir = Path(value)
+    elif key == "cache_size":
+        cfg.cache_bytes = parse_size(value)
+    elif key == "poll_interval":
+        cfg.poll_interval = _seconds(value, zero_ok=False)
+    elif key == "attr_timeout":
+        cfg.attr_timeout = _seconds(value, zero_ok=True)
+    elif key == "endpoint":
+        cfg.store_options = StoreOptions(**{**cfg.store_options.__dict__, "endpoint": value})
+    elif key == "allow_other":
+        cfg.allow_other = True
+    elif key == "noallow_other":
+        cfg.allow_other = False
+    elif key == "ro":
+        cfg.ro = True
+    elif key == "log":
+        cfg.log_file = Path(value)
+    elif key == "prometheus_port":
+        cfg.prometheus_port = int(value)
+        if not 0 < cfg.prometheus_port < 65536:
+            raise ValueError(value)
+    elif key == "foreground":
+        cfg.foreground = True
+    elif key == "readahead":
+        cfg.readahead = parse_size(value)
+        if not 0 <= cfg.readahead <= 1024**3:
+            raise ValueError(value)
+    elif key == "noatime":
+        cfg.atime = False
+    else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
+        raise AssertionError(key)
 
 
 def _mountinfo_unescape(field: str) -> str:
