@@ -89,7 +89,7 @@ def _mount(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
         foreground=args.foreground,
     )
-    apply_mount_options(cfg, args.o or [])
+    apply_mount_options(cfg, args.o or [], sloppy=args.sloppy)
     return mount(cfg)
 
 
@@ -234,6 +234,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--foreground", "-f", action="store_true", help="do not daemonise")
     p.add_argument(
         "-o", action="append", metavar="OPTIONS", help="comma-separated mount options (see README)"
+    )
+    p.add_argument(
+        "--sloppy", "-s", action="store_true", help="ignore unknown -o options (as mount -s)"
     )
     p.set_defaults(func=_mount, sync=True)
 

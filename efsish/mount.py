@@ -11,12 +11,18 @@ from __future__ import annotations
 
 import contextlib
 import ctypes
+import errno
+import fcntl
 import hashlib
+import io
 import json
 import logging
 import logging.handlers
+import math
 import os
+import re
 import signal
+import stat
 import subprocess
 import sys
 import time
@@ -29,30 +35,31 @@ import trio.lowlevel
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import load_superblock
-from efsish.procs import pid_alive
+from efsish.procs import pid_alive, start_time
 from efsish.store import StoreOptions, open_store
 
 log = logging.getLogger(__name__)
 
+#: Every `-o` option efsish knows: name -> (its value, what a valid value is); a flag has
+#: no value. apply_mount_options, its errors, and mount(8)'s helper mount/mount.efsish
+#: (which passes every option on to `efsish mount -o`) all go by this one table.
+MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
+    "cache_dir": ("DIR", "a directory"),
+    "cache_size": ("SIZE", "a size of 0 or more, e.g. 10G"),
+    "poll_interval": ("SECONDS", "a number of seconds above 0, e.g. 1.0"),
+    "attr_timeout": ("SECONDS", "a number of seconds, 0 or more, e.g. 1.0"),
+    "endpoint": ("URL", "an S3 endpoint URL"),
+    "allow_other": ("", ""),
+    "noallow_other": ("", ""),
+    "ro": ("", ""),
+    "log": ("FILE", "a file name"),
+    "prometheus_port": ("PORT", "a TCP port from 1 to 65535"),
+    "foreground": ("", ""),
+    "readahead": ("SIZE", "a size from 0 to 1G, e.g. 1M"),
+    "noatime": ("", ""),
+}
+KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
-#: Options the daemon understands (see apply_mount_options and README).
-KNOWN_OPTIONS = frozenset(
-    {
-        "cache_dir",
-        "cache_size",
-        "poll_interval",
-        "attr_timeout",
-        "endpoint",
-        "allow_other",
-        "noallow_other",
-        "ro",
-        "log",
-        "prometheus_port",
-        "foreground",
-        "readahead",
-        "noatime",
-    }
-)
 IGNORED_OPTIONS = {
     "_netdev",
     "defaults",
@@ -72,6 +79,14 @@ IGNORED_OPTIONS = {
     "relatime",
     "async",
 }
+
+
+#: Logged at every mount (and in README, "Limits"): the kernel keeps flock and fcntl
+#: locks of a FUSE mount that does not implement them, so they are local to the mount.
+LOCKS_NOTE = (
+    "file locks (flock, fcntl/lockf) are local to this mount: processes using another "
+    "mount of this filesystem (another machine, or another mount on this one) do not see them"
+)
 
 
 @dataclass
@@ -121,65 +136,108 @@ def parse_size(text: str) -> int:
     t = text.strip().lower().removesuffix("ib").removesuffix("b")
     num, unit = (t[:-1], t[-1]) if t and t[-1] in units and t[-1] != "" else (t, "")
     try:
-        return int(float(num) * units[unit])
+        n = float(num) * units[unit]
+        if not math.isfinite(n) or n < 0:
+            raise ValueError
+        return int(n)
     except (ValueError, KeyError):
         raise UsageError(f"invalid size {text!r} (use e.g. 512M, 10G)") from None
 
 
-def apply_mount_options(cfg: MountConfig, opts: list[str]) -> None:
-    """Apply `-o a,b=c` options; unknown ones are an error that names them."""
+def _seconds(value: str, *, zero_ok: bool) -> float:
+    """A finite, non-negative number of seconds (above 0 unless zero_ok)."""
+    x = float(value)
+    if not math.isfinite(x) or x < 0 or (x == 0 and not zero_ok):
+        raise ValueError(value)
+    return x
+
+
+def apply_mount_options(cfg: MountConfig, opts: list[str], *, sloppy: bool = False) -> None:
+    """Apply `-o a,b=c` options (MOUNT_OPTIONS); an unknown one is an error that names it
+    unless `sloppy` (mount -s), and so is a bad value, a missing one, or a value given to
+    a flag."""
     for chunk in opts:
         for item in chunk.split(","):
             item = item.strip()
             if not item:
                 continue
-            key, _, value = item.partition("=")
-            try:
-                if key in IGNORED_OPTIONS:
+            key, eq, value = item.partition("=")
+            if key in IGNORED_OPTIONS:
+                continue
+            if key not in MOUNT_OPTIONS:
+                if sloppy:
+                    log.info("ignoring unknown mount option %r (sloppy)", item)
                     continue
-                if key == "cache_dir":
-                    cfg.cache_dir = Path(value)
-                elif key == "cache_size":
-                    cfg.cache_bytes = parse_size(value)
-                elif key == "poll_interval":
-                    cfg.poll_interval = float(value)
-                    if cfg.poll_interval <= 0:
-                        raise ValueError
-                elif key == "attr_timeout":
-                    cfg.attr_timeout = float(value)
-                elif key == "endpoint":
-                    cfg.store_options = StoreOptions(
-                        **{**cfg.store_options.__dict__, "endpoint": value}
-                    )
-                elif key == "allow_other":
-                    cfg.allow_other = True
-                elif key == "noallow_other":
-                    cfg.allow_other = False
-                elif key == "ro":
-                    cfg.ro = True
-                elif key == "log":
-                    cfg.log_file = Path(value)
-                elif key == "prometheus_port":
-                    cfg.prometheus_port = int(value)
-                    if not 0 < cfg.prometheus_port < 65536:
-                        raise ValueError
-                elif key == "foreground":
-                    cfg.foreground = True
-                elif key == "readahead":
-                    cfg.readahead = parse_size(value)
-                    if not 0 <= cfg.readahead <= 1024**3:
-                        raise ValueError
-                elif key == "noatime":
-                    cfg.atime = False
-                else:
-                    raise UsageError(
-                        f"unknown mount option {key!r}; known: cache_dir, cache_size, "
-                        "poll_interval, attr_timeout, endpoint, allow_other, noallow_other, "
-                        "ro, log, prometheus_port, readahead, noatime, and the generic "
-                        "_netdev/defaults/auto/noauto/nofail"
-                    )
-            except ValueError:
-                raise UsageError(f"invalid value for mount option {key}: {value!r}") from None
+                raise UsageError(
+                    f"unknown mount option {key!r}; known: {', '.join(MOUNT_OPTIONS)}, and "
+                    "the generic _netdev/defaults/auto/noauto/nofail"
+                )
+            metavar, valid = MOUNT_OPTIONS[key]
+            if metavar and not value:
+                raise UsageError(f"mount option {key} needs a value: {key}={metavar}")
+            if not metavar and eq:
+                raise UsageError(f"mount option {key} takes no value: give {key}, not {item}")
+            try:
+                _apply_one(cfg, key, value)
+            except (ValueError, UsageError):
+                raise UsageError(
+                    f"invalid value for mount option {key}: {value!r} (give {valid})"
+                ) from None
+
+
+def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
+    """Set one known option (ValueError or UsageError if its value is bad)."""
+    if key == "cache_dir":
+        cfg.cache_dir = Path(value)
+    elif key == "cache_size":
+        cfg.cache_bytes = parse_size(value)
+    elif key == "poll_interval":
+        cfg.poll_interval = _seconds(value, zero_ok=False)
+    elif key == "attr_timeout":
+        cfg.attr_timeout = _seconds(value, zero_ok=True)
+    elif key == "endpoint":
+        cfg.store_options = StoreOptions(**{**cfg.store_options.__dict__, "endpoint": value})
+    elif key == "allow_other":
+        cfg.allow_other = True
+    elif key == "noallow_other":
+        cfg.allow_other = False
+    elif key == "ro":
+        cfg.ro = True
+    elif key == "log":
+        cfg.log_file = Path(value)
+    elif key == "prometheus_port":
+        cfg.prometheus_port = int(value)
+        if not 0 < cfg.prometheus_port < 65536:
+            raise ValueError(value)
+    elif key == "foreground":
+        cfg.foreground = True
+    elif key == "readahead":
+        cfg.readahead = parse_size(value)
+        if not 0 <= cfg.readahead <= 1024**3:
+            raise ValueError(value)
+    elif key == "noatime":
+        cfg.atime = False
+    else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
+        raise AssertionError(key)
+
+
+def _mountinfo_unescape(field: str) -> str:
+    """A path as /proc/self/mountinfo writes it, with octal escapes (\\040) decoded."""
+    return re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), field)
+
+
+def mount_at(path: str) -> tuple[str, str] | None:
+    """(device major:minor, filesystem type) of the newest mount on the absolute `path`,
+    or None. Reads /proc/self/mountinfo, never the mount itself: the mount of a daemon
+    that died answers every stat() with ENOTCONN, and a live daemon may not be serving."""
+    found = None
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            fields, _, tail = line.partition(" - ")
+            parts = fields.split()
+            if len(parts) > 4 and _mountinfo_unescape(parts[4]) == path:
+                found = (parts[2], tail.split()[0] if tail else "")
+    return found
 
 
 def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
@@ -189,19 +247,113 @@ def set_kernel_readahead(mountpoint: str, nbytes: int) -> None:
     round trips through the daemon. Reads /proc/self/mountinfo, never the mount itself
     (the daemon is not serving requests yet)."""
     target = os.path.abspath(mountpoint)
-    dev = None
     try:
-        with open("/proc/self/mountinfo") as f:
-            for line in f:
-                fields = line.split()
-                if len(fields) > 4 and fields[4].replace("\\040", " ") == target:
-                    dev = fields[2]  # the last match is the newest mount on that path
-        if dev is None:
+        found = mount_at(target)
+        if found is None:
             return
+        dev = found[0]
         Path(f"/sys/class/bdi/{dev}/read_ahead_kb").write_text(str(nbytes // 1024))
         log.debug("kernel readahead of %s (bdi %s) set to %d KiB", target, dev, nbytes // 1024)
     except OSError as e:
         log.debug("could not set the kernel readahead of %s: %s", target, e)
+
+
+def _refuse_foreign(path: Path, what: str) -> None:
+    """Refuse a directory the daemon keeps its cache or log in (or creates them in) that
+    another user owns or that group or others may write: whoever can write there can
+    read every user's cached names and data, plant a symlink the daemon (root) writes
+    through, or poison the metadata view it serves."""
+    st = os.stat(path)
+    euid = os.geteuid()
+    if not stat.S_ISDIR(st.st_mode):
+        raise UsageError(f"{what} {path} is not a directory; give a directory")
+    if st.st_uid not in (euid, 0):
+        raise UsageError(
+            f"{what} {path} is owned by uid {st.st_uid}, not by uid {euid} or root; "
+            f"remove it (`rm -rf {path}`: it is only a cache) or `chown -R {euid} {path}`"
+        )
+    if st.st_mode & 0o022:
+        raise UsageError(
+            f"{what} {path} is writable by group or others (mode "
+            f"{stat.S_IMODE(st.st_mode):04o}); run `chmod go-w {path}` or use another one"
+        )
+
+
+def private_dir(path: Path, what: str) -> Path:
+    """Create `path` (0700, with missing parents) and return it with symlinks resolved,
+    after checking that it, and the existing directory mount creates into, belong to
+    this user (or root) and that nobody else may write to them (`_refuse_foreign`)."""
+    real = Path(os.path.realpath(path))
+    missing = []
+    p = real
+    while not os.path.lexists(p):
+        missing.append(p)
+        p = p.parent
+    if missing:
+        _refuse_foreign(p, f"{what} parent")
+    for d in reversed(missing):
+        with contextlib.suppress(FileExistsError):
+            os.mkdir(d, 0o700)
+    _refuse_foreign(real, what)
+    return real
+
+
+def open_log(path: Path) -> io.TextIOWrapper:
+    """Open the daemon's log for appending, never through a symlink (O_NOFOLLOW) and only
+    if it is a regular file of this user (or root) with no other name (a hard link to
+    another file would make the daemon append to that file)."""
+    flags = os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK
+    try:
+        fd = os.open(path, flags, 0o600)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise UsageError(
+                f"log file {path} is a symlink; efsish writes its log only to a regular "
+                f"file: remove it (`rm {path}`) or give another log=FILE"
+            ) from None
+        raise UsageError(f"cannot open the log file {path}: {e.strerror}") from None
+    st = os.fstat(fd)
+    if not stat.S_ISREG(st.st_mode) or st.st_nlink != 1 or st.st_uid not in (os.geteuid(), 0):
+        os.close(fd)
+        raise UsageError(
+            f"log file {path} is not a regular file of uid {os.geteuid()} with one link; "
+            f"remove it (`rm {path}`) or give another log=FILE"
+        )
+    os.set_blocking(fd, True)
+    return open(fd, "a", encoding="utf-8", errors="backslashreplace")
+
+
+class _LogHandler(logging.handlers.RotatingFileHandler):
+    """RotatingFileHandler that opens its file (also after each rotation) with
+    `open_log`: never through a symlink."""
+
+    def _open(self) -> io.TextIOWrapper:
+        return open_log(Path(self.baseFilename))
+
+
+def lock_cache_dir(cache_dir: Path, fs_uuid: str, mountpoint: str) -> int:
+    """Take the lock of filesystem `fs_uuid`'s part of `cache_dir` and return its fd,
+    which the daemon holds until it exits (flock: the kernel drops it when the process
+    dies, even by kill -9). Two mounts of one filesystem sharing a cache dir would share
+    one metadata view and block cache; the second is refused here, in one line that
+    names the mount that has it. Mounts of different filesystems may share a cache dir
+    (each has its own part of it)."""
+    path = cache_dir / f"{fs_uuid}.lock"
+    fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = "another efsish mount"
+        with contextlib.suppress(OSError, ValueError, KeyError, TypeError):
+            doc = json.loads(os.pread(fd, 4096, 0))
+            holder = f"the efsish mount at {doc['mountpoint']} (pid {int(doc['pid'])})"
+        os.close(fd)
+        raise UsageError(
+            f"cache dir {cache_dir} is in use by {holder}; give this mount its own -o cache_dir"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, json.dumps({"pid": os.getpid(), "mountpoint": mountpoint}).encode(), 0)
+    return fd
 
 
 def _check_mountpoint(path: str) -> None:
@@ -232,11 +384,14 @@ def mount(cfg: MountConfig) -> int:
     inherit a thread cache whose threads do not exist. So the child does the store checks
     and reports any error back through a pipe, which the parent prints."""
     _check_mountpoint(cfg.mountpoint)
-    cfg.cache_dir.mkdir(parents=True, exist_ok=True)
+    cfg.cache_dir = private_dir(cfg.cache_dir, "cache dir")
     if cfg.cache_dir.stat().st_uid == os.geteuid():
         os.chmod(cfg.cache_dir, 0o700)  # it holds names and data of every user
     if cfg.log_file is None:
         cfg.log_file = cfg.cache_dir / "efsish.log"
+    elif not cfg.log_file.parent.exists():
+        private_dir(cfg.log_file.parent, "log dir")
+    open_log(cfg.log_file).close()  # refuse a bad log file here, in one line
     if cfg.foreground:
         _setup_logging(cfg, to_stderr=True)
         return _run_daemon(cfg, ready_fd=None)
@@ -251,9 +406,9 @@ def mount(cfg: MountConfig) -> int:
         for fd in (0, 1, 2):
             os.dup2(devnull, fd)
         os.close(devnull)
-        _setup_logging(cfg, to_stderr=False)
         code = 1
         try:
+            _setup_logging(cfg, to_stderr=False)
             code = _run_daemon(cfg, ready_fd=w)
         except UsageError as e:
             _report(w, f"USAGE {e}")
@@ -291,8 +446,7 @@ def _setup_logging(cfg: MountConfig, to_stderr: bool) -> None:
     root.setLevel(logging.INFO)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     assert cfg.log_file is not None
-    cfg.log_file.parent.mkdir(parents=True, exist_ok=True)
-    fh = logging.handlers.RotatingFileHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)
+    fh = _LogHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)
     fh.setFormatter(fmt)
     root.handlers = [fh]
     if to_stderr:
@@ -339,6 +493,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     await _preflight(cfg)
     store = open_store(cfg.store_url, cfg.store_options)
     sb = await load_superblock(store)
+    lock_fd = lock_cache_dir(cfg.cache_dir, sb.fs_uuid, mountpoint)  # for the daemon's life
     fs = Filesystem(
         store,
         sb,
@@ -378,6 +533,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             json.dumps(
                 {
                     "pid": os.getpid(),
+                    "start": start_time(os.getpid()),
                     "mountpoint": mountpoint,
                     "store": cfg.store_url,
                     "cache_dir": str(cfg.cache_dir),
@@ -387,6 +543,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             )
         )
         log.info("mounted %s on %s (client %s)", cfg.store_url, cfg.mountpoint, fs.meta.client_id)
+        log.info(LOCKS_NOTE)
         nursery.start_soon(ops.invalidation_worker)
         stopping = trio.Event()
 
@@ -416,6 +573,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         with trio.CancelScope(shield=True):
             await fs.meta.aclose()
             await store.aclose()
+        os.close(lock_fd)
         log.info(
             "unmounted %s (largest FUSE requests: read %d, write %d bytes)",
             mountpoint,
@@ -424,15 +582,40 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         )
 
 
+def _daemon_of(reg: Path, mountpoint: str) -> int | None:
+    """The PID of the live efsish daemon that the registry file `reg` names for
+    `mountpoint`, or None. A daemon killed with -9 leaves its registry file behind and
+    its PID may belong to any process by now: the PID counts only if that process started
+    when the registry says (its identity), runs `efsish mount`, and the file is about
+    this mountpoint."""
+    try:
+        entry = json.loads(reg.read_text())
+        pid = int(entry["pid"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+    if entry.get("mountpoint") not in (None, mountpoint) or not pid_alive(pid):
+        return None
+    if entry.get("start") is not None and entry["start"] != start_time(pid):
+        return None
+    try:
+        argv = Path(f"/proc/{pid}/cmdline").read_bytes().split(b"\0")
+    except OSError:
+        return None
+    runs_efsish = any(os.path.basename(a) == b"efsish" for a in argv[:3])
+    return pid if runs_efsish and b"mount" in argv else None
+
+
 def umount(mountpoint: str, timeout: float = 120.0) -> int:
-    """Flush and unmount: SIGTERM the daemon and wait; fall back to fusermount3 -u."""
+    """Flush and unmount: SIGTERM the daemon and wait; fall back to fusermount3 -u.
+    Only the efsish daemon of this mountpoint is ever signalled, and only an efsish
+    mount is ever unmounted; a stale registry file is removed."""
     mp = os.path.abspath(mountpoint)  # no stat(): the daemon may be stuck
     reg = _registry_file(mp)
-    pid: int | None = None
-    if reg.exists():
-        with contextlib.suppress(ValueError, OSError):
-            pid = int(json.loads(reg.read_text())["pid"])
-    if pid is not None and pid_alive(pid):
+    pid = _daemon_of(reg, mp)
+    if pid is None and reg.exists():
+        reg.unlink(missing_ok=True)
+        stats_file(mp).unlink(missing_ok=True)
+    if pid is not None:
         # A normal (not lazy) unmount first: a busy mount must stay mounted and usable.
         res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
         if res.returncode != 0 and "busy" in res.stderr.lower():
@@ -449,8 +632,12 @@ def umount(mountpoint: str, timeout: float = 120.0) -> int:
         if pid_alive(pid):
             raise EfsishError(f"the daemon (pid {pid}) did not exit within {timeout:.0f}s")
         return 0
-    if not os.path.ismount(mp):
+    found = mount_at(mp)
+    if found is None:
         raise UsageError(f"{mountpoint} is not mounted")
+    if found[1] != "fuse.efsish":
+        raise UsageError(f"{mountpoint} is not an efsish mount ({found[1]}); use umount(8)")
+    # An efsish mount whose daemon is gone (killed, crashed): detach it.
     res = subprocess.run(["fusermount3", "-u", mp], capture_output=True, text=True)
     if res.returncode != 0:
         raise EfsishError(f"fusermount3 -u {mp} failed: {res.stderr.strip()}")

@@ -25,6 +25,13 @@ from efsish.codec import block_matches
 log = logging.getLogger(__name__)
 
 
+def _read_nofollow(path: Path) -> bytes:
+    """The bytes of a file, never through a symlink (the daemon runs as root)."""
+    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC)
+    with open(fd, "rb") as f:
+        return f.read()
+
+
 class _Index(cachetools.LRUCache[str, int]):
     """LRU of key -> size; evicting an entry deletes its file."""
 
@@ -60,7 +67,11 @@ class BlockCache:
         self.hits = 0
         self.misses = 0
         entries = sorted(
-            (e for e in os.scandir(self.root) if e.is_file() and not e.name.endswith(".tmp")),
+            (
+                e
+                for e in os.scandir(self.root)
+                if e.is_file(follow_symlinks=False) and not e.name.endswith(".tmp")
+            ),
             key=lambda e: e.stat().st_atime,
         )
         for e in entries:
@@ -79,8 +90,12 @@ class BlockCache:
         if not present:
             return None
         try:
-            data = (self.root / name).read_bytes()
+            data = _read_nofollow(self.root / name)
         except FileNotFoundError:
+            return None
+        except OSError as e:  # ELOOP: a symlink is never a cached block
+            log.warning("cached block %s is unreadable (%s); dropping it", key, e)
+            self._drop(name)
             return None
         if hash_ is not None and not block_matches(data, hash_):
             log.warning("cached block %s is corrupt; dropping it", key)
@@ -96,7 +111,12 @@ class BlockCache:
     def _put(self, key: str, data: bytes) -> None:
         name = self._name(key)
         tmp = self.root / f"{name}.{threading.get_ident()}.tmp"
-        tmp.write_bytes(data)
+        tmp.unlink(missing_ok=True)  # a leftover of a crash; O_EXCL below needs it gone
+        fd = os.open(
+            tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW | os.O_CLOEXEC, 0o600
+        )
+        with open(fd, "wb") as f:
+            f.write(data)
         os.replace(tmp, self.root / name)
         with self._lock:
             self._index[name] = len(data)

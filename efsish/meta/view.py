@@ -14,13 +14,14 @@ the async layer (efsish.meta.log) serialises. It must not import trio or pyfuse3
 
 from __future__ import annotations
 
+import os
 import sqlite3
 import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from efsish.errors import CorruptObject
+from efsish.errors import CorruptObject, EfsishError
 from efsish.meta.ops import (
     BlocksDeleted,
     ClaimInodes,
@@ -145,6 +146,10 @@ class View:
 
     def __init__(self, path: Path | str, *, readonly: bool = False) -> None:
         self.path = str(path)
+        # Never through a symlink: the daemon runs as root, and SQLite follows them.
+        for p in (self.path, *(self.path + s for s in ("-wal", "-shm", "-journal"))):
+            if os.path.islink(p):
+                raise EfsishError(f"metadata view file {p} is a symlink; remove it")
         uri = f"file:{self.path}?mode=ro" if readonly else f"file:{self.path}"
         self.db = sqlite3.connect(uri, uri=True, check_same_thread=False, isolation_level=None)
         # Position and time of the entry being applied: recorded with garbage blocks.

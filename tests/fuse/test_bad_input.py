@@ -1,18 +1,21 @@
 """Bad input under a live mount: corrupt or missing blocks, a truncated log entry and
 foreign objects give EIO to the caller, a readable message in the log and from fsck,
-and never crash the daemon or return wrong data."""
+and never crash the daemon or return wrong data. Bad mount options are refused before
+anything is mounted."""
 
 from __future__ import annotations
 
 import errno
+import json
 import os
 from pathlib import Path
 
 import pytest
 
 from efsish.meta.log import log_key
+from efsish.mount import _registry_file
 from efsish.procs import pid_alive
-from tests.fuse.conftest import Mount, efsish
+from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted
 
 
 def objects(store: str) -> Path:
@@ -64,3 +67,45 @@ def test_truncated_log_entry_and_foreign_objects(mounter) -> None:
     assert res.returncode == 1
     assert "cannot be replayed" in res.stdout and "truncated" in res.stdout
     assert "foreign object 'photo.jpg'" in res.stdout
+
+
+@pytest.mark.parametrize(
+    "option",
+    [
+        "attr_timeout=-5",
+        "attr_timeout=nan",
+        "attr_timeout=inf",
+        "poll_interval=-1",
+        "poll_interval=0",
+        "poll_interval=nan",
+        "poll_interval=inf",
+        "cache_size=-5G",
+        "cache_size=inf",
+        "cache_size=nan",
+        "readahead=-1",
+        "readahead=inf",
+        "prometheus_port=-1",
+        "attr_timeout",
+        "ro=1",
+    ],
+)
+def test_bad_mount_option_values_are_refused(tmp_path: Path, option: str) -> None:
+    store = f"file://{tmp_path}/store"
+    efsish("format", store, "--block-size", "1M")
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    try:
+        res = efsish(
+            "mount", store, str(mp), "--cache-dir", f"{tmp_path}/c", "-o", option, check=False
+        )
+        assert res.returncode == 2, res
+        line = res.stderr.strip()
+        assert len(line.splitlines()) == 1 and option.partition("=")[0] in line, line
+        assert "Traceback" not in res.stderr
+        assert not is_mounted(mp)
+    finally:
+        reg = _registry_file(str(mp))
+        pid = int(json.loads(reg.read_text())["pid"]) if reg.exists() else None
+        if is_mounted(mp):
+            efsish("umount", str(mp), check=False)
+        force_unmount(mp, pid)

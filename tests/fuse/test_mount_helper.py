@@ -15,9 +15,11 @@ import json
 import os
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
+import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -25,6 +27,7 @@ import pytest
 
 from efsish.mount import _registry_file
 from tests.fuse.conftest import efsish, force_unmount, is_mounted
+from tests.fuse.helpers import poll
 
 ROOT = Path(__file__).resolve().parents[2]
 HELPERS = {
@@ -312,3 +315,65 @@ def test_helper_errors_and_flags(helpers: None, tmp_path: Path) -> None:
             (mp / "x").write_text("no")
         run("umount", str(mp))
         assert not is_mounted(mp)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def bdi_readahead_kb(mp: Path) -> int:
+    fields = mount_line(mp)
+    assert fields is not None
+    with open("/proc/self/mountinfo") as f:
+        dev = [ln.split()[2] for ln in f if ln.split()[4] == str(mp)][-1]
+    return int(Path(f"/sys/class/bdi/{dev}/read_ahead_kb").read_text())
+
+
+def test_helper_passes_every_option_efsish_knows(helpers: None, tmp_path: Path) -> None:
+    """The helper accepts exactly the options of `efsish mount -o` (one table): -s drops
+    only unknown ones, never readahead or prometheus_port; bad values and options meant
+    for other filesystems are errors that name them."""
+    store = new_store(tmp_path)
+    mp = tmp_path / "mnt"
+    mp.mkdir()
+    cache = f"cache_dir={tmp_path}/cache"
+    port = free_port()
+    with cleanup(mp):
+        opts = f"{cache},bogus,readahead=2M,prometheus_port={port},noatime"
+        run("mount", "-s", "-t", "efsish", store, str(mp), "-o", opts)
+        check_live(mp, store)
+        assert poll(lambda: bdi_readahead_kb(mp) == 2048), bdi_readahead_kb(mp)
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as r:
+            assert b"BurstCreditBalance" in r.read()
+        run("umount", str(mp))
+        assert mount_line(mp) is None
+
+        for bad, word in [
+            ("attr_timeout=-5", "attr_timeout"),
+            ("poll_interval=nan", "poll_interval"),
+            ("poll_interval=inf", "poll_interval"),
+            ("cache_size=-1G", "cache_size"),
+            ("readahead=-1", "readahead"),
+            ("prometheus_port=0", "prometheus_port"),
+            ("bg", "bg"),
+        ]:
+            res = run("mount", "-t", "efsish", store, str(mp), "-o", f"{cache},{bad}", check=False)
+            assert res.returncode == 1, (bad, res)
+            assert word in res.stderr, (bad, res.stderr)
+            assert mount_line(mp) is None, bad
+        # A bad value of a known option is an error even with -s.
+        res = run(
+            "mount",
+            "-s",
+            "-t",
+            "efsish",
+            store,
+            str(mp),
+            "-o",
+            f"{cache},attr_timeout=-5",
+            check=False,
+        )
+        assert res.returncode == 1 and "attr_timeout" in res.stderr, res
+        assert mount_line(mp) is None
