@@ -89,6 +89,8 @@ def _mount(args: argparse.Namespace) -> int:
         cache_dir=Path(args.cache_dir) if args.cache_dir else default_cache_dir(),
         foreground=args.foreground,
     )
+    if args.verbose:
+        cfg.log_level = logging.DEBUG  # `efsish -v mount`: the daemon logs at debug level too
     apply_mount_options(cfg, args.o or [], sloppy=args.sloppy)
     return mount(cfg)
 

@@ -57,6 +57,7 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "foreground": ("", ""),
     "readahead": ("SIZE", "a size from 0 to 1G, e.g. 1M"),
     "noatime": ("", ""),
+    "debug": ("", ""),
 }
 KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
@@ -105,6 +106,7 @@ class MountConfig:
     prometheus_port: int | None = None
     readahead: int = 1024 * 1024  # the kernel's readahead for this mount (its BDI)
     atime: bool = True  # relatime; noatime turns access-time updates off
+    log_level: int = logging.INFO  # the daemon's log; -o debug or `efsish -v mount` lower it
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -217,6 +219,8 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
             raise ValueError(value)
     elif key == "noatime":
         cfg.atime = False
+    elif key == "debug":
+        cfg.log_level = logging.DEBUG
     else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
         raise AssertionError(key)
 
@@ -443,7 +447,7 @@ def _report(fd: int | None, msg: str) -> None:
 
 def _setup_logging(cfg: MountConfig, to_stderr: bool) -> None:
     root = logging.getLogger()
-    root.setLevel(logging.INFO)
+    root.setLevel(cfg.log_level)
     fmt = logging.Formatter("%(asctime)s %(process)d %(levelname)s %(name)s: %(message)s")
     assert cfg.log_file is not None
     fh = _LogHandler(cfg.log_file, maxBytes=10 << 20, backupCount=3)

@@ -27,3 +27,13 @@ def test_locks_are_per_mount_and_the_log_says_so(mounter) -> None:
                 pass
             else:
                 raise AssertionError("a second flock on the same mount was granted")
+
+
+def test_debug_logging_reaches_the_daemon(mounter) -> None:
+    """`-o debug` (and `efsish -v mount`) set the daemon's own log level, not only the
+    parent's: its log then holds DEBUG lines; without it, none."""
+    quiet: Mount = mounter()
+    loud: Mount = mounter(quiet.store, "-o", "debug", fmt=False)
+    (loud.path / "f").write_text("x")
+    assert " DEBUG " in loud.log(), loud.log()
+    assert " DEBUG " not in quiet.log(), quiet.log()
