@@ -13,13 +13,14 @@ This module must not decide anything about the filesystem; it only moves bytes.
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import os
 import random
 import threading
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Any, TypeVar
 
 import boto3
@@ -186,6 +187,7 @@ class S3Store(ObjectStore):
                 verify=verify_tls,
             )
         self._limiter = trio.CapacityLimiter(concurrency)
+        self._owns_client = True  # False in the views enclosing() makes
         self._put_crc32c = True  # False once the server refused x-amz-checksum-crc32c
         # Whole-object GET, HEAD and small PUTs go through a lean signed path (s3lean.py) when
         # the endpoint is addressed path-style; anything unusual falls back to boto3.
@@ -508,7 +510,20 @@ class S3Store(ObjectStore):
         finally:
             await self.delete(probe)
 
+    def enclosing(self) -> Sequence[ObjectStore]:
+        parts = self.prefix.split("/") if self.prefix else []
+        views: list[ObjectStore] = []
+        for n in range(len(parts) - 1, -1, -1):
+            view = copy.copy(self)  # the same client, lean path and limiter
+            view.prefix = "/".join(parts[:n])
+            view.url = f"s3://{self.bucket}/{view.prefix}" if n else f"s3://{self.bucket}"
+            view._owns_client = False
+            views.append(view)
+        return views
+
     async def aclose(self) -> None:
+        if not self._owns_client:
+            return
         self._client.close()
         if self._lean is not None:
             self._lean.close()
