@@ -60,7 +60,7 @@ async def _check(args: argparse.Namespace) -> int:
 
 
 async def _format(args: argparse.Namespace) -> int:
-    from efsish.meta.superblock import format_fs
+    from efsish.meta.superblock import check_formattable, format_fs
     from efsish.mount import parse_size
 
     if args.throughput_mode == "provisioned" and not args.provisioned_mibps:
@@ -68,6 +68,7 @@ async def _format(args: argparse.Namespace) -> int:
     if args.provisioned_mibps is not None and args.provisioned_mibps <= 0:
         raise UsageError("--provisioned-mibps must be positive")
     async with open_store(args.store, store_options(args), create=True) as store:
+        await check_formattable(store)  # before check() writes anything there
         await store.check()
         sb = await format_fs(
             store,

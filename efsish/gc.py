@@ -8,7 +8,9 @@
   referenced (a writer that crashed before committing) are swept after `orphan_age`.
 - trim deletes log entries up to the newest checkpoint once every live mount is past
   them and they are older than `grace`; it keeps the two newest checkpoints.
-It must never delete anything a live mount may still read.
+It must never delete anything a live mount may still read, nor any key that is not
+exactly in one of this filesystem's key forms (blocks.is_block_key, log.parse_seq): an
+object of another filesystem nested in this prefix, or a user's, is never touched.
 """
 
 from __future__ import annotations
@@ -26,9 +28,17 @@ import trio
 from tqdm import tqdm
 
 from efsish import codec
-from efsish.data.blocks import DATA_PREFIX, block_key_time_ns
+from efsish.data.blocks import DATA_PREFIX, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
-from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog, PlanContext, ckpt_key, log_key, seq_of
+from efsish.meta.log import (
+    CKPT_PREFIX,
+    LOG_PREFIX,
+    MetaLog,
+    PlanContext,
+    ckpt_key,
+    log_key,
+    parse_seq,
+)
 from efsish.meta.ops import BlocksDeleted, Op
 from efsish.meta.superblock import load_superblock
 from efsish.meta.view import View
@@ -73,6 +83,8 @@ async def read_clients(store: ObjectStore, *, strict: bool = False) -> list[Clie
     out: list[Client] = []
     now = time.time_ns()
     async for info in store.list("clients/"):
+        if "/" in info.key[len("clients/") :]:
+            continue  # not a heartbeat of this filesystem (clients/<id>)
         for attempt in (1, 2):
             try:
                 hb = codec.decode_json(b"H", await store.get(info.key), info.key)
@@ -97,14 +109,16 @@ async def log_head(store: ObjectStore) -> tuple[int, int]:
     """(first, last) log positions present in the store; (0, 0) if none."""
     first = last = 0
     async for info in store.list(LOG_PREFIX):
-        s = seq_of(info.key)
-        first = first or s
-        last = s
+        s = parse_seq(info.key, LOG_PREFIX)
+        if s is not None:
+            first = first or s
+            last = s
     return first, last
 
 
 async def checkpoints(store: ObjectStore) -> list[int]:
-    return [seq_of(i.key) async for i in store.list(CKPT_PREFIX)]
+    seqs = [parse_seq(i.key, CKPT_PREFIX) async for i in store.list(CKPT_PREFIX)]
+    return [s for s in seqs if s is not None]
 
 
 @dataclass
@@ -141,10 +155,12 @@ async def collect(
     now = time.time_ns()
     garbage = await meta.read(View.garbage)
     referenced = await meta.read(View.referenced_keys)
-    sizes = {i.key: i.size async for i in store.list(DATA_PREFIX)}
+    sizes = {i.key: i.size async for i in store.list(DATA_PREFIX) if is_block_key(i.key)}
     victims: list[str] = []
     for key, seq, t in garbage:
-        if seq > min_seq or now - t < grace * 1e9 or key in held or key in referenced:
+        if not is_block_key(key):
+            res.notes.append(f"kept {key!r}: the log calls it garbage, but it is not a block key")
+        elif seq > min_seq or now - t < grace * 1e9 or key in held or key in referenced:
             res.deferred += 1
         else:
             victims.append(key)
@@ -203,7 +219,9 @@ async def _trim(
     limit = min(newest, min_seq)
     now = time.time_ns()
     async for info in store.list(LOG_PREFIX):
-        s = seq_of(info.key)
+        s = parse_seq(info.key, LOG_PREFIX)
+        if s is None:
+            continue
         if s > limit:
             break
         try:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import time
 import uuid
 
@@ -38,13 +39,22 @@ def new_block_key(ino: int) -> str:
     return f"{DATA_PREFIX}{ino:x}-{time.time_ns():x}-{uuid.uuid4().hex[:16]}"
 
 
+# Exactly what new_block_key makes, and the key of the first efsish versions
+# (data/<inode hex>-<uuid hex>). Anything else under data/ (another filesystem nested in
+# this prefix, a user's object) is not this filesystem's: gc never deletes it.
+_BLOCK_KEY = re.compile(r"data/[0-9a-f]+-(?P<t>[0-9a-f]+)-[0-9a-f]{16}")
+_FIRST_BLOCK_KEY = re.compile(r"data/[0-9a-f]+-[0-9a-f]{32}")
+
+
+def is_block_key(key: str) -> bool:
+    """Whether `key` is exactly in the form of this filesystem's block keys."""
+    return bool(_BLOCK_KEY.fullmatch(key) or _FIRST_BLOCK_KEY.fullmatch(key))
+
+
 def block_key_time_ns(key: str) -> int | None:
-    """The creation time recorded in a block key, or None for a foreign key."""
-    parts = key[len(DATA_PREFIX) :].split("-")
-    try:
-        return int(parts[1], 16) if len(parts) == 3 else None
-    except ValueError:
-        return None
+    """The creation time recorded in a block key, or None for any other key."""
+    m = _BLOCK_KEY.fullmatch(key)
+    return int(m["t"], 16) if m else None
 
 
 # Ranged GETs of one block before a small read fetches it whole instead (wants_range).

@@ -86,6 +86,17 @@ def seq_of(key: str) -> int:
     return int(key.rsplit("/", 1)[1])
 
 
+def parse_seq(key: str, prefix: str) -> int | None:
+    """The position in a key made by log_key (prefix LOG_PREFIX) or ckpt_key (CKPT_PREFIX),
+    or None for any other key under that prefix (another filesystem nested in this
+    prefix, a stray object): such keys are never read as ours nor deleted."""
+    digits = key[len(prefix) :] if key.startswith(prefix) else ""
+    if not (digits.isascii() and digits.isdigit()):
+        return None
+    seq = int(digits)
+    return seq if key == f"{prefix}{seq:016d}" else None
+
+
 class PlanContext:
     """Handed to planners: allocates inode numbers from ranges claimed through the log.
 
@@ -229,7 +240,8 @@ class MetaLog:
         """Fill an empty view from the newest checkpoint, or create the root."""
         newest: str | None = None
         async for info in self.store.list(CKPT_PREFIX):
-            newest = info.key
+            if parse_seq(info.key, CKPT_PREFIX) is not None:
+                newest = info.key
         if newest is not None:
             blob = await self.store.get(newest)
             seq = seq_of(newest)
@@ -542,8 +554,9 @@ class MetaLog:
             pass
         first: str | None = None
         async for info in self.store.list(LOG_PREFIX):
-            first = info.key
-            break
+            if parse_seq(info.key, LOG_PREFIX) is not None:
+                first = info.key
+                break
         if first is None or seq_of(first) <= seq:
             return
         raise CorruptObject(

@@ -6,16 +6,27 @@ be rewritten except through the `config` key it points to (throughput changes).
 
 from __future__ import annotations
 
+import logging
 import time
 import uuid
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from efsish import codec
-from efsish.errors import CorruptObject, EfsishError, NotFound, PreconditionFailed
+from efsish.errors import (
+    CorruptObject,
+    EfsishError,
+    NotFound,
+    PermanentStoreError,
+    PreconditionFailed,
+)
 from efsish.store import ObjectStore
 
+log = logging.getLogger(__name__)
+
 SUPERBLOCK_KEY = "superblock"
+PROBE_PREFIX = ".efsish-probe/"  # written and deleted by ObjectStore.check()
+COUNT_LIMIT = 1000  # objects counted for a message about a prefix that holds no filesystem
 # 1: data blocks checksummed with CRC-32 ("r"). 2: with CRC-32C ("k"), recorded in
 # extra["block_checksum"], so that an efsish that knows only format 1 refuses to mount
 # (it could not verify the new checksums) instead of reporting every block as corrupt.
@@ -48,6 +59,39 @@ class Superblock:
         return str(self.extra.get("block_checksum", "crc32"))
 
 
+async def check_formattable(store: ObjectStore) -> None:
+    """Raise AlreadyFormatted unless `store` may get a new filesystem: its prefix must be
+    empty and lie neither inside nor above another filesystem. Reads only."""
+    # Filesystems must not nest: each one's gc would take the other's objects for its own
+    # garbage. One HEAD per enclosing prefix finds a filesystem above this prefix; one
+    # below it would make the prefix non-empty, which the listing finds.
+    outer = await enclosing_filesystem(store)
+    if outer is not None:
+        raise AlreadyFormatted(
+            f"{store.url} is inside the efsish filesystem {outer}: filesystems must not "
+            "nest; choose a prefix outside it"
+        )
+    # A prefix that already has log entries or data but no superblock is foreign or damaged.
+    async for info in store.list(""):
+        if info.key == SUPERBLOCK_KEY or info.key.startswith(PROBE_PREFIX):
+            continue
+        try:
+            await store.head(SUPERBLOCK_KEY)
+        except NotFound:
+            pass
+        else:
+            raise AlreadyFormatted(f"{store.url} already holds an efsish filesystem")
+        inner = await filesystem_below(store, info.key)
+        if inner is not None:
+            raise AlreadyFormatted(
+                f"{store.url} encloses the efsish filesystem {inner}: filesystems must not "
+                "nest; choose a prefix outside it"
+            )
+        raise AlreadyFormatted(
+            f"{store.url} is not empty (found {info.key!r}); choose an empty bucket/prefix"
+        )
+
+
 async def format_fs(
     store: ObjectStore,
     *,
@@ -67,13 +111,7 @@ async def format_fs(
         provisioned_mibps=provisioned_mibps,
         extra={"block_checksum": "crc32c"},
     )
-    # A prefix that already has log entries or data but no superblock is foreign or damaged.
-    async for info in store.list(""):
-        if info.key != SUPERBLOCK_KEY and not info.key.startswith(".efsish-probe/"):
-            raise AlreadyFormatted(
-                f"{store.url} is not empty (found {info.key!r}); choose an empty bucket/prefix"
-            )
-        break
+    await check_formattable(store)
     try:
         await store.put_if_absent(SUPERBLOCK_KEY, codec.encode_json(b"S", asdict(sb)))
     except PreconditionFailed:
@@ -81,13 +119,76 @@ async def format_fs(
     return sb
 
 
+async def enclosing_filesystem(store: ObjectStore) -> str | None:
+    """The URL of an efsish filesystem whose prefix encloses `store`'s, or None. A prefix
+    this store's credentials may not read counts as holding none."""
+    for outer in store.enclosing():
+        try:
+            await outer.head(SUPERBLOCK_KEY)
+        except NotFound:
+            continue
+        except PermanentStoreError as e:  # e.g. a policy that grants only this prefix
+            log.debug("cannot look for a filesystem at %s: %s", outer.url, e)
+            continue
+        return outer.url
+    return None
+
+
+async def filesystem_below(store: ObjectStore, key: str) -> str | None:
+    """The URL of an efsish filesystem under `store` that `key` belongs to, or None: one
+    HEAD of the superblock at each prefix of `key`."""
+    parts = key.split("/")[:-1]
+    for n in range(1, len(parts) + 1):
+        prefix = "/".join(parts[:n])
+        try:
+            await store.head(f"{prefix}/{SUPERBLOCK_KEY}")
+        except NotFound:
+            continue
+        return f"{store.url.rstrip('/')}/{prefix}"
+    return None
+
+
+async def _not_formatted(store: ObjectStore) -> NotFormatted:
+    """Why `store` holds no filesystem, and what to do: format it if it is empty; else
+    say what it holds (another filesystem above or below it, or foreign objects)."""
+    outer = await enclosing_filesystem(store)
+    if outer is not None:
+        return NotFormatted(
+            f"{store.url} holds no efsish filesystem: it is a prefix inside the efsish "
+            f"filesystem {outer}; use that URL"
+        )
+    count = 0
+    first = ""
+    async for info in store.list(""):
+        if info.key.startswith(PROBE_PREFIX):
+            continue
+        first = first or info.key
+        count += 1
+        if count >= COUNT_LIMIT:
+            break
+    if not count:
+        return NotFormatted(
+            f"{store.url} holds no efsish filesystem: run `efsish format {store.url}` first"
+        )
+    inner = await filesystem_below(store, first)
+    if inner is not None:
+        return NotFormatted(
+            f"{store.url} holds no efsish filesystem but encloses the efsish filesystem "
+            f"{inner}; use that URL"
+        )
+    many = f"{count}+" if count >= COUNT_LIMIT else str(count)
+    return NotFormatted(
+        f"{store.url} holds {many} object(s) (e.g. {first!r}) but no efsish filesystem: "
+        "check the URL, or for a new filesystem choose an empty prefix (or remove those "
+        "objects) and run `efsish format`"
+    )
+
+
 async def load_superblock(store: ObjectStore) -> Superblock:
     try:
         blob = await store.get(SUPERBLOCK_KEY)
     except NotFound:
-        raise NotFormatted(
-            f"{store.url} holds no efsish filesystem: run `efsish format {store.url}` first"
-        ) from None
+        raise await _not_formatted(store) from None
     try:
         d = codec.decode_json(b"S", blob, f"{store.url}/superblock")
         if not isinstance(d, dict):

@@ -15,6 +15,7 @@ The contract (tests/store/test_contract.py checks it against every backend):
   instance because a retried request had in fact succeeded) it succeeds.
 - head(key) returns ObjectInfo or raises NotFound.
 - delete(key) is idempotent: deleting a missing key is not an error.
+- enclosing() returns views of the stores whose prefix encloses this one's (no I/O).
 - list(prefix, start_after) yields ObjectInfo, paginating internally. Keys that differ
   only after the last "/" of the prefix (one "level", e.g. log/00000012) come in
   ascending UTF-8 byte order and start_after works among them; across deeper
@@ -27,7 +28,7 @@ This module must not import any backend library (boto3, moto, ...).
 from __future__ import annotations
 
 import abc
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass
 
 from efsish.errors import StoreConfigError
@@ -97,6 +98,13 @@ class ObjectStore(abc.ABC):
     @abc.abstractmethod
     def list(self, prefix: str = "", start_after: str | None = None) -> AsyncIterator[ObjectInfo]:
         """Yield objects whose key starts with prefix (and sorts after start_after)."""
+
+    def enclosing(self) -> Sequence[ObjectStore]:
+        """The same bucket (or directory tree) seen at each prefix that encloses this
+        store's, nearest first: s3://b/x/y gives s3://b/x, then s3://b. They share this
+        store's connections, so they are used only while it is open and never closed.
+        Format and mount look for a filesystem there (filesystems must not nest)."""
+        return []
 
     async def check(self) -> None:  # noqa: B027 - optional hook with a default
         """Verify the store is reachable and usable; raise StoreConfigError if not."""

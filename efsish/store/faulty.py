@@ -12,7 +12,7 @@ outside tests and benchmarks.
 from __future__ import annotations
 
 import random
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 
 import trio
@@ -104,6 +104,9 @@ class FaultyStore(ObjectStore):
 
     async def check(self) -> None:
         await self.inner.check()
+
+    def enclosing(self) -> Sequence[ObjectStore]:
+        return self.inner.enclosing()
 
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -14,7 +14,7 @@ from __future__ import annotations
 import itertools
 import os
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -58,11 +58,31 @@ class LocalStore(ObjectStore):
             self.root.mkdir(parents=True, exist_ok=True)
         if not self.root.is_dir():
             raise StoreConfigError(f"{self.root} is not a directory")
+        if self._create and not (self.root / MARKER).exists():
+            self._refuse_foreign_content()
         self._objroot.mkdir(exist_ok=True)
         self._tmp.mkdir(exist_ok=True)
         marker = self.root / MARKER
         if not marker.exists():
             marker.write_text("This directory is an efsish object store. Do not edit.\n")
+
+    def _refuse_foreign_content(self) -> None:
+        """A new store goes only into an empty directory: one that holds anything else
+        (another store below it, say) is the file:// form of a non-empty prefix."""
+        with os.scandir(self.root) as it:
+            found = sorted(e.name for e in it if e.name not in ("objects", "tmp", MARKER))
+        if not found:
+            return
+        for name in found:
+            if (self.root / name / MARKER).exists():
+                raise StoreConfigError(
+                    f"{self.root} encloses the efsish store file://{self.root / name}: "
+                    "stores must not nest; choose a new or empty directory"
+                )
+        raise StoreConfigError(
+            f"{self.root} is not empty (found {found[0]!r}) and is not an efsish store: "
+            "choose a new or empty directory"
+        )
 
     def _write_tmp(self, data: bytes) -> Path:
         tmp = self._tmp / f"{uuid.uuid4().hex}.tmp"
@@ -209,6 +229,10 @@ class LocalStore(ObjectStore):
                 yield info
             if len(page) < LIST_PAGE:
                 return
+
+    def enclosing(self) -> Sequence[ObjectStore]:
+        # head() on these only stats a path (DIR/objects/KEY.o).
+        return [LocalStore(p, concurrency=1) for p in Path(os.path.normpath(self.root)).parents]
 
     async def check(self) -> None:
         await self._run(self._sync_check)

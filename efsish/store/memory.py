@@ -1,14 +1,15 @@
 """An in-memory ObjectStore for tests: thread-safe, shared per name within one process.
 
-`memory://NAME` URLs opened in the same process see the same objects, so several
-simulated mounts can share one "bucket". Nothing here persists or crosses processes.
+`memory://NAME[/PREFIX]` URLs opened in the same process see the same objects, so several
+simulated mounts can share one "bucket"; a PREFIX is a key prefix in that bucket, as in
+s3://BUCKET/PREFIX. Nothing here persists or crosses processes.
 """
 
 from __future__ import annotations
 
 import hashlib
 import threading
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 
 from efsish.errors import NotFound, PreconditionFailed
 from efsish.store.base import ObjectInfo, ObjectStore, check_key, clip_range, range_past_end
@@ -25,63 +26,74 @@ class MemoryStore(ObjectStore):
 
     def __init__(self, name: str = "") -> None:
         self.url = f"memory://{name}"
-        # One dict and one lock per name, so separate instances of one name agree.
+        bucket, _, prefix = name.strip("/").partition("/")
+        self.bucket, self.prefix = bucket, prefix.strip("/")
+        self._base = f"{self.prefix}/" if self.prefix else ""
+        # One dict and one lock per bucket, so separate instances of one name agree.
         with _BUCKETS_LOCK:
-            self._objects = _BUCKETS.setdefault(name, {})
-            self._lock = _LOCKS.setdefault(name, threading.Lock())
+            self._objects = _BUCKETS.setdefault(bucket, {})
+            self._lock = _LOCKS.setdefault(bucket, threading.Lock())
+
+    def _k(self, key: str) -> str:
+        return self._base + check_key(key)
+
+    def enclosing(self) -> Sequence[ObjectStore]:
+        parts = self.prefix.split("/") if self.prefix else []
+        return [
+            MemoryStore("/".join([self.bucket, *parts[:n]])) for n in range(len(parts) - 1, -1, -1)
+        ]
 
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
-        check_key(key)
         with self._lock:
-            data = self._objects.get(key)
+            data = self._objects.get(self._k(key))
         if data is None or range_past_end(len(data), start):
             raise NotFound(key)
         s, e = clip_range(len(data), start, end)
         return data[s:e]
 
     async def put(self, key: str, data: bytes) -> None:
-        check_key(key)
+        full = self._k(key)
         with self._lock:
-            self._objects[key] = bytes(data)
+            self._objects[full] = bytes(data)
 
     async def put_if_absent(self, key: str, data: bytes) -> None:
-        check_key(key)
+        full = self._k(key)
         with self._lock:
-            old = self._objects.get(key)
+            old = self._objects.get(full)
             if old is None:
-                self._objects[key] = bytes(data)
+                self._objects[full] = bytes(data)
                 return
         if old != data:
             raise PreconditionFailed(key)
 
     async def head(self, key: str) -> ObjectInfo:
-        check_key(key)
         with self._lock:
-            data = self._objects.get(key)
+            data = self._objects.get(self._k(key))
         if data is None:
             raise NotFound(key)
         return ObjectInfo(key, len(data), hashlib.md5(data).hexdigest())
 
     async def delete(self, key: str) -> None:
-        check_key(key)
+        full = self._k(key)
         with self._lock:
-            self._objects.pop(key, None)
+            self._objects.pop(full, None)
 
     async def list(
         self, prefix: str = "", start_after: str | None = None
     ) -> AsyncIterator[ObjectInfo]:
-        after = start_after
+        after = None if start_after is None else self._base + start_after
+        full_prefix = self._base + prefix
         while True:
             with self._lock:
                 keys = sorted(
-                    (k for k in self._objects if k.startswith(prefix)),
+                    (k for k in self._objects if k.startswith(full_prefix)),
                     key=lambda k: k.encode(),
                 )
                 if after is not None:
                     keys = [k for k in keys if k.encode() > after.encode()]
                 page = [(k, len(self._objects[k])) for k in keys[:LIST_PAGE]]
             for k, size in page:
-                yield ObjectInfo(k, size)
+                yield ObjectInfo(k[len(self._base) :], size)
             if len(page) < LIST_PAGE:
                 return
             after = page[-1][0]

@@ -13,14 +13,15 @@ This module must not decide anything about the filesystem; it only moves bytes.
 from __future__ import annotations
 
 import base64
+import copy
 import logging
 import os
 import random
 import threading
 import uuid
 import zlib
-from collections.abc import AsyncIterator, Callable
-from typing import Any, TypeVar
+from collections.abc import AsyncIterator, Callable, Sequence
+from typing import Any, NoReturn, TypeVar
 
 import boto3
 import botocore.config
@@ -59,7 +60,8 @@ _TRANSIENT_CODES = {
     "ConditionalRequestConflict",
     "OperationAborted",
 }
-_CRED_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch", "InvalidToken", "ExpiredToken"}
+_KEY_CODES = {"InvalidAccessKeyId", "SignatureDoesNotMatch"}
+_TOKEN_CODES = {"InvalidToken", "ExpiredToken"}
 _CONN_ERRORS = (
     botocore.exceptions.EndpointConnectionError,
     botocore.exceptions.ConnectTimeoutError,
@@ -69,6 +71,11 @@ _CONN_ERRORS = (
 )
 CONFLICT_RETRIES = 8
 DIGEST_RETRIES = 3
+
+
+class _BareForbidden(StoreConfigError):
+    """A 403 that does not say why (the answer to a HEAD has no body): a wrong access key
+    or secret looks exactly like missing permission. `S3Store._explain` tells them apart."""
 
 
 def parse_s3_url(url: str) -> tuple[str, str]:
@@ -186,6 +193,7 @@ class S3Store(ObjectStore):
                 verify=verify_tls,
             )
         self._limiter = trio.CapacityLimiter(concurrency)
+        self._owns_client = True  # False in the views enclosing() makes
         self._put_crc32c = True  # False once the server refused x-amz-checksum-crc32c
         # Whole-object GET, HEAD and small PUTs go through a lean signed path (s3lean.py) when
         # the endpoint is addressed path-style; anything unusual falls back to boto3.
@@ -254,13 +262,20 @@ class S3Store(ObjectStore):
                     f"{self.endpoint or 'AWS'}: create it (e.g. `aws s3 mb s3://{self.bucket}`) "
                     "or fix the URL"
                 )
-            if code in _CRED_CODES:
+            if code in _KEY_CODES:
                 return StoreConfigError(
-                    f"the S3 server rejected the credentials ({code}): check "
-                    "AWS_ACCESS_KEY_ID / AWS_SECRET_ACCESS_KEY or your AWS profile"
+                    f"{self._where()} rejected the credentials ({code}): the access key or "
+                    "secret is wrong; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY, or "
+                    "~/.aws/credentials (and AWS_PROFILE)"
+                )
+            if code in _TOKEN_CODES:
+                return StoreConfigError(
+                    f"{self._where()} rejected the session token ({code}): it is wrong or "
+                    "expired; renew AWS_SESSION_TOKEN or the profile in ~/.aws"
                 )
             if code in ("AccessDenied", "AllAccessDisabled") or status == 403:
-                return StoreConfigError(
+                cls = _BareForbidden if code in ("", "403", "Forbidden") else StoreConfigError
+                return cls(
                     f"access denied to {self._where()} ({code or status}): the credentials "
                     "lack permission for this bucket/prefix"
                 )
@@ -283,6 +298,23 @@ class S3Store(ObjectStore):
                 raise self._map(e, key) from e
 
         return await trio.to_thread.run_sync(run, limiter=self._limiter)
+
+    async def _explain(self, e: _BareForbidden) -> NoReturn:
+        """Raise what a bodiless 403 means: a LIST of the prefix, whose error answer says
+        why (SignatureDoesNotMatch, InvalidAccessKeyId, AccessDenied...), tells wrong
+        credentials from missing permission; `e` itself if the LIST says nothing more."""
+        try:
+            await self._call(
+                "/",
+                self._client.list_objects_v2,
+                Bucket=self.bucket,
+                Prefix=f"{self.prefix}/" if self.prefix else "",
+                MaxKeys=1,
+            )
+        except StoreConfigError as why:
+            if not isinstance(why, _BareForbidden):
+                raise why from None
+        raise e
 
     # --------------------------------------------------------------------- async API
 
@@ -455,7 +487,12 @@ class S3Store(ObjectStore):
                 return ObjectInfo(key, size, r.headers.get("etag", "").strip('"'))
             if r.status == 404:
                 raise NotFound(key)
-        resp = await self._call(key, self._client.head_object, Bucket=self.bucket, Key=self._k(key))
+        try:
+            resp = await self._call(
+                key, self._client.head_object, Bucket=self.bucket, Key=self._k(key)
+            )
+        except _BareForbidden as e:
+            await self._explain(e)
         return ObjectInfo(key, int(resp["ContentLength"]), str(resp.get("ETag", "")).strip('"'))
 
     async def delete(self, key: str) -> None:
@@ -493,6 +530,8 @@ class S3Store(ObjectStore):
             ) from None
         except TransientStoreError as e:
             raise StoreConfigError(str(e)) from None
+        except _BareForbidden as e:
+            await self._explain(e)
         probe = f".efsish-probe/{uuid.uuid4().hex}"
         try:
             await self.put_if_absent(probe, b"a")
@@ -517,7 +556,20 @@ class S3Store(ObjectStore):
         finally:
             await self.delete(probe)
 
+    def enclosing(self) -> Sequence[ObjectStore]:
+        parts = self.prefix.split("/") if self.prefix else []
+        views: list[ObjectStore] = []
+        for n in range(len(parts) - 1, -1, -1):
+            view = copy.copy(self)  # the same client, lean path and limiter
+            view.prefix = "/".join(parts[:n])
+            view.url = f"s3://{self.bucket}/{view.prefix}" if n else f"s3://{self.bucket}"
+            view._owns_client = False
+            views.append(view)
+        return views
+
     async def aclose(self) -> None:
+        if not self._owns_client:
+            return
         self._client.close()
         if self._lean is not None:
             self._lean.close()

@@ -1,16 +1,25 @@
-"""Garbage collection and log trimming never delete what a mount may still read."""
+"""Garbage collection and log trimming never delete what a mount may still read, nor
+anything that is not the filesystem's own."""
 
 from __future__ import annotations
 
 import io
 import os
 import time
+import uuid
+from collections.abc import AsyncIterator
+from dataclasses import asdict
+
+import pytest
 
 from efsish import codec
-from efsish.filesystem import Ctx, Filesystem
+from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.gc import collect, run_status
 from efsish.meta.log import LOG_PREFIX
+from efsish.meta.superblock import SUPERBLOCK_KEY, Superblock
 from efsish.meta.view import ROOT_INO, View
+from efsish.store import ObjectStore
+from efsish.store.memory import MemoryStore
 from tests.fs.test_log import fsck
 from tests.fs.test_posix import read_file, write_file
 
@@ -120,3 +129,76 @@ async def test_trim_keeps_what_a_new_mount_needs(make_fs, store) -> None:
     out = io.StringIO()
     await run_status(store, out=out)
     assert "newest checkpoint" in out.getvalue() and "live mounts" in out.getvalue()
+
+
+async def all_keys(store: ObjectStore) -> AsyncIterator[str]:
+    async for i in store.list(""):
+        yield i.key
+
+
+async def format_unchecked(store: ObjectStore) -> Superblock:
+    """Format as an efsish that did not refuse to nest (it wrote only the superblock)."""
+    sb = Superblock(
+        fs_uuid=str(uuid.uuid4()),
+        block_size=64 * 1024,
+        created=time.time_ns(),
+        extra={"block_checksum": "crc32c"},
+    )
+    await store.put_if_absent(SUPERBLOCK_KEY, codec.encode_json(b"S", asdict(sb)))
+    return sb
+
+
+# A user's objects under the filesystem's prefixes, in shapes the old parsers took for
+# their own: "1-2-3" split into three dash-separated parts (a block made at time 2).
+FOREIGN = {
+    "data/1-2-3": b"a user's object",
+    "data/notes.txt": b"notes",
+    "log/README": b"read me",
+    "checkpoints/0000000000000001.bak": b"a copy",
+}
+
+
+@pytest.mark.parametrize(
+    "where", ["data/x", "data", "log/x", "checkpoints/x", "clients/x", "user objects"]
+)
+async def test_gc_deletes_nothing_of_a_filesystem_nested_in_its_prefix(
+    where, make_fs, store, tmp_path, nursery
+) -> None:
+    a = await make_fs()
+    ino = await write_file(a, ROOT_INO, b"f", os.urandom(2 * a.block_size))
+    await overwrite(a, ino, os.urandom(2 * a.block_size))  # two garbage blocks
+    await a.meta.write_checkpoint()
+    ours = {k async for k in all_keys(store)}
+    if where == "user objects":
+        for k, v in FOREIGN.items():
+            await store.put(k, v)
+    else:  # another filesystem, live, inside this one's prefix
+        inner_store = MemoryStore(f"{store.url[len('memory://') :]}/{where}")
+        isb = await format_unchecked(inner_store)
+        opts = Options(cache_dir=tmp_path / "in1", poll_interval=3600)
+        inner = Filesystem(inner_store, isb, opts)
+        await inner.start(nursery)
+        data = os.urandom(3 * isb.block_size)
+        iino = await write_file(inner, ROOT_INO, b"g", data)
+        await inner.meta.write_checkpoint()
+        await write_file(inner, ROOT_INO, b"h", b"after the checkpoint")
+    theirs = {k: await store.get(k) async for k in all_keys(store) if k not in ours}
+    assert any("data/" in k for k in theirs)
+
+    r = await collect(store, a.meta, grace=0, orphan_age=0)
+    assert r.deleted_blocks == 2 and r.swept_orphans == 0
+    for k, v in theirs.items():
+        if "/clients/" in k:  # the inner mount's heartbeat: rewritten as it goes
+            await store.head(k)
+        else:
+            assert await store.get(k) == v, k
+    # Both filesystems are whole: fresh mounts read their files, fsck finds nothing wrong.
+    if where != "user objects":
+        opts = Options(cache_dir=tmp_path / "in2", poll_interval=3600)
+        fresh = Filesystem(inner_store, isb, opts)
+        await fresh.start(nursery)
+        assert await read_file(fresh, iino) == data
+        code, out = await fsck(inner_store)
+        assert code == 0, out
+    b = await make_fs()
+    assert len(await read_file(b, (await b.lookup(ROOT_INO, b"f")).ino)) == 2 * a.block_size

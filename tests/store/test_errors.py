@@ -41,13 +41,46 @@ def test_malformed_urls() -> None:
             open_store(url)
 
 
+WRONG_KEY = "the access key or secret is wrong; check AWS_ACCESS_KEY_ID and AWS_SECRET_ACCESS_KEY"
+
+
 @pytest.mark.integration
-async def test_wrong_credentials(seaweedfs_target, monkeypatch) -> None:
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "wrong")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "wrong-secret")
-    store = open_store(f"s3://{seaweedfs_target.bucket}/x", seaweedfs_target.options())
-    with pytest.raises(StoreConfigError, match=r"credentials|access denied"):
-        await store.check()
+@pytest.mark.parametrize("lean", ["1", "0"])
+@pytest.mark.parametrize(
+    ("key_id", "code"),
+    [(s3server.ACCESS_KEY, "SignatureDoesNotMatch"), ("no-such-key", "InvalidAccessKeyId")],
+)
+async def test_wrong_credentials(seaweedfs_target, monkeypatch, lean, key_id, code) -> None:
+    """SeaweedFS checks every signature. A HEAD's 403 has no body, so it cannot say why;
+    efsish must not call a wrong secret missing permission, on either request path."""
+    good = open_store(f"s3://{seaweedfs_target.bucket}/creds", seaweedfs_target.options())
+    await good.put("k", b"v")
+    await good.aclose()
+    monkeypatch.setenv("EFSISH_S3_LEAN", lean)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", key_id)
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "not-the-secret")
+    store = open_store(f"s3://{seaweedfs_target.bucket}/creds", seaweedfs_target.options())
+    for call in (store.check, lambda: store.head("k"), lambda: store.get("k")):
+        with pytest.raises(StoreConfigError) as e:
+            await call()
+        assert f"rejected the credentials ({code}): {WRONG_KEY}" in str(e.value)
+    await store.aclose()
+
+
+@pytest.mark.integration
+def test_cli_says_a_wrong_secret_is_wrong(seaweedfs_target) -> None:
+    url = f"s3://{seaweedfs_target.bucket}/cli-creds"
+    proc = subprocess.run(
+        [sys.executable, "-m", "efsish", "check", url, "--endpoint", seaweedfs_target.endpoint],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "AWS_SECRET_ACCESS_KEY": "not-the-secret"},
+    )
+    assert proc.returncode == 1
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and WRONG_KEY in lines[0], proc.stderr
+    assert "permission" not in lines[0]
 
 
 @pytest.mark.integration
