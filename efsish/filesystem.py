@@ -165,6 +165,13 @@ class OpenFile:
     dirty_since: float = 0.0  # monotonic time of the oldest change not yet committed
 
 
+def _other_system_xattr(name: bytes) -> bool:
+    """A system.* name other than the POSIX ACLs. The kernel checks no permission for
+    system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
+    refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
+    return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
+
+
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError("name too long", errno.ENAMETOOLONG)
@@ -782,11 +789,13 @@ class Filesystem:
 
     # ------------------------------------------------------------------ xattrs
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Ctx, flags: int = 0) -> None:
         if len(name) > XATTR_NAME_MAX or not name:
             raise FsError("xattr name too long", errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too large", errno.E2BIG)
+        if _other_system_xattr(name):
+            raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
 
         acl = parse_acl(value) if name == ACL_ACCESS else None
         if name in (ACL_ACCESS, ACL_DEFAULT) and (
@@ -825,15 +834,26 @@ class Filesystem:
             raise FsError("no such xattr", errno.ENODATA)
         return v
 
-    async def listxattr(self, ino: int) -> list[bytes]:
+    async def listxattr(self, ino: int, ctx: Ctx) -> list[bytes]:
         await self._attr(ino)
-        return await self.meta.read(View.listxattr, ino)
+        names: list[bytes] = await self.meta.read(View.listxattr, ino)
+        if ctx.uid != 0:
+            # The kernel keeps trusted.* from everyone but root, except in listings,
+            # which it leaves to the filesystem (ext4 hides them too).
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need(view, ino)
+            a = self._need(view, ino)
             if view.getxattr(ino, name) is None:
+                if _other_system_xattr(name):
+                    raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
                 raise FsError("no such xattr", errno.ENODATA)
+            if _other_system_xattr(name) and ctx.uid not in (0, a.uid):
+                # One stored before system.* names were refused: its owner (or root)
+                # may remove it, nobody else.
+                raise FsError("not the owner", errno.EPERM)
             return [RemoveXattr(ino, name, pc.now_ns)], None
 
         await self._submit(plan)

@@ -17,7 +17,9 @@ from efsish.filesystem import (
     Ctx,
     Filesystem,
 )
-from efsish.meta.view import ROOT_INO
+from efsish.meta.log import PlanContext
+from efsish.meta.ops import Op, SetXattr
+from efsish.meta.view import ROOT_INO, View
 from tests.fs.conftest import FsFactory
 
 ROOT = Ctx(0, 0)
@@ -231,20 +233,53 @@ async def test_a_file_another_mount_unlinks_keeps_working_where_it_is_open(
 
 async def test_xattrs(fs: Filesystem) -> None:
     ino = await write_file(fs, ROOT_INO, b"f", b"")
-    await fs.setxattr(ino, b"user.a", b"1", XATTR_CREATE)
+    await fs.setxattr(ino, b"user.a", b"1", ROOT, XATTR_CREATE)
     with pytest.raises(FsError) as e:
-        await fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
+        await fs.setxattr(ino, b"user.a", b"2", ROOT, XATTR_CREATE)
     assert errno_of(e) == errno.EEXIST
     with pytest.raises(FsError) as e:
-        await fs.setxattr(ino, b"user.b", b"2", XATTR_REPLACE)
+        await fs.setxattr(ino, b"user.b", b"2", ROOT, XATTR_REPLACE)
     assert errno_of(e) == errno.ENODATA
-    await fs.setxattr(ino, b"user.a", b"3", XATTR_REPLACE)
+    await fs.setxattr(ino, b"user.a", b"3", ROOT, XATTR_REPLACE)
     assert await fs.getxattr(ino, b"user.a") == b"3"
-    assert await fs.listxattr(ino) == [b"user.a"]
-    await fs.removexattr(ino, b"user.a")
+    assert await fs.listxattr(ino, ROOT) == [b"user.a"]
+    await fs.removexattr(ino, b"user.a", ROOT)
     with pytest.raises(FsError) as e:
         await fs.getxattr(ino, b"user.a")
     assert errno_of(e) == errno.ENODATA
+
+
+async def test_system_xattrs_other_than_acls_are_refused(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"")
+    owner, other = Ctx(1000, 1000), Ctx(1001, 1001)
+    await fs.setattr(ino, ROOT, uid=1000, gid=1000)
+    for ctx in (ROOT, owner, other):
+        with pytest.raises(FsError) as e:
+            await fs.setxattr(ino, b"system.evil", b"x" * 60_000, ctx)
+        assert errno_of(e) == errno.EOPNOTSUPP
+        with pytest.raises(FsError) as e:
+            await fs.removexattr(ino, b"system.evil", ctx)
+        assert errno_of(e) == errno.EOPNOTSUPP
+
+    # One stored before the rule (committed as an older version did): only its owner
+    # (or root) may remove it.
+    def plant(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+        return [SetXattr(ino, b"system.evil", b"junk", pc.now_ns)], None
+
+    await fs.meta.submit(plant)
+    with pytest.raises(FsError) as e:
+        await fs.removexattr(ino, b"system.evil", other)
+    assert errno_of(e) == errno.EPERM
+    await fs.removexattr(ino, b"system.evil", owner)
+    assert await fs.listxattr(ino, ROOT) == []
+
+
+async def test_trusted_xattrs_are_listed_to_root_only(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"")
+    await fs.setxattr(ino, b"trusted.t", b"1", ROOT)
+    await fs.setxattr(ino, b"user.u", b"2", ROOT)
+    assert await fs.listxattr(ino, ROOT) == [b"trusted.t", b"user.u"]
+    assert await fs.listxattr(ino, Ctx(1000, 1000)) == [b"user.u"]
 
 
 async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:

@@ -9,6 +9,7 @@ import errno
 import functools
 import os
 import stat
+import struct
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -408,3 +409,67 @@ def test_many_users_at_once(work: Path) -> None:
         assert results[u] == {"denied": ["EACCES"], "n": 30, "ok": True}, (u, results[u])
         st = os.stat(work / f"u{u}" / "f5")
         assert (st.st_uid, st.st_gid) == (u, u)
+
+
+def acl_xattr(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL in its Linux xattr form: (tag, perm, id) entries after the header."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_system_and_trusted_xattrs(tmp_path: Path, work: Path) -> None:
+    """The kernel checks nothing for system.* names other than ACLs and leaves the
+    listing of trusted.* names to the filesystem: as on ext4, a user can neither attach
+    system.* data to a file (not even their own) nor see or touch trusted.* ones."""
+    no_id = 0xFFFFFFFF
+    acl = acl_xattr((1, 6, no_id), (2, 6, U2), (4, 4, no_id), (0x10, 6, no_id), (0x20, 4, no_id))
+
+    def scenario(root: Path) -> dict[str, Any]:
+        d = root / "d"
+        d.mkdir()
+        os.chmod(d, 0o755)
+        f = d / "rootfile"
+        f.write_text("r")
+        os.chmod(f, 0o644)
+        os.setxattr(f, "trusted.r", b"root only")
+        mine = d / "mine"
+        mine.write_text("m")
+        os.chown(mine, U1, U1)
+
+        def user() -> dict[str, Any]:
+            return {
+                "set_system_other": outcome(os.setxattr, "d/rootfile", "system.x", b"x" * 60000),
+                "remove_system_other": outcome(os.removexattr, "d/rootfile", "system.x"),
+                "set_system_own": outcome(os.setxattr, "d/mine", "system.x", b"x"),
+                "acl_other": outcome(os.setxattr, "d/rootfile", "system.posix_acl_access", acl),
+                "acl_own": outcome(os.setxattr, "d/mine", "system.posix_acl_access", acl),
+                "set_trusted": outcome(os.setxattr, "d/mine", "trusted.x", b"x"),
+                "get_trusted": outcome(os.getxattr, "d/rootfile", "trusted.r"),
+                "remove_trusted": outcome(os.removexattr, "d/rootfile", "trusted.r"),
+                "list": sorted(os.listxattr("d/rootfile")),
+            }
+
+        return {
+            "u1": as_user(U1, root, user),
+            "root_set_system": outcome(os.setxattr, f, "system.x", b"x"),
+            "root_list": sorted(os.listxattr(f)),
+            "root_trusted": os.getxattr(f, "trusted.r"),
+            "mine_acl": os.getxattr(mine, "system.posix_acl_access") == acl,
+        }
+
+    got = on_both(tmp_path, work, scenario)
+    unsupported = errno.errorcode[errno.EOPNOTSUPP]
+    assert got["u1"] == {
+        "set_system_other": unsupported,
+        "remove_system_other": unsupported,
+        "set_system_own": unsupported,
+        "acl_other": "EPERM",
+        "acl_own": "ok",
+        "set_trusted": "EPERM",
+        "get_trusted": "ENODATA",
+        "remove_trusted": "EPERM",
+        "list": [],
+    }
+    assert got["root_set_system"] == unsupported
+    assert got["root_list"] == ["trusted.r"]
+    assert got["root_trusted"] == b"root only"
+    assert got["mine_acl"] is True
