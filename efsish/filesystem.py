@@ -41,7 +41,7 @@ from efsish.store import ObjectStore
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
-SYMLINK_MAX = 4080
+SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses longer ones)
 LINK_MAX = 177  # EFS's limit on hard links to one file
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536

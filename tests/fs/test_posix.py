@@ -68,12 +68,12 @@ async def test_name_limits(fs: Filesystem) -> None:
         with pytest.raises(FsError) as e:
             await call
         assert errno_of(e) == errno.ENAMETOOLONG
-    await fs.symlink(ROOT_INO, b"ok", b"t" * 4080, ROOT)
+    await fs.symlink(ROOT_INO, b"ok", b"t" * 4095, ROOT)
     with pytest.raises(FsError) as e:
-        await fs.symlink(ROOT_INO, b"long", b"t" * 4081, ROOT)
+        await fs.symlink(ROOT_INO, b"long", b"t" * 4096, ROOT)
     assert errno_of(e) == errno.ENAMETOOLONG
     ino = (await fs.lookup(ROOT_INO, b"ok")).ino
-    assert await fs.readlink(ino) == b"t" * 4080
+    assert await fs.readlink(ino) == b"t" * 4095
 
 
 async def test_dirs_nlink_and_rmdir(fs: Filesystem) -> None:
