@@ -8,6 +8,8 @@ import stat
 
 import pytest
 
+from efsish import acl
+from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.errors import FsError
 from efsish.filesystem import (
     RENAME_EXCHANGE,
@@ -280,6 +282,57 @@ async def test_trusted_xattrs_are_listed_to_root_only(fs: Filesystem) -> None:
     await fs.setxattr(ino, b"user.u", b"2", ROOT)
     assert await fs.listxattr(ino, ROOT) == [b"trusted.t", b"user.u"]
     assert await fs.listxattr(ino, Ctx(1000, 1000)) == [b"user.u"]
+
+
+async def test_default_acl_is_inherited(fs: Filesystem) -> None:
+    no_id = 0xFFFFFFFF
+    # setfacl -d -m g:3000:rwx on a 0755 directory
+    default = acl.encode(
+        [
+            [acl.USER_OBJ, 7, no_id],
+            [acl.GROUP_OBJ, 5, no_id],
+            [acl.GROUP, 7, 3000],
+            [acl.MASK, 7, no_id],
+            [acl.OTHER, 5, no_id],
+        ]
+    )
+    d = await fs.mkdir(ROOT_INO, b"shared", 0o755, ROOT)
+    await fs.setxattr(d.ino, ACL_DEFAULT, default, ROOT)
+    user = Ctx(1000, 1000)
+
+    f = await fs.mknod(d.ino, b"f", stat.S_IFREG | 0o666, user)
+    assert f.mode == stat.S_IFREG | 0o664  # group bits: the mask, limited by the mode
+    assert acl.entries(await fs.getxattr(f.ino, ACL_ACCESS)) == [
+        [acl.USER_OBJ, 6, no_id],
+        [acl.GROUP_OBJ, 5, no_id],
+        [acl.GROUP, 7, 3000],
+        [acl.MASK, 6, no_id],
+        [acl.OTHER, 4, no_id],
+    ]
+    assert await fs.listxattr(f.ino, user) == [ACL_ACCESS]
+
+    private = await fs.mknod(d.ino, b"p", stat.S_IFREG | 0o600, user)
+    assert private.mode == stat.S_IFREG | 0o600
+    assert acl.parse_acl(await fs.getxattr(private.ino, ACL_ACCESS)) == (0o600, False)
+
+    sub = await fs.mkdir(d.ino, b"sub", 0o777, user)
+    assert sub.mode == stat.S_IFDIR | 0o775
+    assert await fs.getxattr(sub.ino, ACL_DEFAULT) == default
+    inner = await fs.mknod(sub.ino, b"inner", stat.S_IFREG | 0o644, user)
+    assert acl.parse_acl(await fs.getxattr(inner.ino, ACL_ACCESS)) == (0o644, False)
+
+    link = await fs.symlink(d.ino, b"l", b"f", user)
+    assert link.mode == stat.S_IFLNK | 0o777
+    assert await fs.listxattr(link.ino, user) == []
+
+    # A default ACL of only the base entries: the mode says it all, no ACL is stored.
+    minimal = acl.encode(
+        [[acl.USER_OBJ, 7, no_id], [acl.GROUP_OBJ, 5, no_id], [acl.OTHER, 0, no_id]]
+    )
+    await fs.setxattr(sub.ino, ACL_DEFAULT, minimal, ROOT)
+    g = await fs.mknod(sub.ino, b"g", stat.S_IFREG | 0o666, user)
+    assert g.mode == stat.S_IFREG | 0o640
+    assert await fs.listxattr(g.ino, user) == []
 
 
 async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:
