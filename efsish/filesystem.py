@@ -25,7 +25,8 @@ from typing import Any
 
 import trio
 
-from efsish import __version__, codec
+from efsish import __version__, acl, codec
+from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
 from efsish.data.dirty import DirtyBuffer, Interval
@@ -41,7 +42,7 @@ from efsish.store import ObjectStore
 log = logging.getLogger(__name__)
 
 NAME_MAX = 255
-SYMLINK_MAX = 4080
+SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses longer ones)
 LINK_MAX = 177  # EFS's limit on hard links to one file
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
@@ -61,47 +62,11 @@ TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimme
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
 
 
-ACL_ACCESS = b"system.posix_acl_access"
-ACL_DEFAULT = b"system.posix_acl_default"
-_ACL_USER_OBJ, _ACL_USER, _ACL_GROUP_OBJ, _ACL_GROUP, _ACL_MASK, _ACL_OTHER = (
-    1,
-    2,
-    4,
-    8,
-    0x10,
-    0x20,
-)
-
-
-def _valid_acl(value: bytes) -> bool:
-    return len(value) >= 4 and (len(value) - 4) % 8 == 0 and value[:4] == b"\x02\0\0\0"
-
-
-def parse_acl(value: bytes) -> tuple[int, bool] | None:
-    """(permission bits, minimal?) of a Linux POSIX ACL xattr, or None if malformed."""
-    if not _valid_acl(value):
-        return None
-    perms: dict[int, int] = {}
-    extended = False
-    for i in range(4, len(value), 8):
-        tag = int.from_bytes(value[i : i + 2], "little")
-        perm = int.from_bytes(value[i + 2 : i + 4], "little") & 7
-        if tag in (_ACL_USER, _ACL_GROUP):
-            extended = True
-        elif tag == _ACL_MASK:
-            extended = True
-            perms[tag] = perm
-        else:
-            perms[tag] = perm
-    if not {_ACL_USER_OBJ, _ACL_GROUP_OBJ, _ACL_OTHER} <= perms.keys():
-        return None
-    group = perms.get(_ACL_MASK, perms[_ACL_GROUP_OBJ])
-    return (perms[_ACL_USER_OBJ] << 6) | (group << 3) | perms[_ACL_OTHER], not extended
-
-
 @dataclass(frozen=True)
 class Ctx:
-    """Who is asking: the caller's uid/gid (and umask, already applied by the kernel)."""
+    """Who is asking: the caller's uid/gid. (The kernel applies the caller's umask to
+    create modes before they reach the filesystem: pyfuse3 cannot ask for
+    FUSE_DONT_MASK.)"""
 
     uid: int = 0
     gid: int = 0
@@ -163,6 +128,13 @@ class OpenFile:
     # are committed in the same log entry as those writes (at close/fsync), like the data.
     deferred: dict[str, int] = field(default_factory=dict)
     dirty_since: float = 0.0  # monotonic time of the oldest change not yet committed
+
+
+def _other_system_xattr(name: bytes) -> bool:
+    """A system.* name other than the POSIX ACLs. The kernel checks no permission for
+    system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
+    refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
+    return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
 
 
 def _check_name(name: bytes) -> None:
@@ -514,10 +486,21 @@ class Filesystem:
                 gid = p.gid
                 if stat.S_ISDIR(mode):
                     m |= stat.S_ISGID
+            # POSIX.1e, as ext4: the directory's default ACL, limited by the create
+            # mode, becomes the new inode's access ACL and mode (a symlink's is always
+            # 0777); a new directory also inherits the default ACL itself.
+            inherited: list[tuple[bytes, bytes]] = []
+            default = None if stat.S_ISLNK(mode) else view.getxattr(parent, ACL_DEFAULT)
+            if default is not None:
+                m, access = acl.inherit(default, m)
+                if access is not None:
+                    inherited.append((ACL_ACCESS, access))
+                if stat.S_ISDIR(mode):
+                    inherited.append((ACL_DEFAULT, default))
             ino = pc.alloc_ino(view)
             pc.after = lambda v: v.getattr(ino)
             op = Mk(ino, parent, name, m, ctx.uid, gid, pc.now_ns, rdev=rdev, target=target)
-            return [op], None
+            return [op, *(SetXattr(ino, n, v, pc.now_ns) for n, v in inherited)], None
 
         attr: Attr = await self._submit(plan)
         return self._overlay(attr)
@@ -782,15 +765,17 @@ class Filesystem:
 
     # ------------------------------------------------------------------ xattrs
 
-    async def setxattr(self, ino: int, name: bytes, value: bytes, flags: int = 0) -> None:
+    async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Ctx, flags: int = 0) -> None:
         if len(name) > XATTR_NAME_MAX or not name:
             raise FsError("xattr name too long", errno.ERANGE)
         if len(value) > XATTR_SIZE_MAX:
             raise FsError("xattr value too large", errno.E2BIG)
+        if _other_system_xattr(name):
+            raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
 
-        acl = parse_acl(value) if name == ACL_ACCESS else None
+        access = acl.parse_acl(value) if name == ACL_ACCESS else None
         if name in (ACL_ACCESS, ACL_DEFAULT) and (
-            (acl is None and name == ACL_ACCESS) or not _valid_acl(value)
+            (access is None and name == ACL_ACCESS) or not acl.valid(value)
         ):
             raise FsError("invalid ACL", errno.EINVAL)
 
@@ -802,10 +787,10 @@ class Filesystem:
             if flags & XATTR_REPLACE and old is None:
                 raise FsError("no such xattr", errno.ENODATA)
             ops: list[Op] = []
-            if acl is not None:
+            if access is not None:
                 # As local filesystems do: the ACL's owner/group(mask)/other entries are
                 # the mode bits; an ACL with nothing more is just a mode, not stored.
-                mode, minimal = acl
+                mode, minimal = access
                 new_mode = (a.mode & ~0o777) | mode
                 if new_mode != a.mode:
                     ops.append(SetAttr(ino, mode=new_mode, ctime=pc.now_ns))
@@ -825,15 +810,26 @@ class Filesystem:
             raise FsError("no such xattr", errno.ENODATA)
         return v
 
-    async def listxattr(self, ino: int) -> list[bytes]:
+    async def listxattr(self, ino: int, ctx: Ctx) -> list[bytes]:
         await self._attr(ino)
-        return await self.meta.read(View.listxattr, ino)
+        names: list[bytes] = await self.meta.read(View.listxattr, ino)
+        if ctx.uid != 0:
+            # The kernel keeps trusted.* from everyone but root, except in listings,
+            # which it leaves to the filesystem (ext4 hides them too).
+            names = [n for n in names if not n.startswith(b"trusted.")]
+        return names
 
-    async def removexattr(self, ino: int, name: bytes) -> None:
+    async def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need(view, ino)
+            a = self._need(view, ino)
             if view.getxattr(ino, name) is None:
+                if _other_system_xattr(name):
+                    raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
                 raise FsError("no such xattr", errno.ENODATA)
+            if _other_system_xattr(name) and ctx.uid not in (0, a.uid):
+                # One stored before system.* names were refused: its owner (or root)
+                # may remove it, nobody else.
+                raise FsError("not the owner", errno.EPERM)
             return [RemoveXattr(ino, name, pc.now_ns)], None
 
         await self._submit(plan)

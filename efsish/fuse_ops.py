@@ -284,7 +284,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: Any) -> None:
-        await self.fs.setxattr(inode, name, value)
+        await self.fs.setxattr(inode, name, value, self._ctx(ctx))
 
     @_errors
     async def getxattr(self, inode: int, name: bytes, ctx: Any) -> bytes:
@@ -292,11 +292,11 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def listxattr(self, inode: int, ctx: Any) -> list[bytes]:
-        return await self.fs.listxattr(inode)
+        return await self.fs.listxattr(inode, self._ctx(ctx))
 
     @_errors
     async def removexattr(self, inode: int, name: bytes, ctx: Any) -> None:
-        await self.fs.removexattr(inode, name)
+        await self.fs.removexattr(inode, name, self._ctx(ctx))
 
     @_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:

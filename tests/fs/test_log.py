@@ -311,7 +311,7 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
             elif kind == "link":
                 await fs.link(attr.ino, d, name2)
             elif kind == "xattr":
-                await fs.setxattr(attr.ino, b"user.k", rnd.choice([b"v", b"w"]))
+                await fs.setxattr(attr.ino, b"user.k", rnd.choice([b"v", b"w"]), ROOT)
             else:
                 # Many changes at once: batched into entries too big to be re-read after
                 # the commit, so the memo must forget (the directory included).
@@ -321,7 +321,7 @@ async def test_remembered_lookups_follow_every_change(make_fs) -> None:
                         if remove:
                             await fs.unlink(d, n)
                         else:
-                            await fs.setxattr(a.ino, b"user.k", b"new")
+                            await fs.setxattr(a.ino, b"user.k", b"new", ROOT)
 
                 new = [b"b%d" % rnd.randrange(10_000) for _ in range(70)]
                 burst[:] = new[:4]  # checked from now on, with `names`
@@ -387,7 +387,7 @@ async def test_answers_before_the_local_commit_are_never_ahead_of_reads(
         made = await a.mknod(d, name, stat.S_IFREG | 0o644, ROOT)
         assert (await a.lookup(d, name)).ino == made.ino
         assert (await a.getattr(d)).mtime == made.ctime
-        await a.setxattr(made.ino, b"user.k", b"v%d" % i)
+        await a.setxattr(made.ino, b"user.k", b"v%d" % i, ROOT)
         assert await a.getxattr(made.ino, b"user.k") == b"v%d" % i
         await a.unlink(d, name)
         with pytest.raises(FsError) as e:

@@ -8,6 +8,8 @@ import stat
 
 import pytest
 
+from efsish import acl
+from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.errors import FsError
 from efsish.filesystem import (
     RENAME_EXCHANGE,
@@ -17,7 +19,9 @@ from efsish.filesystem import (
     Ctx,
     Filesystem,
 )
-from efsish.meta.view import ROOT_INO
+from efsish.meta.log import PlanContext
+from efsish.meta.ops import Op, SetXattr
+from efsish.meta.view import ROOT_INO, View
 from tests.fs.conftest import FsFactory
 
 ROOT = Ctx(0, 0)
@@ -66,12 +70,12 @@ async def test_name_limits(fs: Filesystem) -> None:
         with pytest.raises(FsError) as e:
             await call
         assert errno_of(e) == errno.ENAMETOOLONG
-    await fs.symlink(ROOT_INO, b"ok", b"t" * 4080, ROOT)
+    await fs.symlink(ROOT_INO, b"ok", b"t" * 4095, ROOT)
     with pytest.raises(FsError) as e:
-        await fs.symlink(ROOT_INO, b"long", b"t" * 4081, ROOT)
+        await fs.symlink(ROOT_INO, b"long", b"t" * 4096, ROOT)
     assert errno_of(e) == errno.ENAMETOOLONG
     ino = (await fs.lookup(ROOT_INO, b"ok")).ino
-    assert await fs.readlink(ino) == b"t" * 4080
+    assert await fs.readlink(ino) == b"t" * 4095
 
 
 async def test_dirs_nlink_and_rmdir(fs: Filesystem) -> None:
@@ -231,20 +235,104 @@ async def test_a_file_another_mount_unlinks_keeps_working_where_it_is_open(
 
 async def test_xattrs(fs: Filesystem) -> None:
     ino = await write_file(fs, ROOT_INO, b"f", b"")
-    await fs.setxattr(ino, b"user.a", b"1", XATTR_CREATE)
+    await fs.setxattr(ino, b"user.a", b"1", ROOT, XATTR_CREATE)
     with pytest.raises(FsError) as e:
-        await fs.setxattr(ino, b"user.a", b"2", XATTR_CREATE)
+        await fs.setxattr(ino, b"user.a", b"2", ROOT, XATTR_CREATE)
     assert errno_of(e) == errno.EEXIST
     with pytest.raises(FsError) as e:
-        await fs.setxattr(ino, b"user.b", b"2", XATTR_REPLACE)
+        await fs.setxattr(ino, b"user.b", b"2", ROOT, XATTR_REPLACE)
     assert errno_of(e) == errno.ENODATA
-    await fs.setxattr(ino, b"user.a", b"3", XATTR_REPLACE)
+    await fs.setxattr(ino, b"user.a", b"3", ROOT, XATTR_REPLACE)
     assert await fs.getxattr(ino, b"user.a") == b"3"
-    assert await fs.listxattr(ino) == [b"user.a"]
-    await fs.removexattr(ino, b"user.a")
+    assert await fs.listxattr(ino, ROOT) == [b"user.a"]
+    await fs.removexattr(ino, b"user.a", ROOT)
     with pytest.raises(FsError) as e:
         await fs.getxattr(ino, b"user.a")
     assert errno_of(e) == errno.ENODATA
+
+
+async def test_system_xattrs_other_than_acls_are_refused(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"")
+    owner, other = Ctx(1000, 1000), Ctx(1001, 1001)
+    await fs.setattr(ino, ROOT, uid=1000, gid=1000)
+    for ctx in (ROOT, owner, other):
+        with pytest.raises(FsError) as e:
+            await fs.setxattr(ino, b"system.evil", b"x" * 60_000, ctx)
+        assert errno_of(e) == errno.EOPNOTSUPP
+        with pytest.raises(FsError) as e:
+            await fs.removexattr(ino, b"system.evil", ctx)
+        assert errno_of(e) == errno.EOPNOTSUPP
+
+    # One stored before the rule (committed as an older version did): only its owner
+    # (or root) may remove it.
+    def plant(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+        return [SetXattr(ino, b"system.evil", b"junk", pc.now_ns)], None
+
+    await fs.meta.submit(plant)
+    with pytest.raises(FsError) as e:
+        await fs.removexattr(ino, b"system.evil", other)
+    assert errno_of(e) == errno.EPERM
+    await fs.removexattr(ino, b"system.evil", owner)
+    assert await fs.listxattr(ino, ROOT) == []
+
+
+async def test_trusted_xattrs_are_listed_to_root_only(fs: Filesystem) -> None:
+    ino = await write_file(fs, ROOT_INO, b"f", b"")
+    await fs.setxattr(ino, b"trusted.t", b"1", ROOT)
+    await fs.setxattr(ino, b"user.u", b"2", ROOT)
+    assert await fs.listxattr(ino, ROOT) == [b"trusted.t", b"user.u"]
+    assert await fs.listxattr(ino, Ctx(1000, 1000)) == [b"user.u"]
+
+
+async def test_default_acl_is_inherited(fs: Filesystem) -> None:
+    no_id = 0xFFFFFFFF
+    # setfacl -d -m g:3000:rwx on a 0755 directory
+    default = acl.encode(
+        [
+            [acl.USER_OBJ, 7, no_id],
+            [acl.GROUP_OBJ, 5, no_id],
+            [acl.GROUP, 7, 3000],
+            [acl.MASK, 7, no_id],
+            [acl.OTHER, 5, no_id],
+        ]
+    )
+    d = await fs.mkdir(ROOT_INO, b"shared", 0o755, ROOT)
+    await fs.setxattr(d.ino, ACL_DEFAULT, default, ROOT)
+    user = Ctx(1000, 1000)
+
+    f = await fs.mknod(d.ino, b"f", stat.S_IFREG | 0o666, user)
+    assert f.mode == stat.S_IFREG | 0o664  # group bits: the mask, limited by the mode
+    assert acl.entries(await fs.getxattr(f.ino, ACL_ACCESS)) == [
+        [acl.USER_OBJ, 6, no_id],
+        [acl.GROUP_OBJ, 5, no_id],
+        [acl.GROUP, 7, 3000],
+        [acl.MASK, 6, no_id],
+        [acl.OTHER, 4, no_id],
+    ]
+    assert await fs.listxattr(f.ino, user) == [ACL_ACCESS]
+
+    private = await fs.mknod(d.ino, b"p", stat.S_IFREG | 0o600, user)
+    assert private.mode == stat.S_IFREG | 0o600
+    assert acl.parse_acl(await fs.getxattr(private.ino, ACL_ACCESS)) == (0o600, False)
+
+    sub = await fs.mkdir(d.ino, b"sub", 0o777, user)
+    assert sub.mode == stat.S_IFDIR | 0o775
+    assert await fs.getxattr(sub.ino, ACL_DEFAULT) == default
+    inner = await fs.mknod(sub.ino, b"inner", stat.S_IFREG | 0o644, user)
+    assert acl.parse_acl(await fs.getxattr(inner.ino, ACL_ACCESS)) == (0o644, False)
+
+    link = await fs.symlink(d.ino, b"l", b"f", user)
+    assert link.mode == stat.S_IFLNK | 0o777
+    assert await fs.listxattr(link.ino, user) == []
+
+    # A default ACL of only the base entries: the mode says it all, no ACL is stored.
+    minimal = acl.encode(
+        [[acl.USER_OBJ, 7, no_id], [acl.GROUP_OBJ, 5, no_id], [acl.OTHER, 0, no_id]]
+    )
+    await fs.setxattr(sub.ino, ACL_DEFAULT, minimal, ROOT)
+    g = await fs.mknod(sub.ino, b"g", stat.S_IFREG | 0o666, user)
+    assert g.mode == stat.S_IFREG | 0o640
+    assert await fs.listxattr(g.ino, user) == []
 
 
 async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:

@@ -9,6 +9,8 @@ import errno
 import functools
 import os
 import stat
+import struct
+import subprocess
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -408,3 +410,144 @@ def test_many_users_at_once(work: Path) -> None:
         assert results[u] == {"denied": ["EACCES"], "n": 30, "ok": True}, (u, results[u])
         st = os.stat(work / f"u{u}" / "f5")
         assert (st.st_uid, st.st_gid) == (u, u)
+
+
+def acl_xattr(*entries: tuple[int, int, int]) -> bytes:
+    """A POSIX ACL in its Linux xattr form: (tag, perm, id) entries after the header."""
+    return struct.pack("<I", 2) + b"".join(struct.pack("<HHI", *e) for e in entries)
+
+
+def test_system_and_trusted_xattrs(tmp_path: Path, work: Path) -> None:
+    """The kernel checks nothing for system.* names other than ACLs and leaves the
+    listing of trusted.* names to the filesystem: as on ext4, a user can neither attach
+    system.* data to a file (not even their own) nor see or touch trusted.* ones."""
+    no_id = 0xFFFFFFFF
+    acl = acl_xattr((1, 6, no_id), (2, 6, U2), (4, 4, no_id), (0x10, 6, no_id), (0x20, 4, no_id))
+
+    def scenario(root: Path) -> dict[str, Any]:
+        d = root / "d"
+        d.mkdir()
+        os.chmod(d, 0o755)
+        f = d / "rootfile"
+        f.write_text("r")
+        os.chmod(f, 0o644)
+        os.setxattr(f, "trusted.r", b"root only")
+        mine = d / "mine"
+        mine.write_text("m")
+        os.chown(mine, U1, U1)
+
+        def user() -> dict[str, Any]:
+            return {
+                "set_system_other": outcome(os.setxattr, "d/rootfile", "system.x", b"x" * 60000),
+                "remove_system_other": outcome(os.removexattr, "d/rootfile", "system.x"),
+                "set_system_own": outcome(os.setxattr, "d/mine", "system.x", b"x"),
+                "acl_other": outcome(os.setxattr, "d/rootfile", "system.posix_acl_access", acl),
+                "acl_own": outcome(os.setxattr, "d/mine", "system.posix_acl_access", acl),
+                "set_trusted": outcome(os.setxattr, "d/mine", "trusted.x", b"x"),
+                "get_trusted": outcome(os.getxattr, "d/rootfile", "trusted.r"),
+                "remove_trusted": outcome(os.removexattr, "d/rootfile", "trusted.r"),
+                "list": sorted(os.listxattr("d/rootfile")),
+            }
+
+        return {
+            "u1": as_user(U1, root, user),
+            "root_set_system": outcome(os.setxattr, f, "system.x", b"x"),
+            "root_list": sorted(os.listxattr(f)),
+            "root_trusted": os.getxattr(f, "trusted.r"),
+            "mine_acl": os.getxattr(mine, "system.posix_acl_access") == acl,
+        }
+
+    got = on_both(tmp_path, work, scenario)
+    unsupported = errno.errorcode[errno.EOPNOTSUPP]
+    assert got["u1"] == {
+        "set_system_other": unsupported,
+        "remove_system_other": unsupported,
+        "set_system_own": unsupported,
+        "acl_other": "EPERM",
+        "acl_own": "ok",
+        "set_trusted": "EPERM",
+        "get_trusted": "ENODATA",
+        "remove_trusted": "EPERM",
+        "list": [],
+    }
+    assert got["root_set_system"] == unsupported
+    assert got["root_list"] == ["trusted.r"]
+    assert got["root_trusted"] == b"root only"
+    assert got["mine_acl"] is True
+
+
+def getfacl(p: Path) -> str:
+    out = subprocess.run(
+        ["getfacl", "-n", "--omit-header", str(p)], capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
+def test_default_acl_inheritance(tmp_path: Path, work: Path) -> None:
+    """setfacl -d on a directory: what is created in it gets the ACL and mode ext4 gives
+    (compared with local disk, read back with getfacl and stat), by every kind of create,
+    two levels down; the inherited entries are enforced. (umask 022 or 077 differ from
+    ext4: the kernel applies them before efsish sees the mode; see ARCHITECTURE.md.)"""
+
+    def scenario(root: Path) -> dict[str, Any]:
+        for name, spec in (
+            ("shared", f"g:{SHARED_GROUP}:rwx,u:{U2}:r-x"),  # extended: mask entries
+            ("plain", "o::---"),  # only the base entries: no access ACL is stored
+        ):
+            d = root / name
+            d.mkdir()
+            os.chown(d, U1, SHARED_GROUP)
+            os.chmod(d, 0o775)
+            subprocess.run(["setfacl", "-d", "-m", spec, str(d)], check=True)
+
+        def create(d: str, um: str) -> None:
+            for n, m in (("f666", 0o666), ("f600", 0o600), ("f750", 0o750)):
+                os.close(os.open(f"{d}/{n}{um}", os.O_CREAT | os.O_WRONLY, m))
+            os.mkdir(f"{d}/d777{um}", 0o777)
+            os.mkdir(f"{d}/d750{um}", 0o750)
+            os.mkfifo(f"{d}/p{um}", 0o666)
+            os.symlink("f666", f"{d}/l{um}")
+            with open(f"{d}/d777{um}/inner", "w"):
+                pass
+            os.mkdir(f"{d}/d777{um}/sub")
+
+        r: dict[str, Any] = {}
+        for um in (0o002, 0o000):
+            for dn in ("shared", "plain"):
+                as_user(U1, root, functools.partial(create, dn, oct(um)), umask=um)
+        for p in sorted(root.rglob("*")):
+            st = os.lstat(p)
+            rel = str(p.relative_to(root))
+            r[rel] = (oct(st.st_mode), st.st_gid)
+            if not stat.S_ISLNK(st.st_mode):
+                r[rel + " acl"] = getfacl(p)
+
+        def u2() -> dict[str, str]:
+            return {
+                "read_shared": outcome(lambda: open("shared/f6660o2").read()),
+                "write_shared": outcome(lambda: open("shared/f6660o2", "a").close()),
+                "create_shared_sub": outcome(lambda: open("shared/d7770o2/sub/x", "w").close()),
+                "read_plain": outcome(lambda: open("plain/f6660o2").read()),
+            }
+
+        r["u2"] = as_user(U2, root, u2)
+        r["team"] = as_user(
+            1002,
+            root,
+            lambda: outcome(lambda: open("shared/d7770o2/sub/x", "w").close()),
+            groups=[SHARED_GROUP],
+        )
+        return r
+
+    got = on_both(tmp_path, work, scenario)
+    assert got["shared/f6660o2"] == (oct(0o100664), U1)
+    assert f"group:{SHARED_GROUP}:rwx\t#effective:rw-" in got["shared/f6660o2 acl"]
+    assert "default:" in got["shared/d7770o2/sub acl"]
+    assert got["plain/f6660o2"] == (oct(0o100660), U1)
+    assert got["u2"] == {
+        "read_shared": "ok",
+        "write_shared": "EACCES",
+        "create_shared_sub": "EACCES",
+        "read_plain": "EACCES",
+    }
+    assert got["team"] == "ok"
