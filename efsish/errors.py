@@ -1,4 +1,4 @@
-"""Every error type efsish raises, and the one table that maps them to errno.
+"""Every error type efsish raises, and the one rule that maps them to errno.
 
 Store errors describe what went wrong talking to the object store; filesystem errors carry
 the POSIX errno a caller must see. This module must not import pyfuse3 or any backend.
@@ -68,23 +68,14 @@ class FsError(EfsishError):
             self.errno = err
 
 
-# One table: internal error class -> errno seen by the caller. Anything not listed is EIO.
-ERRNO_TABLE: dict[type[BaseException], int] = {
-    NotFound: errno.EIO,  # a block that should exist is missing: data loss, not ENOENT
-    CorruptObject: errno.EIO,
-    TransientStoreError: errno.EIO,
-    PermanentStoreError: errno.EIO,
-    PreconditionFailed: errno.EIO,
-}
-
-
 def to_errno(exc: BaseException) -> int:
-    """Map any exception to the errno a FUSE caller should see."""
+    """The errno a FUSE caller sees for any exception: an FsError's own errno (POSIX
+    outcomes are raised where they are decided, e.g. EEXIST in a planner), an OSError's
+    errno, and EIO for everything else. Store errors are EIO on purpose: a block or log
+    entry that should exist and is missing is lost data, not ENOENT, and a corrupt,
+    refused or unanswered request is an I/O error to the caller."""
     if isinstance(exc, FsError):
         return exc.errno
-    for cls in type(exc).__mro__:
-        if cls in ERRNO_TABLE:
-            return ERRNO_TABLE[cls]
     if isinstance(exc, OSError) and exc.errno:
         return exc.errno
     return errno.EIO

@@ -1,7 +1,7 @@
 """The FUSE adapter: the only module that speaks pyfuse3's Operations interface.
 
 It converts pyfuse3 requests into Filesystem calls, Attr into EntryAttributes, and every
-error into a FUSEError through efsish.errors.to_errno (one table). Kernel cache
+error into a FUSEError through efsish.errors.to_errno (one rule). Kernel cache
 invalidations for changes made by other mounts are sent from a dedicated worker task,
 never inline in a request handler (the kernel may hold locks the request needs).
 This module must not contain filesystem logic.
