@@ -25,13 +25,14 @@ from typing import Any
 
 import trio
 
-from efsish import __version__, acl, codec
+from efsish import __version__, acl
 from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
 from efsish.data.dirty import DirtyBuffer, Interval
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
+from efsish.meta import heartbeat
 from efsish.meta.log import MetaLog, PlanContext
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.superblock import Superblock
@@ -219,7 +220,7 @@ class Filesystem:
         try:
             await self.metering.save()
             if not self.opts.read_only:
-                await self.store.delete(f"clients/{self.meta.client_id}")
+                await heartbeat.delete(self.store, self.meta.client_id)
         except StoreError:
             pass
 
@@ -259,9 +260,9 @@ class Filesystem:
                 if stored is None or time.monotonic() - last_measure > STORED_REMEASURE:
                     stored = (await self.meta.read(View.stats))[1]
                     last_measure = time.monotonic()
-                others = await self._read_heartbeats()
-                recent = time.time_ns() - int(5 * self.opts.heartbeat_interval * 1e9)
-                if any(hb.get("starving") and int(hb.get("t", 0)) > recent for hb in others):
+                others = await heartbeat.read_all(self.store, exclude=self.meta.client_id)
+                recent = 5 * self.opts.heartbeat_interval
+                if any(hb.starving and hb.age() < recent for hb in others):
                     self.meta.make_room(2 * self.opts.heartbeat_interval)
                 await self.metering.sync(others, stored)
             except (StoreError, FsError) as e:  # FsError: the view is unusable for now
@@ -270,41 +271,25 @@ class Filesystem:
                 log.exception("heartbeat crashed; the mount keeps running")
             await trio.sleep(self.opts.heartbeat_interval)
 
-    async def _read_heartbeats(self) -> list[dict[str, Any]]:
-        out: list[dict[str, Any]] = []
-        async for info in self.store.list("clients/"):
-            if info.key.endswith(self.meta.client_id):
-                continue
-            try:
-                out.append(codec.decode_json(b"H", await self.store.get(info.key), info.key))
-            except (StoreError, EfsishError) as e:
-                log.debug("skipping heartbeat %s: %s", info.key, e)
-        return out
-
     async def write_heartbeat(self) -> None:
         """Publish where this mount is (clients/<id>): read by status and gc. A
         read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
         if self.opts.read_only:
             return
-        await self.store.put(
-            f"clients/{self.meta.client_id}",
-            codec.encode_json(
-                b"H",
-                {
-                    "client": self.meta.client_id,
-                    "host": socket.gethostname(),
-                    "mountpoint": self.opts.mountpoint,
-                    "version": __version__,
-                    "pid": os.getpid(),
-                    "applied_seq": self.meta.applied_seq,
-                    "starving": self.meta.starving,
-                    "held": self.held_blocks(),
-                    **self.metering.heartbeat_fields(),
-                    "t": time.time_ns(),
-                    "started": int(self.started * 1e9),
-                },
-            ),
+        hb = heartbeat.Heartbeat(
+            client=self.meta.client_id,
+            t=time.time_ns(),
+            host=socket.gethostname(),
+            mountpoint=self.opts.mountpoint,
+            version=__version__,
+            pid=os.getpid(),
+            applied_seq=self.meta.applied_seq,
+            starving=self.meta.starving,
+            held=self.held_blocks(),
+            metered_total=self.metering.drain_metered(),
+            started=int(self.started * 1e9),
         )
+        await heartbeat.write(self.store, hb)
 
     def held_blocks(self, limit: int = 10000) -> list[str]:
         """Blocks this mount may still read that the log no longer references: those of

@@ -24,6 +24,7 @@ from tqdm import tqdm
 from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import EfsishError, NotFound
+from efsish.meta import heartbeat
 from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog
 from efsish.meta.superblock import SUPERBLOCK_KEY, load_superblock
 from efsish.meta.view import ROOT_INO, View
@@ -34,7 +35,14 @@ Block = tuple[int, str | None, str | None]
 
 log = logging.getLogger(__name__)
 
-KNOWN_PREFIXES = (LOG_PREFIX, CKPT_PREFIX, DATA_PREFIX, "clients/", "throttle/", ".efsish-probe/")
+KNOWN_PREFIXES = (
+    LOG_PREFIX,
+    CKPT_PREFIX,
+    DATA_PREFIX,
+    heartbeat.PREFIX,
+    "throttle/",
+    ".efsish-probe/",
+)
 
 
 @dataclass

@@ -30,6 +30,7 @@ from tqdm import tqdm
 from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
+from efsish.meta import heartbeat
 from efsish.meta.log import (
     CKPT_PREFIX,
     LOG_PREFIX,
@@ -45,64 +46,6 @@ from efsish.meta.view import View
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
-
-HEARTBEAT_EXPIRE = 120.0  # seconds without a heartbeat: the mount is considered crashed
-
-
-@dataclass
-class Client:
-    client: str
-    host: str
-    mountpoint: str
-    version: str
-    applied_seq: int
-    age: float
-    held: list[str] = field(default_factory=list)
-
-    @property
-    def live(self) -> bool:
-        return self.age < HEARTBEAT_EXPIRE
-
-
-def _client(hb: Any, now: int) -> Client:
-    return Client(
-        client=str(hb["client"]),
-        host=str(hb.get("host", "?")),
-        mountpoint=str(hb.get("mountpoint", "?")),
-        version=str(hb.get("version", "?")),
-        applied_seq=int(hb.get("applied_seq", 0)),
-        age=(now - int(hb["t"])) / 1e9,
-        held=[str(k) for k in hb.get("held", [])],
-    )
-
-
-async def read_clients(store: ObjectStore, *, strict: bool = False) -> list[Client]:
-    """Every mount's heartbeat. One that cannot be read (twice: a GET carries no
-    checksum) is skipped with a warning, or, if `strict` (gc), stops the caller: gc must
-    not delete blocks a live mount may still hold or be about to reference."""
-    out: list[Client] = []
-    now = time.time_ns()
-    async for info in store.list("clients/"):
-        if "/" in info.key[len("clients/") :]:
-            continue  # not a heartbeat of this filesystem (clients/<id>)
-        for attempt in (1, 2):
-            try:
-                hb = codec.decode_json(b"H", await store.get(info.key), info.key)
-                out.append(_client(hb, now))
-                break
-            except NotFound:
-                break  # unmounted since the listing
-            except (CorruptObject, KeyError, ValueError, TypeError) as e:
-                if attempt == 1:
-                    continue
-                if strict:
-                    raise CorruptObject(
-                        f"heartbeat {info.key} cannot be read ({e}): gc cannot tell what "
-                        "that mount still uses, so it deleted nothing. If no mount with that "
-                        "id is running, delete that object and run gc again"
-                    ) from None
-                log.warning("ignoring unreadable heartbeat %s: %s", info.key, e)
-    return out
 
 
 async def log_head(store: ObjectStore) -> tuple[int, int]:
@@ -148,7 +91,7 @@ async def collect(
     res = GcResult()
     await meta.catch_up()
     clients = [
-        c for c in await read_clients(store, strict=True) if c.live and c.client != meta.client_id
+        c for c in await heartbeat.read_all(store, exclude=meta.client_id, strict=True) if c.live()
     ]
     min_seq = min([c.applied_seq for c in clients], default=meta.applied_seq)
     held = {k for c in clients for k in c.held}
@@ -270,7 +213,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
     sb = await load_superblock(store)
     first, last = await log_head(store)
     ckpts = await checkpoints(store)
-    clients = await read_clients(store)
+    clients = await heartbeat.read_all(store)
     info: dict[str, Any] = {
         "filesystem": sb.fs_uuid,
         "block size": sb.block_size,
@@ -280,7 +223,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
     }
     for k, v in info.items():
         print(f"{k:>18}: {v}", file=stream)
-    live = [c for c in clients if c.live]
+    live = [c for c in clients if c.live()]
     print(f"{'live mounts':>18}: {len(live)}", file=stream)
     if clients:
         print(
@@ -289,10 +232,10 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             file=stream,
         )
         for c in sorted(clients, key=lambda c: (c.host, c.mountpoint)):
-            state = "live" if c.live else "expired"
+            state = "live" if c.live() else "expired"
             print(
                 f"  {c.host:<20} {c.mountpoint:<28} {c.version:<8} {c.applied_seq:>8} "
-                f"{c.age:>9.0f}s  {state}",
+                f"{c.age():>9.0f}s  {state}",
                 file=stream,
             )
     return 0

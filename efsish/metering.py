@@ -28,6 +28,7 @@ import trio
 
 from efsish import codec
 from efsish.errors import CorruptObject, NotFound, StoreError
+from efsish.meta.heartbeat import Heartbeat
 from efsish.meta.superblock import Superblock
 from efsish.store import ObjectStore
 from efsish.throttle import (
@@ -156,10 +157,11 @@ class Metering:
         if self.throttle is not None:
             await self.throttle.acquire(kind, nbytes)
 
-    def heartbeat_fields(self) -> dict[str, Any]:
+    def drain_metered(self) -> float:
+        """The bytes metered by this mount since it started (for its heartbeat)."""
         if self.throttle is not None:
             self.metered_total += self.throttle.drain_local_metered()
-        return {"metered_total": self.metered_total}
+        return self.metered_total
 
     def metrics(self) -> dict[str, float]:
         """The EFS metrics (CloudWatch names) as this mount sees them now."""
@@ -185,7 +187,7 @@ class Metering:
             except StoreError as e:
                 log.warning("metering: %s", e)
 
-    async def sync(self, clients: list[dict[str, Any]], stored_bytes: int) -> None:
+    async def sync(self, clients: list[Heartbeat], stored_bytes: int) -> None:
         """Charge other mounts' new metered bytes and re-divide the rate (every SYNC s)."""
         assert self.throttle is not None
         self.stored_bytes = stored_bytes
@@ -195,13 +197,13 @@ class Metering:
         live = 1
         now_ns = time.time_ns()
         for hb in clients:
-            cid = str(hb.get("client"))
+            cid = hb.client
             if cid == self.client_id:
                 continue
-            if (now_ns - int(hb.get("t", 0))) / 1e9 > CLIENT_EXPIRE:
+            if hb.age(now_ns) > CLIENT_EXPIRE:
                 continue
             live += 1
-            total = float(hb.get("metered_total", 0.0))
+            total = hb.metered_total
             prev = self._seen.get(cid)
             self._seen[cid] = total
             if prev is not None and total > prev:
@@ -228,7 +230,7 @@ class Metering:
             return
         self.throttle.permitted_bps()  # bring the ledger up to now
         balance = self.throttle.ledger.balance
-        self.heartbeat_fields()  # fold this mount's usage into metered_total
+        self.drain_metered()  # fold this mount's usage into metered_total
         seen = {**self._seen, self.client_id: self.metered_total}
         doc = {"balance": balance, "wall": time.time(), "client": self.client_id, "seen": seen}
         await self.store.put(LEDGER_KEY, codec.encode_json(b"T", doc))

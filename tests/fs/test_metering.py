@@ -7,14 +7,15 @@ import time
 
 import pytest
 
+from efsish.meta.heartbeat import Heartbeat
 from efsish.meta.superblock import format_fs
 from efsish.metering import LEDGER_KEY, Metering, load_ledger, write_config
 from efsish.store.memory import MemoryStore
 from efsish.throttle import GiB, MiB, ThroughputMode, baseline_bps
 
 
-def hb(client: str, total: float) -> dict[str, object]:
-    return {"client": client, "metered_total": total, "t": time.time_ns()}
+def hb(client: str, total: float) -> Heartbeat:
+    return Heartbeat(client, time.time_ns(), metered_total=total)
 
 
 async def test_two_active_mounts_share_one_rate_and_one_balance(nursery) -> None:
@@ -29,16 +30,16 @@ async def test_two_active_mounts_share_one_rate_and_one_balance(nursery) -> None
     await a.sync([hb("b", 0)], 0)  # first sight of b: no charge yet
     await a.throttle.acquire("write", 4 * MiB)
     await b.throttle.acquire("write", 4 * MiB)
-    fa, fb = a.heartbeat_fields(), b.heartbeat_fields()
-    assert fb["metered_total"] == pytest.approx(4 * MiB)
+    fa, fb = a.drain_metered(), b.drain_metered()
+    assert fb == pytest.approx(4 * MiB)
     before = a.throttle.ledger.balance
-    await a.sync([hb("b", fb["metered_total"]), hb("a", fa["metered_total"])], 0)
+    await a.sync([hb("b", fb), hb("a", fa)], 0)
     # b's 4 MiB were charged to a's copy of the one balance...
     assert before - a.throttle.ledger.balance == pytest.approx(4 * MiB, rel=0.01)
     # ...and a now takes half of the permitted rate, since b was active too.
     assert a.throttle.share == pytest.approx(0.5)
     assert a.client_connections == 2
-    await a.sync([hb("b", fb["metered_total"])], 0)  # b idle: a gets it all again
+    await a.sync([hb("b", fb)], 0)  # b idle: a gets it all again
     assert a.throttle.share == pytest.approx(1.0)
 
 
@@ -99,7 +100,7 @@ async def test_a_mount_joining_a_busy_filesystem_agrees_on_the_balance(nursery) 
     await a.throttle.acquire("write", 32 * MiB)
     await a.save()
     await a.throttle.acquire("write", 16 * MiB)  # after the save: only in a's heartbeat
-    total_a = a.heartbeat_fields()["metered_total"]
+    total_a = a.drain_metered()
     b = Metering(store, sb, "b")
     await b.start(nursery, 0)
     assert b.throttle is not None

@@ -19,7 +19,8 @@ import trio.testing
 from efsish import metering
 from efsish.errors import FsError, PermanentStoreError
 from efsish.filesystem import Ctx, Filesystem
-from efsish.gc import collect, read_clients
+from efsish.gc import collect
+from efsish.meta import heartbeat
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
@@ -140,7 +141,7 @@ async def test_a_read_only_mount_writes_nothing_to_the_store(
     assert writes(ro) == []
     assert ro.calls["get"] > 0 and ro.calls["list"] > 0  # it did talk to the store
     # It published no heartbeat: gc and status do not count it (docs/ARCHITECTURE.md).
-    assert b.meta.client_id not in {c.client for c in await read_clients(store)}
+    assert b.meta.client_id not in {c.client for c in await heartbeat.read_all(store)}
 
 
 async def test_a_read_only_mount_reads_again_after_gc_deleted_a_block_it_lagged_on(
