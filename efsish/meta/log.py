@@ -40,7 +40,9 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
-from efsish.meta.ops import ClaimInodes, LogEntry, Op
+from efsish.meta.inodes import InodeRange
+from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq, seq_of
+from efsish.meta.ops import LogEntry, Op
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
@@ -49,8 +51,6 @@ from efsish.store import ObjectStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LOG_PREFIX = "log/"
-CKPT_PREFIX = "checkpoints/"
 MAX_BATCH = 512
 # Contention must slow a commit down, never fail it: retry conflicts (with growing,
 # randomised back-off so a losing mount eventually wins) until this deadline.
@@ -62,7 +62,6 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # SQLite (one worker-thread hop per change instead of two for a serial caller: rm -rf,
 # tar, a build). Readers of the view and takers of the writer lock do not wait for it.
 SETTLE_WAIT = 0.050
-INO_RANGE = 1024
 MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
 FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
 # What `MetaLog._fresh` read after a commit: new attributes, and the names' new inodes.
@@ -74,51 +73,22 @@ class _AllXattrs(dict[bytes, bytes | None]):
     empty set of an inode this mount saw created."""
 
 
-def log_key(seq: int) -> str:
-    return f"{LOG_PREFIX}{seq:016d}"
-
-
-def ckpt_key(seq: int) -> str:
-    return f"{CKPT_PREFIX}{seq:016d}"
-
-
-def seq_of(key: str) -> int:
-    return int(key.rsplit("/", 1)[1])
-
-
-def parse_seq(key: str, prefix: str) -> int | None:
-    """The position in a key made by log_key (prefix LOG_PREFIX) or ckpt_key (CKPT_PREFIX),
-    or None for any other key under that prefix (another filesystem nested in this
-    prefix, a stray object): such keys are never read as ours nor deleted."""
-    digits = key[len(prefix) :] if key.startswith(prefix) else ""
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    seq = int(digits)
-    return seq if key == f"{prefix}{seq:016d}" else None
-
-
 class PlanContext:
     """Handed to planners: allocates inode numbers from ranges claimed through the log.
 
     A planner may set `after` to compute its result from the view once its ops are
     applied (e.g. the new inode's attributes), saving the caller a read afterwards."""
 
-    def __init__(self, owner: MetaLog) -> None:
-        self._owner = owner
+    def __init__(self, inodes: InodeRange) -> None:
+        self._inodes = inodes
         self.extra: list[Op] = []
         self.now_ns = time.time_ns()
         self.after: Callable[[View], Any] | None = None
 
     def alloc_ino(self, view: View) -> int:
-        o = self._owner
-        if o._ino_next >= o._ino_end:
-            start = int(view.get_meta("next_ino"))
-            op = ClaimInodes(start, INO_RANGE)
-            view.apply_op(op, ApplyResult())
-            self.extra.append(op)
-            o._ino_next, o._ino_end = start, start + INO_RANGE
-        ino = o._ino_next
-        o._ino_next += 1
+        ino, claim = self._inodes.take(view)
+        if claim is not None:
+            self.extra.append(claim)
         return ino
 
 
@@ -169,8 +139,7 @@ class MetaLog:
         self._wlock = trio.Lock()
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
-        self._ino_next = 0
-        self._ino_end = 0
+        self.inodes = InodeRange()  # saved and restored around every plan (see `_plan_in`)
         self._catchups_started = 0
         self._catchups_done_from = 0  # start ticket of the newest completed catch-up
         self.writer: View
@@ -683,7 +652,7 @@ class MetaLog:
         attempt = 0
         while trio.current_time() < deadline:
             attempt += 1
-            saved_range = (self._ino_next, self._ino_end)
+            saved_range = self.inodes.save()
             settle = self._unsettled
             self._hop_settled = None
             try:
@@ -692,14 +661,14 @@ class MetaLog:
                 )
             except _SettleFailed as e:
                 assert settle is not None
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 await self._settle_failed(settle, e.cause)
                 continue
             except BaseException:
                 # Planning failed, or the hop never ran (cancelled): it rolled its own
                 # transaction back. If it committed the answered entry first, the
                 # `finally` below counts that entry as settled.
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 raise
             finally:
                 if settle is not None and self._hop_settled == settle:
@@ -713,7 +682,7 @@ class MetaLog:
                     # An error (ENOENT, EEXIST...) must be judged against the log head,
                     # not a view that is behind it: catch up and plan again.
                     await self._rollback()
-                    self._ino_next, self._ino_end = saved_range
+                    self.inodes.restore(saved_range)
                     await self._catch_up_locked()
                     continue
                 if blob is None:
@@ -724,7 +693,7 @@ class MetaLog:
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 if attempt >= STARVING_AFTER:
                     self._starving_until = trio.current_time() + 3.0
                 await self._catch_up_locked()
@@ -741,9 +710,9 @@ class MetaLog:
                     # cancelled): the entry may be in the log all the same, holding the
                     # inode numbers it took, and a catch-up will apply it. Never hand
                     # them out again: the next create claims a fresh range.
-                    self._ino_next = self._ino_end
+                    self.inodes.abandon()
                 else:
-                    self._ino_next, self._ino_end = saved_range
+                    self.inodes.restore(saved_range)
                 raise
 
             # The entry is committed: it is in the log. Answer the callers now and
@@ -887,8 +856,8 @@ class MetaLog:
         ops: list[Op] = []
         outcomes: list[tuple[Any, BaseException | None]] = []
         for p in batch:
-            ctx = PlanContext(self)
-            saved = (self._ino_next, self._ino_end)
+            ctx = PlanContext(self.inodes)
+            saved = self.inodes.save()
             view.savepoint("p")
             try:
                 pops, result = p.planner(view, ctx)
@@ -898,7 +867,7 @@ class MetaLog:
                     result = ctx.after(view)
             except FsError as e:
                 view.rollback_to("p")
-                self._ino_next, self._ino_end = saved
+                self.inodes.restore(saved)
                 outcomes.append((None, e))
                 continue
             view.release("p")
