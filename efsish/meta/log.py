@@ -26,7 +26,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -42,6 +42,7 @@ from efsish.errors import (
 )
 from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq, seq_of
+from efsish.meta.memo import Fresh, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
@@ -62,15 +63,6 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # SQLite (one worker-thread hop per change instead of two for a serial caller: rm -rf,
 # tar, a build). Readers of the view and takers of the writer lock do not wait for it.
 SETTLE_WAIT = 0.050
-MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
-FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
-# What `MetaLog._fresh` read after a commit: new attributes, and the names' new inodes.
-_Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
-
-
-class _AllXattrs(dict[bytes, bytes | None]):
-    """A remembered xattr set that is complete (a name not in it is absent), e.g. the
-    empty set of an inode this mount saw created."""
 
 
 class PlanContext:
@@ -153,21 +145,9 @@ class MetaLog:
         self.last_checkpoint = 0
         self.commits = 0
         self.entries_written = 0
-        # Committed attributes and name lookups remembered in memory, so that a lookup
-        # or getattr of something already read costs no worker-thread hop. Every applied
-        # entry (ours or another mount's) drops what it changed, and bumps `_memo_gen`:
-        # a read that began before an apply must not store what it saw.
-        self._memo_attrs: dict[int, Attr] = {}
-        self._memo_names: dict[tuple[int, bytes], int | None] = {}
-        self._memo_xattrs: dict[int, dict[bytes, bytes | None]] = {}
-        # Directories whose every name is in `_memo_names` (absent names included, as
-        # absent): those this mount saw created, empty, and whose every change since was
-        # remembered. A lookup of a new name there (tar, cp -r, git checkout: each create
-        # begins with one) is answered from memory; any change that is only forgotten
-        # removes its directory from this set.
-        self._memo_complete: set[int] = set()
-        self._memo_gen = 0
-        self.memo_hits = 0
+        # Committed attributes and lookups in memory; every applied entry updates it
+        # (`_applied`) before anyone is answered or anything else is applied.
+        self.memo = Memo()
         # Set while an entry of ours is in the log (and answered) but not yet in SQLite:
         # its seq is `_unsettled`, and the committer task holds `_wlock` until it is.
         self._settling: trio.Event | None = None
@@ -246,7 +226,7 @@ class MetaLog:
         os.replace(tmp, self.db_path)
         self.writer = View(self.db_path)
         self.reader = View(self.db_path)
-        self._forget_all()
+        self.memo.forget_all()
 
     async def aclose(self) -> None:
         log.info(
@@ -313,147 +293,33 @@ class MetaLog:
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
-        a = self._memo_attrs.get(ino)
-        if a is not None:
-            self.memo_hits += 1
-        else:
-            gen = self._memo_gen
-            a = await self.read(View.getattr, ino)
-            if a is None:
-                return None
-            if gen == self._memo_gen:
-                self._remember(ino, a)
-        return replace(a)
+        return await self.memo.getattr(ino, self.read)
 
     async def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
-        key = (parent, name)
-        if key in self._memo_names or parent in self._memo_complete:
-            ino = self._memo_names.get(key)
-            if ino is None:
-                self.memo_hits += 1
-                return None
-            a = self._memo_attrs.get(ino)
-            if a is not None:
-                self.memo_hits += 1
-                return replace(a)
-
-        def q(view: View) -> tuple[int | None, Attr | None]:
-            ino = view.lookup(parent, name)
-            return ino, None if ino is None else view.getattr(ino)
-
-        gen = self._memo_gen
-        ino, a = await self.read(q)
-        if gen == self._memo_gen:
-            if len(self._memo_names) >= MEMO_LIMIT:
-                self._forget_names()
-            self._memo_names[key] = ino
-            if ino is not None and a is not None:
-                self._remember(ino, a)
-        return None if a is None else replace(a)
+        return await self.memo.lookup(parent, name, self.read)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
         security.capability before every write and chown: answered from memory.)"""
-        known = self._memo_xattrs.get(ino)
-        if known is not None and (name in known or type(known) is _AllXattrs):
-            self.memo_hits += 1
-            return known.get(name)
-        gen = self._memo_gen
-        value = await self.read(View.getxattr, ino, name)
-        if gen == self._memo_gen:
-            if len(self._memo_xattrs) >= MEMO_LIMIT:
-                self._memo_xattrs.clear()
-            self._memo_xattrs.setdefault(ino, {})[name] = value
-        return value
+        return await self.memo.getxattr(ino, name, self.read)
 
-    def _remember(self, ino: int, a: Attr) -> None:
-        if len(self._memo_attrs) >= MEMO_LIMIT:
-            self._memo_attrs.clear()
-        self._memo_attrs[ino] = a
+    @property
+    def memo_hits(self) -> int:
+        return self.memo.hits
 
-    def _fresh(self, res: ApplyResult) -> _Fresh | None:
-        """In the writer's worker thread, once an entry is applied (in the planning
-        hop for our own entries, before the PUT): the new attributes of the inodes it
-        changed and the new state of the names it changed,
-        so that `_applied` can put them in the memo instead of only dropping the old
-        ones (a create changes its directory's attributes, and the kernel asks for them
-        next: one worker-thread hop less per create, unlink, rename or chmod). Nothing
-        for large entries (the memo then only forgets). Never raises: a failed refill
-        must cost only the refill (a remote entry is committed by now)."""
-        changed = (res.inodes | res.data) - res.freed.keys()
-        if len(changed) + len(res.entries) > FRESH_LIMIT:
-            return None
-        try:
-            return self._read_fresh(changed, res.entries)
-        except Exception as e:  # e.g. sqlite3.OperationalError: disk I/O error
-            log.warning("could not re-read what an entry changed (%s); forgetting it", e)
-            return None
+    def _fresh(self, res: ApplyResult) -> Fresh | None:
+        """What the entry just applied to the writer changed, re-read for the memo (in
+        the writer's worker thread; see `Memo.fresh`)."""
+        return self.memo.fresh(self.writer, res)
 
-    def _read_fresh(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> _Fresh:
-        view = self.writer
-        attrs = {ino: view.getattr(ino) for ino in inodes}
-        names = {(p, n): view.lookup(p, n) for p, n in entries}
-        return attrs, names
-
-    def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:
+    def _applied(self, res: ApplyResult, remote: bool, fresh: Fresh | None = None) -> None:
         """An entry was applied to the view (another mount's: committed; ours: in the
-        log, its local commit follows, see `_commit_locked`): drop what it changed from
-        the memo (and put in what `_fresh` read), then tell the filesystem. Runs on the
-        trio thread under the write lock, so nothing was applied between that and this."""
-        self._forget(res)
-        self._refill(res, fresh)
+        log, its local commit follows, see `_commit_locked`): update the memo, then
+        tell the filesystem. Runs on the trio thread under the write lock, so nothing
+        was applied between that and this."""
+        self.memo.applied(res, fresh)
         self.on_apply(res, remote)
-
-    def _forget(self, res: ApplyResult) -> None:
-        """Drop from the memo what an entry changed (and bump the generation: a read
-        that began before must not store what it saw)."""
-        self._memo_gen += 1
-        attrs, names, xattrs = self._memo_attrs, self._memo_names, self._memo_xattrs
-        for ino in res.inodes:
-            attrs.pop(ino, None)
-        for ino in res.data:
-            attrs.pop(ino, None)
-        for ino in res.xattrs:
-            xattrs.pop(ino, None)
-        for ino in res.freed:
-            attrs.pop(ino, None)
-            xattrs.pop(ino, None)
-            self._memo_complete.discard(ino)
-        for entry in res.entries:
-            names.pop(entry, None)
-        if len(xattrs) >= MEMO_LIMIT:
-            xattrs.clear()
-        for ino in res.created - res.xattrs - res.freed.keys():
-            xattrs[ino] = _AllXattrs()
-
-    def _refill(self, res: ApplyResult, fresh: _Fresh | None) -> None:
-        """After `_forget(res)`: put in what `_fresh` read after the commit."""
-        names = self._memo_names
-        if fresh is not None:
-            new_attrs, new_names = fresh
-            for ino, a in new_attrs.items():
-                if a is not None:
-                    self._remember(ino, a)
-            if len(names) + len(new_names) >= MEMO_LIMIT:
-                self._forget_names()
-            else:
-                names.update(new_names)
-                self._memo_complete |= res.created_dirs - res.freed.keys()
-        else:
-            # The new state of these names is unknown here: their directories are no
-            # longer complete in memory.
-            self._memo_complete.difference_update(p for p, _ in res.entries)
-
-    def _forget_names(self) -> None:
-        self._memo_names.clear()
-        self._memo_complete.clear()
-
-    def _forget_all(self) -> None:
-        self._memo_gen += 1
-        self._memo_attrs.clear()
-        self._forget_names()
-        self._memo_xattrs.clear()
 
     @property
     def applied_seq(self) -> int:
@@ -534,7 +400,7 @@ class MetaLog:
         )
 
     async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
-        def apply(seq: int = seq) -> tuple[ApplyResult, _Fresh | None]:
+        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None]:
             where = f"{self.store.url}/{log_key(seq)}"
             entry = LogEntry.unwire(codec.decode_json(b"L", blob, where))
             res = ApplyResult()
@@ -782,7 +648,7 @@ class MetaLog:
         settling = self._settling
         self._unsettled = None  # nobody may commit that transaction any more
         self._seq = seq - 1
-        self._forget_all()
+        self.memo.forget_all()
         self._behind_seq = seq
         self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
 
@@ -823,7 +689,7 @@ class MetaLog:
     def _plan(
         self, batch: list[_Pending[Any]], settle: int | None = None
     ) -> tuple[
-        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
+        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], Fresh | None
     ]:
         """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
         our answered entry of that seq, whose transaction is still open, is committed
@@ -847,7 +713,7 @@ class MetaLog:
     def _plan_in(
         self, view: View, batch: list[_Pending[Any]]
     ) -> tuple[
-        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
+        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], Fresh | None
     ]:
         seq = view.applied_seq + 1
         t_entry = time.time_ns()
