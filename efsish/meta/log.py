@@ -18,10 +18,8 @@ from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import sqlite3
-import tempfile
 import time
 import uuid
 from collections.abc import AsyncIterator, Callable
@@ -40,8 +38,9 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
+from efsish.meta import checkpoints
 from efsish.meta.inodes import InodeRange
-from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq, seq_of
+from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
 from efsish.meta.memo import Fresh, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.superblock import Superblock
@@ -187,10 +186,7 @@ class MetaLog:
 
     async def _load_initial(self) -> None:
         """Fill an empty view from the newest checkpoint, or create the root."""
-        newest: str | None = None
-        async for info in self.store.list(CKPT_PREFIX):
-            if parse_seq(info.key, CKPT_PREFIX) is not None:
-                newest = info.key
+        newest = await checkpoints.newest(self.store)
         if newest is not None:
             blob = await self.store.get(newest)
             seq = seq_of(newest)
@@ -208,22 +204,10 @@ class MetaLog:
         await trio.to_thread.run_sync(init, limiter=self._wlimiter)
 
     def _install_checkpoint(self, blob: bytes, seq: int, what: str) -> None:
-        data = codec.decode(b"C", blob, what)
+        data = checkpoints.decode(blob, what)
         self.writer.close()
         self.reader.close()
-        tmp = Path(str(self.db_path) + ".ckpt")
-        tmp.write_bytes(data)
-        check = sqlite3.connect(tmp)
-        try:
-            row = check.execute("SELECT value FROM meta WHERE key='applied_seq'").fetchone()
-            fsu = check.execute("SELECT value FROM meta WHERE key='fs_uuid'").fetchone()
-        finally:
-            check.close()
-        if row is None or int(row[0]) != seq or fsu is None or fsu[0] != self.sb.fs_uuid:
-            raise CorruptObject(f"{what}: checkpoint does not match its name or filesystem")
-        for suffix in ("-wal", "-shm"):
-            Path(str(self.db_path) + suffix).unlink(missing_ok=True)
-        os.replace(tmp, self.db_path)
+        checkpoints.install(data, seq, what, self.db_path, self.sb.fs_uuid)
         self.writer = View(self.db_path)
         self.reader = View(self.db_path)
         self.memo.forget_all()
@@ -786,24 +770,10 @@ class MetaLog:
         if self.read_only:
             raise FsError("read-only mount: no checkpoints", errno.EROFS)
         async with self._writer_lock():
-            seq, data = await trio.to_thread.run_sync(self._snapshot, limiter=self._wlimiter)
-        try:
-            await self.store.put_if_absent(ckpt_key(seq), codec.encode(b"C", data))
-        except PreconditionFailed:
-            pass  # another mount checkpointed the same position
+            seq, data = await trio.to_thread.run_sync(
+                checkpoints.snapshot, self.writer, self.db_path.parent, limiter=self._wlimiter
+            )
+        await checkpoints.upload(self.store, seq, data)
         self.last_checkpoint = seq
         log.info("wrote checkpoint %d (%d bytes)", seq, len(data))
         return seq
-
-    def _snapshot(self) -> tuple[int, bytes]:
-        fd, tmp = tempfile.mkstemp(dir=self.db_path.parent, suffix=".snap")
-        os.close(fd)
-        try:
-            dst = sqlite3.connect(tmp)
-            try:
-                self.writer.db.backup(dst)
-            finally:
-                dst.close()
-            return self.writer.applied_seq, Path(tmp).read_bytes()
-        finally:
-            os.unlink(tmp)
