@@ -32,8 +32,9 @@ from efsish.data.blocks import DATA_PREFIX, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
 from efsish.meta import heartbeat
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
-from efsish.meta.log import MetaLog, PlanContext
+from efsish.meta.log import MetaLog
 from efsish.meta.ops import BlocksDeleted, Op
+from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import load_superblock
 from efsish.meta.view import View
 from efsish.store import ObjectStore

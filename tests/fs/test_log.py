@@ -18,8 +18,8 @@ from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
 from efsish.fsck import run_fsck
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, log_key
-from efsish.meta.log import PlanContext
 from efsish.meta.ops import Extent, Mk, Op, Write
+from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import AlreadyFormatted, NotFormatted, format_fs, load_superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
