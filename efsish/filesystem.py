@@ -33,8 +33,9 @@ from efsish.data.dirty import DirtyBuffer, Interval
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
-from efsish.meta.log import MetaLog, PlanContext
+from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
+from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, Extent, View
 from efsish.metering import Metering

@@ -25,7 +25,8 @@ from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import EfsishError, NotFound
 from efsish.meta import heartbeat
-from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, MetaLog
+from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX
+from efsish.meta.log import MetaLog
 from efsish.meta.superblock import SUPERBLOCK_KEY, load_superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore

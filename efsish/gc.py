@@ -9,7 +9,7 @@
 - trim deletes log entries up to the newest checkpoint once every live mount is past
   them and they are older than `grace`; it keeps the two newest checkpoints.
 It must never delete anything a live mount may still read, nor any key that is not
-exactly in one of this filesystem's key forms (blocks.is_block_key, log.parse_seq): an
+exactly in one of this filesystem's key forms (blocks.is_block_key, keys.parse_seq): an
 object of another filesystem nested in this prefix, or a user's, is never touched.
 """
 
@@ -31,16 +31,10 @@ from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
 from efsish.meta import heartbeat
-from efsish.meta.log import (
-    CKPT_PREFIX,
-    LOG_PREFIX,
-    MetaLog,
-    PlanContext,
-    ckpt_key,
-    log_key,
-    parse_seq,
-)
+from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
+from efsish.meta.log import MetaLog
 from efsish.meta.ops import BlocksDeleted, Op
+from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import load_superblock
 from efsish.meta.view import View
 from efsish.store import ObjectStore

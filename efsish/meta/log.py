@@ -1,5 +1,6 @@
-"""The metadata log client: catch up with the log in the bucket, commit batched
-transactions with conditional PUTs, and write/load checkpoints.
+"""The metadata log client: the commit state machine (group commit with conditional
+PUTs, answering callers, settling the answered entry into SQLite) and catch-up with
+the log in the bucket.
 
 Protocol (docs/ARCHITECTURE.md): to commit, a batch of planners is validated against the
 view at position S inside one SQLite transaction; their ops are PUT as `log/S+1` with
@@ -10,23 +11,31 @@ arrive while a PUT is in flight form the next batch (group commit). The local co
 an answered entry is left to the worker-thread hop that plans the next batch, if one
 comes within SETTLE_WAIT; anyone who needs the view or the writer sooner hurries it.
 
+MetaLog owns the writer lock, the view's connections and position, the settle state and
+the decisions of when to plan, answer, roll back, catch up and checkpoint. The parts it
+drives live beside it: planning.py (a batch becomes an entry, in the worker thread),
+memo.py (answers kept in memory), inodes.py (the claimed inode range), checkpoints.py
+(the checkpoint objects) and keys.py (the log's key names).
+
 All SQLite work runs in worker threads behind CapacityLimiters; the writer connection is
 used only under `self._wlock`. This module must not import pyfuse3 or know POSIX rules.
+
+It is longer than the ~600 lines the project aims for: the commit state machine and
+catch-up share the writer lock, `_seq`, the settle state (`_unsettled`, `_settling`,
+`_behind`) and the rules of which task may touch the writer when; split across modules,
+those rules could no longer be read in one place.
 """
 
 from __future__ import annotations
 
 import errno
 import logging
-import os
 import random
 import sqlite3
-import tempfile
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Generic, TypeVar
 
@@ -40,7 +49,12 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
-from efsish.meta.ops import ClaimInodes, LogEntry, Op
+from efsish.meta import checkpoints
+from efsish.meta.inodes import InodeRange
+from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
+from efsish.meta.memo import Fresh, Memo
+from efsish.meta.ops import LogEntry
+from efsish.meta.planning import Outcome, Plan, Planner, plan_batch
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
@@ -49,8 +63,6 @@ from efsish.store import ObjectStore
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
-LOG_PREFIX = "log/"
-CKPT_PREFIX = "checkpoints/"
 MAX_BATCH = 512
 # Contention must slow a commit down, never fail it: retry conflicts (with growing,
 # randomised back-off so a losing mount eventually wins) until this deadline.
@@ -62,67 +74,6 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # SQLite (one worker-thread hop per change instead of two for a serial caller: rm -rf,
 # tar, a build). Readers of the view and takers of the writer lock do not wait for it.
 SETTLE_WAIT = 0.050
-INO_RANGE = 1024
-MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
-FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
-# What `MetaLog._fresh` read after a commit: new attributes, and the names' new inodes.
-_Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
-
-
-class _AllXattrs(dict[bytes, bytes | None]):
-    """A remembered xattr set that is complete (a name not in it is absent), e.g. the
-    empty set of an inode this mount saw created."""
-
-
-def log_key(seq: int) -> str:
-    return f"{LOG_PREFIX}{seq:016d}"
-
-
-def ckpt_key(seq: int) -> str:
-    return f"{CKPT_PREFIX}{seq:016d}"
-
-
-def seq_of(key: str) -> int:
-    return int(key.rsplit("/", 1)[1])
-
-
-def parse_seq(key: str, prefix: str) -> int | None:
-    """The position in a key made by log_key (prefix LOG_PREFIX) or ckpt_key (CKPT_PREFIX),
-    or None for any other key under that prefix (another filesystem nested in this
-    prefix, a stray object): such keys are never read as ours nor deleted."""
-    digits = key[len(prefix) :] if key.startswith(prefix) else ""
-    if not (digits.isascii() and digits.isdigit()):
-        return None
-    seq = int(digits)
-    return seq if key == f"{prefix}{seq:016d}" else None
-
-
-class PlanContext:
-    """Handed to planners: allocates inode numbers from ranges claimed through the log.
-
-    A planner may set `after` to compute its result from the view once its ops are
-    applied (e.g. the new inode's attributes), saving the caller a read afterwards."""
-
-    def __init__(self, owner: MetaLog) -> None:
-        self._owner = owner
-        self.extra: list[Op] = []
-        self.now_ns = time.time_ns()
-        self.after: Callable[[View], Any] | None = None
-
-    def alloc_ino(self, view: View) -> int:
-        o = self._owner
-        if o._ino_next >= o._ino_end:
-            start = int(view.get_meta("next_ino"))
-            op = ClaimInodes(start, INO_RANGE)
-            view.apply_op(op, ApplyResult())
-            self.extra.append(op)
-            o._ino_next, o._ino_end = start, start + INO_RANGE
-        ino = o._ino_next
-        o._ino_next += 1
-        return ino
-
-
-Planner = Callable[[View, PlanContext], tuple[list[Op], T]]
 
 
 class _SettleFailed(Exception):
@@ -169,8 +120,7 @@ class MetaLog:
         self._wlock = trio.Lock()
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
-        self._ino_next = 0
-        self._ino_end = 0
+        self.inodes = InodeRange()  # saved and restored around every plan
         self._catchups_started = 0
         self._catchups_done_from = 0  # start ticket of the newest completed catch-up
         self.writer: View
@@ -184,21 +134,9 @@ class MetaLog:
         self.last_checkpoint = 0
         self.commits = 0
         self.entries_written = 0
-        # Committed attributes and name lookups remembered in memory, so that a lookup
-        # or getattr of something already read costs no worker-thread hop. Every applied
-        # entry (ours or another mount's) drops what it changed, and bumps `_memo_gen`:
-        # a read that began before an apply must not store what it saw.
-        self._memo_attrs: dict[int, Attr] = {}
-        self._memo_names: dict[tuple[int, bytes], int | None] = {}
-        self._memo_xattrs: dict[int, dict[bytes, bytes | None]] = {}
-        # Directories whose every name is in `_memo_names` (absent names included, as
-        # absent): those this mount saw created, empty, and whose every change since was
-        # remembered. A lookup of a new name there (tar, cp -r, git checkout: each create
-        # begins with one) is answered from memory; any change that is only forgotten
-        # removes its directory from this set.
-        self._memo_complete: set[int] = set()
-        self._memo_gen = 0
-        self.memo_hits = 0
+        # Committed attributes and lookups in memory; every applied entry updates it
+        # (`_applied`) before anyone is answered or anything else is applied.
+        self.memo = Memo()
         # Set while an entry of ours is in the log (and answered) but not yet in SQLite:
         # its seq is `_unsettled`, and the committer task holds `_wlock` until it is.
         self._settling: trio.Event | None = None
@@ -238,10 +176,7 @@ class MetaLog:
 
     async def _load_initial(self) -> None:
         """Fill an empty view from the newest checkpoint, or create the root."""
-        newest: str | None = None
-        async for info in self.store.list(CKPT_PREFIX):
-            if parse_seq(info.key, CKPT_PREFIX) is not None:
-                newest = info.key
+        newest = await checkpoints.newest(self.store)
         if newest is not None:
             blob = await self.store.get(newest)
             seq = seq_of(newest)
@@ -259,25 +194,13 @@ class MetaLog:
         await trio.to_thread.run_sync(init, limiter=self._wlimiter)
 
     def _install_checkpoint(self, blob: bytes, seq: int, what: str) -> None:
-        data = codec.decode(b"C", blob, what)
+        data = checkpoints.decode(blob, what)
         self.writer.close()
         self.reader.close()
-        tmp = Path(str(self.db_path) + ".ckpt")
-        tmp.write_bytes(data)
-        check = sqlite3.connect(tmp)
-        try:
-            row = check.execute("SELECT value FROM meta WHERE key='applied_seq'").fetchone()
-            fsu = check.execute("SELECT value FROM meta WHERE key='fs_uuid'").fetchone()
-        finally:
-            check.close()
-        if row is None or int(row[0]) != seq or fsu is None or fsu[0] != self.sb.fs_uuid:
-            raise CorruptObject(f"{what}: checkpoint does not match its name or filesystem")
-        for suffix in ("-wal", "-shm"):
-            Path(str(self.db_path) + suffix).unlink(missing_ok=True)
-        os.replace(tmp, self.db_path)
+        checkpoints.install(data, seq, what, self.db_path, self.sb.fs_uuid)
         self.writer = View(self.db_path)
         self.reader = View(self.db_path)
-        self._forget_all()
+        self.memo.forget_all()
 
     async def aclose(self) -> None:
         log.info(
@@ -344,147 +267,33 @@ class MetaLog:
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
-        a = self._memo_attrs.get(ino)
-        if a is not None:
-            self.memo_hits += 1
-        else:
-            gen = self._memo_gen
-            a = await self.read(View.getattr, ino)
-            if a is None:
-                return None
-            if gen == self._memo_gen:
-                self._remember(ino, a)
-        return replace(a)
+        return await self.memo.getattr(ino, self.read)
 
     async def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
-        key = (parent, name)
-        if key in self._memo_names or parent in self._memo_complete:
-            ino = self._memo_names.get(key)
-            if ino is None:
-                self.memo_hits += 1
-                return None
-            a = self._memo_attrs.get(ino)
-            if a is not None:
-                self.memo_hits += 1
-                return replace(a)
-
-        def q(view: View) -> tuple[int | None, Attr | None]:
-            ino = view.lookup(parent, name)
-            return ino, None if ino is None else view.getattr(ino)
-
-        gen = self._memo_gen
-        ino, a = await self.read(q)
-        if gen == self._memo_gen:
-            if len(self._memo_names) >= MEMO_LIMIT:
-                self._forget_names()
-            self._memo_names[key] = ino
-            if ino is not None and a is not None:
-                self._remember(ino, a)
-        return None if a is None else replace(a)
+        return await self.memo.lookup(parent, name, self.read)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
         security.capability before every write and chown: answered from memory.)"""
-        known = self._memo_xattrs.get(ino)
-        if known is not None and (name in known or type(known) is _AllXattrs):
-            self.memo_hits += 1
-            return known.get(name)
-        gen = self._memo_gen
-        value = await self.read(View.getxattr, ino, name)
-        if gen == self._memo_gen:
-            if len(self._memo_xattrs) >= MEMO_LIMIT:
-                self._memo_xattrs.clear()
-            self._memo_xattrs.setdefault(ino, {})[name] = value
-        return value
+        return await self.memo.getxattr(ino, name, self.read)
 
-    def _remember(self, ino: int, a: Attr) -> None:
-        if len(self._memo_attrs) >= MEMO_LIMIT:
-            self._memo_attrs.clear()
-        self._memo_attrs[ino] = a
+    @property
+    def memo_hits(self) -> int:
+        return self.memo.hits
 
-    def _fresh(self, res: ApplyResult) -> _Fresh | None:
-        """In the writer's worker thread, once an entry is applied (in the planning
-        hop for our own entries, before the PUT): the new attributes of the inodes it
-        changed and the new state of the names it changed,
-        so that `_applied` can put them in the memo instead of only dropping the old
-        ones (a create changes its directory's attributes, and the kernel asks for them
-        next: one worker-thread hop less per create, unlink, rename or chmod). Nothing
-        for large entries (the memo then only forgets). Never raises: a failed refill
-        must cost only the refill (a remote entry is committed by now)."""
-        changed = (res.inodes | res.data) - res.freed.keys()
-        if len(changed) + len(res.entries) > FRESH_LIMIT:
-            return None
-        try:
-            return self._read_fresh(changed, res.entries)
-        except Exception as e:  # e.g. sqlite3.OperationalError: disk I/O error
-            log.warning("could not re-read what an entry changed (%s); forgetting it", e)
-            return None
+    def _fresh(self, res: ApplyResult) -> Fresh | None:
+        """What the entry just applied to the writer changed, re-read for the memo (in
+        the writer's worker thread; see `Memo.fresh`)."""
+        return self.memo.fresh(self.writer, res)
 
-    def _read_fresh(self, inodes: set[int], entries: set[tuple[int, bytes]]) -> _Fresh:
-        view = self.writer
-        attrs = {ino: view.getattr(ino) for ino in inodes}
-        names = {(p, n): view.lookup(p, n) for p, n in entries}
-        return attrs, names
-
-    def _applied(self, res: ApplyResult, remote: bool, fresh: _Fresh | None = None) -> None:
+    def _applied(self, res: ApplyResult, remote: bool, fresh: Fresh | None = None) -> None:
         """An entry was applied to the view (another mount's: committed; ours: in the
-        log, its local commit follows, see `_commit_locked`): drop what it changed from
-        the memo (and put in what `_fresh` read), then tell the filesystem. Runs on the
-        trio thread under the write lock, so nothing was applied between that and this."""
-        self._forget(res)
-        self._refill(res, fresh)
+        log, its local commit follows, see `_commit_locked`): update the memo, then
+        tell the filesystem. Runs on the trio thread under the write lock, so nothing
+        was applied between that and this."""
+        self.memo.applied(res, fresh)
         self.on_apply(res, remote)
-
-    def _forget(self, res: ApplyResult) -> None:
-        """Drop from the memo what an entry changed (and bump the generation: a read
-        that began before must not store what it saw)."""
-        self._memo_gen += 1
-        attrs, names, xattrs = self._memo_attrs, self._memo_names, self._memo_xattrs
-        for ino in res.inodes:
-            attrs.pop(ino, None)
-        for ino in res.data:
-            attrs.pop(ino, None)
-        for ino in res.xattrs:
-            xattrs.pop(ino, None)
-        for ino in res.freed:
-            attrs.pop(ino, None)
-            xattrs.pop(ino, None)
-            self._memo_complete.discard(ino)
-        for entry in res.entries:
-            names.pop(entry, None)
-        if len(xattrs) >= MEMO_LIMIT:
-            xattrs.clear()
-        for ino in res.created - res.xattrs - res.freed.keys():
-            xattrs[ino] = _AllXattrs()
-
-    def _refill(self, res: ApplyResult, fresh: _Fresh | None) -> None:
-        """After `_forget(res)`: put in what `_fresh` read after the commit."""
-        names = self._memo_names
-        if fresh is not None:
-            new_attrs, new_names = fresh
-            for ino, a in new_attrs.items():
-                if a is not None:
-                    self._remember(ino, a)
-            if len(names) + len(new_names) >= MEMO_LIMIT:
-                self._forget_names()
-            else:
-                names.update(new_names)
-                self._memo_complete |= res.created_dirs - res.freed.keys()
-        else:
-            # The new state of these names is unknown here: their directories are no
-            # longer complete in memory.
-            self._memo_complete.difference_update(p for p, _ in res.entries)
-
-    def _forget_names(self) -> None:
-        self._memo_names.clear()
-        self._memo_complete.clear()
-
-    def _forget_all(self) -> None:
-        self._memo_gen += 1
-        self._memo_attrs.clear()
-        self._forget_names()
-        self._memo_xattrs.clear()
 
     @property
     def applied_seq(self) -> int:
@@ -565,7 +374,7 @@ class MetaLog:
         )
 
     async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
-        def apply(seq: int = seq) -> tuple[ApplyResult, _Fresh | None]:
+        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None]:
             where = f"{self.store.url}/{log_key(seq)}"
             entry = LogEntry.unwire(codec.decode_json(b"L", blob, where))
             res = ApplyResult()
@@ -683,23 +492,23 @@ class MetaLog:
         attempt = 0
         while trio.current_time() < deadline:
             attempt += 1
-            saved_range = (self._ino_next, self._ino_end)
+            saved_range = self.inodes.save()
             settle = self._unsettled
             self._hop_settled = None
             try:
-                seq, blob, res, outcomes, fresh = await trio.to_thread.run_sync(
+                (seq, blob, res, outcomes), fresh = await trio.to_thread.run_sync(
                     self._plan, batch, settle, limiter=self._wlimiter
                 )
             except _SettleFailed as e:
                 assert settle is not None
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 await self._settle_failed(settle, e.cause)
                 continue
             except BaseException:
                 # Planning failed, or the hop never ran (cancelled): it rolled its own
                 # transaction back. If it committed the answered entry first, the
                 # `finally` below counts that entry as settled.
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 raise
             finally:
                 if settle is not None and self._hop_settled == settle:
@@ -713,7 +522,7 @@ class MetaLog:
                     # An error (ENOENT, EEXIST...) must be judged against the log head,
                     # not a view that is behind it: catch up and plan again.
                     await self._rollback()
-                    self._ino_next, self._ino_end = saved_range
+                    self.inodes.restore(saved_range)
                     await self._catch_up_locked()
                     continue
                 if blob is None:
@@ -724,7 +533,7 @@ class MetaLog:
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
-                self._ino_next, self._ino_end = saved_range
+                self.inodes.restore(saved_range)
                 if attempt >= STARVING_AFTER:
                     self._starving_until = trio.current_time() + 3.0
                 await self._catch_up_locked()
@@ -741,9 +550,9 @@ class MetaLog:
                     # cancelled): the entry may be in the log all the same, holding the
                     # inode numbers it took, and a catch-up will apply it. Never hand
                     # them out again: the next create claims a fresh range.
-                    self._ino_next = self._ino_end
+                    self.inodes.abandon()
                 else:
-                    self._ino_next, self._ino_end = saved_range
+                    self.inodes.restore(saved_range)
                 raise
 
             # The entry is committed: it is in the log. Answer the callers now and
@@ -813,7 +622,7 @@ class MetaLog:
         settling = self._settling
         self._unsettled = None  # nobody may commit that transaction any more
         self._seq = seq - 1
-        self._forget_all()
+        self.memo.forget_all()
         self._behind_seq = seq
         self._behind = f"entry {seq}, already answered, is not in the local view yet ({e})"
 
@@ -853,9 +662,7 @@ class MetaLog:
 
     def _plan(
         self, batch: list[_Pending[Any]], settle: int | None = None
-    ) -> tuple[
-        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
-    ]:
+    ) -> tuple[Plan, Fresh | None]:
         """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
         our answered entry of that seq, whose transaction is still open, is committed
         first (raises _SettleFailed if that fails; `_hop_settled` says it went through).
@@ -870,50 +677,12 @@ class MetaLog:
             self._hop_settled = settle
         view.begin()
         try:
-            return self._plan_in(view, batch)
+            plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id)
+            # What the entry changed, as it will be once committed (for the memo).
+            return plan, None if plan.blob is None else self._fresh(plan.res)
         except BaseException:
             view.rollback()
             raise
-
-    def _plan_in(
-        self, view: View, batch: list[_Pending[Any]]
-    ) -> tuple[
-        int, bytes | None, ApplyResult, list[tuple[Any, BaseException | None]], _Fresh | None
-    ]:
-        seq = view.applied_seq + 1
-        t_entry = time.time_ns()
-        view.cur_seq, view.cur_t = seq, t_entry
-        res = ApplyResult()
-        ops: list[Op] = []
-        outcomes: list[tuple[Any, BaseException | None]] = []
-        for p in batch:
-            ctx = PlanContext(self)
-            saved = (self._ino_next, self._ino_end)
-            view.savepoint("p")
-            try:
-                pops, result = p.planner(view, ctx)
-                for op in pops:
-                    view.apply_op(op, res)
-                if ctx.after is not None:
-                    result = ctx.after(view)
-            except FsError as e:
-                view.rollback_to("p")
-                self._ino_next, self._ino_end = saved
-                outcomes.append((None, e))
-                continue
-            view.release("p")
-            ops.extend(ctx.extra)
-            ops.extend(pops)
-            outcomes.append((result, None))
-        if not ops:
-            return seq, None, res, outcomes, None
-        entry = LogEntry(uuid.uuid4().hex, self.client_id, t_entry, ops)
-        blob = codec.encode_json(b"L", entry.wire())
-        # A log entry is shared and permanent: one that does not decode would stop every
-        # mount at this position. Check the bytes before they can be PUT.
-        codec.decode(b"L", blob, "the log entry being written")
-        # What the entry changed, as it will be once committed (for the memo).
-        return seq, blob, res, outcomes, self._fresh(res)
 
     async def _stale(self, seq: int) -> bool:
         """True if log entry `seq` already exists (this view is behind the head)."""
@@ -929,9 +698,7 @@ class MetaLog:
         await retry_transient(lambda: self.store.put_if_absent(key, blob), f"log write {seq}")
 
     @staticmethod
-    def _deliver(
-        batch: list[_Pending[Any]], outcomes: list[tuple[Any, BaseException | None]]
-    ) -> None:
+    def _deliver(batch: list[_Pending[Any]], outcomes: list[Outcome]) -> None:
         for p, (result, error) in zip(batch, outcomes, strict=True):
             p.result, p.error = result, error
             p.done.set()
@@ -951,24 +718,10 @@ class MetaLog:
         if self.read_only:
             raise FsError("read-only mount: no checkpoints", errno.EROFS)
         async with self._writer_lock():
-            seq, data = await trio.to_thread.run_sync(self._snapshot, limiter=self._wlimiter)
-        try:
-            await self.store.put_if_absent(ckpt_key(seq), codec.encode(b"C", data))
-        except PreconditionFailed:
-            pass  # another mount checkpointed the same position
+            seq, data = await trio.to_thread.run_sync(
+                checkpoints.snapshot, self.writer, self.db_path.parent, limiter=self._wlimiter
+            )
+        await checkpoints.upload(self.store, seq, data)
         self.last_checkpoint = seq
         log.info("wrote checkpoint %d (%d bytes)", seq, len(data))
         return seq
-
-    def _snapshot(self) -> tuple[int, bytes]:
-        fd, tmp = tempfile.mkstemp(dir=self.db_path.parent, suffix=".snap")
-        os.close(fd)
-        try:
-            dst = sqlite3.connect(tmp)
-            try:
-                self.writer.db.backup(dst)
-            finally:
-                dst.close()
-            return self.writer.applied_seq, Path(tmp).read_bytes()
-        finally:
-            os.unlink(tmp)

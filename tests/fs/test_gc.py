@@ -15,7 +15,7 @@ import pytest
 from efsish import codec
 from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.gc import collect, run_status
-from efsish.meta.log import LOG_PREFIX
+from efsish.meta.keys import LOG_PREFIX
 from efsish.meta.superblock import SUPERBLOCK_KEY, Superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore

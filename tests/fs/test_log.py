@@ -17,8 +17,9 @@ from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
 from efsish.fsck import run_fsck
-from efsish.meta.log import CKPT_PREFIX, LOG_PREFIX, PlanContext, log_key
+from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, log_key
 from efsish.meta.ops import Extent, Mk, Op, Write
+from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import AlreadyFormatted, NotFormatted, format_fs, load_superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
@@ -347,7 +348,7 @@ async def test_a_failed_memo_refill_costs_only_the_refill(make_fs, monkeypatch) 
     def fail(*_: object) -> None:
         raise sqlite3.OperationalError("disk I/O error")
 
-    monkeypatch.setattr(a.meta, "_read_fresh", fail)
+    monkeypatch.setattr(a.meta.memo, "_read_fresh", fail)
     seq = a.meta.applied_seq
     ino = await write_file(a, ROOT_INO, b"during", b"yy")  # create + data commit
     await a.unlink(ROOT_INO, b"before")
@@ -509,7 +510,7 @@ async def test_a_read_racing_a_flush_sees_every_write_that_returned(
 
     monkeypatch.setattr(a.meta.store, "put_if_absent", slow_put)
     monkeypatch.setattr(a.meta.writer, "commit", slow_commit)
-    a.meta._memo_attrs.clear()  # as after a memo overflow
+    a.meta.memo._attrs.clear()  # as after a memo overflow
     got: list[object] = []
 
     async def reader() -> None:

@@ -19,8 +19,8 @@ from efsish.filesystem import (
     Ctx,
     Filesystem,
 )
-from efsish.meta.log import PlanContext
 from efsish.meta.ops import Op, SetXattr
+from efsish.meta.planning import PlanContext
 from efsish.meta.view import ROOT_INO, View
 from tests.fs.conftest import FsFactory
 

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from efsish.meta.log import log_key
+from efsish.meta.keys import log_key
 from efsish.mount import _registry_file
 from efsish.procs import pid_alive
 from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted

@@ -1,0 +1,94 @@
+"""InodeRange (efsish.meta.inodes) driven directly on a view: numbers of a plan that
+never reached the log are handed out again after `restore`; after `abandon` none of the
+old range ever is."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from efsish.meta.inodes import INO_RANGE, InodeRange
+from efsish.meta.ops import ClaimInodes
+from efsish.meta.view import FIRST_FREE_INO, View
+
+
+def _view(tmp_path: Path) -> View:
+    view = View(tmp_path / "v.db")
+    view.begin()
+    view.init_root("fs-uuid", 1)
+    view.commit()
+    return view
+
+
+def test_the_first_take_claims_a_range_and_the_next_ones_use_it(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    assert r.take(view) == (FIRST_FREE_INO, ClaimInodes(FIRST_FREE_INO, INO_RANGE))
+    assert int(view.get_meta("next_ino")) == FIRST_FREE_INO + INO_RANGE  # claim applied
+    assert [r.take(view) for _ in range(2)] == [
+        (FIRST_FREE_INO + 1, None),
+        (FIRST_FREE_INO + 2, None),
+    ]
+
+
+def test_a_used_up_range_claims_the_next_one(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    for _ in range(INO_RANGE):
+        _, claim = r.take(view)
+    assert claim is None
+    start = FIRST_FREE_INO + INO_RANGE
+    assert r.take(view) == (start, ClaimInodes(start, INO_RANGE))
+
+
+def test_restore_hands_out_the_numbers_of_a_discarded_plan_again(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    view.begin()
+    first, _ = r.take(view)
+    view.commit()  # the range is in the log now
+    saved = r.save()
+    view.begin()
+    taken = [r.take(view)[0] for _ in range(3)]
+    view.rollback()  # the plan lost its race for the log position
+    r.restore(saved)
+    view.begin()
+    assert [r.take(view)[0] for _ in range(3)] == taken == [first + 1, first + 2, first + 3]
+    view.commit()
+
+
+def test_restore_undoes_a_claim_made_by_the_discarded_plan(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    saved = r.save()
+    view.begin()
+    ino, claim = r.take(view)
+    view.rollback()  # the claim never reached the log: next_ino is back in the view
+    r.restore(saved)
+    view.begin()
+    assert r.take(view) == (ino, claim)  # claimed again, in the plan that commits
+    view.commit()
+
+
+def test_abandon_never_hands_out_the_rest_of_the_range(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    view.begin()
+    first, _ = r.take(view)
+    view.commit()  # a PUT that used `first` failed without an answer: it may be in the log
+    r.abandon()
+    view.begin()
+    ino, claim = r.take(view)
+    view.commit()
+    assert claim == ClaimInodes(first + INO_RANGE, INO_RANGE)
+    assert ino == first + INO_RANGE
+
+
+def test_save_is_a_snapshot_not_a_view_of_the_range(tmp_path: Path) -> None:
+    view = _view(tmp_path)
+    r = InodeRange()
+    r.take(view)
+    saved = r.save()
+    r.take(view)
+    r.abandon()
+    r.restore(saved)
+    assert r.take(view) == (FIRST_FREE_INO + 1, None)
