@@ -66,12 +66,12 @@ METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
 
 @dataclass(frozen=True)
 class Ctx:
-    """Who is asking: the caller's uid/gid. (The kernel applies the caller's umask to
-    create modes before they reach the filesystem: pyfuse3 cannot ask for
-    FUSE_DONT_MASK.)"""
+    """Who is asking: the caller's uid/gid, and for a create the caller's umask when
+    efsish applies it (FUSE_DONT_MASK in effect), None when the kernel already has."""
 
     uid: int = 0
     gid: int = 0
+    umask: int | None = None
 
 
 @dataclass
@@ -474,9 +474,12 @@ class Filesystem:
                     m |= stat.S_ISGID
             # POSIX.1e, as ext4: the directory's default ACL, limited by the create
             # mode, becomes the new inode's access ACL and mode (a symlink's is always
-            # 0777); a new directory also inherits the default ACL itself.
+            # 0777); a new directory also inherits the default ACL itself. Without a
+            # default ACL the umask applies; with one it does not.
             inherited: list[tuple[bytes, bytes]] = []
             default = None if stat.S_ISLNK(mode) else view.getxattr(parent, ACL_DEFAULT)
+            if default is None and ctx.umask is not None and not stat.S_ISLNK(mode):
+                m &= ~(ctx.umask & 0o777)
             if default is not None:
                 m, access = acl.inherit(default, m)
                 if access is not None:

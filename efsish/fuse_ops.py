@@ -54,6 +54,10 @@ class FuseOps(pyfuse3.Operations):
 
     enable_writeback_cache = False
     enable_acl = True  # the kernel enforces POSIX ACLs and maps minimal ACLs to modes
+    # Create modes arrive unmasked with the umask beside them (FUSE_DONT_MASK), so a
+    # default ACL can replace the umask as on ext4. Only the patched pyfuse3 that
+    # scripts/bootstrap builds asks for it; pyfuse3.dont_mask tells what INIT agreed.
+    enable_dont_mask = True
 
     def __init__(
         self, fs: Filesystem, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0
@@ -73,8 +77,23 @@ class FuseOps(pyfuse3.Operations):
         # with libfuse 3.14). Logged at unmount.
         self.largest_read = 0
         self.largest_write = 0
+        # Whether efsish applies the umask itself (set at INIT).
+        self.dont_mask = False
 
     def init(self) -> None:
+        agreed = getattr(pyfuse3, "dont_mask", None)
+        self.dont_mask = agreed is True
+        if self.dont_mask:
+            log.info("umask: applied by efsish; a default ACL replaces it, as on ext4")
+        else:
+            log.warning(
+                "umask: applied by the kernel, so a default ACL is combined with it "
+                "(ext4 ignores the umask under a default ACL): %s",
+                "the kernel does not offer FUSE_DONT_MASK"
+                if agreed is False
+                else "this pyfuse3 cannot ask for FUSE_DONT_MASK; efsish's "
+                "scripts/bootstrap installs a patched one",
+            )
         self.initialized.set()
 
     async def _invalidate_attr_now(self, ino: int) -> None:
@@ -114,6 +133,10 @@ class FuseOps(pyfuse3.Operations):
     @staticmethod
     def _ctx(ctx: Any) -> Ctx:
         return Ctx(uid=ctx.uid, gid=ctx.gid)
+
+    def _create_ctx(self, ctx: Any) -> Ctx:
+        """The context of a create, mkdir or mknod: with the umask if efsish applies it."""
+        return Ctx(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask if self.dont_mask else None)
 
     async def invalidation_worker(self) -> None:
         """Send kernel cache invalidations for remote changes, off the request path."""
@@ -162,11 +185,12 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: Any) -> Any:
-        return self._known(await self.fs.mknod(parent_inode, name, mode, self._ctx(ctx), rdev))
+        c = self._create_ctx(ctx)
+        return self._known(await self.fs.mknod(parent_inode, name, mode, c, rdev))
 
     @_errors
     async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: Any) -> Any:
-        return self._known(await self.fs.mkdir(parent_inode, name, mode, self._ctx(ctx)))
+        return self._known(await self.fs.mkdir(parent_inode, name, mode, self._create_ctx(ctx)))
 
     @_errors
     async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: Any) -> Any:
@@ -203,7 +227,7 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: Any) -> Any:
-        fh, attr = await self.fs.create(parent_inode, name, mode, flags, self._ctx(ctx))
+        fh, attr = await self.fs.create(parent_inode, name, mode, flags, self._create_ctx(ctx))
         return pyfuse3.FileInfo(fh=fh), self._known(attr)
 
     @_errors

@@ -335,6 +335,36 @@ async def test_default_acl_is_inherited(fs: Filesystem) -> None:
     assert await fs.listxattr(g.ino, user) == []
 
 
+async def test_umask_applies_only_without_default_acl(fs: Filesystem) -> None:
+    """With FUSE_DONT_MASK the kernel passes the umask beside the mode: efsish applies it
+    when the directory has no default ACL and ignores it when it has one (as ext4);
+    symlinks stay 0777. Without it (umask None) the mode is taken as it comes."""
+    user = Ctx(1000, 1000, umask=0o077)
+    assert (await fs.mknod(ROOT_INO, b"f", stat.S_IFREG | 0o666, user)).mode == (
+        stat.S_IFREG | 0o600
+    )
+    assert (await fs.mknod(ROOT_INO, b"p", stat.S_IFIFO | 0o666, user)).mode == (
+        stat.S_IFIFO | 0o600
+    )
+    assert (await fs.mkdir(ROOT_INO, b"d", 0o1777, user)).mode == stat.S_IFDIR | 0o1700
+    _, attr = await fs.create(ROOT_INO, b"c", 0o644, os.O_WRONLY, user)
+    assert attr.mode == stat.S_IFREG | 0o600
+    assert (await fs.symlink(ROOT_INO, b"l", b"f", user)).mode == stat.S_IFLNK | 0o777
+    masked = Ctx(1000, 1000)
+    assert (await fs.mknod(ROOT_INO, b"g", stat.S_IFREG | 0o666, masked)).mode == (
+        stat.S_IFREG | 0o666
+    )
+
+    no_id = 0xFFFFFFFF
+    d = await fs.mkdir(ROOT_INO, b"team", 0o775, ROOT)
+    default = acl.encode(
+        [[acl.USER_OBJ, 7, no_id], [acl.GROUP_OBJ, 7, no_id], [acl.OTHER, 5, no_id]]
+    )
+    await fs.setxattr(d.ino, ACL_DEFAULT, default, ROOT)
+    assert (await fs.mknod(d.ino, b"f", stat.S_IFREG | 0o666, user)).mode == (stat.S_IFREG | 0o664)
+    assert (await fs.mkdir(d.ino, b"d", 0o777, user)).mode == stat.S_IFDIR | 0o775
+
+
 async def test_readdir_is_stable_and_complete(fs: Filesystem) -> None:
     for i in range(300):
         await fs.mknod(ROOT_INO, b"f%03d" % i, stat.S_IFREG | 0o644, ROOT)

@@ -16,6 +16,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from tests.fuse.conftest import Mount
 from tests.fuse.helpers import run_as
 
 U1, U2 = 1000, 1001
@@ -151,6 +152,9 @@ def test_new_files_get_caller_ids(tmp_path: Path, work: Path) -> None:
 
 
 def test_umask_respected(tmp_path: Path, work: Path) -> None:
+    """Without a default ACL the umask limits every create as on ext4, whether the
+    kernel applies it or efsish does (FUSE_DONT_MASK); symlinks are always 0777."""
+
     def scenario(root: Path) -> dict[str, Any]:
         make_homes(root)
 
@@ -158,24 +162,39 @@ def test_umask_respected(tmp_path: Path, work: Path) -> None:
             d = f"home/u{U1}"
             fd = os.open(f"{d}/f{tag}", os.O_CREAT | os.O_WRONLY, 0o666)
             os.close(fd)
+            os.close(os.open(f"{d}/x{tag}", os.O_CREAT | os.O_WRONLY, 0o750))
             os.mkdir(f"{d}/d{tag}", 0o777)
             os.mkfifo(f"{d}/p{tag}", 0o666)
+            os.mknod(f"{d}/n{tag}", stat.S_IFREG | 0o666)
+            os.symlink(f"f{tag}", f"{d}/l{tag}")
             with open(f"{d}/py{tag}", "w"):
                 pass
             return {
-                n: stat.S_IMODE(os.lstat(f"{d}/{n}{tag}").st_mode) for n in ("f", "d", "p", "py")
+                n: stat.S_IMODE(os.lstat(f"{d}/{n}{tag}").st_mode)
+                for n in ("f", "x", "d", "p", "n", "l", "py")
             }
 
         return {
             oct(um): as_user(U1, root, functools.partial(create, oct(um)), umask=um)
-            for um in (0o027, 0o077, 0o002, 0o000)
+            for um in (0o022, 0o027, 0o077, 0o002, 0o000)
         }
 
     got = on_both(tmp_path, work, scenario)
-    assert got[oct(0o027)] == {"f": 0o640, "d": 0o750, "p": 0o640, "py": 0o640}
-    assert got[oct(0o077)] == {"f": 0o600, "d": 0o700, "p": 0o600, "py": 0o600}
-    assert got[oct(0o002)] == {"f": 0o664, "d": 0o775, "p": 0o664, "py": 0o664}
-    assert got[oct(0o000)]["d"] == 0o777
+    assert got[oct(0o022)] == {
+        "f": 0o644, "x": 0o750, "d": 0o755, "p": 0o644, "n": 0o644, "l": 0o777, "py": 0o644
+    }  # fmt: skip
+    assert got[oct(0o027)] == {
+        "f": 0o640, "x": 0o750, "d": 0o750, "p": 0o640, "n": 0o640, "l": 0o777, "py": 0o640
+    }  # fmt: skip
+    assert got[oct(0o077)] == {
+        "f": 0o600, "x": 0o700, "d": 0o700, "p": 0o600, "n": 0o600, "l": 0o777, "py": 0o600
+    }  # fmt: skip
+    assert got[oct(0o002)] == {
+        "f": 0o664, "x": 0o750, "d": 0o775, "p": 0o664, "n": 0o664, "l": 0o777, "py": 0o664
+    }  # fmt: skip
+    assert got[oct(0o000)] == {
+        "f": 0o666, "x": 0o750, "d": 0o777, "p": 0o666, "n": 0o666, "l": 0o777, "py": 0o666
+    }  # fmt: skip
 
 
 def test_setgid_directory(tmp_path: Path, work: Path) -> None:
@@ -483,11 +502,11 @@ def getfacl(p: Path) -> str:
     return out.stdout
 
 
-def test_default_acl_inheritance(tmp_path: Path, work: Path) -> None:
+def test_default_acl_inheritance(tmp_path: Path, work: Path, shared_mount: Mount) -> None:
     """setfacl -d on a directory: what is created in it gets the ACL and mode ext4 gives
     (compared with local disk, read back with getfacl and stat), by every kind of create,
-    two levels down; the inherited entries are enforced. (umask 022 or 077 differ from
-    ext4: the kernel applies them before efsish sees the mode; see ARCHITECTURE.md.)"""
+    two levels down, under umasks that take permissions the default ACL grants (the
+    default ACL replaces the umask); the inherited entries are enforced."""
 
     def scenario(root: Path) -> dict[str, Any]:
         for name, spec in (
@@ -512,7 +531,7 @@ def test_default_acl_inheritance(tmp_path: Path, work: Path) -> None:
             os.mkdir(f"{d}/d777{um}/sub")
 
         r: dict[str, Any] = {}
-        for um in (0o002, 0o000):
+        for um in (0o022, 0o077, 0o002, 0o000):
             for dn in ("shared", "plain"):
                 as_user(U1, root, functools.partial(create, dn, oct(um)), umask=um)
         for p in sorted(root.rglob("*")):
@@ -540,10 +559,12 @@ def test_default_acl_inheritance(tmp_path: Path, work: Path) -> None:
         return r
 
     got = on_both(tmp_path, work, scenario)
-    assert got["shared/f6660o2"] == (oct(0o100664), U1)
-    assert f"group:{SHARED_GROUP}:rwx\t#effective:rw-" in got["shared/f6660o2 acl"]
+    for um in ("0o22", "0o77", "0o2", "0o0"):  # the umask plays no part
+        assert got[f"shared/f666{um}"] == (oct(0o100664), U1)
+        assert f"group:{SHARED_GROUP}:rwx\t#effective:rw-" in got[f"shared/f666{um} acl"]
+        assert got[f"shared/d777{um}"] == (oct(0o40775), U1)
+        assert got[f"plain/f666{um}"] == (oct(0o100660), U1)
     assert "default:" in got["shared/d7770o2/sub acl"]
-    assert got["plain/f6660o2"] == (oct(0o100660), U1)
     assert got["u2"] == {
         "read_shared": "ok",
         "write_shared": "EACCES",
@@ -551,3 +572,4 @@ def test_default_acl_inheritance(tmp_path: Path, work: Path) -> None:
         "read_plain": "EACCES",
     }
     assert got["team"] == "ok"
+    assert "umask: applied by efsish" in shared_mount.log(), shared_mount.log()[-2000:]
