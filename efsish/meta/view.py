@@ -2,9 +2,11 @@
 applies a logged operation to them.
 
 Every change to the filesystem's metadata is an *op* (efsish.meta.ops: one typed class
-per kind) inside a log entry. apply_op() is the only code that mutates the replicated
-tables, and it is deterministic: it never reads the clock, randomness or anything local,
-so every mount that applies the same log prefix holds the same tables. Planners (in
+per kind) inside a log entry. apply_entry() and apply_op() are the only code that
+mutates the replicated tables, and they are deterministic: they never read the clock,
+randomness or anything local, so every mount that applies the same log prefix holds the
+same tables. An entry with a lease header is also judged by the lease protocol
+(docs/design/LEASES.md §4) and fenced, not applied, when it breaks it. Planners (in
 efsish.filesystem) validate a request against the view and emit ops; the committer
 applies those same ops through apply_op().
 
