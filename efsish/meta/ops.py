@@ -4,7 +4,9 @@ their encoding in the bucket.
 An *op* is one small, deterministic change of the replicated metadata; a *log entry*
 (`log/<seq>`) is a batch of ops with the writer's transaction id, client id and time.
 Planners (efsish.filesystem, efsish.gc, efsish.meta.log) build ops with the classes
-here; `View.apply_op` gives them their meaning.
+here; `View.apply_op` gives them their meaning. The lease ops (sess, lacq, lrec, ...)
+and an entry's lease header are the lease protocol's (docs/design/LEASES.md §4); only
+`View.apply_entry` applies them.
 
 The encoding (a JSON object per op, its kind under "o", short keys) is permanent: every
 entry that any efsish ever wrote must still decode, and an efsish that predates a field
@@ -341,7 +343,205 @@ class BlocksDeleted:
         return cls(tuple(str(k) for k in keys))
 
 
-Op = Mk | Ln | Rm | Mv | SetAttr | Write | SetXattr | RemoveXattr | ClaimInodes | BlocksDeleted
+# ------------------------------------------------------------------------ lease ops
+#
+# Leases, recalls, incarnations and fencing (docs/design/LEASES.md §2–§4). They change
+# only the lease tables of the view, and only inside an entry with a lease header
+# (LogEntry.leased): apply needs the writer's client and incarnation to judge them.
+
+WANTS = ("r", "w")
+
+
+def _str(v: Any, what: str) -> str:
+    if not isinstance(v, str) or not v:
+        raise TypeError(f"{what} must be a non-empty string, not {v!r}")
+    return v
+
+
+@dataclass(frozen=True)
+class Sess:
+    """Incarnation `inc` of `client` starts; the client's older incarnations are fenced
+    from here on. Written by the incarnation itself (the entry's client and inc)."""
+
+    client: str
+    inc: int
+
+    def wire(self) -> Wire:
+        return {"o": "sess", "c": self.client, "inc": self.inc}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> Sess:
+        return cls(_str(d["c"], "client"), int(d["inc"]))
+
+
+@dataclass(frozen=True)
+class LAcq:
+    """Grant domain `domain` (its root's inode number) to the entry's writer; valid only
+    if the domain is FREE."""
+
+    domain: int
+
+    def wire(self) -> Wire:
+        return {"o": "lacq", "d": self.domain}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LAcq:
+        return cls(int(d["d"]))
+
+
+@dataclass(frozen=True)
+class LRec:
+    """The writer recalls `domain` from its holder: `want` is "r" (flush what you
+    answered) or "w" (give it up); `rid` names the recall."""
+
+    domain: int
+    rid: str
+    want: str
+
+    def wire(self) -> Wire:
+        return {"o": "lrec", "d": self.domain, "rid": self.rid, "want": self.want}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LRec:
+        want = str(d["want"])
+        if want not in WANTS:
+            raise ValueError(f"want is {want!r}, not one of {WANTS}")
+        return cls(int(d["d"]), _str(d["rid"], "rid"), want)
+
+
+@dataclass(frozen=True)
+class LFlush:
+    """The holder answers read recall `rid` of `domain`: everything it answered before
+    it saw the recall is in the log at or before this entry. It keeps the domain."""
+
+    domain: int
+    rid: str
+
+    def wire(self) -> Wire:
+        return {"o": "lflush", "d": self.domain, "rid": self.rid}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LFlush:
+        return cls(int(d["d"]), _str(d["rid"], "rid"))
+
+
+@dataclass(frozen=True)
+class LRel:
+    """The holder gives `domain` up, answering recall `rid` if given: to FREE, or, with
+    `to`, to the writer of write recall `rid` (who must be client `to`) in one step."""
+
+    domain: int
+    rid: str | None = None
+    to: str | None = None
+
+    def wire(self) -> Wire:
+        d: Wire = {"o": "lrel", "d": self.domain}
+        if self.rid is not None:
+            d["rid"] = self.rid
+        if self.to is not None:
+            d["to"] = self.to
+        return d
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LRel:
+        rid, to = d.get("rid"), d.get("to")
+        return cls(
+            int(d["d"]),
+            _str(rid, "rid") if rid is not None else None,
+            _str(to, "to") if to is not None else None,
+        )
+
+
+@dataclass(frozen=True)
+class LTko:
+    """Takeover: the writer takes `domain` after its recall `rid` went unanswered for
+    the takeover wait (LEASES.md §7; the wait is the writer's to keep, apply checks that
+    the recall is the writer's and still open)."""
+
+    domain: int
+    rid: str
+
+    def wire(self) -> Wire:
+        return {"o": "ltko", "d": self.domain, "rid": self.rid}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LTko:
+        return cls(int(d["d"]), _str(d["rid"], "rid"))
+
+
+@dataclass(frozen=True)
+class LAdopt:
+    """A new incarnation of the holder's client takes over its older incarnation's
+    lease on `domain` (LEASES.md §9)."""
+
+    domain: int
+
+    def wire(self) -> Wire:
+        return {"o": "ladopt", "d": self.domain}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LAdopt:
+        return cls(int(d["d"]))
+
+
+@dataclass(frozen=True)
+class LRcv:
+    """Fenced incarnation `inc` of `client` wrote what apply refused to the recovery
+    directory `path`; its journaled entries apply again after this entry."""
+
+    client: str
+    inc: int
+    path: str
+
+    def wire(self) -> Wire:
+        return {"o": "lrcv", "c": self.client, "inc": self.inc, "path": self.path}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LRcv:
+        return cls(_str(d["c"], "client"), int(d["inc"]), str(d["path"]))
+
+
+@dataclass(frozen=True)
+class LDirty:
+    """Incarnation `inc` of `client` has (`dirty`) or no longer has journal rows: gc
+    spares the staged blocks of a dirty client (LEASES.md §9)."""
+
+    client: str
+    inc: int
+    dirty: bool = True
+
+    def wire(self) -> Wire:
+        d: Wire = {"o": "ldirty", "c": self.client, "inc": self.inc}
+        if not self.dirty:
+            d["clean"] = True
+        return d
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LDirty:
+        return cls(_str(d["c"], "client"), int(d["inc"]), not bool(d.get("clean", False)))
+
+
+@dataclass(frozen=True)
+class Fmt:
+    """The filesystem's log format becomes `version` (3: leases); from this entry on,
+    entries without a lease header are fenced (LEASES.md §14)."""
+
+    version: int
+
+    def wire(self) -> Wire:
+        return {"o": "fmt", "v": self.version}
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> Fmt:
+        return cls(int(d["v"]))
+
+
+NamespaceOp = (
+    Mk | Ln | Rm | Mv | SetAttr | Write | SetXattr | RemoveXattr | ClaimInodes | BlocksDeleted
+)
+LeaseOp = Sess | LAcq | LRec | LFlush | LRel | LTko | LAdopt | LRcv | LDirty | Fmt
+LEASE_OPS = (Sess, LAcq, LRec, LFlush, LRel, LTko, LAdopt, LRcv, LDirty, Fmt)
+Op = NamespaceOp | LeaseOp
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any]], Op]] = {
     "mk": Mk.unwire,
@@ -354,6 +554,16 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Op]] = {
     "xr": RemoveXattr.unwire,
     "ino": ClaimInodes.unwire,
     "gc": BlocksDeleted.unwire,
+    "sess": Sess.unwire,
+    "lacq": LAcq.unwire,
+    "lrec": LRec.unwire,
+    "lflush": LFlush.unwire,
+    "lrel": LRel.unwire,
+    "ltko": LTko.unwire,
+    "ladopt": LAdopt.unwire,
+    "lrcv": LRcv.unwire,
+    "ldirty": LDirty.unwire,
+    "fmt": Fmt.unwire,
 }
 
 
@@ -377,23 +587,55 @@ def decode_op(d: Any) -> Op:
 
 # ------------------------------------------------------------------------- log entries
 
+SYNC = "sync"
+JOURNALED = "journaled"
+KINDS = (SYNC, JOURNALED)
+
 
 @dataclass
 class LogEntry:
-    """One object `log/<seq>`: a batch of ops committed together by one mount."""
+    """One object `log/<seq>`: a batch of ops committed together by one mount.
+
+    An entry written under the lease protocol (LEASES.md §4) also carries a *lease
+    header*: the writer's incarnation `inc`, its `kind` (sync: planned against the log
+    head; journaled: answered locally under a lease and flushed later), the journal
+    range `batch` it holds, and `claims`, the epoch of each domain it changes. Apply
+    fences (applies nothing of) a lease-era entry that breaks the protocol. An entry
+    without the header encodes exactly as before leases existed."""
 
     tx: str  # unique per entry: a retried PUT that landed is recognised as ours
     client: str  # the writer's client id (its heartbeat is clients/<client>)
     t: int  # the writer's wall-clock time, ns (recorded with garbage blocks)
     ops: list[Op] = field(default_factory=list)
+    inc: int | None = None  # the writer's incarnation (lease header)
+    kind: str | None = None  # SYNC or JOURNALED (lease header)
+    batch: tuple[int, int] | None = None  # [jseq_first, jseq_last] of a journaled flush
+    claims: dict[int, int] | None = None  # {domain: epoch} the ops were planned under
+
+    @property
+    def leased(self) -> bool:
+        """True for an entry with a lease header (a lease-era entry)."""
+        return self.kind is not None
+
+    @property
+    def journaled(self) -> bool:
+        return self.kind == JOURNALED
 
     def wire(self) -> Wire:
-        return {
+        d: Wire = {
             "tx": self.tx,
             "client": self.client,
             "t": self.t,
             "ops": [o.wire() for o in self.ops],
         }
+        if self.kind is not None:
+            d["inc"] = self.inc
+            d["kind"] = self.kind
+            if self.batch is not None:
+                d["batch"] = list(self.batch)
+            if self.claims:
+                d["claims"] = {str(k): v for k, v in sorted(self.claims.items())}
+        return d
 
     @classmethod
     def unwire(cls, d: Any) -> LogEntry:
@@ -406,4 +648,31 @@ class LogEntry:
             t = int(d.get("t", 0))
         except (TypeError, ValueError):
             raise CorruptObject(f"a metadata log entry's time is {d.get('t')!r}") from None
-        return cls(str(d.get("tx", "")), str(d.get("client", "")), t, [decode_op(o) for o in ops])
+        entry = cls(str(d.get("tx", "")), str(d.get("client", "")), t, [decode_op(o) for o in ops])
+        if any(k in d for k in ("inc", "kind", "batch", "claims")):
+            try:
+                entry.inc, entry.kind, entry.batch, entry.claims = _unwire_header(d)
+            except (KeyError, TypeError, ValueError, AttributeError) as e:
+                raise CorruptObject(
+                    f"malformed lease header in a metadata log entry: {e!r}"
+                ) from None
+        return entry
+
+
+def _unwire_header(
+    d: Mapping[str, Any],
+) -> tuple[int, str, tuple[int, int] | None, dict[int, int] | None]:
+    kind = d["kind"]
+    if kind not in KINDS:
+        raise ValueError(f"kind is {kind!r}, not one of {KINDS}")
+    inc = d["inc"]
+    if not isinstance(inc, int) or isinstance(inc, bool):
+        raise TypeError(f"inc is {inc!r}")
+    batch: tuple[int, int] | None = None
+    if d.get("batch") is not None:
+        first, last = d["batch"]
+        batch = (int(first), int(last))
+    claims: dict[int, int] | None = None
+    if d.get("claims") is not None:
+        claims = {int(k): int(v) for k, v in d["claims"].items()}
+    return inc, str(kind), batch, claims

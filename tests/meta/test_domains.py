@@ -1,0 +1,69 @@
+"""Lease domains (efsish.meta.domains, LEASES.md §3) computed from a view."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from efsish.meta import domains
+from efsish.meta.ops import Ln, Mk
+from efsish.meta.view import ROOT_INO, ApplyResult, View
+from tests.meta.leaselog import DIR, REG, T0, new_view
+
+TOP = domains.TOP
+
+
+def tree(v: View) -> None:
+    """/home(2)/alice(3)/src(4)/f(5), /home/bob(6), /g(7) linked as /home/alice/src/g
+    and /home/bob/g too, /etc(8)."""
+    res = ApplyResult()
+    v.begin()
+    for op in (
+        Mk(2, ROOT_INO, b"home", DIR, 0, 0, T0),
+        Mk(3, 2, b"alice", DIR, 0, 0, T0),
+        Mk(4, 3, b"src", DIR, 0, 0, T0),
+        Mk(5, 4, b"f", REG, 0, 0, T0),
+        Mk(6, 2, b"bob", DIR, 0, 0, T0),
+        Mk(7, ROOT_INO, b"g", REG, 0, 0, T0),
+        Ln(7, 4, b"g", T0),
+        Ln(7, 6, b"g", T0),
+        Mk(8, ROOT_INO, b"etc", DIR, 0, 0, T0),
+    ):
+        v.apply_op(op, res)
+    v.commit()
+
+
+def test_depth_one_makes_each_top_level_directory_a_domain(tmp_path: Path) -> None:
+    v = new_view(tmp_path / "v.db")
+    tree(v)
+    assert [domains.depth(v, d) for d in (ROOT_INO, 2, 3, 4)] == [0, 1, 2, 3]
+    assert domains.domain_of_dir(v, ROOT_INO) is TOP
+    assert [domains.domain_of_dir(v, d) for d in (2, 3, 4, 6, 8)] == [2, 2, 2, 2, 8]
+    assert domains.domains_of_inode(v, 5) == {2}
+    assert domains.domains_of_inode(v, 7) == {TOP, 2}  # linked in the top and in /home
+    assert domains.domains_of_inode(v, 2) == {2}  # a root's attributes are its domain's
+    assert domains.domains_of_inode(v, 99) == set()
+    assert domains.is_domain_root(v, 2) and not domains.is_domain_root(v, 3)
+    assert not domains.is_domain_root(v, 7)
+    assert domains.roots_in(v, ROOT_INO) == {2, 8}
+    assert domains.roots_in(v, 3) == set()
+    assert domains.subtree_domains(v, 4) == {2}
+
+
+def test_depth_two_makes_each_home_a_domain(tmp_path: Path) -> None:
+    v = new_view(tmp_path / "v.db", lease_depth=2)
+    tree(v)
+    assert [domains.domain_of_dir(v, d) for d in (ROOT_INO, 2, 3, 4, 6, 8)] == [
+        TOP,
+        TOP,
+        3,
+        3,
+        6,
+        TOP,
+    ]
+    assert domains.domains_of_inode(v, 7) == {TOP, 3, 6}  # a multi-domain file
+    assert domains.domains_of_inode(v, 5) == {3}
+    assert domains.roots_in(v, ROOT_INO) == {3, 6}
+    assert domains.roots_in(v, 2) == {3, 6}
+    # /home's subtree, were it one level deeper, would have its roots one level up.
+    assert domains.roots_in(v, 2, at_depth=2) == {2}
+    assert domains.subtree_domains(v, 2) == {TOP, 3, 6}
