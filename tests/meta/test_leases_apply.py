@@ -10,6 +10,16 @@ import pytest
 
 from efsish.errors import CorruptObject
 from efsish.meta import checkpoints
+from efsish.meta.leasing import (
+    FENCE_EPOCH,
+    FENCE_HELD_ELSEWHERE,
+    FENCE_INCARNATION,
+    FENCE_NO_HEADER,
+    FENCE_NOT_HELD,
+    FENCE_OP_FAILED,
+    FENCE_SUPERSEDED,
+    NewerFormat,
+)
 from efsish.meta.ops import (
     ClaimInodes,
     Fmt,
@@ -27,18 +37,7 @@ from efsish.meta.ops import (
     Sess,
     SetAttr,
 )
-from efsish.meta.view import (
-    FENCE_EPOCH,
-    FENCE_HELD_ELSEWHERE,
-    FENCE_INCARNATION,
-    FENCE_NO_HEADER,
-    FENCE_NOT_HELD,
-    FENCE_OP_FAILED,
-    FENCE_SUPERSEDED,
-    ROOT_INO,
-    NewerFormat,
-    View,
-)
+from efsish.meta.view import ROOT_INO, View
 from tests.meta.leaselog import DIR, REG, T0, dump, entry, jour, new_view, put, start, sync
 
 ALICE, BOB = 10, 11
