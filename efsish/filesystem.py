@@ -559,6 +559,8 @@ class Filesystem:
                 raise FsError("no such entry", errno.ENOENT)
             sa = self._need(view, src)
             dst = view.lookup(dp, dn)
+            if dst is not None and flags & RENAME_NOREPLACE:
+                raise FsError("exists", errno.EEXIST)  # even the same file (renameat2)
             if dst == src:
                 return [], None  # same file: POSIX says do nothing
             if sa.is_dir and view.is_ancestor(src, dp):

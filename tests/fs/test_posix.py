@@ -142,6 +142,20 @@ async def test_rename_rules(fs: Filesystem) -> None:
     assert (await fs.getattr(a.ino)).nlink == 2
 
 
+async def test_rename_noreplace_onto_another_name_of_the_same_file(fs: Filesystem) -> None:
+    """RENAME_NOREPLACE fails with EEXIST whenever the new name exists, even when it is
+    another hard link of the same file (Linux checks the flag before the same-file
+    shortcut: renameat2(2)); a plain rename between two such names does nothing."""
+    f = await write_file(fs, ROOT_INO, b"x", b"data")
+    await fs.link(f, ROOT_INO, b"y")
+    with pytest.raises(FsError) as e:
+        await fs.rename(ROOT_INO, b"x", ROOT_INO, b"y", RENAME_NOREPLACE)
+    assert errno_of(e) == errno.EEXIST
+    await fs.rename(ROOT_INO, b"x", ROOT_INO, b"y")
+    assert (await fs.lookup(ROOT_INO, b"x")).ino == (await fs.lookup(ROOT_INO, b"y")).ino == f
+    assert (await fs.getattr(f)).nlink == 2
+
+
 async def test_setgid_dir_inheritance(fs: Filesystem) -> None:
     d = await fs.mkdir(ROOT_INO, b"shared", 0o2775, Ctx(0, 0))
     await fs.setattr(d.ino, ROOT, gid=500)
