@@ -10,6 +10,10 @@ the speed of the two ends (not window/rtt, as "sleep, then copy" per read would 
 Memory is bounded: a direction whose queue holds more than `max_queued` bytes stops
 reading until the writer has sent some, so TCP pushes back on the sender.
 
+A new connection costs one more round trip, as TCP's handshake does over a long link:
+the proxy connects upstream, and starts reading what the client sent, only `rtt` after
+accepting it (TLS's own round trips are not modelled: the store is plain http here).
+
 End of stream is delayed like data and passed on as a half-close; when both directions
 have ended, or either fails (reset, broken pipe), both sockets are closed. Leaving
 `rtt_proxy()` closes the listener and every connection.
@@ -160,6 +164,7 @@ async def _serve_one(
     stats.open_connections += 1
     try:
         async with client:
+            await trio.sleep(rtt)  # the handshake's round trip
             try:
                 up = await trio.open_tcp_stream(*upstream)
             except OSError:

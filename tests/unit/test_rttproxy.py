@@ -89,6 +89,9 @@ async def test_small_exchange_takes_the_round_trip(servers: dict[str, _Server]) 
     for rtt in (0.005, 0.020):
         async with rtt_proxy("127.0.0.1", servers["echo"].port, rtt) as p:
             times = await _exchange_times(p.port, 30)
+        # the first exchange on a new connection also pays the handshake's round trip
+        assert 2 * rtt <= times[0] <= 2 * rtt + 0.010, (rtt, times)
+        times = times[1:]
         assert min(times) >= rtt, (rtt, times)
         # the median exchange: the round trip plus a few ms (this machine is shared)
         assert statistics.median(times) <= rtt + statistics.median(direct) + 0.004, (rtt, times)
