@@ -42,7 +42,17 @@ from common import (
     tree_pids,
     warn,
 )
-from systems import ALL_SYSTEMS, LIVE_MOUNTS, Efsish, Mount, Server, System, cleanup_mounts
+from systems import (
+    ALL_SYSTEMS,
+    LIVE_MOUNTS,
+    PROXIES,
+    Efsish,
+    Mount,
+    Server,
+    StoreProxy,
+    System,
+    cleanup_mounts,
+)
 
 WARM_READS = 5  # warm reads per run; the run's figure is their median
 
@@ -69,11 +79,20 @@ WORKLOADS: dict[str, tuple[str, str, str]] = {
         "lower",
     ),
     "rm_rf": ("rm -rf of that tree", "s", "lower"),
-    "git_clone": ("git clone --no-hardlinks of a local repo ({git_files} files)", "s", "lower"),
+    "git_clone": (
+        "git clone --no-hardlinks of a local repo ({git_files} files, {git_src_files} in .git)",
+        "s",
+        "lower",
+    ),
     "create_latency": ("One create on an idle mount (ms, p50 / p95)", "ms", "lower"),
     "vis_create": ("Two mounts: new file seen on the other (ms, p50 / p95)", "ms", "lower"),
     "vis_rename": ("Two mounts: rename seen on the other (ms, p50 / p95)", "ms", "lower"),
     "vis_rewrite": ("Two mounts: rewrite seen on the other (ms, p50 / p95)", "ms", "lower"),
+    "idle_requests": (
+        "S3 requests per idle mount-hour (counted at the store proxy over {idle_s:.0f} s, scaled)",
+        "req/h",
+        "lower",
+    ),
 }
 
 
@@ -93,6 +112,7 @@ class Bench:
         self.slow_skip: set[tuple[str, str]] = set()
         self.mounts: dict[str, Mount] = {}
         self.server: Server
+        self.proxies: dict[str, StoreProxy] = {}
         self.server_pid = 0
         self.env: dict[str, str] = {}
 
@@ -291,7 +311,7 @@ class Bench:
 
     def run_raw_round(self, sysobj: System, r: int) -> None:
         name = sysobj.name
-        c = self.server.client(max_pool=UPLOAD_CONCURRENCY * 2)
+        c = sysobj.server.client(max_pool=UPLOAD_CONCURRENCY * 2)
         bucket = sysobj.bucket  # type: ignore[attr-defined]
         log(f"run {r + 1}/{self.args.runs}: raw boto3 ({UPLOAD_CONCURRENCY} concurrent)")
         prefix = f"run{r}"
@@ -376,13 +396,32 @@ class Bench:
         finally:
             sysobj.umount(b)
 
+    def run_idle_requests(self, systems: list[System]) -> None:
+        """Every mounted system idles at once for --idle-seconds; the requests each
+        sends meanwhile (counted by its store proxy) scaled to an hour."""
+        names = [s.name for s in systems if s.name in self.mounts and s.name in self.proxies]
+        if not names:
+            return
+        secs = self.args.idle_seconds
+        log(f"idle mounts: counting S3 requests of {', '.join(names)} for {secs:.0f} s")
+        time.sleep(5.0)  # let the last workload's background work finish
+        before = {n: self.proxies[n].requests() for n in names}
+        t0 = time.perf_counter()
+        time.sleep(secs)
+        time.sleep(0.3)  # the proxies rewrite their counts 5 times a second
+        took = time.perf_counter() - t0
+        for n in names:
+            per_hour = (self.proxies[n].requests() - before[n]) * 3600 / took
+            self.record("idle_requests", n, per_hour)
+            log(f"  {n}: {per_hour:.0f} requests per idle mount-hour")
+
     # ------------------------------------------------------------------ fixtures
 
     def make_fixtures(self) -> None:
         stdlib = Path(sysconfig.get_paths()["stdlib"])
         self.tarball = self.work / "stdlib.tar"
         members = [stdlib.name]
-        if self.args.quick:  # a few packages and the top-level modules
+        if self.args.quick or self.args.small_tree:  # a few packages, the top-level modules
             members = [f"{stdlib.name}/{p}" for p in ("json", "email", "asyncio", "logging")]
             members += [f"{stdlib.name}/{p.name}" for p in sorted(stdlib.glob("[a-c]*.py"))]
         run(
@@ -415,6 +454,10 @@ class Bench:
                 str(self.git_src),
             ]
         )
+        if self.args.small_tree:  # one pack instead of hundreds of loose objects
+            run(["git", "--git-dir", str(self.git_src), "gc", "-q", "--prune=now"])
+        objs = run(["find", str(self.git_src), "-type", "f"]).stdout.splitlines()
+        self.params["git_src_files"] = len(objs)
         files = run(["git", "--git-dir", str(self.git_src), "ls-tree", "-r", "--name-only", "HEAD"])
         self.params["git_files"] = len(files.stdout.splitlines())
         self.params["git_source"] = str(self.args.git_repo)
@@ -438,6 +481,8 @@ class Bench:
             "raw_block_mib": BLOCK // MiB,
             "raw_concurrency": UPLOAD_CONCURRENCY,
             "efsish_throughput_mode": a.efsish_throughput_mode,
+            "store_rtt_ms": a.store_rtt,
+            "idle_s": a.idle_seconds,
         }
         started = datetime.datetime.now().astimezone()
         names = [s.strip() for s in a.systems.split(",") if s.strip()]
@@ -454,6 +499,7 @@ class Bench:
         self.server_pid = info.pid
         versions: dict[str, str] = {}
         systems: list[System] = []
+        made: list[System] = []
         try:
             self.server = Server(info.endpoint, info.access_key, info.secret_key)
             self.env = dict(
@@ -468,7 +514,13 @@ class Bench:
             weed = run([str(REPO / ".venv/bin/weed"), "version"], check=False).stdout
             versions["SeaweedFS (S3 server)"] = (weed.strip().splitlines() or ["?"])[-1]
             for n in names:
-                s: System = ALL_SYSTEMS[n](self.server, self.work, self.env)
+                server = self.server
+                if a.store_rtt is not None and ALL_SYSTEMS[n].kind != "local":
+                    self.proxies[n] = StoreProxy(self.server, a.store_rtt, self.work / "proxy" / n)
+                    server = self.proxies[n].server
+                    log(f"{n}: S3 through a proxy adding {a.store_rtt:g} ms ({server.endpoint})")
+                s: System = ALL_SYSTEMS[n](server, self.work, self.env)
+                made.append(s)
                 reason = s.ensure_installed()
                 if reason:
                     warn(f"skipping {n}: {reason}")
@@ -501,6 +553,12 @@ class Bench:
                     else:
                         self.run_fs_round(s, r)
 
+            if selected(a, "idle_requests"):
+                if self.proxies:
+                    self.run_idle_requests(systems)
+                elif a.only:
+                    warn("the idle-mount request count needs --store-rtt (it counts at the proxy)")
+
             for s in systems:
                 if s.multi_mount and selected(a, "visibility"):
                     self.run_visibility(s)
@@ -521,7 +579,7 @@ class Bench:
 
                 try:
                     self.results["commit_rate"] = commit_rate.run(
-                        self.server,
+                        next(s.server for s in systems if s.name == "efsish"),
                         self.server_pid,
                         self.work / "commit",
                         self.env,
@@ -549,6 +607,13 @@ class Bench:
                     cleanup_mounts()
         finally:
             cleanup_mounts()
+            for s in made:
+                try:
+                    s.close()
+                except Exception as e:
+                    self.error(s.name, "stopping its servers", e)
+            for p in list(PROXIES):
+                p.stop()
             log("stopping SeaweedFS")
             s3server.stop(state)
 
@@ -818,6 +883,7 @@ ONLY_GROUPS = {
     "latency": {"create_latency"},
     "twomount": {"visibility"},
     "commit": {"commit_rate"},
+    "idle": {"idle_requests"},
 }
 
 
@@ -856,6 +922,23 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
     ap.add_argument("--commit-threads", type=int, default=4, help="creating threads per mount (4)")
     ap.add_argument("--commit-mounts", default="1,2,4", help="mount counts for the commit rate")
     ap.add_argument("--no-commit-rate", dest="commit_rate", action="store_false")
+    ap.add_argument(
+        "--store-rtt",
+        type=float,
+        default=None,
+        metavar="MS",
+        help="put a proxy adding MS ms per round trip between every system and the S3 "
+        "server (0: the proxy only); it also counts requests for the idle-mount row",
+    )
+    ap.add_argument(
+        "--idle-seconds", type=float, default=60.0, help="idle-mount request count duration"
+    )
+    ap.add_argument(
+        "--small-tree",
+        action="store_true",
+        help="tar -x a slice of the stdlib (as --quick does) instead of all of it, and git "
+        "clone a repacked copy (one pack) of the repository instead of its loose objects",
+    )
     ap.add_argument(
         "--only",
         default="",
@@ -898,6 +981,8 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         ap.error(f"--only: unknown group(s) {', '.join(bad)}; choose from {', '.join(ONLY_GROUPS)}")
     if a.only and "commit" not in a.only:
         a.commit_rate = False
+    if a.store_rtt is not None and not (0 <= a.store_rtt < 10_000):
+        ap.error("--store-rtt: a number of milliseconds from 0 to 10000")
     q = a.quick
     a.runs = a.runs or (1 if q else 3)
     a.size = a.size or (32 if q else 512)

@@ -12,10 +12,11 @@ from typing import Any
 
 from common import PYTHON, human_s
 
-ORDER = ["efsish", "juicefs", "s3fs", "rclone", "local", "boto3"]
+ORDER = ["efsish", "juicefs", "juicefs-redis", "s3fs", "rclone", "local", "boto3"]
 COLORS = {
     "efsish": "#d62728",
     "juicefs": "#1f77b4",
+    "juicefs-redis": "#17becf",
     "s3fs": "#2ca02c",
     "rclone": "#9467bd",
     "local": "#7f7f7f",
@@ -49,6 +50,8 @@ def systems_of(res: dict[str, Any]) -> list[str]:
 def _fmt(v: float, unit: str) -> str:
     if unit == "MiB/s":
         return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
+    if unit == "req/h":
+        return f"{v:.0f}"
     if unit == "ms":
         return f"{v:.0f}" if v >= 10 else f"{v:.1f}"
     return human_s(v)
@@ -163,6 +166,9 @@ def render(res: dict[str, Any]) -> str:
     both = "efsish" in syss and "juicefs" in syss
     if both:
         hdr.append("efsish vs JuiceFS (× faster; >1 = efsish faster)")
+    redis = "efsish" in syss and "juicefs-redis" in syss
+    if redis:
+        hdr.append("efsish vs JuiceFS-Redis")
     L.append("| " + " | ".join(hdr) + " |")
     L.append("|" + "---|" * len(hdr))
     for wl, label in meta["workload_labels"].items():
@@ -170,7 +176,7 @@ def render(res: dict[str, Any]) -> str:
         rs = res["workloads"][wl]["results"]
         if not rs:
             continue
-        u = {"MiB/s": "MiB/s, higher is better", "s": "seconds", "ms": ""}[unit]
+        u = {"MiB/s": "MiB/s, higher is better", "s": "seconds", "ms": ""}.get(unit, unit)
         row = [f"{label}" + (f" [{u}]" if u else "")]
         row += [cell(rs.get(s), unit, runs) for s in syss]
         if both:
@@ -180,6 +186,9 @@ def render(res: dict[str, Any]) -> str:
             else:
                 basis = "p95" if wl in ("create_latency",) or wl.startswith("vis_") else ""
                 row.append(f"{r:.2f}×" + (f" ({basis})" if basis else ""))
+        if redis:
+            r = speed_ratio(res, wl, "efsish", "juicefs-redis")
+            row.append("—" if r is None else f"{r:.2f}×")
         L.append("| " + " | ".join(row) + " |")
     L.append("")
     L.append(

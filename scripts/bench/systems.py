@@ -14,6 +14,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -85,7 +86,11 @@ class Mount:
     extra: dict[str, object] = field(default_factory=dict)
 
     def daemon_pids(self) -> list[int]:
-        return tree_pids(self.pid) if self.pid else []
+        """The mount's daemon(s), and any server it depends on (JuiceFS's Redis)."""
+        pids = tree_pids(self.pid) if self.pid else []
+        for p in self.extra.get("server_pids", []):  # type: ignore[attr-defined]
+            pids += tree_pids(p)
+        return pids
 
 
 LIVE_MOUNTS: list[Mount] = []
@@ -144,6 +149,9 @@ class System:
 
     def wait_stored(self, m: Mount, path: Path, size: int, timeout: float = 900) -> None:
         """Wait until `path` is in the object store (default: it is once fsync returned)."""
+
+    def close(self) -> None:
+        """Stop whatever prepare() started besides the mounts (a metadata server)."""
 
     def remount_cold(self, m: Mount) -> Mount:
         """Unmount, throw away every local cache of this system, mount again."""
@@ -333,7 +341,7 @@ class Efsish(System):
 
 class JuiceFS(System):
     name = "juicefs"
-    label = "JuiceFS"
+    label = "JuiceFS (SQLite)"
     multi_mount = True
     bucket = "juicefs"
 
@@ -399,6 +407,113 @@ class JuiceFS(System):
 
     def umount(self, m: Mount) -> None:
         self._stop_popen(m, [self.exe(), "umount", str(m.mp)])
+
+
+def _apt_install(pkg: str, binary: str) -> str | None:
+    """apt-get install -y pkg if `binary` is missing (root on Debian); None if usable.
+    Debian's policy-rc.d in containers keeps a packaged service from starting; where
+    one does start, it is the system's, and the benchmark never uses or stops it."""
+    if shutil.which(binary):
+        return None
+    if os.geteuid() != 0 or not shutil.which("apt-get"):
+        return f"{binary} is not installed and apt-get is not usable (need root on Debian)"
+    log(f"installing {pkg} (apt-get install -y {pkg})")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    cmd = ["apt-get", "install", "-y", "--no-install-recommends", pkg]
+    res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if res.returncode != 0:
+        subprocess.run(["apt-get", "update"], capture_output=True, env=env)
+        res = subprocess.run(cmd, capture_output=True, text=True, env=env)
+    if not shutil.which(binary):
+        return f"apt-get install {pkg} failed: {str(res.stderr)[-300:]}"
+    return None
+
+
+class JuiceFSRedis(JuiceFS):
+    """JuiceFS with its metadata in Redis, which is how JuiceFS is shared between
+    machines. The benchmark starts its own redis-server on 127.0.0.1 (a random port, no
+    persistence) and stops it by PID. The store proxy (--store-rtt) delays S3 traffic
+    only: Redis stays local, as in JuiceFS's deployment (Redis near the clients, S3 far
+    away)."""
+
+    name = "juicefs-redis"
+    label = "JuiceFS (Redis)"
+    bucket = "juicefs-redis"
+
+    def __init__(self, server: Server, work: Path, env: dict[str, str]) -> None:
+        super().__init__(server, work, env)
+        self.redis: subprocess.Popen[bytes] | None = None
+        self.redis_port = 0
+
+    def ensure_installed(self) -> str | None:
+        return super().ensure_installed() or _apt_install("redis-server", "redis-server")
+
+    def version(self) -> str:
+        r = run(["redis-server", "--version"], check=False).stdout.strip()
+        return f"{super().version()}; {r}"
+
+    @property
+    def meta_url(self) -> str:
+        return f"redis://127.0.0.1:{self.redis_port}/1"
+
+    def _start_redis(self) -> None:
+        from common import free_port
+
+        self.redis_port = free_port()
+        with open(self.work / "redis.log", "ab") as logf:
+            self.redis = subprocess.Popen(
+                [
+                    "redis-server",
+                    "--bind",
+                    "127.0.0.1",
+                    "--port",
+                    str(self.redis_port),
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                    "--dir",
+                    str(self.work),
+                    "--daemonize",
+                    "no",
+                ],
+                stdin=subprocess.DEVNULL,
+                stdout=logf,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        deadline = time.monotonic() + 30
+        while time.monotonic() < deadline:
+            if self.redis.poll() is not None:
+                raise RuntimeError(f"redis-server exited with {self.redis.returncode}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.redis_port), 1) as c:
+                    c.sendall(b"PING\r\n")
+                    if c.recv(16).startswith(b"+PONG"):
+                        return
+            except OSError:
+                pass
+            time.sleep(0.05)
+        raise RuntimeError("redis-server did not answer PING within 30 s")
+
+    def prepare(self) -> None:
+        if self.redis is None:
+            self._start_redis()
+        super().prepare()
+
+    def mount(self, mp: Path, cache_dir: Path) -> Mount:
+        m = super().mount(mp, cache_dir)
+        if self.redis is not None:
+            m.extra["server_pids"] = [self.redis.pid]
+        return m
+
+    def close(self) -> None:
+        if self.redis is not None:
+            log(f"stopping redis-server (pid {self.redis.pid})")
+            kill_pid(self.redis.pid, group=True)
+            with contextlib.suppress(subprocess.TimeoutExpired):
+                self.redis.wait(timeout=10)
+            self.redis = None
 
 
 # ------------------------------------------------------------------------------ s3fs
@@ -603,8 +718,68 @@ class RawBoto3(System):
         self.server.create_bucket(self.bucket)
 
 
+# ----------------------------------------------------------------------- store proxy
+
+
+class StoreProxy:
+    """`python -m efsish.devtools.rttproxy` between one system and the S3 server: adds
+    `rtt_ms` to every round trip (half each way) without capping throughput, and counts
+    the HTTP requests that pass (for the idle-mount row). Stopped by PID."""
+
+    def __init__(self, upstream: Server, rtt_ms: float, work: Path) -> None:
+        from urllib.parse import urlsplit
+
+        u = urlsplit(upstream.endpoint)
+        work.mkdir(parents=True, exist_ok=True)
+        self.stats_file = work / "store-proxy.json"
+        self.proc = subprocess.Popen(
+            [
+                str(PYTHON),
+                "-m",
+                "efsish.devtools.rttproxy",
+                "--listen",
+                "127.0.0.1:0",
+                "--upstream",
+                f"{u.hostname}:{u.port}",
+                "--rtt-ms",
+                str(rtt_ms),
+                "--stats",
+                str(self.stats_file),
+            ],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            start_new_session=True,
+        )
+        PROXIES.append(self)
+        assert self.proc.stdout is not None
+        line = self.proc.stdout.readline().strip()
+        if not line.isdigit():
+            self.stop()
+            raise RuntimeError(f"store proxy did not start (printed {line!r})")
+        self.server = Server(
+            f"http://127.0.0.1:{int(line)}", upstream.access_key, upstream.secret_key
+        )
+
+    def requests(self) -> int:
+        """HTTP requests passed so far (the stats file is rewritten 5 times a second)."""
+        return int(json.loads(self.stats_file.read_text())["requests_total"])
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            kill_pid(self.proc.pid, group=True)
+        with contextlib.suppress(subprocess.TimeoutExpired):
+            self.proc.wait(timeout=10)
+        if self.proc.stdout is not None:
+            self.proc.stdout.close()
+        with contextlib.suppress(ValueError):
+            PROXIES.remove(self)
+
+
+PROXIES: list[StoreProxy] = []
+
+
 ALL_SYSTEMS: dict[str, type[System]] = {
-    c.name: c for c in (Efsish, JuiceFS, S3fs, Rclone, Local, RawBoto3)
+    c.name: c for c in (Efsish, JuiceFS, JuiceFSRedis, S3fs, Rclone, Local, RawBoto3)
 }
 
 
