@@ -19,7 +19,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -29,7 +29,8 @@ from efsish import __version__, acl
 from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
-from efsish.data.dirty import DirtyBuffer, Interval
+from efsish.data.dirty import Interval
+from efsish.data.openfile import OpenFile, Pending, Snapshot
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
@@ -94,44 +95,6 @@ class Options:
     read_only: bool = False  # writes nothing to the bucket; changes fail with EROFS
 
 
-@dataclass
-class Pending:
-    """An extent waiting for commit: uploading (data held), or uploaded (key set)."""
-
-    ext: Extent
-    done: trio.Event = field(default_factory=trio.Event)
-    failed: bool = False  # the upload failed: the next flush uploads it again
-
-
-@dataclass
-class OpenFile:
-    """Per-inode state while this mount has the file open."""
-
-    ino: int
-    size: int
-    mtime: int
-    opens: int = 0
-    dirty: DirtyBuffer = field(default_factory=DirtyBuffer)
-    pending: list[Pending] = field(default_factory=list)
-    modified: bool = False
-    flush_lock: trio.Lock = field(default_factory=trio.Lock)
-    error: BaseException | None = None
-    orphan: tuple[Attr, list[Extent]] | None = None
-    last_read_end: int = -1
-    ra_window: int = 0  # readahead: current window (bytes), 0 = not sequential
-    ra_end: int = 0  # prefetches were started up to this offset
-    # The committed layout of [start, end) as last read from the view, so that a
-    # sequential reader does not query SQLite (a worker-thread hop) for every FUSE read.
-    # Dropped whenever a log entry changes the file's data (ext_gen counts that).
-    ext_cache: tuple[int, int, list[Extent]] | None = None
-    ext_gen: int = 0
-    stale: bool = False  # another mount changed the file: re-read its size
-    # chmod/chown/utimens made while this mount holds unflushed writes to the file: they
-    # are committed in the same log entry as those writes (at close/fsync), like the data.
-    deferred: dict[str, int] = field(default_factory=dict)
-    dirty_since: float = 0.0  # monotonic time of the oldest change not yet committed
-
-
 def _other_system_xattr(name: bytes) -> bool:
     """A system.* name other than the POSIX ACLs. The kernel checks no permission for
     system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
@@ -182,7 +145,7 @@ class Filesystem:
         # resolved before a rename replaced it, still work, as on a local filesystem.
         self.kernel_refs: dict[int, int] = {}
         self._remote_changed: set[int] = set()
-        self.ghosts: dict[int, tuple[Attr, list[Extent]]] = {}
+        self.ghosts: dict[int, Snapshot] = {}
         # Set by the FUSE adapter: drop the kernel's cached attributes of an inode now
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
@@ -296,12 +259,10 @@ class Filesystem:
         """Blocks this mount may still read that the log no longer references: those of
         unlinked-but-open files and uploaded-but-uncommitted writes. gc spares them."""
         keys: set[str] = set()
-        for _, extents in self.ghosts.values():
-            keys.update(e.key for e in extents if e.key is not None)
+        for snap in self.ghosts.values():
+            keys.update(e.key for e in snap.extents if e.key is not None)
         for of in self.files.values():
-            if of.orphan is not None:
-                keys.update(e.key for e in of.orphan[1] if e.key is not None)
-            keys.update(p.ext.key for p in of.pending if p.ext.key is not None)
+            keys |= of.held_keys()
         return sorted(keys)[:limit]
 
     def remember(self, ino: int, n: int = 1) -> None:
@@ -323,18 +284,18 @@ class Filesystem:
             self.ghosts.pop(ino, None)
 
     def _on_apply(self, res: ApplyResult, remote: bool) -> None:
-        for ino, snap in res.freed.items():
+        for ino, (attr, extents) in res.freed.items():
+            snap = Snapshot(attr, extents)
             of = self.files.get(ino)
             if of is not None and of.orphan is None:
                 of.orphan = snap
             if of is not None or self.kernel_refs.get(ino, 0) > 0:
-                snap[0].nlink = 0
+                snap.attr.nlink = 0
                 self.ghosts[ino] = snap
         for ino in res.data:
             of = self.files.get(ino)
             if of is not None:
-                of.ext_cache = None
-                of.ext_gen += 1
+                of.ext_cache.invalidate()
         if not remote:
             return
         for ino in res.data:
@@ -360,9 +321,9 @@ class Filesystem:
         attr = await self.meta.getattr(ino)
         if attr is None:
             if of is not None and of.orphan is not None:
-                attr = replace(of.orphan[0], nlink=0)
+                attr = replace(of.orphan.attr, nlink=0)
             elif ino in self.ghosts:
-                attr = replace(self.ghosts[ino][0], nlink=0)
+                attr = replace(self.ghosts[ino].attr, nlink=0)
             else:
                 raise FsError("no such inode", errno.ENOENT)
         return self._overlay(attr)
@@ -669,26 +630,12 @@ class Filesystem:
         last close, so the change is made to its snapshot here (ftruncate, fchmod,
         futimens on such a descriptor work, as on a local filesystem)."""
         assert of.orphan is not None
-        a = of.orphan[0]
+        a = of.orphan.attr
         now = self._now()
         if size is not None:
-            # Everything past the new end goes, from every layer a read looks at: the
-            # snapshot's extents, uploads not committed (waited for, so that none puts
-            # its whole extent back afterwards), the write buffer. Extending later must
-            # read zeros there, not the old bytes.
-            for p in list(of.pending):
-                await p.done.wait()
-            of.orphan = (
-                a,
-                [e.slice(e.off, min(e.end, size)) for e in of.orphan[1] if e.off < size],
-            )
+            await of.truncate_unlinked(size)
             if of.ino in self.ghosts:
                 self.ghosts[of.ino] = of.orphan
-            for p in of.pending:
-                if p.ext.off < size < p.ext.end:
-                    p.ext = p.ext.slice(p.ext.off, size)
-            of.pending = [p for p in of.pending if p.ext.off < size]
-            of.dirty.truncate(size)
             of.size = a.size = size
             a.mtime = of.mtime = now
         for k, v in self._attr_changes(a, mode, uid, gid, atime, mtime).items():
@@ -1062,16 +1009,16 @@ class Filesystem:
         for _ in range(READ_SNAPSHOT_TRIES):
             if of.orphan is not None:
                 break
-            gen = of.ext_gen
+            gen = of.ext_cache.gen
             committed = await self._extents(of, off, end)
             # A flush that committed while we asked has moved its pending extents into
             # the view after our answer came from it: ask again, or they would be missed.
-            if gen == of.ext_gen:
+            if gen == of.ext_cache.gen:
                 break
         if of.orphan is not None:
             # (Also when the file was freed — renamed over, unlinked — while the view was
             # asked: the view may no longer have its extents, but the snapshot does.)
-            committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
+            committed = of.orphan.overlapping(off, end)
         layers: list[Extent] = list(committed)
         layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
         # The dirty bytes are copied now, before any wait: a flush during the block fetches
@@ -1091,21 +1038,19 @@ class Filesystem:
             out = await self._assemble(layers, dirty, off, end, ranged)
         if of.orphan is None and self._nursery is not None:
             await self._readahead(of, off, end)
-        of.last_read_end = end
+        of.ra.last_read_end = end
         return out
 
     async def _extents(self, of: OpenFile, off: int, end: int) -> list[Extent]:
         """The committed extents of `of` overlapping [off, end), through its cache."""
-        c = of.ext_cache
-        if c is None or off < c[0] or end > c[1]:
-            gen, span_end = of.ext_gen, max(end, off + EXTENT_CACHE_SPAN)
-            exts = await self.meta.read(View.extents, of.ino, off, span_end)
-            if len(exts) > EXTENT_CACHE_MAX:
-                return [e for e in exts if e.off < end and e.end > off]
-            c = (off, span_end, exts)
-            if gen == of.ext_gen:  # nothing changed the file while we asked
-                of.ext_cache = c
-        return [e for e in c[2] if e.off < end and e.end > off]
+        cached = of.ext_cache.get(off, end)
+        if cached is not None:
+            return cached
+        gen, span_end = of.ext_cache.gen, max(end, off + EXTENT_CACHE_SPAN)
+        exts = await self.meta.read(View.extents, of.ino, off, span_end)
+        if len(exts) <= EXTENT_CACHE_MAX and gen == of.ext_cache.gen:
+            of.ext_cache.span = (off, span_end, exts)  # nothing changed the file meanwhile
+        return [e for e in exts if e.off < end and e.end > off]
 
     async def _assemble(
         self,
@@ -1141,10 +1086,10 @@ class Filesystem:
     def _sequential(self, of: OpenFile, off: int) -> bool:
         """Whether a read at `off` continues the file's previous read (or starts at 0).
         The kernel issues its own reads slightly out of order: allow a little slack."""
-        if of.last_read_end < 0:
+        if of.ra.last_read_end < 0:
             return off == 0
         slack = min(1024 * 1024, self.block_size)
-        return of.last_read_end - slack <= off <= of.last_read_end + slack
+        return of.ra.last_read_end - slack <= off <= of.ra.last_read_end + slack
 
     async def _piece(
         self, e: Extent, off: int, end: int, ranged: bool = False
@@ -1172,22 +1117,22 @@ class Filesystem:
         random read resets it: fetch only what is asked. The kernel issues its own reads
         slightly out of order, so "sequential" allows a little slack around the previous
         read's end."""
-        if of.last_read_end < 0 or not self._sequential(of, off):
-            of.ra_window, of.ra_end = 0, 0
+        if of.ra.last_read_end < 0 or not self._sequential(of, off):
+            of.ra.window, of.ra.end = 0, 0
             return
         limit = max(
             self.block_size, min(self.opts.readahead_max_bytes, self.blocks.memory_bytes // 2)
         )
-        if of.ra_window == 0:
-            of.ra_window = min(limit, self.opts.readahead_blocks * self.block_size)
-            of.ra_end = end
-        if of.ra_end - end > of.ra_window - self.block_size or of.ra_end >= of.size:
+        if of.ra.window == 0:
+            of.ra.window = min(limit, self.opts.readahead_blocks * self.block_size)
+            of.ra.end = end
+        if of.ra.end - end > of.ra.window - self.block_size or of.ra.end >= of.size:
             return  # not a whole block of room in the window yet
-        if of.ra_end > end:  # the reader keeps going: grow the window
-            of.ra_window = min(limit, of.ra_window * 2)
-        start = max(end, of.ra_end)
-        stop = min(of.size, end + of.ra_window)
-        of.ra_end = stop
+        if of.ra.end > end:  # the reader keeps going: grow the window
+            of.ra.window = min(limit, of.ra.window * 2)
+        start = max(end, of.ra.end)
+        stop = min(of.size, end + of.ra.window)
+        of.ra.end = stop
         if start >= stop:
             return
         ahead = await self.meta.read(View.extents, of.ino, start, stop)
@@ -1249,12 +1194,7 @@ class Filesystem:
                 # before these extents. Keep them as layers over it, or reads would
                 # return the snapshot's old bytes.
                 return
-            for k, v in deferred.items():
-                if of.deferred.get(k) == v:
-                    del of.deferred[k]
-            del of.pending[: len(pend)]
-            if not of.pending and not of.dirty:
-                of.modified = False
+            of.committed(pend, deferred)
 
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh, None)
