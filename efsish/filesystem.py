@@ -28,6 +28,7 @@ import trio
 from efsish import __version__, acl
 from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
+from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
 from efsish.data.dirty import Interval
 from efsish.data.openfile import OpenFile, Pending, Snapshot
@@ -149,8 +150,7 @@ class Filesystem:
         # Set by the FUSE adapter: drop the kernel's cached attributes of an inode now
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
-        self._dirty_total = 0
-        self._dirty_cond = trio.Condition()
+        self.budget = WriteBudget(options.max_dirty_bytes)
         self._atime_due: dict[int, int] = {}  # ino -> atime to commit (relatime, batched)
         self._nursery: trio.Nursery | None = None
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
@@ -913,14 +913,8 @@ class Filesystem:
         if of.error is not None:
             err, of.error = of.error, None
             raise FsError(f"earlier background upload failed: {err}", errno.EIO)
-        while self._dirty_total > self.opts.max_dirty_bytes:
-            self._relieve_pressure()
-            async with self._dirty_cond:
-                with trio.move_on_after(1.0):
-                    await self._dirty_cond.wait()
-        before = of.dirty.nbytes
-        of.dirty.write(off, data)
-        self._dirty_total += of.dirty.nbytes - before
+        await self.budget.wait_for_room(self._relieve_pressure)
+        self.budget.write(of.dirty, off, data)
         of.size = max(of.size, off + len(data))
         of.mtime = time.time_ns()
         if not of.modified:
@@ -930,10 +924,8 @@ class Filesystem:
             of.deferred.pop("mtime", None)
             of.deferred.pop("ctime", None)
         if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
-            before = of.dirty.nbytes
-            for block_off, block in of.dirty.take_full_blocks(self.block_size):
+            for block_off, block in self.budget.take_full_blocks(of.dirty, self.block_size):
                 self._start_upload(of, block_off, block)
-            self._dirty_total -= before - of.dirty.nbytes
         return len(data)
 
     def _relieve_pressure(self) -> None:
@@ -945,10 +937,8 @@ class Filesystem:
             reverse=True,
         )
         for of in files[:4]:
-            before = of.dirty.nbytes
-            for iv in of.dirty.take_all():
+            for iv in self.budget.take_all(of.dirty):
                 self._upload_interval(of, iv)
-            self._dirty_total -= before
 
     def _upload_interval(self, of: OpenFile, iv: Interval) -> None:
         """Start uploading all of `iv`, cut into blocks (each copied once, if at all)."""
@@ -959,7 +949,7 @@ class Filesystem:
     def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
         p = Pending(Extent(off, len(data), data=data))
         of.pending.append(p)
-        self._dirty_total += len(data)
+        self.budget.upload_started(len(data))
         assert self._nursery is not None
         self._nursery.start_soon(self._upload, of, p)
 
@@ -973,10 +963,8 @@ class Filesystem:
             p.failed = True
             of.error = e
         finally:
-            self._dirty_total -= len(data)
             p.done.set()
-            async with self._dirty_cond:
-                self._dirty_cond.notify_all()
+            await self.budget.upload_finished(len(data))
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:
@@ -1152,19 +1140,17 @@ class Filesystem:
         async with of.flush_lock:
             if of.orphan is not None:
                 return  # unlinked while open: data lives here until the last close
-            before = of.dirty.nbytes
-            for iv in of.dirty.take_all():
+            for iv in self.budget.take_all(of.dirty):
                 if of.size <= INLINE_MAX:
                     data = iv.tobytes()
                     of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
                     of.pending[-1].done.set()
                     continue
                 self._upload_interval(of, iv)
-            self._dirty_total -= before
             for p in of.pending:
                 if p.failed and p.done.is_set():  # an earlier upload failed: try again
                     p.failed, p.done = False, trio.Event()
-                    self._dirty_total += p.ext.len
+                    self.budget.upload_started(p.ext.len)
                     assert self._nursery is not None
                     self._nursery.start_soon(self._upload, of, p)
             for p in list(of.pending):
@@ -1211,7 +1197,7 @@ class Filesystem:
                 await self._flush_file(of)
         finally:
             if of.opens == 0:
-                self._dirty_total -= of.dirty.nbytes
+                self.budget.drop(of.dirty)
                 del self.files[ino]
                 if self.kernel_refs.get(ino, 0) <= 0:
                     self.ghosts.pop(ino, None)
