@@ -30,8 +30,8 @@ from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
 from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
-from efsish.data.dirty import Interval
-from efsish.data.openfile import OpenFile, Pending, Snapshot
+from efsish.data.openfile import OpenFile, Snapshot
+from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
@@ -52,7 +52,6 @@ XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
 EXTENT_CACHE_SPAN = 64 * 1024**2  # bytes of a file's layout a reader caches at once
 EXTENT_CACHE_MAX = 256  # extents; a more fragmented span is not cached
-INLINE_MAX = 16 * 1024  # files up to this size keep their data in the log
 READ_SNAPSHOT_TRIES = 4  # reads of the extents a commit of the same file overlapped
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
 XATTR_CREATE = 1
@@ -151,6 +150,9 @@ class Filesystem:
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
         self.budget = WriteBudget(options.max_dirty_bytes)
+        self.writeback = Writeback(
+            self.blocks, self.budget, self.files, self.block_size, options.writeback_interval
+        )
         self._atime_due: dict[int, int] = {}  # ino -> atime to commit (relatime, batched)
         self._nursery: trio.Nursery | None = None
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
@@ -162,6 +164,7 @@ class Filesystem:
 
     async def start(self, nursery: trio.Nursery) -> None:
         self._nursery = nursery
+        self.writeback.start(nursery)
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
@@ -169,7 +172,7 @@ class Filesystem:
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
         nursery.start_soon(self._atime_committer)
-        nursery.start_soon(self._writeback)
+        nursery.start_soon(self.writeback.run, self._flush_file)
 
     async def shutdown(self) -> None:
         """Flush every open file; the caller cancels the nursery afterwards."""
@@ -829,35 +832,6 @@ class Filesystem:
             self._atime_due[ino] = time.time_ns()
         return fh, keep
 
-    async def _writeback(self) -> None:
-        """Commit the writes of files held open for long: like the kernel's dirty-page
-        writeback, data written to a file that stays open (a log, a database) becomes
-        durable and visible to other mounts within about `writeback_interval` seconds,
-        not only at close/fsync. Errors are logged; the writer sees them at close/fsync."""
-        interval = self.opts.writeback_interval
-        while True:
-            await trio.sleep(interval / 2)
-            now = time.monotonic()
-            for of in list(self.files.values()):
-                if (
-                    of.modified
-                    and of.orphan is None
-                    and now - of.dirty_since >= interval
-                    and not of.flush_lock.locked()
-                    and self._nursery is not None
-                ):
-                    self._nursery.start_soon(self._background_flush, of)
-
-    async def _background_flush(self, of: OpenFile) -> None:
-        try:
-            await self._flush_file(of)
-        except Exception as e:
-            if not isinstance(e, EfsishError):
-                log.exception("background commit of inode %d crashed", of.ino)
-            log.warning("background commit of inode %d failed: %s", of.ino, e)
-            if of.error is None:
-                of.error = e  # reported to the writer by its next write/fsync/close
-
     async def _atime_committer(self) -> None:
         while True:
             await trio.sleep(ATIME_BATCH)
@@ -910,61 +884,8 @@ class Filesystem:
         of = self._file(fh)
         self._writable()
         await self.metering.acquire("write", len(data))
-        if of.error is not None:
-            err, of.error = of.error, None
-            raise FsError(f"earlier background upload failed: {err}", errno.EIO)
-        await self.budget.wait_for_room(self._relieve_pressure)
-        self.budget.write(of.dirty, off, data)
-        of.size = max(of.size, off + len(data))
-        of.mtime = time.time_ns()
-        if not of.modified:
-            of.dirty_since = time.monotonic()
-        of.modified = True
-        if of.deferred:  # a write after utimens: the write's time wins, as on a local disk
-            of.deferred.pop("mtime", None)
-            of.deferred.pop("ctime", None)
-        if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
-            for block_off, block in self.budget.take_full_blocks(of.dirty, self.block_size):
-                self._start_upload(of, block_off, block)
+        await self.writeback.write(of, off, data)
         return len(data)
-
-    def _relieve_pressure(self) -> None:
-        """Too much unwritten data: start uploading the largest write buffers as they are
-        (partial blocks too); they are committed at the next flush/close of their file."""
-        files = sorted(
-            (f for f in self.files.values() if f.orphan is None and f.dirty),
-            key=lambda f: f.dirty.nbytes,
-            reverse=True,
-        )
-        for of in files[:4]:
-            for iv in self.budget.take_all(of.dirty):
-                self._upload_interval(of, iv)
-
-    def _upload_interval(self, of: OpenFile, iv: Interval) -> None:
-        """Start uploading all of `iv`, cut into blocks (each copied once, if at all)."""
-        while len(iv):
-            off = iv.off
-            self._start_upload(of, off, iv.take_front(min(self.block_size, len(iv))))
-
-    def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
-        p = Pending(Extent(off, len(data), data=data))
-        of.pending.append(p)
-        self.budget.upload_started(len(data))
-        assert self._nursery is not None
-        self._nursery.start_soon(self._upload, of, p)
-
-    async def _upload(self, of: OpenFile, p: Pending) -> None:
-        data = p.ext.data or b""
-        try:
-            key, h, crcs = await self.blocks.upload(of.ino, data)
-            p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h, crcs=crcs)
-        except StoreError as e:
-            log.error("upload of a block of inode %d failed: %s", of.ino, e)
-            p.failed = True
-            of.error = e
-        finally:
-            p.done.set()
-            await self.budget.upload_finished(len(data))
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:
@@ -1140,24 +1061,7 @@ class Filesystem:
         async with of.flush_lock:
             if of.orphan is not None:
                 return  # unlinked while open: data lives here until the last close
-            for iv in self.budget.take_all(of.dirty):
-                if of.size <= INLINE_MAX:
-                    data = iv.tobytes()
-                    of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
-                    of.pending[-1].done.set()
-                    continue
-                self._upload_interval(of, iv)
-            for p in of.pending:
-                if p.failed and p.done.is_set():  # an earlier upload failed: try again
-                    p.failed, p.done = False, trio.Event()
-                    self.budget.upload_started(p.ext.len)
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._upload, of, p)
-            for p in list(of.pending):
-                await p.done.wait()
-            if of.error is not None:
-                err, of.error = of.error, None
-                raise FsError(f"upload or commit failed: {err}", errno.EIO)
+            await self.writeback.upload_all(of)
             if not of.modified:
                 return
             pend = list(of.pending)
