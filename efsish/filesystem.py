@@ -3,8 +3,10 @@
 Filesystem is what the FUSE adapter calls: every method takes plain values (inode numbers,
 bytes names, a Ctx with the caller's uid/gid) and returns plain values or raises FsError
 with an errno. Metadata changes are planners submitted to the MetaLog (validated against
-the view, committed as log ops); file data goes through per-inode write buffers that
-close()/fsync() upload as new blocks before committing the new layout.
+the view, committed as log ops). File data goes through efsish/data/: this module keeps
+the table of open files and hands writes to Writeback (buffers, uploads, the write
+budget) and reads to Reader; a flush waits for the file's uploads, then commits its new
+layout here, planned like any other change.
 
 This module must not import pyfuse3; tests drive it directly.
 """
@@ -19,7 +21,7 @@ import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +30,11 @@ import trio
 from efsish import __version__, acl
 from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
+from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
-from efsish.data.dirty import DirtyBuffer, Interval
+from efsish.data.openfile import OpenFile, Snapshot
+from efsish.data.reader import Reader
+from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
@@ -37,7 +42,7 @@ from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ROOT_INO, ApplyResult, Attr, Extent, View
+from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
 from efsish.store import ObjectStore
 
@@ -48,10 +53,6 @@ SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses lon
 LINK_MAX = 177  # EFS's limit on hard links to one file
 XATTR_NAME_MAX = 255
 XATTR_SIZE_MAX = 65536
-EXTENT_CACHE_SPAN = 64 * 1024**2  # bytes of a file's layout a reader caches at once
-EXTENT_CACHE_MAX = 256  # extents; a more fragmented span is not cached
-INLINE_MAX = 16 * 1024  # files up to this size keep their data in the log
-READ_SNAPSHOT_TRIES = 4  # reads of the extents a commit of the same file overlapped
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
 XATTR_CREATE = 1
 XATTR_REPLACE = 2
@@ -92,44 +93,6 @@ class Options:
     gc_grace: float = 3600.0
     mountpoint: str = ""
     read_only: bool = False  # writes nothing to the bucket; changes fail with EROFS
-
-
-@dataclass
-class Pending:
-    """An extent waiting for commit: uploading (data held), or uploaded (key set)."""
-
-    ext: Extent
-    done: trio.Event = field(default_factory=trio.Event)
-    failed: bool = False  # the upload failed: the next flush uploads it again
-
-
-@dataclass
-class OpenFile:
-    """Per-inode state while this mount has the file open."""
-
-    ino: int
-    size: int
-    mtime: int
-    opens: int = 0
-    dirty: DirtyBuffer = field(default_factory=DirtyBuffer)
-    pending: list[Pending] = field(default_factory=list)
-    modified: bool = False
-    flush_lock: trio.Lock = field(default_factory=trio.Lock)
-    error: BaseException | None = None
-    orphan: tuple[Attr, list[Extent]] | None = None
-    last_read_end: int = -1
-    ra_window: int = 0  # readahead: current window (bytes), 0 = not sequential
-    ra_end: int = 0  # prefetches were started up to this offset
-    # The committed layout of [start, end) as last read from the view, so that a
-    # sequential reader does not query SQLite (a worker-thread hop) for every FUSE read.
-    # Dropped whenever a log entry changes the file's data (ext_gen counts that).
-    ext_cache: tuple[int, int, list[Extent]] | None = None
-    ext_gen: int = 0
-    stale: bool = False  # another mount changed the file: re-read its size
-    # chmod/chown/utimens made while this mount holds unflushed writes to the file: they
-    # are committed in the same log entry as those writes (at close/fsync), like the data.
-    deferred: dict[str, int] = field(default_factory=dict)
-    dirty_since: float = 0.0  # monotonic time of the oldest change not yet committed
 
 
 def _other_system_xattr(name: bytes) -> bool:
@@ -182,14 +145,22 @@ class Filesystem:
         # resolved before a rename replaced it, still work, as on a local filesystem.
         self.kernel_refs: dict[int, int] = {}
         self._remote_changed: set[int] = set()
-        self.ghosts: dict[int, tuple[Attr, list[Extent]]] = {}
+        self.ghosts: dict[int, Snapshot] = {}
         # Set by the FUSE adapter: drop the kernel's cached attributes of an inode now
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
-        self._dirty_total = 0
-        self._dirty_cond = trio.Condition()
+        self.budget = WriteBudget(options.max_dirty_bytes)
+        self.writeback = Writeback(
+            self.blocks, self.budget, self.files, self.block_size, options.writeback_interval
+        )
+        self.reader = Reader(
+            self.blocks,
+            lambda ino, off, end: self.meta.read(View.extents, ino, off, end),
+            self.block_size,
+            options.readahead_blocks,
+            options.readahead_max_bytes,
+        )
         self._atime_due: dict[int, int] = {}  # ino -> atime to commit (relatime, batched)
-        self._nursery: trio.Nursery | None = None
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
         self._inval_send = send
         self.invalidations = recv  # consumed by the FUSE adapter
@@ -198,7 +169,8 @@ class Filesystem:
     # ----------------------------------------------------------------- lifecycle
 
     async def start(self, nursery: trio.Nursery) -> None:
-        self._nursery = nursery
+        self.writeback.start(nursery)
+        self.reader.start(nursery)
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
@@ -206,7 +178,7 @@ class Filesystem:
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
         nursery.start_soon(self._atime_committer)
-        nursery.start_soon(self._writeback)
+        nursery.start_soon(self.writeback.run, self._flush_file)
 
     async def shutdown(self) -> None:
         """Flush every open file; the caller cancels the nursery afterwards."""
@@ -296,12 +268,10 @@ class Filesystem:
         """Blocks this mount may still read that the log no longer references: those of
         unlinked-but-open files and uploaded-but-uncommitted writes. gc spares them."""
         keys: set[str] = set()
-        for _, extents in self.ghosts.values():
-            keys.update(e.key for e in extents if e.key is not None)
+        for snap in self.ghosts.values():
+            keys.update(e.key for e in snap.extents if e.key is not None)
         for of in self.files.values():
-            if of.orphan is not None:
-                keys.update(e.key for e in of.orphan[1] if e.key is not None)
-            keys.update(p.ext.key for p in of.pending if p.ext.key is not None)
+            keys |= of.held_keys()
         return sorted(keys)[:limit]
 
     def remember(self, ino: int, n: int = 1) -> None:
@@ -323,18 +293,18 @@ class Filesystem:
             self.ghosts.pop(ino, None)
 
     def _on_apply(self, res: ApplyResult, remote: bool) -> None:
-        for ino, snap in res.freed.items():
+        for ino, (attr, extents) in res.freed.items():
+            snap = Snapshot(attr, extents)
             of = self.files.get(ino)
             if of is not None and of.orphan is None:
                 of.orphan = snap
             if of is not None or self.kernel_refs.get(ino, 0) > 0:
-                snap[0].nlink = 0
+                snap.attr.nlink = 0
                 self.ghosts[ino] = snap
         for ino in res.data:
             of = self.files.get(ino)
             if of is not None:
-                of.ext_cache = None
-                of.ext_gen += 1
+                of.ext_cache.invalidate()
         if not remote:
             return
         for ino in res.data:
@@ -360,9 +330,9 @@ class Filesystem:
         attr = await self.meta.getattr(ino)
         if attr is None:
             if of is not None and of.orphan is not None:
-                attr = replace(of.orphan[0], nlink=0)
+                attr = replace(of.orphan.attr, nlink=0)
             elif ino in self.ghosts:
-                attr = replace(self.ghosts[ino][0], nlink=0)
+                attr = replace(self.ghosts[ino].attr, nlink=0)
             else:
                 raise FsError("no such inode", errno.ENOENT)
         return self._overlay(attr)
@@ -669,26 +639,12 @@ class Filesystem:
         last close, so the change is made to its snapshot here (ftruncate, fchmod,
         futimens on such a descriptor work, as on a local filesystem)."""
         assert of.orphan is not None
-        a = of.orphan[0]
+        a = of.orphan.attr
         now = self._now()
         if size is not None:
-            # Everything past the new end goes, from every layer a read looks at: the
-            # snapshot's extents, uploads not committed (waited for, so that none puts
-            # its whole extent back afterwards), the write buffer. Extending later must
-            # read zeros there, not the old bytes.
-            for p in list(of.pending):
-                await p.done.wait()
-            of.orphan = (
-                a,
-                [e.slice(e.off, min(e.end, size)) for e in of.orphan[1] if e.off < size],
-            )
+            await of.truncate_unlinked(size)
             if of.ino in self.ghosts:
                 self.ghosts[of.ino] = of.orphan
-            for p in of.pending:
-                if p.ext.off < size < p.ext.end:
-                    p.ext = p.ext.slice(p.ext.off, size)
-            of.pending = [p for p in of.pending if p.ext.off < size]
-            of.dirty.truncate(size)
             of.size = a.size = size
             a.mtime = of.mtime = now
         for k, v in self._attr_changes(a, mode, uid, gid, atime, mtime).items():
@@ -882,35 +838,6 @@ class Filesystem:
             self._atime_due[ino] = time.time_ns()
         return fh, keep
 
-    async def _writeback(self) -> None:
-        """Commit the writes of files held open for long: like the kernel's dirty-page
-        writeback, data written to a file that stays open (a log, a database) becomes
-        durable and visible to other mounts within about `writeback_interval` seconds,
-        not only at close/fsync. Errors are logged; the writer sees them at close/fsync."""
-        interval = self.opts.writeback_interval
-        while True:
-            await trio.sleep(interval / 2)
-            now = time.monotonic()
-            for of in list(self.files.values()):
-                if (
-                    of.modified
-                    and of.orphan is None
-                    and now - of.dirty_since >= interval
-                    and not of.flush_lock.locked()
-                    and self._nursery is not None
-                ):
-                    self._nursery.start_soon(self._background_flush, of)
-
-    async def _background_flush(self, of: OpenFile) -> None:
-        try:
-            await self._flush_file(of)
-        except Exception as e:
-            if not isinstance(e, EfsishError):
-                log.exception("background commit of inode %d crashed", of.ino)
-            log.warning("background commit of inode %d failed: %s", of.ino, e)
-            if of.error is None:
-                of.error = e  # reported to the writer by its next write/fsync/close
-
     async def _atime_committer(self) -> None:
         while True:
             await trio.sleep(ATIME_BATCH)
@@ -963,73 +890,8 @@ class Filesystem:
         of = self._file(fh)
         self._writable()
         await self.metering.acquire("write", len(data))
-        if of.error is not None:
-            err, of.error = of.error, None
-            raise FsError(f"earlier background upload failed: {err}", errno.EIO)
-        while self._dirty_total > self.opts.max_dirty_bytes:
-            self._relieve_pressure()
-            async with self._dirty_cond:
-                with trio.move_on_after(1.0):
-                    await self._dirty_cond.wait()
-        before = of.dirty.nbytes
-        of.dirty.write(off, data)
-        self._dirty_total += of.dirty.nbytes - before
-        of.size = max(of.size, off + len(data))
-        of.mtime = time.time_ns()
-        if not of.modified:
-            of.dirty_since = time.monotonic()
-        of.modified = True
-        if of.deferred:  # a write after utimens: the write's time wins, as on a local disk
-            of.deferred.pop("mtime", None)
-            of.deferred.pop("ctime", None)
-        if of.orphan is None and of.dirty.nbytes >= 2 * self.block_size:
-            before = of.dirty.nbytes
-            for block_off, block in of.dirty.take_full_blocks(self.block_size):
-                self._start_upload(of, block_off, block)
-            self._dirty_total -= before - of.dirty.nbytes
+        await self.writeback.write(of, off, data)
         return len(data)
-
-    def _relieve_pressure(self) -> None:
-        """Too much unwritten data: start uploading the largest write buffers as they are
-        (partial blocks too); they are committed at the next flush/close of their file."""
-        files = sorted(
-            (f for f in self.files.values() if f.orphan is None and f.dirty),
-            key=lambda f: f.dirty.nbytes,
-            reverse=True,
-        )
-        for of in files[:4]:
-            before = of.dirty.nbytes
-            for iv in of.dirty.take_all():
-                self._upload_interval(of, iv)
-            self._dirty_total -= before
-
-    def _upload_interval(self, of: OpenFile, iv: Interval) -> None:
-        """Start uploading all of `iv`, cut into blocks (each copied once, if at all)."""
-        while len(iv):
-            off = iv.off
-            self._start_upload(of, off, iv.take_front(min(self.block_size, len(iv))))
-
-    def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
-        p = Pending(Extent(off, len(data), data=data))
-        of.pending.append(p)
-        self._dirty_total += len(data)
-        assert self._nursery is not None
-        self._nursery.start_soon(self._upload, of, p)
-
-    async def _upload(self, of: OpenFile, p: Pending) -> None:
-        data = p.ext.data or b""
-        try:
-            key, h, crcs = await self.blocks.upload(of.ino, data)
-            p.ext = Extent(p.ext.off, len(data), key, 0, len(data), h, crcs=crcs)
-        except StoreError as e:
-            log.error("upload of a block of inode %d failed: %s", of.ino, e)
-            p.failed = True
-            of.error = e
-        finally:
-            self._dirty_total -= len(data)
-            p.done.set()
-            async with self._dirty_cond:
-                self._dirty_cond.notify_all()
 
     async def read(self, fh: int, off: int, size: int) -> bytes | memoryview:
         try:
@@ -1056,145 +918,7 @@ class Filesystem:
             if fresh is not None:
                 of.size, of.mtime = fresh.size, fresh.mtime
             of.stale = False
-        end = min(off + size, of.size)
-        if off >= end:
-            return b""
-        for _ in range(READ_SNAPSHOT_TRIES):
-            if of.orphan is not None:
-                break
-            gen = of.ext_gen
-            committed = await self._extents(of, off, end)
-            # A flush that committed while we asked has moved its pending extents into
-            # the view after our answer came from it: ask again, or they would be missed.
-            if gen == of.ext_gen:
-                break
-        if of.orphan is not None:
-            # (Also when the file was freed — renamed over, unlinked — while the view was
-            # asked: the view may no longer have its extents, but the snapshot does.)
-            committed = [e for e in of.orphan[1] if e.off < end and e.end > off]
-        layers: list[Extent] = list(committed)
-        layers += [p.ext for p in of.pending if p.ext.off < end and p.ext.end > off]
-        # The dirty bytes are copied now, before any wait: a flush during the block fetches
-        # below takes them out of the buffer (into uploads this read does not know).
-        dirty: list[tuple[int, bytes]] = []
-        for iv in of.dirty.overlapping(off, end):
-            start = max(off, iv.off)
-            dirty.append((start, iv.slice(start, min(end, iv.end))))
-        ranged = not self._sequential(of, off)
-        if len(layers) == 1 and not dirty and layers[0].off <= off and layers[0].end >= end:
-            # The common case: one block piece covers the whole read; no copying around.
-            try:
-                out = await self._piece(layers[0], off, end, ranged)
-            except EfsishError as e:
-                raise FsError(f"read failed: {e}", errno.EIO) from None
-        else:
-            out = await self._assemble(layers, dirty, off, end, ranged)
-        if of.orphan is None and self._nursery is not None:
-            await self._readahead(of, off, end)
-        of.last_read_end = end
-        return out
-
-    async def _extents(self, of: OpenFile, off: int, end: int) -> list[Extent]:
-        """The committed extents of `of` overlapping [off, end), through its cache."""
-        c = of.ext_cache
-        if c is None or off < c[0] or end > c[1]:
-            gen, span_end = of.ext_gen, max(end, off + EXTENT_CACHE_SPAN)
-            exts = await self.meta.read(View.extents, of.ino, off, span_end)
-            if len(exts) > EXTENT_CACHE_MAX:
-                return [e for e in exts if e.off < end and e.end > off]
-            c = (off, span_end, exts)
-            if gen == of.ext_gen:  # nothing changed the file while we asked
-                of.ext_cache = c
-        return [e for e in c[2] if e.off < end and e.end > off]
-
-    async def _assemble(
-        self,
-        layers: list[Extent],
-        dirty: list[tuple[int, bytes]],
-        off: int,
-        end: int,
-        ranged: bool = False,
-    ) -> bytes:
-        """The bytes [off, end) from block pieces laid over each other in layer order
-        (committed, pending oldest to newest), then the dirty bytes (offset, bytes),
-        copied before any wait: newer data wins."""
-        buf = bytearray(end - off)
-        pieces: list[bytes | memoryview | None] = [None] * len(layers)
-
-        async def fetch(i: int, e: Extent) -> None:
-            pieces[i] = await self._piece(e, off, end, ranged)
-
-        try:
-            async with trio.open_nursery() as n:
-                for i, e in enumerate(layers):
-                    n.start_soon(fetch, i, e)
-        except BaseExceptionGroup as eg:
-            raise FsError(f"read failed: {eg.exceptions[0]}", errno.EIO) from None
-        for e, piece in zip(layers, pieces, strict=True):
-            s0 = max(off, e.off)
-            if piece:
-                buf[s0 - off : s0 - off + len(piece)] = piece
-        for s, data in dirty:
-            buf[s - off : s - off + len(data)] = data
-        return bytes(buf)
-
-    def _sequential(self, of: OpenFile, off: int) -> bool:
-        """Whether a read at `off` continues the file's previous read (or starts at 0).
-        The kernel issues its own reads slightly out of order: allow a little slack."""
-        if of.last_read_end < 0:
-            return off == 0
-        slack = min(1024 * 1024, self.block_size)
-        return of.last_read_end - slack <= off <= of.last_read_end + slack
-
-    async def _piece(
-        self, e: Extent, off: int, end: int, ranged: bool = False
-    ) -> bytes | memoryview:
-        """The bytes of extent e inside [off, end): a view into the cached block, not a
-        copy (pyfuse3 replies from any buffer; a sequential reader would otherwise copy
-        every byte once more on the event loop). A `ranged` (random) read of a small part
-        of a block that is nowhere here GETs only the chunks that hold it."""
-        s, e2 = max(off, e.off), min(end, e.end)
-        if e.key is None:
-            return (e.data or b"")[s - e.off : e2 - e.off]
-        k = e.koff + (s - e.off)
-        if ranged and e.crcs and (e2 - s) * 8 <= e.bsize and self.blocks.wants_range(e.key):
-            return await self.blocks.fetch_range(e.key, e.crcs, e.bsize, k, k + (e2 - s))
-        block = await self.blocks.fetch(e.key, e.hash, e.bsize)
-        if k == 0 and e2 - s == len(block):
-            return block
-        return memoryview(block)[k : k + (e2 - s)]
-
-    async def _readahead(self, of: OpenFile, off: int, end: int) -> None:
-        """Adaptive readahead: while a file is read sequentially, keep the next blocks
-        downloading; the window starts at `readahead_blocks` blocks, is topped up each
-        time the reader frees a block's worth of it, and doubles each time, up to
-        `readahead_max_bytes` (bounded further by the verified-block memory budget). A
-        random read resets it: fetch only what is asked. The kernel issues its own reads
-        slightly out of order, so "sequential" allows a little slack around the previous
-        read's end."""
-        if of.last_read_end < 0 or not self._sequential(of, off):
-            of.ra_window, of.ra_end = 0, 0
-            return
-        limit = max(
-            self.block_size, min(self.opts.readahead_max_bytes, self.blocks.memory_bytes // 2)
-        )
-        if of.ra_window == 0:
-            of.ra_window = min(limit, self.opts.readahead_blocks * self.block_size)
-            of.ra_end = end
-        if of.ra_end - end > of.ra_window - self.block_size or of.ra_end >= of.size:
-            return  # not a whole block of room in the window yet
-        if of.ra_end > end:  # the reader keeps going: grow the window
-            of.ra_window = min(limit, of.ra_window * 2)
-        start = max(end, of.ra_end)
-        stop = min(of.size, end + of.ra_window)
-        of.ra_end = stop
-        if start >= stop:
-            return
-        ahead = await self.meta.read(View.extents, of.ino, start, stop)
-        assert self._nursery is not None
-        for e in ahead:
-            if e.key is not None:
-                self.blocks.prefetch(self._nursery, e.key, e.hash, e.bsize)
+        return await self.reader.read(of, off, size)
 
     async def flush(self, fh: int) -> None:
         await self._flush_file(self._file(fh))
@@ -1207,26 +931,7 @@ class Filesystem:
         async with of.flush_lock:
             if of.orphan is not None:
                 return  # unlinked while open: data lives here until the last close
-            before = of.dirty.nbytes
-            for iv in of.dirty.take_all():
-                if of.size <= INLINE_MAX:
-                    data = iv.tobytes()
-                    of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
-                    of.pending[-1].done.set()
-                    continue
-                self._upload_interval(of, iv)
-            self._dirty_total -= before
-            for p in of.pending:
-                if p.failed and p.done.is_set():  # an earlier upload failed: try again
-                    p.failed, p.done = False, trio.Event()
-                    self._dirty_total += p.ext.len
-                    assert self._nursery is not None
-                    self._nursery.start_soon(self._upload, of, p)
-            for p in list(of.pending):
-                await p.done.wait()
-            if of.error is not None:
-                err, of.error = of.error, None
-                raise FsError(f"upload or commit failed: {err}", errno.EIO)
+            await self.writeback.upload_all(of)
             if not of.modified:
                 return
             pend = list(of.pending)
@@ -1249,12 +954,7 @@ class Filesystem:
                 # before these extents. Keep them as layers over it, or reads would
                 # return the snapshot's old bytes.
                 return
-            for k, v in deferred.items():
-                if of.deferred.get(k) == v:
-                    del of.deferred[k]
-            del of.pending[: len(pend)]
-            if not of.pending and not of.dirty:
-                of.modified = False
+            of.committed(pend, deferred)
 
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh, None)
@@ -1271,7 +971,7 @@ class Filesystem:
                 await self._flush_file(of)
         finally:
             if of.opens == 0:
-                self._dirty_total -= of.dirty.nbytes
+                self.budget.drop(of.dirty)
                 del self.files[ino]
                 if self.kernel_refs.get(ino, 0) <= 0:
                     self.ghosts.pop(ino, None)

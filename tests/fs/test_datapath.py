@@ -591,7 +591,7 @@ async def test_a_read_whose_extents_a_commit_overtook_asks_again(
         fh, _ = await fs.open(ino, os.O_RDWR)
         new = os.urandom(100)
         await fs.write(fh, BS + 10, new)
-        extents = fs._extents
+        extents = fs.reader.extents
         asked, go = trio.Event(), trio.Event()
 
         async def held(of: Any, off: int, end: int) -> Any:
@@ -601,7 +601,7 @@ async def test_a_read_whose_extents_a_commit_overtook_asks_again(
                 await go.wait()
             return answer
 
-        fs._extents = held  # type: ignore[method-assign]
+        fs.reader.extents = held  # type: ignore[method-assign]
         got: list[bytes] = []
 
         async def reader() -> None:
