@@ -619,7 +619,7 @@ class Filesystem:
                 return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
             raise
         if size is not None and of is not None:
-            of.dirty.truncate(size)
+            self.budget.truncate(of.dirty, size)
             of.size = size
         if mtime is not None and of is not None:
             of.mtime = mtime
@@ -642,7 +642,7 @@ class Filesystem:
         a = of.orphan.attr
         now = self._now()
         if size is not None:
-            await of.truncate_unlinked(size)
+            await of.truncate_unlinked(size, self.budget)
             if of.ino in self.ghosts:
                 self.ghosts[of.ino] = of.orphan
             of.size = a.size = size

@@ -3,7 +3,7 @@ wait when that is too many.
 
 The budget counts the bytes in every open file's write buffer and in every upload in
 flight (inline data waiting for a commit is small and not counted). It is the only owner
-of that count: buffers change through it (write, take, drop) and uploads report their
+of that count: buffers change through it (write, take, truncate, drop) and uploads report their
 start and end to it; nothing else adjusts the count. Writers wait while the count is over
 the limit (`max_dirty_bytes`), asking the caller to relieve the pressure (start uploads)
 each time round. This module must not do I/O or know about files beyond their buffers.
@@ -61,6 +61,13 @@ class WriteBudget:
         intervals = buf.take_all()
         self._held -= before - buf.nbytes
         return intervals
+
+    def truncate(self, buf: DirtyBuffer, size: int) -> None:
+        """Cut `buf` at file size `size` (ftruncate of a file with unwritten bytes): the
+        bytes past it are forgotten, so they leave the count."""
+        before = buf.nbytes
+        buf.truncate(size)
+        self._held -= before - buf.nbytes
 
     def drop(self, buf: DirtyBuffer) -> None:
         """`buf` goes away with its file (the last close of a file that lives here only)."""

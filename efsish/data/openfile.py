@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 
 import trio
 
+from efsish.data.budget import WriteBudget
 from efsish.data.dirty import DirtyBuffer
 from efsish.meta.view import Attr, Extent
 
@@ -117,7 +118,7 @@ class OpenFile:
         if not self.pending and not self.dirty:
             self.modified = False
 
-    async def truncate_unlinked(self, size: int) -> None:
+    async def truncate_unlinked(self, size: int, budget: WriteBudget) -> None:
         """Drop everything past `size` of a file that lives on its snapshot, from every
         layer a read looks at: the snapshot's extents, uploads not committed (waited for,
         so that none puts its whole extent back afterwards), the write buffer. Extending
@@ -130,4 +131,4 @@ class OpenFile:
             if p.ext.off < size < p.ext.end:
                 p.ext = p.ext.slice(p.ext.off, size)
         self.pending = [p for p in self.pending if p.ext.off < size]
-        self.dirty.truncate(size)
+        budget.truncate(self.dirty, size)

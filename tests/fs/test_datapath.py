@@ -614,3 +614,28 @@ async def test_a_read_whose_extents_a_commit_overtook_asks_again(
             go.set()
         assert got[0] == old[: BS + 10] + new + old[BS + 110 :]
         await fs.release(fh)
+
+
+async def test_truncating_unwritten_bytes_gives_them_back_to_the_write_budget(
+    make_fs: FsFactory,
+) -> None:
+    """ftruncate cuts bytes out of a file's write buffer; they must leave the mount's
+    count of unwritten bytes too. They did not: the count only grew, and once it passed
+    max_dirty_bytes every writer on the mount waited for ever. Both places that cut a
+    buffer: a file that lives in the log, and one another mount unlinked (it lives here)."""
+    a, b = await make_fs(), await make_fs()
+    ino = await write_file(a, ROOT_INO, b"f", b"x" * 10)
+    fh, _ = await a.open(ino, os.O_RDWR)
+    await a.write(fh, 0, b"y" * 1000)
+    assert a.budget.held == 1000
+    await a.setattr(ino, ROOT, size=0, fh=fh)
+    assert a.budget.held == 0
+    await a.write(fh, 0, b"z" * 500)
+    await b.unlink(ROOT_INO, b"f")
+    await a.flush(fh)  # finds the file gone: it now lives on A's snapshot
+    await a.write(fh, 0, b"w" * 700)
+    assert a.budget.held == 700
+    await a.setattr(ino, ROOT, size=0, fh=fh)
+    assert a.budget.held == 0
+    await a.release(fh)
+    assert a.budget.held == 0
