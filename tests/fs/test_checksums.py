@@ -24,8 +24,7 @@ from efsish.meta.superblock import (
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.memory import MemoryStore
-from tests.fs.test_datapath import BS, mounted, read_sequentially
-from tests.fs.test_posix import write_file
+from tests.fs.helpers import BS, mounted, read_sequentially, write_file
 
 
 async def block_hashes(store: ObjectStore, sb: Superblock, cache: Path, data: bytes) -> list[str]:

@@ -8,8 +8,6 @@ import errno
 import os
 import sqlite3
 import time
-from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
 
@@ -20,50 +18,17 @@ from efsish.codec import CRC_CHUNK
 from efsish.data.blocks import BlockIO
 from efsish.data.cache import BlockCache
 from efsish.errors import FsError
-from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import Superblock, format_fs
 from efsish.meta.view import ROOT_INO, Extent, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from efsish.store.memory import MemoryStore
 from tests.fs.conftest import FsFactory
-from tests.fs.test_posix import ROOT, read_file, write_file
-
-BS = 64 * 1024  # the block size of the fs fixtures
+from tests.fs.helpers import BS, ROOT, mounted, read_file, read_sequentially, write_file
 
 
 def data_gets(store: FaultyStore) -> list[str]:
     return [k for op, k in store.requests if op == "get" and k.startswith("data/")]
-
-
-@asynccontextmanager
-async def mounted(
-    store: ObjectStore, sb: Superblock, cache_dir: Path, **opts: object
-) -> AsyncIterator[Filesystem]:
-    """A Filesystem that is shut down and stopped (its tasks cancelled) on exit, so the
-    next one can reuse its cache directory: a restart of the mount."""
-    async with trio.open_nursery() as n:
-        fs = Filesystem(store, sb, Options(cache_dir=cache_dir, poll_interval=3600, **opts))  # type: ignore[arg-type]
-        await fs.start(n)
-        try:
-            yield fs
-        finally:
-            await fs.shutdown()
-            await fs.meta.aclose()
-            n.cancel_scope.cancel()
-
-
-async def read_sequentially(fs: Filesystem, ino: int, chunk: int = 16 * 1024) -> bytes:
-    fh, _ = await fs.open(ino, os.O_RDONLY)
-    out = bytearray()
-    try:
-        while True:
-            piece = await fs.read(fh, len(out), chunk)
-            if not piece:
-                return bytes(out)
-            out += piece
-    finally:
-        await fs.release(fh)
 
 
 async def test_cache_survives_restart_and_serves_reads_without_network(

@@ -37,7 +37,7 @@ from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from tests.fs.conftest import FsFactory
-from tests.fs.test_log import fsck
+from tests.fs.helpers import fsck
 
 ROOT = Ctx(0, 0)
 KiB = 1024

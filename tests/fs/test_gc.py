@@ -20,8 +20,7 @@ from efsish.meta.superblock import SUPERBLOCK_KEY, Superblock
 from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.memory import MemoryStore
-from tests.fs.test_log import fsck
-from tests.fs.test_posix import read_file, write_file
+from tests.fs.helpers import fsck, read_file, write_file
 
 ROOT = Ctx(0, 0)
 

@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import errno
-import io
 import os
 import random
 import stat
@@ -16,7 +15,6 @@ import trio
 from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
-from efsish.fsck import run_fsck
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, log_key
 from efsish.meta.ops import Extent, Mk, Op, Write
 from efsish.meta.planning import PlanContext
@@ -25,21 +23,13 @@ from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from efsish.store.memory import MemoryStore
-from tests.fs.test_posix import read_file, write_file
-
-ROOT = Ctx(0, 0)
+from tests.fs.helpers import ROOT, fsck, read_file, write_file
 
 
 def _plan_create_x(view: View, ctx: PlanContext) -> tuple[list[Op], int]:
     """A planner that creates the regular file "x" in the root (for MetaLog alone)."""
     ino = ctx.alloc_ino(view)
     return [Mk(ino, ROOT_INO, b"x", stat.S_IFREG | 0o644, 0, 0, 1)], ino
-
-
-async def fsck(store: ObjectStore) -> tuple[int, str]:
-    out = io.StringIO()
-    code = await run_fsck(store, progress=False, out=out)
-    return code, out.getvalue()
 
 
 async def test_same_name_on_two_mounts_exactly_one_wins(make_fs, store) -> None:

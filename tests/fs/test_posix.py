@@ -23,25 +23,7 @@ from efsish.meta.ops import Op, SetXattr
 from efsish.meta.planning import PlanContext
 from efsish.meta.view import ROOT_INO, View
 from tests.fs.conftest import FsFactory
-
-ROOT = Ctx(0, 0)
-
-
-async def write_file(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
-    fh, attr = await fs.create(parent, name, 0o644, os.O_WRONLY, ROOT)
-    await fs.write(fh, 0, data)
-    await fs.flush(fh)
-    await fs.release(fh)
-    return attr.ino
-
-
-async def read_file(fs: Filesystem, ino: int) -> bytes:
-    fh, _ = await fs.open(ino, os.O_RDONLY)
-    try:
-        size = (await fs.getattr(ino)).size
-        return bytes(await fs.read(fh, 0, size + 10))
-    finally:
-        await fs.release(fh)
+from tests.fs.helpers import ROOT, read_file, write_file
 
 
 def errno_of(exc: pytest.ExceptionInfo[FsError]) -> int:
