@@ -22,7 +22,14 @@ import zstandard
 from efsish.errors import CorruptObject
 
 MAGIC = b"EFSISH\x01"
-KINDS = {b"S": "superblock", b"L": "log", b"C": "checkpoint", b"H": "heartbeat", b"T": "throughput"}
+KINDS = {
+    b"S": "superblock",
+    b"L": "log",
+    b"C": "checkpoint",
+    b"H": "heartbeat",
+    b"T": "throughput",
+    b"N": "nudge key",  # secrets/nudge, owned by efsish.meta.nudge
+}
 _HDR = len(MAGIC) + 1 + 16
 
 # zstandard's (de)compressor objects are not thread-safe, and objects are encoded both on

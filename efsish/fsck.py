@@ -24,7 +24,7 @@ from tqdm import tqdm
 from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import EfsishError, NotFound
-from efsish.meta import heartbeat
+from efsish.meta import heartbeat, nudge
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX
 from efsish.meta.log import MetaLog
 from efsish.meta.superblock import SUPERBLOCK_KEY, load_superblock
@@ -41,6 +41,7 @@ KNOWN_PREFIXES = (
     CKPT_PREFIX,
     DATA_PREFIX,
     heartbeat.PREFIX,
+    nudge.PREFIX,
     "throttle/",
     ".efsish-probe/",
 )

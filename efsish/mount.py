@@ -34,6 +34,7 @@ import trio.lowlevel
 
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
+from efsish.meta import nudge
 from efsish.meta.superblock import load_superblock
 from efsish.procs import pid_alive, start_time
 from efsish.store import StoreOptions, open_store
@@ -58,6 +59,7 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "readahead": ("SIZE", "a size from 0 to 1G, e.g. 1M"),
     "noatime": ("", ""),
     "debug": ("", ""),
+    "nudge": ("auto|off|HOST:PORT", "auto, off, or the HOST:PORT other mounts nudge this one at"),
 }
 KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
@@ -107,6 +109,7 @@ class MountConfig:
     readahead: int = 1024 * 1024  # the kernel's readahead for this mount (its BDI)
     atime: bool = True  # relatime; noatime turns access-time updates off
     log_level: int = logging.INFO  # the daemon's log; -o debug or `efsish -v mount` lower it
+    nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): parsed now, used with leases
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -221,6 +224,9 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
         cfg.atime = False
     elif key == "debug":
         cfg.log_level = logging.DEBUG
+    elif key == "nudge":
+        nudge.parse_option(value)  # ValueError if malformed
+        cfg.nudge = value
     else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
         raise AssertionError(key)
 

@@ -49,6 +49,7 @@ class Heartbeat:
     held: list[str] = field(default_factory=list)  # blocks it may read that the log dropped
     metered_total: float = 0.0  # bytes metered by its throttle since it started
     started: int = 0  # ns
+    nudge: str | None = None  # "host:port" it takes nudges on (efsish.meta.nudge), if any
 
     def age(self, now_ns: int | None = None) -> float:
         """Seconds since it was written, by the reader's wall clock."""
@@ -70,6 +71,7 @@ class Heartbeat:
             "metered_total": self.metered_total,
             "t": self.t,
             "started": self.started,
+            "nudge": self.nudge,
         }
 
     @classmethod
@@ -89,6 +91,7 @@ class Heartbeat:
                 held=[str(k) for k in d.get("held", [])],
                 metered_total=float(d.get("metered_total", 0.0)),
                 started=int(d.get("started", 0)),
+                nudge=None if d.get("nudge") is None else str(d["nudge"]),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptObject(f"malformed heartbeat: {e!r}") from None

@@ -106,6 +106,11 @@ class ObjectStore(abc.ABC):
         Format and mount look for a filesystem there (filesystems must not nest)."""
         return []
 
+    def endpoint_host(self) -> str | None:
+        """The network host this store's requests go to, or None for a store on this
+        machine (file://, memory://). Nudges listen on the local address that reaches it."""
+        return None
+
     async def check(self) -> None:  # noqa: B027 - optional hook with a default
         """Verify the store is reachable and usable; raise StoreConfigError if not."""
 

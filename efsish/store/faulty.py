@@ -108,5 +108,8 @@ class FaultyStore(ObjectStore):
     def enclosing(self) -> Sequence[ObjectStore]:
         return self.inner.enclosing()
 
+    def endpoint_host(self) -> str | None:
+        return self.inner.endpoint_host()
+
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -18,6 +18,7 @@ import logging
 import os
 import random
 import threading
+import urllib.parse
 import uuid
 import zlib
 from collections.abc import AsyncIterator, Callable, Sequence
@@ -230,6 +231,10 @@ class S3Store(ObjectStore):
 
     def _unk(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
+
+    def endpoint_host(self) -> str | None:
+        # boto3's endpoint_url is the AWS regional endpoint when none is configured.
+        return urllib.parse.urlsplit(self.endpoint or self._client.meta.endpoint_url).hostname
 
     def _where(self) -> str:
         return f"s3://{self.bucket} at {self.endpoint or 'the default AWS endpoint'}"

@@ -13,8 +13,9 @@ from pathlib import Path
 import pytest
 
 from efsish.meta.keys import log_key
-from efsish.mount import _registry_file
+from efsish.mount import MountConfig, _registry_file, apply_mount_options
 from efsish.procs import pid_alive
+from efsish.store import StoreOptions
 from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted
 
 
@@ -87,6 +88,10 @@ def test_truncated_log_entry_and_foreign_objects(mounter) -> None:
         "prometheus_port=-1",
         "attr_timeout",
         "ro=1",
+        "nudge",
+        "nudge=bogus",
+        "nudge=0.0.0.0:7000",
+        "nudge=127.0.0.1:70000",
     ],
 )
 def test_bad_mount_option_values_are_refused(tmp_path: Path, option: str) -> None:
@@ -109,3 +114,14 @@ def test_bad_mount_option_values_are_refused(tmp_path: Path, option: str) -> Non
         if is_mounted(mp):
             efsish("umount", str(mp), check=False)
         force_unmount(mp, pid)
+
+
+def test_the_nudge_option_is_parsed_and_kept() -> None:
+    def parsed(*opts: str) -> MountConfig:
+        cfg = MountConfig("memory://x", "/mnt", StoreOptions(), Path("/tmp/c"))
+        apply_mount_options(cfg, list(opts))
+        return cfg
+
+    assert parsed().nudge == "auto"
+    for value in ("off", "auto", "192.0.2.1:7000", "[::1]:0", "host.example:7000"):
+        assert parsed(f"nudge={value}").nudge == value

@@ -26,11 +26,14 @@ def test_a_heartbeat_round_trips_and_an_old_minimal_one_decodes() -> None:
         held=["data/x"],
         metered_total=3.5,
         started=1,
+        nudge="192.0.2.7:40123",
     )
     assert Heartbeat.unwire(hb.wire()) == hb
     # The fields the first heartbeats carried; everything else takes its default.
     old = Heartbeat.unwire({"client": "c2", "applied_seq": 7, "t": 10, "future": [1]})
     assert (old.client, old.applied_seq, old.t, old.held, old.starving) == ("c2", 7, 10, [], False)
+    assert old.nudge is None  # written before nudges, or by a mount with nudge=off
+    assert Heartbeat.unwire({**hb.wire(), "nudge": None}).nudge is None
     with pytest.raises(CorruptObject, match="malformed heartbeat"):
         Heartbeat.unwire({"client": "c3"})  # no time: its age cannot be told
 
