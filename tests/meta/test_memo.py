@@ -5,35 +5,16 @@ from __future__ import annotations
 
 import stat
 from collections.abc import Awaitable, Callable
-from pathlib import Path
 from typing import TypeVar
 
-import pytest
-
 from efsish.meta.memo import Memo
-from efsish.meta.ops import Mk, Op, SetAttr, SetXattr
-from efsish.meta.view import ROOT_INO, ApplyResult, View
+from efsish.meta.ops import Mk, SetAttr, SetXattr
+from efsish.meta.view import ROOT_INO, View
+from tests.meta.views import T0, apply
 
 T = TypeVar("T")
-T0 = 1_700_000_000_000_000_000
 REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
-
-
-@pytest.fixture
-def view(tmp_path: Path) -> View:
-    v = View(tmp_path / "view.db")
-    v.init_root("uuid", T0)
-    return v
-
-
-def apply(view: View, *ops: Op) -> ApplyResult:
-    res = ApplyResult()
-    view.begin()
-    for op in ops:
-        view.apply_op(op, res)
-    view.commit()
-    return res
 
 
 class Reads:

@@ -8,7 +8,6 @@ and encode back to the same object, or a filesystem formatted earlier stops moun
 from __future__ import annotations
 
 import stat
-from pathlib import Path
 from typing import Any
 
 import pytest
@@ -31,9 +30,9 @@ from efsish.meta.ops import (
     Write,
     decode_op,
 )
-from efsish.meta.view import FIRST_FREE_INO, ROOT_INO, ApplyResult, View
+from efsish.meta.view import FIRST_FREE_INO, ROOT_INO, View
+from tests.meta.views import T0, apply
 
-T0 = 1_700_000_000_000_000_000
 REG = stat.S_IFREG | 0o644
 DIR = stat.S_IFDIR | 0o755
 
@@ -172,22 +171,6 @@ def test_a_log_entry_round_trips_through_its_envelope() -> None:
 
 
 # ---------------------------------------------------------------- applying to a view
-
-
-@pytest.fixture
-def view(tmp_path: Path) -> View:
-    v = View(tmp_path / "view.db")
-    v.init_root("uuid", T0)
-    return v
-
-
-def apply(view: View, *ops: Op) -> ApplyResult:
-    res = ApplyResult()
-    view.begin()
-    for op in ops:
-        view.apply_op(op, res)
-    view.commit()
-    return res
 
 
 def test_mk_ln_rm_keep_names_and_link_counts(view: View) -> None:
