@@ -11,12 +11,13 @@ the clock, randomness or anything local, and must not import trio.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from efsish.errors import CorruptObject
+from efsish.errors import CorruptObject, FsError
 from efsish.meta import domains
 from efsish.meta.domains import TOP, Domain
 from efsish.meta.ops import (
@@ -96,6 +97,18 @@ class _Fence(Exception):
         self.fencing = Fencing(rule, reason)
 
 
+class LeaseLost(FsError):
+    """The view holds journaled changes of a domain this incarnation no longer holds
+    (a takeover, a newer incarnation of the client), or an entry of ours was fenced:
+    the mount stops before applying that entry (recovery, LEASES.md §10)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, errno.EIO)
+
+
+Fence = _Fence  # raised by apply_leased_op when the entry must be fenced
+
+
 def apply_leased_entry(view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
     """Apply a lease-era entry, in a savepoint: all of it, or (fenced) none of it."""
     r = type(res)()
@@ -160,6 +173,9 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
         if isinstance(op, ClaimInodes) and entry.journaled:
             raise CorruptObject("an inode claim in a journaled entry")
         touched, movers = _touches(view, op)
+        if entry.journaled and TOP in touched:
+            # The top is never leased: a change there must be planned against the head.
+            raise _Fence(FENCE_NOT_HELD, "a journaled entry changes the top")
         for d in sorted(x for x in touched if x is not TOP):
             _check_domain(view, d, entry)
         roots_before = _roots_in(view, movers)
@@ -182,6 +198,14 @@ def _roots_in(view: View, dirs: list[int]) -> set[int]:
         if attr is not None and attr.is_dir:
             roots |= domains.roots_in(view, d)
     return roots
+
+
+def touches(view: View, op: Op) -> set[Domain]:
+    """The domains (TOP included) a namespace op changes rows of, computed before it
+    applies: what an entry holding it must claim (LEASES.md §4)."""
+    if isinstance(op, LEASE_OPS):
+        return set()
+    return _touches(view, op)[0]
 
 
 def _touches(view: View, op: Op) -> tuple[set[Domain], list[int]]:
@@ -377,3 +401,42 @@ def _set_holder(view: View, d: int, holder: Holder | None, res: ApplyResult) -> 
     )
     view.db.execute("DELETE FROM recalls WHERE domain = ?", (d,))
     res.leases.add(d)
+
+
+def judge_own_journaled(view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
+    """Judge this mount's own journaled `entry` at `seq`, whose namespace ops the view
+    already holds (applied when they were journaled): the same verdict as
+    `apply_leased_entry` gives on every other replayer, without applying those ops
+    twice. Its claims are exactly the domains its ops touch (the writer computed them
+    with `touches`), so the entry applies there iff the incarnation is not fenced and
+    every claimed domain is held by the writer at the claimed epoch; its lease ops
+    (an answer to a recall, a release) are applied as anywhere else."""
+    r = type(res)()
+    view.cur_seq, view.cur_t = seq, entry.t
+    view.savepoint("lease_entry")
+    try:
+        _check_incarnation(view, entry)
+        for d, epoch in sorted((entry.claims or {}).items()):
+            holder, current = view.lease(d)
+            if holder != (entry.client, entry.inc) or current != epoch:
+                who = "FREE" if holder is None else f"held by {holder[0]}/{holder[1]}"
+                raise _Fence(FENCE_NOT_HELD, f"domain {d} is {who} at epoch {current}")
+        for op in entry.ops:
+            if isinstance(op, LEASE_OPS):
+                _apply_lease_op(view, op, entry, r)
+    except _Fence as f:
+        fencing = f.fencing
+    except (CorruptObject, sqlite3.IntegrityError) as e:
+        fencing = Fencing(FENCE_OP_FAILED, str(e))
+    else:
+        view.release("lease_entry")
+        res.merge(r)
+        return
+    view.rollback_to("lease_entry")
+    res.fenced = fencing
+    assert entry.inc is not None
+    if view.open_fencing(entry.client, entry.inc) is None:
+        view.db.execute(
+            "INSERT INTO fenced (client, inc, first_seq, reason) VALUES (?, ?, ?, ?)",
+            (entry.client, entry.inc, seq, str(fencing)),
+        )

@@ -473,3 +473,11 @@ def test_a_top_directory_moved_to_another_depth_touches_the_roots_under_it(
     q, res = put(v, sync("A", 1, Mv(ROOT_INO, b"users", 11, b"users", T0), claims={20: pa}))
     assert res.fenced is None
     assert v.lease(20) == (None, q) and v.lease(10) == (None, q)  # users became a root
+
+
+def test_a_journaled_entry_that_changes_the_top_is_fenced(view: View) -> None:
+    # The top is never leased: two holders could otherwise both journal one name there.
+    p = acquire(view, "A", ALICE)
+    _, res = put(view, jour("A", 1, Mk(30, ROOT_INO, b"newtop", REG, 0, 0, T0), claims={ALICE: p}))
+    assert res.fenced is not None and res.fenced.rule == FENCE_NOT_HELD
+    assert view.lookup(ROOT_INO, b"newtop") is None
