@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
@@ -49,16 +49,19 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
-from efsish.meta import checkpoints
+from efsish.meta import checkpoints, journal, leasing
 from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
 from efsish.meta.memo import Fresh, Memo
-from efsish.meta.ops import LogEntry
-from efsish.meta.planning import Outcome, Plan, Planner, plan_batch
+from efsish.meta.ops import LogEntry, Op
+from efsish.meta.planning import Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
+
+if TYPE_CHECKING:
+    from efsish.meta.leases import Leases as LeaseHooks
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,9 @@ class MetaLog:
         self.sb = sb
         self.db_path = Path(db_path)
         self.client_id = client_id or uuid.uuid4().hex[:16]
+        # The lease protocol's per-mount state (efsish.meta.leases), on a format-3
+        # filesystem; None: every change is committed on its own, as before leases.
+        self.leases: LeaseHooks | None = None
         self.on_apply = on_apply or (lambda res, remote: None)
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
@@ -163,16 +169,22 @@ class MetaLog:
 
     def _open_local(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        view = View(self.db_path)
+        view = self._view()
         uuid_ = view.get_meta("fs_uuid")
         if uuid_ is not None and uuid_ != self.sb.fs_uuid:
             log.warning("cache %s belongs to another filesystem; discarding it", self.db_path)
             view.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.db_path) + suffix).unlink(missing_ok=True)
-            view = View(self.db_path)
+            view = self._view()
         self.writer = view
-        self.reader = View(self.db_path)
+        self.reader = self._view()
+
+    def _view(self) -> View:
+        view = View(self.db_path, lease_depth=self.sb.lease_depth)
+        if self.leases is not None:
+            journal.ensure(view)
+        return view
 
     async def _load_initial(self) -> None:
         """Fill an empty view from the newest checkpoint, or create the root."""
@@ -198,8 +210,8 @@ class MetaLog:
         self.writer.close()
         self.reader.close()
         checkpoints.install(data, seq, what, self.db_path, self.sb.fs_uuid)
-        self.writer = View(self.db_path)
-        self.reader = View(self.db_path)
+        self.writer = self._view()
+        self.reader = self._view()
         self.memo.forget_all()
 
     async def aclose(self) -> None:
@@ -293,6 +305,10 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
+        if self.leases is not None and res.leases:
+            # On the trio thread, under the write lock, with no hop running: the
+            # writer's state (our own answered entry's open transaction included).
+            self.leases.refresh(self.writer)
         self.on_apply(res, remote)
 
     @property
@@ -316,9 +332,11 @@ class MetaLog:
         first: tuple[int, bytes] | None = None
         if not check_trimmed:
             seq = self._seq + 1
+            sent = self._lease_clock()
             try:
                 first = (seq, await self.store.get(log_key(seq)))
             except NotFound:
+                self._renewed(sent)
                 return 0
         async with self._writer_lock():
             if self._catchups_done_from > ticket and not check_trimmed:
@@ -338,9 +356,11 @@ class MetaLog:
             if first is not None and first[0] == seq:
                 blob = first[1]
             else:
+                sent = self._lease_clock()
                 try:
                     blob = await self.store.get(log_key(seq))
                 except NotFound:
+                    self._renewed(sent)
                     if applied == 0 and check_trimmed:
                         await self._check_trimmed(seq)
                     return applied
@@ -380,7 +400,10 @@ class MetaLog:
             res = ApplyResult()
             self.writer.begin()
             try:
-                self.writer.apply_entry(seq, entry, res)
+                if self.leases is not None:
+                    self.leases.apply_remote(self.writer, seq, entry, res)
+                else:
+                    self.writer.apply_entry(seq, entry, res)
                 self.writer.commit()
             except BaseException:
                 self.writer.rollback()
@@ -398,6 +421,12 @@ class MetaLog:
                     return await self._apply_remote(seq, blob2, again=True)
             self.broken = str(e)
             log.error("cannot apply the metadata log: %s", e)
+            raise
+        except leasing.LeaseLost as e:
+            # Stopped before this entry: the view holds journaled changes it would
+            # make wrong (LEASES.md §10).
+            assert self.leases is not None
+            self.leases.fenced_at(seq, str(e))
             raise
         except sqlite3.Error as e:  # e.g. a full or failing disk under the cache dir
             raise FsError(f"cannot update the metadata view in {self.db_path}: {e}") from e
@@ -529,7 +558,15 @@ class MetaLog:
                     await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
                     self._deliver(batch, outcomes)
                     return False
+                if self.leases is not None and self.journal_rows:
+                    # A sync change comes after the journal in the log (the order
+                    # this mount answered them): flush first, then plan it again.
+                    await self._rollback()
+                    self.inodes.restore(saved_range)
+                    await self._flush_locked()
+                    continue
                 sent = True
+                put_at = self._lease_clock()
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
@@ -571,6 +608,7 @@ class MetaLog:
             self._settling = trio.Event()
             self._answered += 1
             self._applied(res, False, fresh)
+            self._renewed(put_at)
             self._deliver(batch, outcomes)
             return True
         raise TransientStoreError(
@@ -677,7 +715,8 @@ class MetaLog:
             self._hop_settled = settle
         view.begin()
         try:
-            plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id)
+            header = None if self.leases is None else self.leases.header()
+            plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id, header)
             # What the entry changed, as it will be once committed (for the memo).
             return plan, None if plan.blob is None else self._fresh(plan.res)
         except BaseException:
@@ -703,6 +742,152 @@ class MetaLog:
             p.result, p.error = result, error
             p.done.set()
 
+    # ------------------------------------------------------------------ leases (§6)
+
+    journal_rows = 0  # rows in the local journal (lease mode; kept by the lease code)
+
+    def _lease_clock(self) -> float:
+        return 0.0 if self.leases is None else self.leases.clock()
+
+    def _renewed(self, sent: float) -> None:
+        """A GET that returned 404 (or a PUT that landed) was sent at lease-clock time
+        `sent` with every earlier entry applied: no recall had landed by then."""
+        if self.leases is not None:
+            self.leases.renewed(sent)
+
+    async def submit_local(
+        self, planner: Planner[T], ok: frozenset[int]
+    ) -> tuple[T, frozenset[int]] | None:
+        """Plan `planner` against the view as a journaled change: if every op touches
+        only domains in `ok` (held, valid, not recalled) it is applied and appended to
+        the journal in one SQLite transaction, committed before this returns (result,
+        domains touched). None: not a local change (another domain, the top, an inode
+        range claim, an error to be judged against the head): commit it as a sync one."""
+        if self.read_only:
+            raise FsError("read-only mount", errno.EROFS)
+        if self.broken:
+            raise FsError(f"metadata log unusable: {self.broken}")
+        leases = self.leases
+        assert leases is not None
+        async with self._writer_lock():
+            if self.broken:
+                raise FsError(f"metadata log unusable: {self.broken}")
+            saved = self.inodes.save()
+            try:
+                out = await trio.to_thread.run_sync(
+                    self._plan_local, planner, ok, limiter=self._wlimiter
+                )
+            except BaseException:
+                self.inodes.restore(saved)
+                raise
+            if out is None:
+                self.inodes.restore(saved)
+                return None
+            result, doms, res, fresh, nrows = out
+            self.journal_rows += nrows
+            self.commits += 1
+            self._answered += 1
+            self._applied(res, False, fresh)
+        return result, doms
+
+    def _plan_local(
+        self, planner: Planner[T], ok: frozenset[int]
+    ) -> tuple[T, frozenset[int], ApplyResult, Fresh | None, int] | None:
+        leases = self.leases
+        assert leases is not None
+        view = self.writer
+        view.begin()
+        try:
+            view.cur_seq, view.cur_t = self._seq + 1, 0
+            ctx = PlanContext(self.inodes)
+            prov = leases.journaled_entry(view)
+            try:
+                ops, result = planner(view, ctx)
+            except FsError:
+                view.rollback()
+                return None
+            if ctx.extra or not ops:
+                view.rollback()
+                return None
+            res = ApplyResult()
+            doms: set[int] = set()
+            for op in ops:
+                touched = leasing.touches(view, op)
+                if not touched or not touched <= ok:
+                    view.rollback()
+                    return None
+                doms |= {d for d in touched if d is not None}
+                try:
+                    leasing.apply_leased_op(view, op, prov, res)
+                except (leasing.Fence, CorruptObject):
+                    view.rollback()
+                    return None
+            if ctx.after is not None:
+                result = ctx.after(view)
+            journal.append(view, self.client_id, ops, doms, ctx.now_ns, leases.clock())
+            fresh = self._fresh(res)
+            view.commit()
+        except BaseException:
+            view.rollback()
+            raise
+        return result, frozenset(doms), res, fresh, len(ops)
+
+    async def flush(self, extra: list[Op] | None = None) -> None:
+        """Commit the journal to the log (LEASES.md §6.3), with `extra` lease ops (the
+        answer to a recall, releases) after it in the last entry."""
+        async with self._writer_lock():
+            await self._flush_locked(extra)
+
+    async def _flush_locked(self, extra: list[Op] | None = None) -> None:
+        leases = self.leases
+        assert leases is not None
+        if self.read_only:
+            return
+        while True:
+            if self.broken:
+                raise FsError(f"metadata log unusable: {self.broken}")
+            entries = await trio.to_thread.run_sync(
+                leases.flush_entries, self.writer, extra, limiter=self._wlimiter
+            )
+            if not entries:
+                return
+            entry = entries[0]
+            last = len(entries) == 1
+            blob = journal.encode(entry)
+            seq = self._seq + 1
+            put_at = self._lease_clock()
+            try:
+                await self._put_entry(seq, blob)
+            except PreconditionFailed:
+                # Another entry took the position (or a lost answer of ours landed
+                # there: the catch-up recognises it by its label and drops its rows).
+                await self._catch_up_locked()
+                continue
+
+            def record(entry: LogEntry = entry, seq: int = seq) -> tuple[ApplyResult, int]:
+                res = ApplyResult()
+                self.writer.begin()
+                try:
+                    leases.apply_own(self.writer, seq, entry, res)
+                    self.writer.commit()
+                except BaseException:
+                    self.writer.rollback()
+                    raise
+                return res, journal.stats(self.writer)[0]
+
+            with trio.CancelScope(shield=True):
+                res, left = await trio.to_thread.run_sync(record, limiter=self._wlimiter)
+            self._seq = seq
+            self.entries_written += 1
+            self.journal_rows = left
+            self._applied(res, False, None)
+            if res.fenced is not None:
+                leases.fenced_at(seq, str(res.fenced))
+                raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)
+            self._renewed(put_at)
+            if last:
+                return
+
     # ------------------------------------------------------------------- checkpoints
 
     async def maybe_checkpoint(self) -> bool:
@@ -710,6 +895,8 @@ class MetaLog:
             return False  # the mounts that write checkpoint the log
         if self.applied_seq - self.last_checkpoint < self.checkpoint_every:
             return False
+        if self.journal_rows:
+            return False  # the view holds changes that are not in the log yet
         await self.write_checkpoint()
         return True
 
@@ -718,6 +905,8 @@ class MetaLog:
         if self.read_only:
             raise FsError("read-only mount: no checkpoints", errno.EROFS)
         async with self._writer_lock():
+            if self.journal_rows:
+                raise FsError("the view holds changes not in the log yet: no checkpoint")
             seq, data = await trio.to_thread.run_sync(
                 checkpoints.snapshot, self.writer, self.db_path.parent, limiter=self._wlimiter
             )

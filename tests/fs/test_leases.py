@@ -1,0 +1,294 @@
+"""The lease mode (docs/design/LEASES.md) below FUSE: in-process mounts of a format-3
+filesystem on a shared memory store, each behind a FaultyStore that counts (and can
+hang) its requests."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+import pytest
+import trio
+
+from efsish import codec
+from efsish.errors import FsError
+from efsish.filesystem import Ctx, Filesystem, Options
+from efsish.fsck import run_fsck
+from efsish.meta.keys import LOG_PREFIX, log_key
+from efsish.meta.ops import LogEntry
+from efsish.meta.superblock import Superblock, format_fs, load_superblock
+from efsish.meta.view import ROOT_INO
+from efsish.store import ObjectStore
+from efsish.store.faulty import FaultPlan, FaultyStore
+from efsish.store.memory import MemoryStore
+
+ROOT = Ctx(0, 0)
+LEASE_TIME = 0.5
+
+
+class Clock:
+    """A lease clock a test can move: the real monotonic clock plus an offset."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return trio.current_time() + self.offset
+
+
+@pytest.fixture
+async def store() -> ObjectStore:
+    return MemoryStore(f"lease-{uuid.uuid4().hex}")
+
+
+@pytest.fixture
+async def sb(store: ObjectStore) -> Superblock:
+    return await format_fs(store, block_size=64 * 1024, leases=True, lease_time=LEASE_TIME)
+
+
+class Mount:
+    def __init__(self, fs: Filesystem, counted: FaultyStore, scope: trio.CancelScope) -> None:
+        self.fs = fs
+        self.store = counted
+        self.scope = scope
+
+    def log_puts(self) -> int:
+        return sum(
+            1
+            for op, key in self.store.requests
+            if op == "put_if_absent" and key.startswith(LOG_PREFIX)
+        )
+
+
+Make = Callable[..., Awaitable[Mount]]
+
+
+@pytest.fixture
+def make(nursery: trio.Nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> Make:
+    counter = [0]
+
+    async def make(cache: str | None = None, **opts: object) -> Mount:
+        counter[0] += 1
+        name = cache or f"cache{counter[0]}"
+        opts.setdefault("cache_dir", tmp_path / name)
+        opts.setdefault("poll_interval", 0.05)
+        opts.setdefault("commit_interval", 0.3)
+        opts.setdefault("cache_locked", True)
+        opts.setdefault("heartbeat_interval", 3600)
+        counted = FaultyStore(store)
+        fs = Filesystem(counted, await load_superblock(store), Options(**opts))  # type: ignore[arg-type]
+        scope = trio.CancelScope()
+        started = trio.Event()
+
+        async def run() -> None:
+            with scope:
+                async with trio.open_nursery() as n:
+                    await fs.start(n)
+                    started.set()
+                    await trio.sleep_forever()
+
+        nursery.start_soon(run)
+        await started.wait()
+        return Mount(fs, counted, scope)
+
+    return make
+
+
+async def mkdir(fs: Filesystem, parent: int, name: bytes) -> int:
+    return (await fs.mkdir(parent, name, 0o755, ROOT)).ino
+
+
+async def write_file(fs: Filesystem, parent: int, name: bytes, data: bytes) -> int:
+    fh, attr = await fs.create(parent, name, 0o644, os.O_WRONLY, ROOT)
+    await fs.write(fh, 0, data)
+    await fs.release(fh)
+    return attr.ino
+
+
+async def read_file(fs: Filesystem, parent: int, name: bytes) -> bytes:
+    attr = await fs.lookup(parent, name)
+    fh, _ = await fs.open(attr.ino, os.O_RDONLY)
+    try:
+        return bytes(await fs.read(fh, 0, 1 << 20))
+    finally:
+        await fs.release(fh)
+
+
+async def entries(store: ObjectStore) -> list[LogEntry]:
+    out: list[LogEntry] = []
+    seq = 1
+    while True:
+        try:
+            blob = await store.get(log_key(seq))
+        except Exception:
+            return out
+        out.append(LogEntry.unwire(codec.decode_json(b"L", blob, "log")))
+        seq += 1
+
+
+async def test_format_3_writes_the_superblock_and_fmt_entry(
+    store: ObjectStore, sb: Superblock
+) -> None:
+    loaded = await load_superblock(store)
+    assert loaded.leases and loaded.format_version == 3
+    assert loaded.lease_depth == 1 and loaded.lease_time == LEASE_TIME
+    (first,) = await entries(store)
+    assert [op.wire()["o"] for op in first.ops] == ["fmt"]
+
+
+async def test_a_serial_workload_costs_one_put_per_commit_interval(make: Make) -> None:
+    a = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")  # the top: a sync change
+    await write_file(a.fs, home, b"first", b"x")  # acquires the domain (lacq + create)
+    before = a.log_puts()
+    start = trio.current_time()
+    for i in range(200):
+        name = b"f%d" % i
+        await write_file(a.fs, home, name, b"data %d" % i)
+        if i % 2:
+            await a.fs.unlink(home, name)
+    elapsed = trio.current_time() - start
+    puts = a.log_puts() - before
+    # One PUT per commit_interval (0.3 s), not one per change (~500 changes here).
+    assert puts <= elapsed / 0.3 + 2, (puts, elapsed)
+    assert a.fs.meta.journal_rows > 0 or puts > 0
+    await a.fs.leases.sync()  # type: ignore[union-attr]
+    assert a.fs.meta.journal_rows == 0
+    kinds = {e.kind for e in await entries(a.store)}
+    assert "journaled" in kinds
+
+
+async def test_close_to_open_and_lookup_across_mounts_while_held(make: Make) -> None:
+    a = await make()
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"one", b"first")
+    await write_file(a.fs, home, b"two", b"second version")  # journaled on A
+    assert a.fs.meta.journal_rows > 0
+    # B's lookup and open recall the domain: A flushes and answers.
+    assert await read_file(b.fs, home, b"two") == b"second version"
+    assert b.fs.leases is not None and b.fs.leases.recalls_sent >= 1
+    # A keeps writing; B's next open sees it (a second read recall releases the domain).
+    fh = (await a.fs.lookup(home, b"one")).ino
+    h, _ = await a.fs.open(fh, os.O_WRONLY)
+    await a.fs.write(h, 0, b"FIRST")
+    await a.fs.release(h)
+    assert await read_file(b.fs, home, b"one") == b"FIRST"
+
+
+async def race(
+    a: Filesystem, b: Filesystem, call: Callable[[Filesystem], Awaitable[object]]
+) -> list[str]:
+    """Run `call` on both mounts at once: what each got ("ok" or the errno)."""
+    results: list[str] = []
+
+    async def go(fs: Filesystem) -> None:
+        try:
+            await call(fs)
+            results.append("ok")
+        except FsError as e:
+            results.append(errno.errorcode[e.errno])
+
+    async with trio.open_nursery() as n:
+        n.start_soon(go, a)
+        n.start_soon(go, b)
+    return sorted(results)
+
+
+async def test_one_winner_for_one_name_from_two_mounts(make: Make) -> None:
+    a = await make()
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    src = await write_file(a.fs, home, b"src", b"")  # A holds the domain
+    calls: list[Callable[[Filesystem], Awaitable[object]]] = [
+        lambda fs: fs.mknod(home, b"x", stat.S_IFREG | 0o644, ROOT),  # O_EXCL create
+        lambda fs: fs.mkdir(home, b"d", 0o755, ROOT),
+        lambda fs: fs.link(src, home, b"l"),
+        lambda fs: fs.rename(home, b"src", home, b"r", flags=1),  # RENAME_NOREPLACE
+    ]
+    for i, call in enumerate(calls):
+        # Whoever holds the domain now (it moves with write recalls), the other races it.
+        got = await race(a.fs, b.fs, call)
+        if i == 3:
+            assert got == ["ENOENT", "ok"]  # the loser's source is gone
+        else:
+            assert got == ["EEXIST", "ok"], (i, got)
+    await a.fs.leases.sync()  # type: ignore[union-attr]
+    await b.fs.leases.sync()  # type: ignore[union-attr]
+    names = sorted(n for _, n, _ in await b.fs.readdir(home, 0))
+    assert names == [b"d", b"l", b"r", b"x"]
+
+
+async def test_fsync_returns_only_once_the_change_is_in_the_log(
+    make: Make, store: ObjectStore
+) -> None:
+    a = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    fh, _ = await a.fs.create(home, b"f", 0o644, os.O_WRONLY, ROOT)
+    await a.fs.write(fh, 0, b"durable")
+    await a.fs.fsync(fh)
+    # Kill the holder and lose its cache dir: a new mount sees the file.
+    a.scope.cancel()
+    c = await make()
+    assert await read_file(c.fs, home, b"f") == b"durable"
+
+
+async def test_kill_9_and_remount_on_the_cache_dir_loses_nothing(make: Make) -> None:
+    a = await make(cache="keep", commit_interval=3600)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    for i in range(20):
+        await write_file(a.fs, home, b"f%d" % i, b"v%d" % i)
+    assert a.fs.meta.journal_rows > 0  # answered, not in the log
+    a.scope.cancel()
+    await trio.sleep(0.01)
+    a2 = await make(cache="keep")  # the same client, a new incarnation: adopts at once
+    assert a2.fs.leases is not None and a2.fs.leases.inc == 2
+    assert a2.fs.meta.journal_rows == 0
+    b = await make()
+    for i in range(20):
+        assert await read_file(b.fs, home, b"f%d" % i) == b"v%d" % i
+
+
+async def test_cache_dir_lost_loses_at_most_the_unflushed_changes(
+    make: Make, store: ObjectStore
+) -> None:
+    a = await make(commit_interval=0.2)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    for i in range(10):
+        await write_file(a.fs, home, b"f%d" % i, b"v%d" % i)
+    await trio.sleep(0.6)  # more than commit_interval: flushed
+    await write_file(a.fs, home, b"late", b"maybe")
+    a.scope.cancel()
+    b = await make()
+    # B waits out the takeover (2 x lease_time) and sees every flushed change.
+    for i in range(10):
+        assert await read_file(b.fs, home, b"f%d" % i) == b"v%d" % i
+    assert b.fs.leases is not None and b.fs.leases.takeovers == 1
+    assert await run_fsck(store) == 0
+
+
+async def test_a_paused_holder_is_taken_over_and_fenced(make: Make) -> None:
+    a = await make(commit_interval=3600)
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"kept", b"1")
+    await a.fs.leases.sync()  # type: ignore[union-attr]
+    await write_file(a.fs, home, b"lost", b"2")  # journaled only
+    # A's store hangs: it cannot answer B's recall.
+    a.store.plan = FaultPlan(latency=3600)
+    with trio.fail_after(10):
+        await b.fs.unlink(home, b"kept")  # write recall, unanswered: takeover
+    assert b.fs.leases is not None and b.fs.leases.takeovers == 1
+    a.store.plan = FaultPlan()
+    # A, resumed, meets the takeover in its catch-up: fenced, its change refused.
+    with pytest.raises(FsError):
+        await a.fs.meta.catch_up()
+    assert a.fs.leases is not None and a.fs.leases.fenced is not None
+    with pytest.raises(FsError):
+        await a.fs.mknod(home, b"after", stat.S_IFREG | 0o644, ROOT)
+    with pytest.raises(FsError):
+        await b.fs.lookup(home, b"lost")
