@@ -22,6 +22,7 @@ import errno
 import json
 import logging
 import os
+import stat
 import time
 import uuid
 from collections.abc import Callable
@@ -35,9 +36,24 @@ from efsish.errors import EfsishError, FsError
 from efsish.meta import journal, leasing
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import JOURNALED, SYNC, LAdopt, LFlush, LogEntry, LRec, LRel, LTko, Op, Sess
+from efsish.meta.ops import (
+    JOURNALED,
+    SYNC,
+    Extent,
+    LAdopt,
+    LFlush,
+    LogEntry,
+    LRcv,
+    LRec,
+    LRel,
+    LTko,
+    Mk,
+    Op,
+    Sess,
+    Write,
+)
 from efsish.meta.planning import LeaseHeader, NeedDomain, PlanContext, Planner
-from efsish.meta.view import ApplyResult, Holder, View
+from efsish.meta.view import ROOT_INO, ApplyResult, Holder, View
 
 log = logging.getLogger(__name__)
 
@@ -142,6 +158,13 @@ class Leases:
         self._oldest: float | None = None  # lease clock of the oldest journal row
         self.recalls_sent = 0
         self.takeovers = 0
+        self.recovered: list[str] = []  # recovery directories this mount wrote
+        self._nursery: trio.Nursery | None = None
+        self._recovering = False
+        self._last_inc = 0  # the newest incarnation of this client when we started
+        # False until this incarnation holds what its journal needs (sess, adoption):
+        # until then a sync entry does not flush the journal first.
+        self.ready = False
         meta.leases = self
 
     # ------------------------------------------------------------- worker thread
@@ -200,15 +223,21 @@ class Leases:
         doms: set[int] = set()
         for (raw,) in view.db.execute("SELECT DISTINCT domains FROM journal"):
             doms.update(json.loads(raw))
-        if not doms or self.inc == 0:
-            return ""  # (before our sess, the journal is the last incarnation's)
+        if not doms:
+            return ""
         newest = view.session(self.client)
-        if newest is not None and newest[0] > self.inc:
+        if self.inc and newest is not None and newest[0] > self.inc:
             return f"started incarnation {newest[0]} of this client (a copy of the cache dir?)"
         for d in sorted(doms):
             holder, _ = view.lease(d)
-            if holder is not None and holder[0] == self.client and holder[1] < self.inc:
-                continue  # our earlier incarnation's, to be adopted
+            if (
+                holder is not None
+                and holder[0] == self.client
+                and holder[1] < (self.inc or 1 << 62)
+            ):
+                # Before our sess the journal is our last incarnation's; after it, an
+                # earlier incarnation's lease is ours to adopt.
+                continue
             if holder != self.me:
                 who = "FREE" if holder is None else f"{holder[0]}/{holder[1]}"
                 return f"left domain {d}, which has journaled changes of ours, {who}"
@@ -446,22 +475,131 @@ class Leases:
             self._oldest = None
 
     def fenced_at(self, seq: int, reason: str) -> None:
+        """Our journal can no longer land (§10): stop changing anything, and recover
+        (at once if running; at start otherwise)."""
         if self.fenced is None:
             log.error("fenced at log entry %d: %s", seq, reason)
         self.fenced = reason
         self.valid_until.clear()
-        self.meta.broken = f"this mount was fenced ({reason}); remount to recover"
+        self.meta.broken = f"this mount was fenced ({reason}); recovering"
+        if self._nursery is not None and not self._recovering:
+            self._recovering = True
+            self._nursery.start_soon(self._recover_now)
+
+    async def _recover_now(self) -> None:
+        try:
+            self.ready = False
+            salvage = await self._salvage_and_rebuild()
+            await self._new_incarnation(proven=False)
+            self.ready = True
+            await self._write_recovery(salvage)
+        except Exception:
+            log.exception("recovery of the fenced journal failed; remount to retry")
+        finally:
+            self._recovering = False
+
+    async def _salvage_and_rebuild(self) -> _Salvage:
+        fenced_inc = self.inc or self._last_inc
+        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc))
+        self.fenced = None
+        self.valid_until.clear()
+        self._oldest = None
+        return salvage
+
+    async def _write_recovery(self, salvage: _Salvage) -> None:
+        """Write the recovery directory (LEASES.md §10): `lrcv` with the mkdir of
+        `/.efsish-recovered/<client>-<UTC time>/` first (a sync entry: it ends the
+        fencing), then every file the journal created or changed, at the path it had,
+        with its owner and mode, and JOURNAL.txt listing every fenced change."""
+        client, inc = self.client, salvage.inc
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{client}-{stamp}".encode()
+        path = f"/{RECOVERY_DIR.decode()}/{name.decode()}"
+        now = time.time_ns()
+
+        def top(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+            ino = view.lookup(ROOT_INO, RECOVERY_DIR)
+            if ino is not None:
+                return [], ino
+            ino = pc.alloc_ino(view)
+            return [Mk(ino, ROOT_INO, RECOVERY_DIR, stat.S_IFDIR | 0o711, 0, 0, now)], ino
+
+        rdir = await self.submit(top)
+
+        def mk_named(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+            ino = pc.alloc_ino(view)
+            mk = Mk(ino, rdir, name, stat.S_IFDIR | 0o711, 0, 0, now)
+            return [mk, LRcv(client, inc, path)], ino
+
+        base = await self.submit(mk_named)
+        dirs: dict[tuple[bytes, ...], int] = {(): base}
+
+        async def ensure(parts: tuple[bytes, ...]) -> int:
+            if parts in dirs:
+                return dirs[parts]
+            parent = await ensure(parts[:-1])
+
+            def mkd(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+                found = view.lookup(parent, parts[-1])
+                if found is not None:
+                    return [], found
+                ino = pc.alloc_ino(view)
+                return [Mk(ino, parent, parts[-1], stat.S_IFDIR | 0o711, 0, 0, now)], ino
+
+            dirs[parts] = await self.submit(mkd)
+            return dirs[parts]
+
+        for f in [*salvage.files, _journal_file(salvage)]:
+            parent = await ensure(f.parts[:-1])
+
+            def mkf(
+                view: View, pc: PlanContext, f: _File = f, parent: int = parent
+            ) -> tuple[list[Op], None]:
+                if view.lookup(parent, f.parts[-1]) is not None:
+                    return [], None
+                ino = pc.alloc_ino(view)
+                ops: list[Op] = [Mk(ino, parent, f.parts[-1], f.mode, f.uid, f.gid, now)]
+                if f.extents:
+                    ops.append(Write(ino, tuple(f.extents), f.size, now))
+                return ops, None
+
+            await self.submit(mkf)
+        await self._flush()
+        log.warning(
+            "changes this mount answered were fenced (another mount took its lease over): "
+            "they are in %s (%d files); nothing of them was applied to the tree",
+            path,
+            len(salvage.files),
+        )
+        self.recovered.append(path)
 
     # ------------------------------------------------------------------ lifecycle
 
     async def start(self, nursery: trio.Nursery, cache_locked: bool) -> None:
         """Start a new incarnation (sess), adopt the old one's leases (§9), flush its
-        journal, and start the background tasks."""
+        journal (or recover it, if it was fenced meanwhile: §10), and start the
+        background tasks."""
         prev = await self.meta.read(lambda v: v.session(self.client))
-        old_inc = prev[0] if prev is not None else 0
+        self._last_inc = prev[0] if prev is not None else 0
         proven = cache_locked and self._old_daemon_dead()
         self._record_daemon()
-        self.inc = old_inc + 1
+        salvage = await self._salvage_and_rebuild() if self.fenced is not None else None
+        await self._new_incarnation(proven)
+        self.ready = True
+        if salvage is not None:
+            await self._write_recovery(salvage)
+        await self.meta.catch_up()
+        if self.meta.journal_rows:
+            await self._flush()
+        self._nursery = nursery
+        nursery.start_soon(self._reactor)
+        nursery.start_soon(self._flusher)
+
+    async def _new_incarnation(self, proven: bool) -> None:
+        """Commit sess(client, inc + 1); adopt the older incarnations' leases in the
+        same entry if `proven` (the old daemon is dead), else after the takeover wait."""
+        prev = await self.meta.read(lambda v: v.session(self.client))
+        self.inc = (prev[0] if prev is not None else 0) + 1
         client, inc = self.client, self.inc
 
         def old_held(view: View) -> list[int]:
@@ -494,11 +632,6 @@ class Leases:
                 return [LAdopt(d) for d in old_held(view)], None
 
             await self.meta.submit(adopt)
-        await self.meta.catch_up()
-        if self.meta.journal_rows:
-            await self._flush()
-        nursery.start_soon(self._reactor)
-        nursery.start_soon(self._flusher)
 
     def _daemon_file(self) -> Path:
         return self.cache_dir / "daemon.json"
@@ -598,3 +731,72 @@ class Leases:
                 log.warning("journal flush failed: %s", e)
             except Exception:
                 log.exception("journal flush crashed; the mount keeps running")
+
+
+RECOVERY_DIR = b".efsish-recovered"
+JOURNAL_TXT_MAX = 512 * 1024  # bytes of JOURNAL.txt kept (inline in the log)
+
+
+@dataclass
+class _File:
+    parts: tuple[bytes, ...]  # the path it had, under the recovery directory
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    extents: list[Extent]
+
+
+@dataclass
+class _Salvage:
+    inc: int  # the fenced incarnation
+    files: list[_File]
+    journal: list[str]  # one line per fenced change
+
+
+def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
+    parts: list[bytes] = []
+    cur = ino
+    for _ in range(10_000):
+        if cur == ROOT_INO:
+            return tuple(reversed(parts))
+        row = view.db.execute(
+            "SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", (cur,)
+        ).fetchone()
+        if row is None:
+            return None
+        parts.append(bytes(row[1]))
+        cur = int(row[0])
+    return None
+
+
+def _salvage(view: View, inc: int) -> _Salvage:
+    """What the journal made, from the view that holds it (before the rebuild): the
+    regular files it created or whose data it changed, as they are now, and its ops."""
+    rows = journal.rows(view)
+    lines: list[str] = []
+    inos: dict[int, None] = {}
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t / 1e9))
+        lines.append(f"{r.jseq} {when} {json.dumps(r.op.wire(), sort_keys=True)}")
+        if (isinstance(r.op, Mk) and stat.S_ISREG(r.op.mode)) or isinstance(r.op, Write):
+            inos[r.op.ino] = None
+    files: list[_File] = []
+    for ino in inos:
+        attr = view.getattr(ino)
+        parts = _path_of(view, ino) if attr is not None else None
+        if attr is None or parts is None or not attr.is_reg:
+            continue  # removed again by the journal itself
+        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, view.extents(ino)))
+    return _Salvage(inc, files, lines)
+
+
+def _journal_file(s: _Salvage) -> _File:
+    text = ("\n".join(s.journal) + "\n").encode()
+    if len(text) > JOURNAL_TXT_MAX:
+        text = text[: JOURNAL_TXT_MAX - 64] + b"\n[... truncated: see the daemon's log]\n"
+    exts = [
+        Extent(off, len(text[off : off + 16384]), data=text[off : off + 16384])
+        for off in range(0, len(text), 16384)
+    ]
+    return _File((b"JOURNAL.txt",), stat.S_IFREG | 0o600, 0, 0, len(text), exts)

@@ -165,7 +165,12 @@ class MetaLog:
         if not await trio.to_thread.run_sync(self.writer.initialised):
             await self._load_initial()
         self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
-        await self.catch_up(check_trimmed=True)
+        if self.leases is not None:
+            self.journal_rows = await trio.to_thread.run_sync(lambda: journal.stats(self.writer)[0])
+        try:
+            await self.catch_up(check_trimmed=True)
+        except leasing.LeaseLost:
+            pass  # recorded (fenced_at): the lease code recovers before serving
 
     def _open_local(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
@@ -558,7 +563,7 @@ class MetaLog:
                     await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
                     self._deliver(batch, outcomes)
                     return False
-                if self.leases is not None and self.journal_rows:
+                if self.leases is not None and self.journal_rows and self.leases.ready:
                     # A sync change comes after the journal in the log (the order
                     # this mount answered them): flush first, then plan it again.
                     await self._rollback()
@@ -887,6 +892,33 @@ class MetaLog:
             self._renewed(put_at)
             if last:
                 return
+
+    async def rebuild(self, salvage: Callable[[View], T]) -> T:
+        """Fenced (LEASES.md §10): return `salvage(writer)` (what the journal made,
+        read before it goes), then rebuild the view from the newest checkpoint and the
+        log: pending changes cannot be undone row by row."""
+        async with self._writer_lock():
+            out = await trio.to_thread.run_sync(salvage, self.writer, limiter=self._wlimiter)
+
+            def wipe() -> None:
+                self.writer.close()
+                self.reader.close()
+                for suffix in ("", "-wal", "-shm"):
+                    Path(str(self.db_path) + suffix).unlink(missing_ok=True)
+                self._open_local()
+
+            with trio.CancelScope(shield=True):
+                await trio.to_thread.run_sync(wipe, limiter=self._wlimiter)
+            self.memo.forget_all()
+            self.journal_rows = 0
+            self._behind = None
+            self.broken = None
+            await self._load_initial()
+            self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
+            await self._catch_up_locked()
+            if self.leases is not None:
+                self.leases.refresh(self.writer)
+            return out
 
     # ------------------------------------------------------------------- checkpoints
 
