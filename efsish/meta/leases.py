@@ -160,7 +160,7 @@ class Leases:
         self.takeovers = 0
         self.recovered: list[str] = []  # recovery directories this mount wrote
         self._nursery: trio.Nursery | None = None
-        self._recovering = False
+        self.recovering = False
         self._last_inc = 0  # the newest incarnation of this client when we started
         # False until this incarnation holds what its journal needs (sess, adoption):
         # until then a sync entry does not flush the journal first.
@@ -170,7 +170,10 @@ class Leases:
     # ------------------------------------------------------------- worker thread
 
     def header(self) -> LeaseHeader:
-        return LeaseHeader(self.client, self.inc, self.can_acquire)
+        """(trio thread) How the next sync entry is written; the acquire decision is
+        taken with the lease clock read now (the planning hop runs in a thread)."""
+        now = self.clock()
+        return LeaseHeader(self.client, self.inc, lambda d: self.can_acquire(d, now))
 
     def journaled_entry(self, view: View) -> LogEntry:
         """A provisional journaled entry claiming every held domain at its epoch: local
@@ -330,12 +333,13 @@ class Leases:
             d for d in self.state.held if d not in recalled and self.valid_until.get(d, -1.0) > now
         )
 
-    def can_acquire(self, d: int) -> bool:
+    def can_acquire(self, d: int, now: float) -> bool:
         return (
             self.cfg.acquire
+            and self.ready
             and self.fenced is None
             and self.inc > 0
-            and self._cool_until.get(d, 0.0) <= self.clock()
+            and self._cool_until.get(d, 0.0) <= now
         )
 
     # ------------------------------------------------------------------ requests
@@ -482,8 +486,8 @@ class Leases:
         self.fenced = reason
         self.valid_until.clear()
         self.meta.broken = f"this mount was fenced ({reason}); recovering"
-        if self._nursery is not None and not self._recovering:
-            self._recovering = True
+        if self._nursery is not None and not self.recovering:
+            self.recovering = True
             self._nursery.start_soon(self._recover_now)
 
     async def _recover_now(self) -> None:
@@ -496,7 +500,7 @@ class Leases:
         except Exception:
             log.exception("recovery of the fenced journal failed; remount to retry")
         finally:
-            self._recovering = False
+            self.recovering = False
 
     async def _salvage_and_rebuild(self) -> _Salvage:
         fenced_inc = self.inc or self._last_inc

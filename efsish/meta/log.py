@@ -54,7 +54,7 @@ from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
 from efsish.meta.memo import Fresh, Memo
 from efsish.meta.ops import LogEntry, Op
-from efsish.meta.planning import Outcome, Plan, PlanContext, Planner, plan_batch
+from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
@@ -531,7 +531,11 @@ class MetaLog:
             self._hop_settled = None
             try:
                 (seq, blob, res, outcomes), fresh = await trio.to_thread.run_sync(
-                    self._plan, batch, settle, limiter=self._wlimiter
+                    self._plan,
+                    batch,
+                    settle,
+                    None if self.leases is None else self.leases.header(),
+                    limiter=self._wlimiter,
                 )
             except _SettleFailed as e:
                 assert settle is not None
@@ -704,7 +708,10 @@ class MetaLog:
         self._polite_until = max(self._polite_until, trio.current_time() + seconds)
 
     def _plan(
-        self, batch: list[_Pending[Any]], settle: int | None = None
+        self,
+        batch: list[_Pending[Any]],
+        settle: int | None = None,
+        header: LeaseHeader | None = None,
     ) -> tuple[Plan, Fresh | None]:
         """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
         our answered entry of that seq, whose transaction is still open, is committed
@@ -720,7 +727,6 @@ class MetaLog:
             self._hop_settled = settle
         view.begin()
         try:
-            header = None if self.leases is None else self.leases.header()
             plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id, header)
             # What the entry changed, as it will be once committed (for the memo).
             return plan, None if plan.blob is None else self._fresh(plan.res)
@@ -780,7 +786,7 @@ class MetaLog:
             saved = self.inodes.save()
             try:
                 out = await trio.to_thread.run_sync(
-                    self._plan_local, planner, ok, limiter=self._wlimiter
+                    self._plan_local, planner, ok, leases.clock(), limiter=self._wlimiter
                 )
             except BaseException:
                 self.inodes.restore(saved)
@@ -796,7 +802,7 @@ class MetaLog:
         return result, doms
 
     def _plan_local(
-        self, planner: Planner[T], ok: frozenset[int]
+        self, planner: Planner[T], ok: frozenset[int], mono: float
     ) -> tuple[T, frozenset[int], ApplyResult, Fresh | None, int] | None:
         leases = self.leases
         assert leases is not None
@@ -829,7 +835,7 @@ class MetaLog:
                     return None
             if ctx.after is not None:
                 result = ctx.after(view)
-            journal.append(view, self.client_id, ops, doms, ctx.now_ns, leases.clock())
+            journal.append(view, self.client_id, ops, doms, ctx.now_ns, mono)
             fresh = self._fresh(res)
             view.commit()
         except BaseException:
