@@ -32,7 +32,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from efsish.errors import EfsishError, FsError
+from efsish.errors import EfsishError, FsError, to_errno
 from efsish.meta import journal, leasing
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
@@ -107,15 +107,16 @@ def _boot_id() -> str:
 
 
 def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not reaped yet, does not)."""
     if pid <= 0:
         return False
     try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+        stat_ = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
         return False
-    except PermissionError:
+    except OSError:
         return True
-    return True
+    return stat_.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 @dataclass
@@ -415,6 +416,10 @@ class Leases:
         ev = self._recalling[d] = trio.Event()
         try:
             await self._recall(d, want)
+        except FsError:
+            raise
+        except EfsishError as e:  # the store failed: the caller gets one errno
+            raise FsError(f"recall of domain {d} failed: {e}", to_errno(e)) from e
         finally:
             del self._recalling[d]
             ev.set()
@@ -469,7 +474,12 @@ class Leases:
         the log and applied unfenced (§6.3); fenced: EIO."""
         if self.fenced is not None:
             raise FsError(f"this mount was fenced: {self.fenced}", errno.EIO)
-        await self._flush()
+        try:
+            await self._flush()
+        except FsError:
+            raise
+        except EfsishError as e:
+            raise FsError(f"commit of the journal failed: {e}", to_errno(e)) from e
         if self.fenced is not None:
             raise FsError(f"this mount was fenced: {self.fenced}", errno.EIO)
 
@@ -492,8 +502,8 @@ class Leases:
 
     async def _recover_now(self) -> None:
         try:
-            self.ready = False
-            salvage = await self._salvage_and_rebuild()
+            fenced_inc, self.ready = self.inc, False
+            salvage = await self._salvage_and_rebuild(fenced_inc)
             await self._new_incarnation(proven=False)
             self.ready = True
             await self._write_recovery(salvage)
@@ -502,8 +512,8 @@ class Leases:
         finally:
             self.recovering = False
 
-    async def _salvage_and_rebuild(self) -> _Salvage:
-        fenced_inc = self.inc or self._last_inc
+    async def _salvage_and_rebuild(self, fenced_inc: int) -> _Salvage:
+        """`fenced_inc`: the incarnation that wrote the journal."""
         salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc))
         self.fenced = None
         self.valid_until.clear()
@@ -587,8 +597,16 @@ class Leases:
         self._last_inc = prev[0] if prev is not None else 0
         proven = cache_locked and self._old_daemon_dead()
         self._record_daemon()
-        salvage = await self._salvage_and_rebuild() if self.fenced is not None else None
-        await self._new_incarnation(proven)
+        salvage = None
+        if self.fenced is not None:
+            salvage = await self._salvage_and_rebuild(self._last_inc)
+        try:
+            await self._new_incarnation(proven)
+        except LeaseLost:
+            # Another mount took a domain of the journal over while we waited to adopt
+            # it (the old daemon could not be proven dead): recover, then start again.
+            salvage = await self._salvage_and_rebuild(self._last_inc)
+            await self._new_incarnation(proven=False)
         self.ready = True
         if salvage is not None:
             await self._write_recovery(salvage)

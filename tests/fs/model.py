@@ -230,6 +230,12 @@ def first_difference(seen: Tree, want: Tree) -> str:
 
 
 async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int) -> Entry:
+    if is_dir and fs.leases is not None:
+        # Under leases a domain root's attributes as a lookup or readdir of the top
+        # returns them may be up to a commit interval old (LEASES.md §3, as an NFS
+        # attribute cache): a stat() (getattr, a read of its domain) is fresh.
+        a = await fs.getattr(ino)
+        mode, nlink = a.mode, a.nlink
     names = await fs.listxattr(ino, ROOT)
     xattrs = tuple(sorted([(n, await fs.getxattr(ino, n)) for n in names]))
     if is_dir:

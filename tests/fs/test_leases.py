@@ -4,9 +4,12 @@ hang) its requests."""
 
 from __future__ import annotations
 
+import contextvars
 import errno
+import io
 import os
 import stat
+import time
 import uuid
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,6 +21,7 @@ from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
+from efsish.gc import run_status
 from efsish.meta.keys import LOG_PREFIX, log_key
 from efsish.meta.ops import LogEntry
 from efsish.meta.superblock import Superblock, format_fs, load_superblock
@@ -298,6 +302,9 @@ async def test_a_paused_holder_is_taken_over_and_fenced(make: Make) -> None:
     (path,) = a.fs.leases.recovered
     rcv = [op for e in await entries(a.store) for op in e.ops if op.wire()["o"] == "lrcv"]
     assert [op.wire()["path"] for op in rcv] == [path]
+    out = io.StringIO()
+    await run_status(a.store, out)
+    assert f"recovered: {path} (changes of mount {a.fs.meta.client_id}" in out.getvalue()
     top, name = path.strip("/").split("/")
     rdir = (await b.fs.lookup((await b.fs.lookup(ROOT_INO, top.encode())).ino, name.encode())).ino
     home_r = (await b.fs.lookup(rdir, b"home")).ino
@@ -331,3 +338,39 @@ async def test_remount_after_a_takeover_recovers_the_journal(make: Make) -> None
     assert await read_file(b.fs, (await b.fs.lookup(rdir, b"home")).ino, b"mine") == (
         b"journaled only"
     )
+
+
+SKEW: contextvars.ContextVar[int] = contextvars.ContextVar("skew", default=0)
+DAY_NS = 86400 * 10**9
+
+
+async def test_skewed_wall_clocks_change_nothing(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Each mount's tasks (and the calls made on it) see their own wall clock, a day
+    # apart; leases use only the lease clock, so recalls, validity and takeover behave
+    # as with equal clocks.
+    real = time.time_ns
+    monkeypatch.setattr(time, "time_ns", lambda: real() + SKEW.get())
+    monkeypatch.setattr(time, "time", lambda: (real() + SKEW.get()) / 1e9)
+    SKEW.set(-DAY_NS)
+    a = await make(commit_interval=3600)
+    SKEW.set(DAY_NS)
+    b = await make()
+    SKEW.set(-DAY_NS)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"first", b"1")
+    await write_file(a.fs, home, b"second", b"2")  # journaled under A's lease
+    assert a.fs.meta.journal_rows > 0
+    SKEW.set(DAY_NS)
+    assert await read_file(b.fs, home, b"second") == b"2"  # recall answered at once
+    assert b.fs.leases is not None and b.fs.leases.takeovers == 0
+    SKEW.set(-DAY_NS)
+    await write_file(a.fs, home, b"third", b"3")
+    a.store.plan = FaultPlan(latency=4 * LEASE_TIME)  # A stops answering
+    SKEW.set(DAY_NS)
+    start = trio.current_time()
+    with trio.fail_after(10):
+        await b.fs.unlink(home, b"first")  # taken over after 2 x lease_time, not sooner
+    assert b.fs.leases.takeovers == 1
+    assert trio.current_time() - start >= 2 * LEASE_TIME
