@@ -119,6 +119,7 @@ class MetaLog:
         # The lease protocol's per-mount state (efsish.meta.leases), on a format-3
         # filesystem; None: every change is committed on its own, as before leases.
         self.leases: LeaseHooks | None = None
+        self._header: LeaseHeader | None = None  # set before each planning hop
         self.on_apply = on_apply or (lambda res, remote: None)
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
@@ -529,13 +530,12 @@ class MetaLog:
             saved_range = self.inodes.save()
             settle = self._unsettled
             self._hop_settled = None
+            # How a lease-era sync entry is written, read on the trio thread (the lease
+            # clock may be trio's) for the planning hop.
+            self._header = None if self.leases is None else self.leases.header()
             try:
                 (seq, blob, res, outcomes), fresh = await trio.to_thread.run_sync(
-                    self._plan,
-                    batch,
-                    settle,
-                    None if self.leases is None else self.leases.header(),
-                    limiter=self._wlimiter,
+                    self._plan, batch, settle, limiter=self._wlimiter
                 )
             except _SettleFailed as e:
                 assert settle is not None
@@ -708,10 +708,7 @@ class MetaLog:
         self._polite_until = max(self._polite_until, trio.current_time() + seconds)
 
     def _plan(
-        self,
-        batch: list[_Pending[Any]],
-        settle: int | None = None,
-        header: LeaseHeader | None = None,
+        self, batch: list[_Pending[Any]], settle: int | None = None
     ) -> tuple[Plan, Fresh | None]:
         """Plan `batch` in a new transaction of the writer (a worker thread). `settle`:
         our answered entry of that seq, whose transaction is still open, is committed
@@ -727,7 +724,8 @@ class MetaLog:
             self._hop_settled = settle
         view.begin()
         try:
-            plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id, header)
+            planners = [p.planner for p in batch]
+            plan = plan_batch(view, planners, self.inodes, self.client_id, self._header)
             # What the entry changed, as it will be once committed (for the memo).
             return plan, None if plan.blob is None else self._fresh(plan.res)
         except BaseException:
