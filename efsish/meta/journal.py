@@ -57,16 +57,16 @@ def _counter(client: str) -> str:
 
 
 def append(
-    view: View, client: str, ops: list[Op], domains: set[int], t: int, mono: float
+    view: View, client: str, ops: list[Op], domains: list[set[int]], t: int, mono: float
 ) -> tuple[int, int]:
-    """Append `ops` (one answered change) as rows; return their jseq range."""
+    """Append `ops` (one answered change) as rows, each with the domains it touches;
+    return their jseq range."""
     first = int(view.get_meta(_counter(client), 1))
     last = max(first + len(ops) - 1, first)
-    doms = json.dumps(sorted(domains))
-    for i, op in enumerate(ops):
+    for i, (op, doms) in enumerate(zip(ops, domains, strict=True)):
         view.db.execute(
             "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
-            (first + i, json.dumps(op.wire()), doms, t, mono),
+            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono),
         )
     view.set_meta(_counter(client), first + len(ops))
     return first, last
@@ -85,6 +85,17 @@ def stats(view: View) -> tuple[int, float | None]:
     """(number of rows, lease-clock time of the oldest or None)."""
     n, oldest = view.db.execute("SELECT COUNT(*), MIN(mono) FROM journal").fetchone()
     return int(n), None if oldest is None else float(oldest)
+
+
+def op_domains(view: View, first: int, last: int) -> list[list[int]]:
+    """The domains each row of [first, last] touches, in order (for the verdict on
+    our own entry: efsish.meta.leasing.judge_own_journaled)."""
+    return [
+        list(json.loads(d))
+        for (d,) in view.db.execute(
+            "SELECT domains FROM journal WHERE jseq BETWEEN ? AND ? ORDER BY jseq", (first, last)
+        )
+    ]
 
 
 def covers(view: View, first: int, last: int) -> bool:

@@ -214,8 +214,9 @@ class Leases:
     def apply_own(self, view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
         """Record our own entry `seq`, just landed, whose namespace ops the view holds."""
         if entry.journaled:
-            leasing.judge_own_journaled(view, seq, entry, res)
             assert entry.batch is not None
+            doms = journal.op_domains(view, *entry.batch)
+            leasing.judge_own_journaled(view, seq, entry, doms, res)
             if res.fenced is None:
                 journal.drop_through(view, entry.batch[1])
             view.set_meta("applied_seq", seq)

@@ -403,27 +403,32 @@ def _set_holder(view: View, d: int, holder: Holder | None, res: ApplyResult) -> 
     res.leases.add(d)
 
 
-def judge_own_journaled(view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
+def judge_own_journaled(
+    view: View, seq: int, entry: LogEntry, op_domains: list[list[int]], res: ApplyResult
+) -> None:
     """Judge this mount's own journaled `entry` at `seq`, whose namespace ops the view
-    already holds (applied when they were journaled): the same verdict as
-    `apply_leased_entry` gives on every other replayer, without applying those ops
-    twice. Its claims are exactly the domains its ops touch (the writer computed them
-    with `touches`), so the entry applies there iff the incarnation is not fenced and
-    every claimed domain is held by the writer at the claimed epoch; its lease ops
-    (an answer to a recall, a release) are applied as anywhere else."""
+    already holds (applied when they were journaled): the same verdict, and the same
+    fencing record, as `apply_leased_entry` gives on every other replayer, without
+    applying those ops twice. `op_domains`: the domains each namespace op touched when
+    it was journaled (computed with `touches`, as apply computes them; only the holder
+    changes its domains, so a replayer computes the same). Each op's domains are checked
+    in op order as apply checks them; its lease ops (an answer to a recall, a release)
+    are applied as anywhere else."""
     r = type(res)()
     view.cur_seq, view.cur_t = seq, entry.t
     view.savepoint("lease_entry")
     try:
         _check_incarnation(view, entry)
-        for d, epoch in sorted((entry.claims or {}).items()):
-            holder, current = view.lease(d)
-            if holder != (entry.client, entry.inc) or current != epoch:
-                who = "FREE" if holder is None else f"held by {holder[0]}/{holder[1]}"
-                raise _Fence(FENCE_NOT_HELD, f"domain {d} is {who} at epoch {current}")
+        namespace = iter(op_domains)
         for op in entry.ops:
             if isinstance(op, LEASE_OPS):
                 _apply_lease_op(view, op, entry, r)
+                continue
+            doms = next(namespace, None)
+            if doms is None:
+                raise CorruptObject("a journaled op without its journal row")
+            for d in sorted(doms):
+                _check_domain(view, d, entry)
     except _Fence as f:
         fencing = f.fencing
     except (CorruptObject, sqlite3.IntegrityError) as e:

@@ -820,12 +820,14 @@ class MetaLog:
                 return None
             res = ApplyResult()
             doms: set[int] = set()
+            per_op: list[set[int]] = []
             for op in ops:
                 touched = leasing.touches(view, op)
                 if not touched or not touched <= ok:
                     view.rollback()
                     return None
-                doms |= {d for d in touched if d is not None}
+                per_op.append({d for d in touched if d is not None})
+                doms |= per_op[-1]
                 try:
                     leasing.apply_leased_op(view, op, prov, res)
                 except (leasing.Fence, CorruptObject):
@@ -833,7 +835,7 @@ class MetaLog:
                     return None
             if ctx.after is not None:
                 result = ctx.after(view)
-            journal.append(view, self.client_id, ops, doms, ctx.now_ns, mono)
+            journal.append(view, self.client_id, ops, per_op, ctx.now_ns, mono)
             fresh = self._fresh(res)
             view.commit()
         except BaseException:
