@@ -252,7 +252,9 @@ class Leases:
         """The entries that commit the journal (and `extra` lease ops, in the last
         entry), computed from the journal and the lease rows now."""
         rows = journal.rows(view)
-        extra = list(extra or [])
+        # An answer to a recall that is no longer open (answered already, or closed by a
+        # change of holder) would fence the whole entry: drop it.
+        extra = [op for op in extra or [] if _still_valid(view, op)]
         doms: set[int] = set().union(*(r.domains for r in rows)) if rows else set()
         extra_doms = {op.domain for op in extra if isinstance(op, (LFlush, LRel))}
         epochs: dict[int, int] = {}
@@ -754,6 +756,19 @@ class Leases:
                 log.warning("journal flush failed: %s", e)
             except Exception:
                 log.exception("journal flush crashed; the mount keeps running")
+
+
+def _still_valid(view: View, op: Op) -> bool:
+    """Whether lease op `op` (an answer or a release) still applies at the view's head."""
+    if isinstance(op, (LFlush, LRel)) and op.rid is not None:
+        rec = view.recall(op.domain, op.rid)
+        if rec is None:
+            return False
+        if isinstance(op, LFlush):
+            return rec[2] == "r"
+        if op.to is not None:
+            return rec[2] == "w" and rec[0] == op.to
+    return True
 
 
 RECOVERY_DIR = b".efsish-recovered"

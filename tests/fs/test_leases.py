@@ -23,7 +23,7 @@ from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
 from efsish.gc import run_status
 from efsish.meta.keys import LOG_PREFIX, log_key
-from efsish.meta.ops import LogEntry
+from efsish.meta.ops import LFlush, LogEntry
 from efsish.meta.superblock import Superblock, format_fs, load_superblock
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
@@ -374,3 +374,22 @@ async def test_skewed_wall_clocks_change_nothing(
         await b.fs.unlink(home, b"first")  # taken over after 2 x lease_time, not sooner
     assert b.fs.leases.takeovers == 1
     assert trio.current_time() - start >= 2 * LEASE_TIME
+
+
+async def test_an_answer_to_a_recall_already_closed_is_dropped(make: Make) -> None:
+    a = await make()
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"f", b"1")  # A holds the domain
+    await write_file(a.fs, home, b"g", b"2")  # journaled
+    assert await read_file(b.fs, home, b"g") == b"2"  # B's read recall, answered
+    rid = next(
+        op.wire()["rid"] for e in await entries(a.store) for op in e.ops if op.wire()["o"] == "lrec"
+    )
+    # Answering it again (a second wake of the reactor) must not put an invalid answer in
+    # an entry: apply would fence the whole entry, and this mount would go to recovery.
+    await write_file(a.fs, home, b"h", b"3")
+    assert a.fs.leases is not None
+    await a.fs.leases._flush([LFlush(home, rid)])
+    assert a.fs.leases.fenced is None and not a.fs.leases.recovered
+    assert await read_file(b.fs, home, b"h") == b"3"
