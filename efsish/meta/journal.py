@@ -56,6 +56,24 @@ def _counter(client: str) -> str:
     return f"jseq_next:{client}"
 
 
+# A garbage row (a block a journaled change stopped referencing) is recorded at
+# PENDING + its jseq until its batch lands, then at the landing position: gc defers any
+# row whose position is past what every mount applied, so it keeps the block meanwhile.
+PENDING = 1 << 60
+
+
+def next_jseq(view: View, client: str) -> int:
+    return int(view.get_meta(_counter(client), 1))
+
+
+def landed(view: View, first: int, last: int, seq: int) -> None:
+    """Rows [first, last] are in the log at `seq`: their garbage rows are there too."""
+    view.db.execute(
+        "UPDATE garbage SET seq = ? WHERE seq BETWEEN ? AND ?",
+        (seq, PENDING + first, PENDING + last),
+    )
+
+
 def append(
     view: View, client: str, ops: list[Op], domains: list[set[int]], t: int, mono: float
 ) -> tuple[int, int]:

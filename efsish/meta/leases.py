@@ -218,6 +218,7 @@ class Leases:
             doms = journal.op_domains(view, *entry.batch)
             leasing.judge_own_journaled(view, seq, entry, doms, res)
             if res.fenced is None:
+                journal.landed(view, *entry.batch, seq)
                 journal.drop_through(view, entry.batch[1])
             view.set_meta("applied_seq", seq)
         else:

@@ -172,6 +172,9 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
             return
         if isinstance(op, ClaimInodes) and entry.journaled:
             raise CorruptObject("an inode claim in a journaled entry")
+        # Garbage rows take the op's own time, not the entry's: the holder recorded
+        # them when it journaled the op, long before the entry (LEASES.md §5).
+        view.cur_t = op_time(op, entry.t)
         touched, movers = _touches(view, op)
         if entry.journaled and TOP in touched:
             # The top is never leased: a change there must be planned against the head.
@@ -188,6 +191,14 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
     except (KeyError, TypeError, ValueError) as e:
         kind = op.wire()["o"]
         raise CorruptObject(f"{kind!r} operation does not apply to the view: {e}") from None
+
+
+def op_time(op: Op, default: int) -> int:
+    """The time an op carries (a create's, a write's; a setattr's ctime), else `default`."""
+    if isinstance(op, SetAttr):
+        return op.ctime or op.mtime or default
+    t = getattr(op, "t", None)
+    return t if isinstance(t, int) and t else default
 
 
 def _roots_in(view: View, dirs: list[int]) -> set[int]:

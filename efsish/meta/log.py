@@ -807,8 +807,8 @@ class MetaLog:
         view = self.writer
         view.begin()
         try:
-            view.cur_seq, view.cur_t = self._seq + 1, 0
             ctx = PlanContext(self.inodes)
+            jseq = journal.next_jseq(view, self.client_id)
             prov = leases.journaled_entry(view)
             try:
                 ops, result = planner(view, ctx)
@@ -828,6 +828,7 @@ class MetaLog:
                     return None
                 per_op.append({d for d in touched if d is not None})
                 doms |= per_op[-1]
+                view.cur_seq = journal.PENDING + jseq + len(per_op) - 1
                 try:
                     leasing.apply_leased_op(view, op, prov, res)
                 except (leasing.Fence, CorruptObject):

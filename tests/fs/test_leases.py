@@ -21,11 +21,13 @@ from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
+from efsish.gc import collect as gc_collect
 from efsish.gc import run_status
+from efsish.meta import heartbeat, journal
 from efsish.meta.keys import LOG_PREFIX, log_key
 from efsish.meta.ops import LFlush, LogEntry
 from efsish.meta.superblock import Superblock, format_fs, load_superblock
-from efsish.meta.view import ROOT_INO
+from efsish.meta.view import ROOT_INO, View
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan, FaultyStore
 from efsish.store.memory import MemoryStore
@@ -393,3 +395,35 @@ async def test_an_answer_to_a_recall_already_closed_is_dropped(make: Make) -> No
     await a.fs.leases._flush([LFlush(home, rid)])
     assert a.fs.leases.fenced is None and not a.fs.leases.recovered
     assert await read_file(b.fs, home, b"h") == b"3"
+
+
+async def test_gc_keeps_a_block_a_journaled_change_dropped_until_it_lands(
+    make: Make, store: ObjectStore
+) -> None:
+    a = await make(commit_interval=3600)
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"first", b"")  # acquires
+    await write_file(a.fs, home, b"f", os.urandom(100_000))  # a block, not inline
+    assert a.fs.leases is not None
+    await a.fs.leases.sync()
+    blocks = {i.key async for i in store.list("data/")}
+    assert blocks
+    await a.fs.unlink(home, b"f")  # journaled: only A's view drops the block
+    assert a.fs.meta.journal_rows > 0
+    # The log moves on without A's journal (another mount's change in the top), and gc
+    # runs on A with no grace: the block is still referenced by the log, so it stays.
+    await mkdir(b.fs, ROOT_INO, b"other")
+    await heartbeat.delete(store, b.fs.meta.client_id)  # B's stale heartbeat aside
+    await a.fs.meta.catch_up()
+    garbage = await a.fs.meta.read(View.garbage)
+    assert garbage and all(seq >= journal.PENDING and t > 0 for _, seq, t in garbage)
+    await gc_collect(a.store, a.fs.meta, grace=0)
+    assert blocks <= {i.key async for i in store.list("data/")}
+    # Once the batch has landed, the block is garbage at its position and gc deletes it.
+    await a.fs.leases.sync()
+    garbage = await a.fs.meta.read(View.garbage)
+    assert garbage and all(seq < journal.PENDING for _, seq, _ in garbage)
+    await a.fs.meta.catch_up()
+    await gc_collect(a.store, a.fs.meta, grace=0)
+    assert not blocks & {i.key async for i in store.list("data/")}
