@@ -120,6 +120,7 @@ class MetaLog:
         # filesystem; None: every change is committed on its own, as before leases.
         self.leases: LeaseHooks | None = None
         self._header: LeaseHeader | None = None  # set before each planning hop
+        self._rebuilding: trio.Event | None = None  # set while `rebuild` replaces the view
         self.on_apply = on_apply or (lambda res, remote: None)
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
@@ -254,6 +255,8 @@ class MetaLog:
         """Wait until this mount's last committed entry is in SQLite (see
         `_commit_batch`): every read of the view begins with this. (The memo is up to
         date before anyone is answered.)"""
+        while self._rebuilding is not None:  # the view is being replaced (fenced)
+            await self._rebuilding.wait()
         settling = self._settling
         if settling is not None:
             self._hurry()
@@ -285,16 +288,25 @@ class MetaLog:
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
+        await self._not_rebuilding()
         return await self.memo.getattr(ino, self.read)
 
     async def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
+        await self._not_rebuilding()
         return await self.memo.lookup(parent, name, self.read)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
         security.capability before every write and chown: answered from memory.)"""
+        await self._not_rebuilding()
         return await self.memo.getxattr(ino, name, self.read)
+
+    async def _not_rebuilding(self) -> None:
+        """Reads wait while the view is rebuilt (`rebuild`): it is replayed from the
+        start, and the memo refilled with every intermediate state."""
+        while self._rebuilding is not None:
+            await self._rebuilding.wait()
 
     @property
     def memo_hits(self) -> int:
@@ -906,26 +918,35 @@ class MetaLog:
         log: pending changes cannot be undone row by row."""
         async with self._writer_lock():
             out = await trio.to_thread.run_sync(salvage, self.writer, limiter=self._wlimiter)
-
-            def wipe() -> None:
-                self.writer.close()
-                self.reader.close()
-                for suffix in ("", "-wal", "-shm"):
-                    Path(str(self.db_path) + suffix).unlink(missing_ok=True)
-                self._open_local()
-
-            with trio.CancelScope(shield=True):
-                await trio.to_thread.run_sync(wipe, limiter=self._wlimiter)
-            self.memo.forget_all()
-            self.journal_rows = 0
-            self._behind = None
-            self.broken = None
-            await self._load_initial()
-            self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
-            await self._catch_up_locked()
-            if self.leases is not None:
-                self.leases.refresh(self.writer)
+            self._rebuilding = trio.Event()
+            try:
+                await self._rebuild_locked()
+            finally:
+                self.memo.forget_all()  # it was refilled with intermediate states
+                self._rebuilding.set()
+                self._rebuilding = None
             return out
+
+    async def _rebuild_locked(self) -> None:
+        def wipe() -> None:
+            self.writer.close()
+            self.reader.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.db_path) + suffix).unlink(missing_ok=True)
+            self._open_local()
+
+        with trio.CancelScope(shield=True):
+            async with self._rlimiter:  # no read of the old file is running
+                await trio.to_thread.run_sync(wipe, limiter=self._wlimiter)
+        self.memo.forget_all()
+        self.journal_rows = 0
+        self._behind = None
+        self.broken = None
+        await self._load_initial()
+        self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
+        await self._catch_up_locked()
+        if self.leases is not None:
+            self.leases.refresh(self.writer)
 
     # ------------------------------------------------------------------- checkpoints
 

@@ -254,9 +254,13 @@ async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int
 async def walk(fs: Filesystem) -> Tree:
     """The whole tree as `fs` shows it, through its own calls only (opendir and open
     catch up with the log, as a process's opendir/open do)."""
-    root = await fs.lookup(ROOT_INO, b".")
-    listing = await fs.readdir(ROOT_INO, 0, 10_000)
-    # The lease mode's recovery directory (LEASES.md §10) is not part of the model.
+    # The lease mode's recovery directory (LEASES.md §10) is not part of the model; a
+    # recovery may create it while we look (read the root until it holds still).
+    for _ in range(10):
+        root = await fs.lookup(ROOT_INO, b".")
+        listing = await fs.readdir(ROOT_INO, 0, 10_000)
+        if (await fs.lookup(ROOT_INO, b".")).nlink == root.nlink:
+            break
     nlink = root.nlink - sum(1 for _, n, _ in listing if n == RECOVERY_DIR)
     out: dict[Path_, Entry] = {(): await entry_of(fs, ROOT_INO, True, root.mode, nlink)}
     by_ino: dict[int, set[Path_]] = {}
