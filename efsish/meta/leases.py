@@ -329,8 +329,9 @@ class Leases:
         return all(self.valid_until.get(d, -1.0) > now for d in domains)
 
     def _ok_domains(self) -> frozenset[int]:
-        """Domains a change may be journaled in now: held, valid, not recalled."""
-        if self.fenced is not None:
+        """Domains a change may be journaled in now: held, valid, not recalled (none
+        for `-o sync`, which journals nothing)."""
+        if self.fenced is not None or not self.cfg.acquire:
             return frozenset()
         now = self.clock()
         recalled = {r.domain for r in self.state.recalls}
@@ -378,6 +379,10 @@ class Leases:
                 result2: T = await self.meta.submit(planner)
                 if not self.meta.journal_rows:
                     self._oldest = None
+                if not self.cfg.acquire and self.state.held:
+                    # -o sync: a write recall handed the domain over for this change;
+                    # give it back at once (this mount takes no leases).
+                    await self._flush([LRel(d) for d in sorted(self.state.held)])
                 return result2
             except NeedDomain as e:
                 if self.clock() - start > self.cfg.lease_wait + 2 * self.cfg.lease_time:

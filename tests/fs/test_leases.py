@@ -427,3 +427,21 @@ async def test_gc_keeps_a_block_a_journaled_change_dropped_until_it_lands(
     await a.fs.meta.catch_up()
     await gc_collect(a.store, a.fs.meta, grace=0)
     assert not blocks & {i.key async for i in store.list("data/")}
+
+
+async def test_a_sync_mount_respects_leases_and_takes_none(make: Make) -> None:
+    a = await make()
+    s = await make(sync=True)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"a1", b"from a")  # A holds the domain
+    await write_file(a.fs, home, b"a2", b"journaled")
+    await write_file(s.fs, home, b"s1", b"from s")  # a write recall: handed over...
+    assert s.fs.leases is not None and not s.fs.leases.state.held  # ...and given back
+    assert s.fs.meta.journal_rows == 0
+    assert await read_file(a.fs, home, b"s1") == b"from s"
+    assert await read_file(s.fs, home, b"a2") == b"journaled"
+    log = await entries(s.store)
+    assert any(op.wire().get("to") == s.fs.meta.client_id for e in log for op in e.ops)
+    mine = [e for e in log if e.client == s.fs.meta.client_id]
+    assert mine and all(e.kind == "sync" for e in mine)
+    assert not any(op.wire()["o"] == "lacq" for e in mine for op in e.ops)
