@@ -412,24 +412,29 @@ class MetaLog:
         )
 
     async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
-        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None]:
+        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None, int | None]:
             where = f"{self.store.url}/{log_key(seq)}"
             entry = LogEntry.unwire(codec.decode_json(b"L", blob, where))
             res = ApplyResult()
+            rows: int | None = None
             self.writer.begin()
             try:
                 if self.leases is not None:
                     self.leases.apply_remote(self.writer, seq, entry, res)
+                    if entry.client == self.client_id:  # our own entry may drop rows
+                        rows = journal.stats(self.writer)[0]
                 else:
                     self.writer.apply_entry(seq, entry, res)
                 self.writer.commit()
             except BaseException:
                 self.writer.rollback()
                 raise
-            return res, self._fresh(res)
+            return res, self._fresh(res), rows
 
         try:
-            res, fresh = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+            res, fresh, rows = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+            if rows is not None:
+                self.journal_rows = rows
         except CorruptObject as e:
             if not again:
                 # Damaged on the way here (a GET carries no checksum)? Read it once more.
@@ -874,6 +879,7 @@ class MetaLog:
                 leases.flush_entries, self.writer, extra, limiter=self._wlimiter
             )
             if not entries:
+                self.journal_rows = 0  # (a catch-up may have met our last entry)
                 return
             entry = entries[0]
             last = len(entries) == 1
