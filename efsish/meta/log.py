@@ -120,6 +120,11 @@ class MetaLog:
         # filesystem; None: every change is committed on its own, as before leases.
         self.leases: LeaseHooks | None = None
         self._header: LeaseHeader | None = None  # set before each planning hop
+        # A client without a lease state (`efsish gc`) on a lease filesystem: the header
+        # of its sync entries (entries without one are fenced after fmt(3)).
+        self.sync_header: LeaseHeader | None = None
+        if sb.leases and client_id is not None:
+            self.sync_header = LeaseHeader(client_id, 1, lambda d: False)
         self._rebuilding: trio.Event | None = None  # set while `rebuild` replaces the view
         self.on_apply = on_apply or (lambda res, remote: None)
         self.checkpoint_every = checkpoint_every
@@ -549,7 +554,7 @@ class MetaLog:
             self._hop_settled = None
             # How a lease-era sync entry is written, read on the trio thread (the lease
             # clock may be trio's) for the planning hop.
-            self._header = None if self.leases is None else self.leases.header()
+            self._header = self.sync_header if self.leases is None else self.leases.header()
             try:
                 (seq, blob, res, outcomes), fresh = await trio.to_thread.run_sync(
                     self._plan, batch, settle, limiter=self._wlimiter

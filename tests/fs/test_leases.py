@@ -22,7 +22,7 @@ from efsish.errors import FsError, TransientStoreError
 from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
 from efsish.gc import collect as gc_collect
-from efsish.gc import run_status
+from efsish.gc import run_gc, run_status
 from efsish.meta import heartbeat, journal
 from efsish.meta.keys import LOG_PREFIX, log_key
 from efsish.meta.ops import LFlush, LogEntry
@@ -479,3 +479,19 @@ async def test_a_flush_whose_answer_was_lost_is_recognised(make: Make) -> None:
         await mkdir(a.fs, ROOT_INO, b"top")  # a sync change after it does not wait forever
     log = await entries(a.store)
     assert sum(1 for e in log for op in e.ops if op.wire().get("name") == "f") == 1
+
+
+async def test_efsish_gc_writes_entries_a_lease_filesystem_accepts(
+    make: Make, store: ObjectStore
+) -> None:
+    a = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"f", os.urandom(100_000))
+    await a.fs.unlink(home, b"f")
+    await a.fs.leases.sync()  # type: ignore[union-attr]
+    await heartbeat.delete(store, a.fs.meta.client_id)
+    assert await run_gc(store, dry_run=False, grace=0, progress=False, out=io.StringIO()) == 0
+    gc_entries = [e for e in await entries(store) if e.client == "gc"]
+    assert gc_entries and all(e.kind == "sync" for e in gc_entries)
+    await a.fs.meta.catch_up()
+    assert await a.fs.meta.read(View.garbage) == []  # applied, not fenced
