@@ -67,6 +67,10 @@ async def _format(args: argparse.Namespace) -> int:
         raise UsageError("--throughput-mode provisioned needs --provisioned-mibps N")
     if args.provisioned_mibps is not None and args.provisioned_mibps <= 0:
         raise UsageError("--provisioned-mibps must be positive")
+    if args.lease_depth < 1:
+        raise UsageError("--lease-depth must be 1 or more")
+    if args.lease_depth != 1 and not args.leases:
+        raise UsageError("--lease-depth needs --leases")
     async with open_store(args.store, store_options(args), create=True) as store:
         await check_formattable(store)  # before check() writes anything there
         await store.check()
@@ -75,8 +79,11 @@ async def _format(args: argparse.Namespace) -> int:
             block_size=parse_size(args.block_size),
             throughput_mode=args.throughput_mode,
             provisioned_mibps=float(args.provisioned_mibps or 0),
+            leases=args.leases,
+            lease_depth=args.lease_depth,
         )
-    print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}")
+    mode = f", leases (depth {sb.lease_depth})" if sb.leases else ""
+    print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}{mode}")
     return 0
 
 
@@ -227,6 +234,19 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="throughput for --throughput-mode provisioned, in MiB/s",
+    )
+    p.add_argument(
+        "--leases",
+        action="store_true",
+        help="format 3: mounts take leases on subtrees and commit changes there in "
+        "batches (docs/design/LEASES.md); efsish before leases cannot mount it",
+    )
+    p.add_argument(
+        "--lease-depth",
+        type=int,
+        default=1,
+        help="with --leases: the depth of the leased subtrees' roots (default 1: /home/USER "
+        "when mounted on /home)",
     )
     p.set_defaults(func=_format)
 

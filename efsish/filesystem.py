@@ -38,6 +38,8 @@ from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
+from efsish.meta.domains import domains_of_inode
+from efsish.meta.leases import LeaseConfig, Leases, load_client_id
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.planning import PlanContext
@@ -93,6 +95,14 @@ class Options:
     gc_grace: float = 3600.0
     mountpoint: str = ""
     read_only: bool = False  # writes nothing to the bucket; changes fail with EROFS
+    # Lease mode (format-3 filesystems, docs/design/LEASES.md): how late a journaled
+    # change reaches the log; `sync`: take no leases (respect others'); whether the
+    # daemon holds the cache dir's lock (mount.py), which lets a restart adopt at once;
+    # the lease clock (tests inject one; default CLOCK_BOOTTIME).
+    commit_interval: float = 1.0
+    sync: bool = False
+    cache_locked: bool = False
+    lease_clock: Callable[[], float] | None = None
 
 
 def _other_system_xattr(name: bytes) -> bool:
@@ -122,10 +132,21 @@ class Filesystem:
             store,
             sb,
             cache_dir / "meta.db",
+            client_id=load_client_id(cache_dir) if sb.leases else None,
             on_apply=self._on_apply,
             checkpoint_every=options.checkpoint_every,
             read_only=options.read_only,
         )
+        self.leases: Leases | None = None
+        if sb.leases and not options.read_only:
+            cfg = LeaseConfig(
+                lease_time=sb.lease_time,
+                commit_interval=options.commit_interval,
+                acquire=not options.sync,
+            )
+            if options.lease_clock is not None:
+                cfg.clock = options.lease_clock
+            self.leases = Leases(self.meta, cfg, cache_dir)
         self.cache = BlockCache(cache_dir / "blocks", options.cache_bytes)
         self.metering = Metering(
             store,
@@ -174,6 +195,8 @@ class Filesystem:
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
+        if self.leases is not None:
+            await self.leases.start(nursery, self.opts.cache_locked)
         await nursery.start(self.cache.run)
         nursery.start_soon(self._poller)
         nursery.start_soon(self._heartbeat)
@@ -188,6 +211,11 @@ class Filesystem:
             except EfsishError as e:
                 log.error("could not flush inode %d at shutdown: %s", of.ino, e)
         await self._commit_atimes()
+        if self.leases is not None:
+            try:
+                await self.leases.release_all()
+            except EfsishError as e:
+                log.error("could not commit the journal at shutdown: %s", e)
         with trio.move_on_after(10):
             await self.cache.drain()  # so that the next mount starts with a warm cache
         try:
@@ -359,12 +387,43 @@ class Filesystem:
     async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
         try:
-            return await self.meta.submit(planner)
+            return await self._commit(planner)
         except FsError:
             raise
         except EfsishError as e:
             log.error("metadata commit failed: %s", e)
             raise FsError(str(e), to_errno(e)) from e
+
+    # ------------------------------------------------ lease routing (LEASES.md §6)
+
+    async def _commit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
+        """A change: through the lease policy on a format-3 filesystem (journaled under
+        a lease, or a sync entry, recalling a domain held elsewhere first)."""
+        if self.leases is not None:
+            return await self.leases.submit(planner)
+        return await self.meta.submit(planner)
+
+    async def _read_barrier(self, ino: int, catch_up: bool = True) -> None:
+        """Before a read of `ino` (a directory's entries, or an inode): catch up with
+        the log, and recall the inode's domains from another mount that holds them."""
+        if catch_up:
+            await self._catch_up()
+        lz = self.leases
+        if lz is None or not lz.state.others:
+            return
+
+        def doms(view: View) -> set[int | None]:
+            try:
+                return domains_of_inode(view, ino)
+            except ValueError:
+                return set()
+
+        await lz.before_read(await self.meta.read(doms))
+
+    async def fsyncdir(self) -> None:
+        """fsync of a directory: under leases, wait until the journal is in the log."""
+        if self.leases is not None:
+            await self.leases.sync()
 
     @staticmethod
     def _need(view: View, ino: int) -> Attr:
@@ -386,7 +445,7 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise FsError("name too long", errno.ENAMETOOLONG)
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
-        await self._catch_up()
+        await self._read_barrier(parent)
         if name == b".":
             return await self._attr(parent)
         if name == b"..":
@@ -406,6 +465,7 @@ class Filesystem:
             log.warning("catch-up failed, serving possibly stale metadata: %s", e)
 
     async def getattr(self, ino: int) -> Attr:
+        await self._read_barrier(ino, catch_up=False)
         return await self._attr(ino)
 
     async def readlink(self, ino: int) -> bytes:
@@ -689,7 +749,7 @@ class Filesystem:
     # ------------------------------------------------------------------ directory
 
     async def opendir(self, ino: int) -> None:
-        await self._catch_up()
+        await self._read_barrier(ino)
         a = await self._attr(ino)
         if not a.is_dir:
             raise FsError("not a directory", errno.ENOTDIR)
@@ -804,7 +864,7 @@ class Filesystem:
         """Open a file; return (fh, keep_cache)."""
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
-        await self._catch_up()
+        await self._read_barrier(ino)
         attr = await self._attr(ino)
         if attr.is_dir:
             raise FsError("is a directory", errno.EISDIR)
@@ -860,7 +920,7 @@ class Filesystem:
             return ops, None
 
         try:
-            await self.meta.submit(plan)
+            await self._commit(plan)
         except EfsishError as e:
             log.debug("atime update of %d files failed: %s", len(due), e)
         except Exception:
@@ -925,6 +985,8 @@ class Filesystem:
 
     async def fsync(self, fh: int) -> None:
         await self._flush_file(self._file(fh))
+        if self.leases is not None:
+            await self.leases.sync()
 
     async def _flush_file(self, of: OpenFile) -> None:
         """Upload dirty data and commit the new layout; return when durable."""

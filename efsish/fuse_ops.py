@@ -288,8 +288,11 @@ class FuseOps(pyfuse3.Operations):
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
 
+    @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:
-        return None  # metadata is durable when each operation returns
+        # Without leases metadata is durable when each operation returns; with them,
+        # this waits for the journal to reach the log.
+        await self.fs.fsyncdir()
 
     @_errors
     async def statfs(self, ctx: Any) -> Any:

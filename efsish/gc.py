@@ -33,7 +33,7 @@ from efsish.errors import CorruptObject, FsError, NotFound
 from efsish.meta import heartbeat
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import BlocksDeleted, Op
+from efsish.meta.ops import BlocksDeleted, LogEntry, LRcv, Op
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import load_superblock
 from efsish.meta.view import View
@@ -51,6 +51,23 @@ async def log_head(store: ObjectStore) -> tuple[int, int]:
             first = first or s
             last = s
     return first, last
+
+
+async def recoveries(
+    store: ObjectStore, first: int, last: int, limit: int = 2000
+) -> list[tuple[int, LRcv]]:
+    """The recovery directories (`lrcv`, LEASES.md §10) named by the newest `limit`
+    log entries in [first, last]: where a fenced mount put the changes it had answered
+    and the log refused."""
+    out: list[tuple[int, LRcv]] = []
+    for seq in range(max(first, last - limit + 1), last + 1):
+        try:
+            blob = await store.get(log_key(seq))
+        except NotFound:
+            continue
+        entry = LogEntry.unwire(codec.decode_json(b"L", blob, log_key(seq)))
+        out += [(seq, op) for op in entry.ops if isinstance(op, LRcv)]
+    return out
 
 
 async def checkpoints(store: ObjectStore) -> list[int]:
@@ -217,6 +234,16 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
     }
     for k, v in info.items():
         print(f"{k:>18}: {v}", file=stream)
+    if sb.leases and last:
+        print(
+            f"{'leases':>18}: depth {sb.lease_depth}, lease time {sb.lease_time:g} s", file=stream
+        )
+        for seq, rcv in await recoveries(store, first, last):
+            print(
+                f"{'recovered':>18}: {rcv.path} (changes of mount {rcv.client}, "
+                f"incarnation {rcv.inc}, refused by the log; log entry {seq})",
+                file=stream,
+            )
     live = [c for c in clients if c.live()]
     print(f"{'live mounts':>18}: {len(live)}", file=stream)
     if clients:

@@ -60,6 +60,8 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "noatime": ("", ""),
     "debug": ("", ""),
     "nudge": ("auto|off|HOST:PORT", "auto, off, or the HOST:PORT other mounts nudge this one at"),
+    "commit_interval": ("SECONDS", "a number of seconds above 0, e.g. 1.0"),
+    "sync": ("", ""),
 }
 KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
@@ -110,6 +112,8 @@ class MountConfig:
     atime: bool = True  # relatime; noatime turns access-time updates off
     log_level: int = logging.INFO  # the daemon's log; -o debug or `efsish -v mount` lower it
     nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): parsed now, used with leases
+    commit_interval: float = 1.0  # lease mode: how late a journaled change reaches the log
+    sync: bool = False  # lease mode: take no leases (commit every change on its own)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -227,6 +231,10 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
     elif key == "nudge":
         nudge.parse_option(value)  # ValueError if malformed
         cfg.nudge = value
+    elif key == "commit_interval":
+        cfg.commit_interval = _seconds(value, zero_ok=False)
+    elif key == "sync":
+        cfg.sync = True
     else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
         raise AssertionError(key)
 
@@ -516,6 +524,9 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             prometheus_port=cfg.prometheus_port,
             atime=cfg.atime,
             read_only=cfg.ro,
+            commit_interval=cfg.commit_interval,
+            sync=cfg.sync,
+            cache_locked=True,  # lock_cache_dir above, held for the daemon's life
         ),
     )
     ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)

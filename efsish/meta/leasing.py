@@ -11,12 +11,13 @@ the clock, randomness or anything local, and must not import trio.
 
 from __future__ import annotations
 
+import errno
 import sqlite3
 import stat
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from efsish.errors import CorruptObject
+from efsish.errors import CorruptObject, FsError
 from efsish.meta import domains
 from efsish.meta.domains import TOP, Domain
 from efsish.meta.ops import (
@@ -96,6 +97,18 @@ class _Fence(Exception):
         self.fencing = Fencing(rule, reason)
 
 
+class LeaseLost(FsError):
+    """The view holds journaled changes of a domain this incarnation no longer holds
+    (a takeover, a newer incarnation of the client), or an entry of ours was fenced:
+    the mount stops before applying that entry (recovery, LEASES.md §10)."""
+
+    def __init__(self, reason: str) -> None:
+        super().__init__(reason, errno.EIO)
+
+
+Fence = _Fence  # raised by apply_leased_op when the entry must be fenced
+
+
 def apply_leased_entry(view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
     """Apply a lease-era entry, in a savepoint: all of it, or (fenced) none of it."""
     r = type(res)()
@@ -159,7 +172,13 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
             return
         if isinstance(op, ClaimInodes) and entry.journaled:
             raise CorruptObject("an inode claim in a journaled entry")
+        # Garbage rows take the op's own time, not the entry's: the holder recorded
+        # them when it journaled the op, long before the entry (LEASES.md §5).
+        view.cur_t = op_time(op, entry.t)
         touched, movers = _touches(view, op)
+        if entry.journaled and TOP in touched:
+            # The top is never leased: a change there must be planned against the head.
+            raise _Fence(FENCE_NOT_HELD, "a journaled entry changes the top")
         for d in sorted(x for x in touched if x is not TOP):
             _check_domain(view, d, entry)
         roots_before = _roots_in(view, movers)
@@ -174,6 +193,14 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
         raise CorruptObject(f"{kind!r} operation does not apply to the view: {e}") from None
 
 
+def op_time(op: Op, default: int) -> int:
+    """The time an op carries (a create's, a write's; a setattr's ctime), else `default`."""
+    if isinstance(op, SetAttr):
+        return op.ctime or op.mtime or default
+    t = getattr(op, "t", None)
+    return t if isinstance(t, int) and t else default
+
+
 def _roots_in(view: View, dirs: list[int]) -> set[int]:
     """The domain roots in the subtrees of those of `dirs` that are directories."""
     roots: set[int] = set()
@@ -182,6 +209,14 @@ def _roots_in(view: View, dirs: list[int]) -> set[int]:
         if attr is not None and attr.is_dir:
             roots |= domains.roots_in(view, d)
     return roots
+
+
+def touches(view: View, op: Op) -> set[Domain]:
+    """The domains (TOP included) a namespace op changes rows of, computed before it
+    applies: what an entry holding it must claim (LEASES.md §4)."""
+    if isinstance(op, LEASE_OPS):
+        return set()
+    return _touches(view, op)[0]
 
 
 def _touches(view: View, op: Op) -> tuple[set[Domain], list[int]]:
@@ -377,3 +412,47 @@ def _set_holder(view: View, d: int, holder: Holder | None, res: ApplyResult) -> 
     )
     view.db.execute("DELETE FROM recalls WHERE domain = ?", (d,))
     res.leases.add(d)
+
+
+def judge_own_journaled(
+    view: View, seq: int, entry: LogEntry, op_domains: list[list[int]], res: ApplyResult
+) -> None:
+    """Judge this mount's own journaled `entry` at `seq`, whose namespace ops the view
+    already holds (applied when they were journaled): the same verdict, and the same
+    fencing record, as `apply_leased_entry` gives on every other replayer, without
+    applying those ops twice. `op_domains`: the domains each namespace op touched when
+    it was journaled (computed with `touches`, as apply computes them; only the holder
+    changes its domains, so a replayer computes the same). Each op's domains are checked
+    in op order as apply checks them; its lease ops (an answer to a recall, a release)
+    are applied as anywhere else."""
+    r = type(res)()
+    view.cur_seq, view.cur_t = seq, entry.t
+    view.savepoint("lease_entry")
+    try:
+        _check_incarnation(view, entry)
+        namespace = iter(op_domains)
+        for op in entry.ops:
+            if isinstance(op, LEASE_OPS):
+                _apply_lease_op(view, op, entry, r)
+                continue
+            doms = next(namespace, None)
+            if doms is None:
+                raise CorruptObject("a journaled op without its journal row")
+            for d in sorted(doms):
+                _check_domain(view, d, entry)
+    except _Fence as f:
+        fencing = f.fencing
+    except (CorruptObject, sqlite3.IntegrityError) as e:
+        fencing = Fencing(FENCE_OP_FAILED, str(e))
+    else:
+        view.release("lease_entry")
+        res.merge(r)
+        return
+    view.rollback_to("lease_entry")
+    res.fenced = fencing
+    assert entry.inc is not None
+    if view.open_fencing(entry.client, entry.inc) is None:
+        view.db.execute(
+            "INSERT INTO fenced (client, inc, first_seq, reason) VALUES (?, ?, ?, ?)",
+            (entry.client, entry.inc, seq, str(fencing)),
+        )

@@ -37,7 +37,7 @@ from collections.abc import AsyncIterator, Callable
 from contextlib import asynccontextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Generic, TypeVar
+from typing import TYPE_CHECKING, Any, Generic, TypeVar
 
 import trio
 
@@ -49,16 +49,19 @@ from efsish.errors import (
     PreconditionFailed,
     TransientStoreError,
 )
-from efsish.meta import checkpoints
+from efsish.meta import checkpoints, journal, leasing
 from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
 from efsish.meta.memo import Fresh, Memo
-from efsish.meta.ops import LogEntry
-from efsish.meta.planning import Outcome, Plan, Planner, plan_batch
+from efsish.meta.ops import LogEntry, Op
+from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
+
+if TYPE_CHECKING:
+    from efsish.meta.leases import Leases as LeaseHooks
 
 log = logging.getLogger(__name__)
 
@@ -113,6 +116,16 @@ class MetaLog:
         self.sb = sb
         self.db_path = Path(db_path)
         self.client_id = client_id or uuid.uuid4().hex[:16]
+        # The lease protocol's per-mount state (efsish.meta.leases), on a format-3
+        # filesystem; None: every change is committed on its own, as before leases.
+        self.leases: LeaseHooks | None = None
+        self._header: LeaseHeader | None = None  # set before each planning hop
+        # A client without a lease state (`efsish gc`) on a lease filesystem: the header
+        # of its sync entries (entries without one are fenced after fmt(3)).
+        self.sync_header: LeaseHeader | None = None
+        if sb.leases and client_id is not None:
+            self.sync_header = LeaseHeader(client_id, 1, lambda d: False)
+        self._rebuilding: trio.Event | None = None  # set while `rebuild` replaces the view
         self.on_apply = on_apply or (lambda res, remote: None)
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
@@ -159,20 +172,31 @@ class MetaLog:
         if not await trio.to_thread.run_sync(self.writer.initialised):
             await self._load_initial()
         self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
-        await self.catch_up(check_trimmed=True)
+        if self.leases is not None:
+            self.journal_rows = await trio.to_thread.run_sync(lambda: journal.stats(self.writer)[0])
+        try:
+            await self.catch_up(check_trimmed=True)
+        except leasing.LeaseLost:
+            pass  # recorded (fenced_at): the lease code recovers before serving
 
     def _open_local(self) -> None:
         self.db_path.parent.mkdir(parents=True, exist_ok=True)
-        view = View(self.db_path)
+        view = self._view()
         uuid_ = view.get_meta("fs_uuid")
         if uuid_ is not None and uuid_ != self.sb.fs_uuid:
             log.warning("cache %s belongs to another filesystem; discarding it", self.db_path)
             view.close()
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.db_path) + suffix).unlink(missing_ok=True)
-            view = View(self.db_path)
+            view = self._view()
         self.writer = view
-        self.reader = View(self.db_path)
+        self.reader = self._view()
+
+    def _view(self) -> View:
+        view = View(self.db_path, lease_depth=self.sb.lease_depth)
+        if self.leases is not None:
+            journal.ensure(view)
+        return view
 
     async def _load_initial(self) -> None:
         """Fill an empty view from the newest checkpoint, or create the root."""
@@ -198,8 +222,8 @@ class MetaLog:
         self.writer.close()
         self.reader.close()
         checkpoints.install(data, seq, what, self.db_path, self.sb.fs_uuid)
-        self.writer = View(self.db_path)
-        self.reader = View(self.db_path)
+        self.writer = self._view()
+        self.reader = self._view()
         self.memo.forget_all()
 
     async def aclose(self) -> None:
@@ -236,6 +260,8 @@ class MetaLog:
         """Wait until this mount's last committed entry is in SQLite (see
         `_commit_batch`): every read of the view begins with this. (The memo is up to
         date before anyone is answered.)"""
+        while self._rebuilding is not None:  # the view is being replaced (fenced)
+            await self._rebuilding.wait()
         settling = self._settling
         if settling is not None:
             self._hurry()
@@ -267,16 +293,25 @@ class MetaLog:
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
+        await self._not_rebuilding()
         return await self.memo.getattr(ino, self.read)
 
     async def lookup(self, parent: int, name: bytes) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
+        await self._not_rebuilding()
         return await self.memo.lookup(parent, name, self.read)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
         security.capability before every write and chown: answered from memory.)"""
+        await self._not_rebuilding()
         return await self.memo.getxattr(ino, name, self.read)
+
+    async def _not_rebuilding(self) -> None:
+        """Reads wait while the view is rebuilt (`rebuild`): it is replayed from the
+        start, and the memo refilled with every intermediate state."""
+        while self._rebuilding is not None:
+            await self._rebuilding.wait()
 
     @property
     def memo_hits(self) -> int:
@@ -293,6 +328,10 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
+        if self.leases is not None and res.leases:
+            # On the trio thread, under the write lock, with no hop running: the
+            # writer's state (our own answered entry's open transaction included).
+            self.leases.refresh(self.writer)
         self.on_apply(res, remote)
 
     @property
@@ -316,9 +355,11 @@ class MetaLog:
         first: tuple[int, bytes] | None = None
         if not check_trimmed:
             seq = self._seq + 1
+            sent = self._lease_clock()
             try:
                 first = (seq, await self.store.get(log_key(seq)))
             except NotFound:
+                self._renewed(sent)
                 return 0
         async with self._writer_lock():
             if self._catchups_done_from > ticket and not check_trimmed:
@@ -338,9 +379,11 @@ class MetaLog:
             if first is not None and first[0] == seq:
                 blob = first[1]
             else:
+                sent = self._lease_clock()
                 try:
                     blob = await self.store.get(log_key(seq))
                 except NotFound:
+                    self._renewed(sent)
                     if applied == 0 and check_trimmed:
                         await self._check_trimmed(seq)
                     return applied
@@ -374,21 +417,29 @@ class MetaLog:
         )
 
     async def _apply_remote(self, seq: int, blob: bytes, again: bool = False) -> None:
-        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None]:
+        def apply(seq: int = seq) -> tuple[ApplyResult, Fresh | None, int | None]:
             where = f"{self.store.url}/{log_key(seq)}"
             entry = LogEntry.unwire(codec.decode_json(b"L", blob, where))
             res = ApplyResult()
+            rows: int | None = None
             self.writer.begin()
             try:
-                self.writer.apply_entry(seq, entry, res)
+                if self.leases is not None:
+                    self.leases.apply_remote(self.writer, seq, entry, res)
+                    if entry.client == self.client_id:  # our own entry may drop rows
+                        rows = journal.stats(self.writer)[0]
+                else:
+                    self.writer.apply_entry(seq, entry, res)
                 self.writer.commit()
             except BaseException:
                 self.writer.rollback()
                 raise
-            return res, self._fresh(res)
+            return res, self._fresh(res), rows
 
         try:
-            res, fresh = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+            res, fresh, rows = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+            if rows is not None:
+                self.journal_rows = rows
         except CorruptObject as e:
             if not again:
                 # Damaged on the way here (a GET carries no checksum)? Read it once more.
@@ -398,6 +449,12 @@ class MetaLog:
                     return await self._apply_remote(seq, blob2, again=True)
             self.broken = str(e)
             log.error("cannot apply the metadata log: %s", e)
+            raise
+        except leasing.LeaseLost as e:
+            # Stopped before this entry: the view holds journaled changes it would
+            # make wrong (LEASES.md §10).
+            assert self.leases is not None
+            self.leases.fenced_at(seq, str(e))
             raise
         except sqlite3.Error as e:  # e.g. a full or failing disk under the cache dir
             raise FsError(f"cannot update the metadata view in {self.db_path}: {e}") from e
@@ -495,6 +552,9 @@ class MetaLog:
             saved_range = self.inodes.save()
             settle = self._unsettled
             self._hop_settled = None
+            # How a lease-era sync entry is written, read on the trio thread (the lease
+            # clock may be trio's) for the planning hop.
+            self._header = self.sync_header if self.leases is None else self.leases.header()
             try:
                 (seq, blob, res, outcomes), fresh = await trio.to_thread.run_sync(
                     self._plan, batch, settle, limiter=self._wlimiter
@@ -529,7 +589,15 @@ class MetaLog:
                     await trio.to_thread.run_sync(self.writer.commit, limiter=self._wlimiter)
                     self._deliver(batch, outcomes)
                     return False
+                if self.leases is not None and self.journal_rows and self.leases.ready:
+                    # A sync change comes after the journal in the log (the order
+                    # this mount answered them): flush first, then plan it again.
+                    await self._rollback()
+                    self.inodes.restore(saved_range)
+                    await self._flush_locked()
+                    continue
                 sent = True
+                put_at = self._lease_clock()
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
@@ -571,6 +639,7 @@ class MetaLog:
             self._settling = trio.Event()
             self._answered += 1
             self._applied(res, False, fresh)
+            self._renewed(put_at)
             self._deliver(batch, outcomes)
             return True
         raise TransientStoreError(
@@ -677,7 +746,8 @@ class MetaLog:
             self._hop_settled = settle
         view.begin()
         try:
-            plan = plan_batch(view, [p.planner for p in batch], self.inodes, self.client_id)
+            planners = [p.planner for p in batch]
+            plan = plan_batch(view, planners, self.inodes, self.client_id, self._header)
             # What the entry changed, as it will be once committed (for the memo).
             return plan, None if plan.blob is None else self._fresh(plan.res)
         except BaseException:
@@ -703,6 +773,192 @@ class MetaLog:
             p.result, p.error = result, error
             p.done.set()
 
+    # ------------------------------------------------------------------ leases (§6)
+
+    journal_rows = 0  # rows in the local journal (lease mode; kept by the lease code)
+
+    def _lease_clock(self) -> float:
+        return 0.0 if self.leases is None else self.leases.clock()
+
+    def _renewed(self, sent: float) -> None:
+        """A GET that returned 404 (or a PUT that landed) was sent at lease-clock time
+        `sent` with every earlier entry applied: no recall had landed by then."""
+        if self.leases is not None:
+            self.leases.renewed(sent)
+
+    async def submit_local(
+        self, planner: Planner[T], ok: frozenset[int]
+    ) -> tuple[T, frozenset[int]] | None:
+        """Plan `planner` against the view as a journaled change: if every op touches
+        only domains in `ok` (held, valid, not recalled) it is applied and appended to
+        the journal in one SQLite transaction, committed before this returns (result,
+        domains touched). None: not a local change (another domain, the top, an inode
+        range claim, an error to be judged against the head): commit it as a sync one."""
+        if self.read_only:
+            raise FsError("read-only mount", errno.EROFS)
+        if self.broken:
+            raise FsError(f"metadata log unusable: {self.broken}")
+        leases = self.leases
+        assert leases is not None
+        async with self._writer_lock():
+            if self.broken:
+                raise FsError(f"metadata log unusable: {self.broken}")
+            saved = self.inodes.save()
+            try:
+                out = await trio.to_thread.run_sync(
+                    self._plan_local, planner, ok, leases.clock(), limiter=self._wlimiter
+                )
+            except BaseException:
+                self.inodes.restore(saved)
+                raise
+            if out is None:
+                self.inodes.restore(saved)
+                return None
+            result, doms, res, fresh, nrows = out
+            self.journal_rows += nrows
+            self.commits += 1
+            self._answered += 1
+            self._applied(res, False, fresh)
+        return result, doms
+
+    def _plan_local(
+        self, planner: Planner[T], ok: frozenset[int], mono: float
+    ) -> tuple[T, frozenset[int], ApplyResult, Fresh | None, int] | None:
+        leases = self.leases
+        assert leases is not None
+        view = self.writer
+        view.begin()
+        try:
+            ctx = PlanContext(self.inodes)
+            jseq = journal.next_jseq(view, self.client_id)
+            prov = leases.journaled_entry(view)
+            try:
+                ops, result = planner(view, ctx)
+            except FsError:
+                view.rollback()
+                return None
+            if ctx.extra or not ops:
+                view.rollback()
+                return None
+            res = ApplyResult()
+            doms: set[int] = set()
+            per_op: list[set[int]] = []
+            for op in ops:
+                touched = leasing.touches(view, op)
+                if not touched or not touched <= ok:
+                    view.rollback()
+                    return None
+                per_op.append({d for d in touched if d is not None})
+                doms |= per_op[-1]
+                view.cur_seq = journal.PENDING + jseq + len(per_op) - 1
+                try:
+                    leasing.apply_leased_op(view, op, prov, res)
+                except (leasing.Fence, CorruptObject):
+                    view.rollback()
+                    return None
+            if ctx.after is not None:
+                result = ctx.after(view)
+            journal.append(view, self.client_id, ops, per_op, ctx.now_ns, mono)
+            fresh = self._fresh(res)
+            view.commit()
+        except BaseException:
+            view.rollback()
+            raise
+        return result, frozenset(doms), res, fresh, len(ops)
+
+    async def flush(self, extra: list[Op] | None = None) -> None:
+        """Commit the journal to the log (LEASES.md §6.3), with `extra` lease ops (the
+        answer to a recall, releases) after it in the last entry."""
+        async with self._writer_lock():
+            await self._flush_locked(extra)
+
+    async def _flush_locked(self, extra: list[Op] | None = None) -> None:
+        leases = self.leases
+        assert leases is not None
+        if self.read_only:
+            return
+        while True:
+            if self.broken:
+                raise FsError(f"metadata log unusable: {self.broken}")
+            entries = await trio.to_thread.run_sync(
+                leases.flush_entries, self.writer, extra, limiter=self._wlimiter
+            )
+            if not entries:
+                self.journal_rows = 0  # (a catch-up may have met our last entry)
+                return
+            entry = entries[0]
+            last = len(entries) == 1
+            blob = journal.encode(entry)
+            seq = self._seq + 1
+            put_at = self._lease_clock()
+            try:
+                await self._put_entry(seq, blob)
+            except PreconditionFailed:
+                # Another entry took the position (or a lost answer of ours landed
+                # there: the catch-up recognises it by its label and drops its rows).
+                await self._catch_up_locked()
+                continue
+
+            def record(entry: LogEntry = entry, seq: int = seq) -> tuple[ApplyResult, int]:
+                res = ApplyResult()
+                self.writer.begin()
+                try:
+                    leases.apply_own(self.writer, seq, entry, res)
+                    self.writer.commit()
+                except BaseException:
+                    self.writer.rollback()
+                    raise
+                return res, journal.stats(self.writer)[0]
+
+            with trio.CancelScope(shield=True):
+                res, left = await trio.to_thread.run_sync(record, limiter=self._wlimiter)
+            self._seq = seq
+            self.entries_written += 1
+            self.journal_rows = left
+            self._applied(res, False, None)
+            if res.fenced is not None:
+                leases.fenced_at(seq, str(res.fenced))
+                raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)
+            self._renewed(put_at)
+            if last:
+                return
+
+    async def rebuild(self, salvage: Callable[[View], T]) -> T:
+        """Fenced (LEASES.md §10): return `salvage(writer)` (what the journal made,
+        read before it goes), then rebuild the view from the newest checkpoint and the
+        log: pending changes cannot be undone row by row."""
+        async with self._writer_lock():
+            out = await trio.to_thread.run_sync(salvage, self.writer, limiter=self._wlimiter)
+            self._rebuilding = trio.Event()
+            try:
+                await self._rebuild_locked()
+            finally:
+                self.memo.forget_all()  # it was refilled with intermediate states
+                self._rebuilding.set()
+                self._rebuilding = None
+            return out
+
+    async def _rebuild_locked(self) -> None:
+        def wipe() -> None:
+            self.writer.close()
+            self.reader.close()
+            for suffix in ("", "-wal", "-shm"):
+                Path(str(self.db_path) + suffix).unlink(missing_ok=True)
+            self._open_local()
+
+        with trio.CancelScope(shield=True):
+            async with self._rlimiter:  # no read of the old file is running
+                await trio.to_thread.run_sync(wipe, limiter=self._wlimiter)
+        self.memo.forget_all()
+        self.journal_rows = 0
+        self._behind = None
+        self.broken = None
+        await self._load_initial()
+        self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
+        await self._catch_up_locked()
+        if self.leases is not None:
+            self.leases.refresh(self.writer)
+
     # ------------------------------------------------------------------- checkpoints
 
     async def maybe_checkpoint(self) -> bool:
@@ -710,6 +966,8 @@ class MetaLog:
             return False  # the mounts that write checkpoint the log
         if self.applied_seq - self.last_checkpoint < self.checkpoint_every:
             return False
+        if self.journal_rows:
+            return False  # the view holds changes that are not in the log yet
         await self.write_checkpoint()
         return True
 
@@ -718,6 +976,8 @@ class MetaLog:
         if self.read_only:
             raise FsError("read-only mount: no checkpoints", errno.EROFS)
         async with self._writer_lock():
+            if self.journal_rows:
+                raise FsError("the view holds changes not in the log yet: no checkpoint")
             seq, data = await trio.to_thread.run_sync(
                 checkpoints.snapshot, self.writer, self.db_path.parent, limiter=self._wlimiter
             )

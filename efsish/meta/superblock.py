@@ -20,6 +20,8 @@ from efsish.errors import (
     PermanentStoreError,
     PreconditionFailed,
 )
+from efsish.meta.keys import log_key
+from efsish.meta.ops import SYNC, Fmt, LogEntry
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -30,7 +32,13 @@ COUNT_LIMIT = 1000  # objects counted for a message about a prefix that holds no
 # 1: data blocks checksummed with CRC-32 ("r"). 2: with CRC-32C ("k"), recorded in
 # extra["block_checksum"], so that an efsish that knows only format 1 refuses to mount
 # (it could not verify the new checksums) instead of reporting every block as corrupt.
+# 3: the lease protocol (docs/design/LEASES.md), written only by `efsish format --leases`:
+# extra["lease_depth"] and extra["lease_time"], and log/1 holds the fmt(3) entry. An
+# efsish that knows only format 2 refuses it ("formatted by a newer efsish").
 FORMAT_VERSION = 2
+LEASE_FORMAT_VERSION = 3
+NEWEST_FORMAT = LEASE_FORMAT_VERSION
+DEFAULT_LEASE_TIME = 15.0  # seconds (LEASES.md §7: L)
 MIN_BLOCK = 64 * 1024
 MAX_BLOCK = 64 * 1024 * 1024
 
@@ -57,6 +65,22 @@ class Superblock:
     def block_checksum(self) -> str:
         """The checksum new data blocks get (codec.block_hash): "crc32" before format 2."""
         return str(self.extra.get("block_checksum", "crc32"))
+
+    @property
+    def leases(self) -> bool:
+        """The filesystem uses the lease protocol (format 3)."""
+        return self.format_version >= LEASE_FORMAT_VERSION
+
+    @property
+    def lease_depth(self) -> int:
+        """The depth of the lease domains' roots (LEASES.md §3; the root is 0)."""
+        return int(self.extra.get("lease_depth", 1))
+
+    @property
+    def lease_time(self) -> float:
+        """L, seconds: how long a holder answers locally after its last proof that no
+        recall had landed (LEASES.md §7)."""
+        return float(self.extra.get("lease_time", DEFAULT_LEASE_TIME))
 
 
 async def check_formattable(store: ObjectStore) -> None:
@@ -98,7 +122,13 @@ async def format_fs(
     block_size: int = 4 * 1024 * 1024,
     throughput_mode: str = "bursting",
     provisioned_mibps: float = 0.0,
+    leases: bool = False,
+    lease_depth: int = 1,
+    lease_time: float = DEFAULT_LEASE_TIME,
 ) -> Superblock:
+    """Create a filesystem. With `leases`, a format-3 one (LEASES.md §14): the
+    superblock records the lease depth and time, and log/1 is the fmt(3) entry, so that
+    every entry after it carries a lease header."""
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
         raise EfsishError(
             f"block size {block_size} must be a power of two between 64 KiB and 64 MiB"
@@ -111,12 +141,26 @@ async def format_fs(
         provisioned_mibps=provisioned_mibps,
         extra={"block_checksum": "crc32c"},
     )
+    if leases:
+        if lease_depth < 1 or not lease_time > 0 or lease_time == float("inf"):
+            raise EfsishError("the lease depth must be at least 1 and the lease time positive")
+        sb.format_version = LEASE_FORMAT_VERSION
+        sb.extra.update(lease_depth=lease_depth, lease_time=lease_time)
     await check_formattable(store)
     try:
         await store.put_if_absent(SUPERBLOCK_KEY, codec.encode_json(b"S", asdict(sb)))
     except PreconditionFailed:
         raise AlreadyFormatted(f"{store.url} already holds an efsish filesystem") from None
+    if leases:
+        await store.put_if_absent(log_key(1), _fmt_entry(sb))
     return sb
+
+
+def _fmt_entry(sb: Superblock) -> bytes:
+    """log/1 of a format-3 filesystem: fmt(3), a sync entry of the formatter."""
+    entry = LogEntry(uuid.uuid4().hex, "format", sb.created, [Fmt(LEASE_FORMAT_VERSION)])
+    entry.inc, entry.kind = 0, SYNC
+    return codec.encode_json(b"L", entry.wire())
 
 
 async def enclosing_filesystem(store: ObjectStore) -> str | None:
@@ -196,7 +240,7 @@ async def load_superblock(store: ObjectStore) -> Superblock:
         version = d.setdefault("format_version", 1)  # format 1 always wrote it; be lenient
         if not isinstance(version, int) or isinstance(version, bool):
             raise CorruptObject(f"format_version is {version!r}")
-        if version > FORMAT_VERSION:
+        if version > NEWEST_FORMAT:
             raise EfsishError(
                 f"{store.url} was formatted by a newer efsish (format {version}); upgrade "
                 "efsish on this machine"

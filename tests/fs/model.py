@@ -30,6 +30,7 @@ from efsish.store.base import ObjectInfo
 from efsish.store.faulty import FaultPlan, FaultyStore
 
 ROOT = Ctx(0, 0)
+RECOVERY_DIR = b".efsish-recovered"
 WRITES = frozenset({"put", "put_if_absent", "delete"})
 
 Path_ = tuple[str, ...]
@@ -229,6 +230,12 @@ def first_difference(seen: Tree, want: Tree) -> str:
 
 
 async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int) -> Entry:
+    if is_dir and fs.leases is not None:
+        # Under leases a domain root's attributes as a lookup or readdir of the top
+        # returns them may be up to a commit interval old (LEASES.md §3, as an NFS
+        # attribute cache): a stat() (getattr, a read of its domain) is fresh.
+        a = await fs.getattr(ino)
+        mode, nlink = a.mode, a.nlink
     names = await fs.listxattr(ino, ROOT)
     xattrs = tuple(sorted([(n, await fs.getxattr(ino, n)) for n in names]))
     if is_dir:
@@ -247,14 +254,23 @@ async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int
 async def walk(fs: Filesystem) -> Tree:
     """The whole tree as `fs` shows it, through its own calls only (opendir and open
     catch up with the log, as a process's opendir/open do)."""
-    root = await fs.lookup(ROOT_INO, b".")
-    out: dict[Path_, Entry] = {(): await entry_of(fs, ROOT_INO, True, root.mode, root.nlink)}
+    # The lease mode's recovery directory (LEASES.md §10) is not part of the model; a
+    # recovery may create it while we look (read the root until it holds still).
+    for _ in range(10):
+        root = await fs.lookup(ROOT_INO, b".")
+        listing = await fs.readdir(ROOT_INO, 0, 10_000)
+        if (await fs.lookup(ROOT_INO, b".")).nlink == root.nlink:
+            break
+    nlink = root.nlink - sum(1 for _, n, _ in listing if n == RECOVERY_DIR)
+    out: dict[Path_, Entry] = {(): await entry_of(fs, ROOT_INO, True, root.mode, nlink)}
     by_ino: dict[int, set[Path_]] = {}
     todo: list[tuple[Path_, int]] = [((), ROOT_INO)]
     while todo:
         path, ino = todo.pop()
         await fs.opendir(ino)
         for _, name, a in await fs.readdir(ino, 0, 10_000):
+            if not path and name == RECOVERY_DIR:
+                continue
             p = (*path, name.decode())
             out[p] = await entry_of(fs, a.ino, a.is_dir, a.mode, a.nlink)
             if a.is_dir:
@@ -370,15 +386,34 @@ class Mount:
 class Mounts:
     """Starts mounts of one filesystem in the test's nursery, kills and remounts them."""
 
-    def __init__(self, nursery: trio.Nursery, store: ObjectStore, sb: Superblock, tmp: Path):
+    def __init__(
+        self,
+        nursery: trio.Nursery,
+        store: ObjectStore,
+        sb: Superblock,
+        tmp: Path,
+        commit_interval: float = 1.0,
+    ):
         self.nursery, self.store, self.sb, self.tmp = nursery, store, sb, tmp
+        self.commit_interval = commit_interval
         self.started = 0
 
     async def start(self, index: int, cache_dir: Path | None = None, gen: int = 0) -> Mount:
         self.started += 1
         cache_dir = cache_dir or self.tmp / f"cache{index}.{self.started}"
         mstore = MountStore(self.store)
-        fs = Filesystem(mstore, self.sb, Options(cache_dir=cache_dir, poll_interval=3600))
+        opts = Options(cache_dir=cache_dir, poll_interval=3600)
+        if self.sb.leases:
+            # A holder sees recalls by its poll; the lease clock is trio's (mock) clock;
+            # the cache dir is this process's, so a remount may adopt at once.
+            opts = Options(
+                cache_dir=cache_dir,
+                poll_interval=1.0,
+                commit_interval=self.commit_interval,
+                cache_locked=True,
+                lease_clock=trio.current_time,
+            )
+        fs = Filesystem(mstore, self.sb, opts)
         stopped = trio.Event()
 
         async def serve(

@@ -69,7 +69,7 @@ async def test_format1_filesystems_keep_crc32(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"format_version": 3, "new_field": 1}, "newer efsish \\(format 3\\); upgrade"),
+        ({"format_version": 4, "new_field": 1}, "newer efsish \\(format 4\\); upgrade"),
         ({"extra": {"block_checksum": "blake3"}}, "block checksum 'blake3'.*upgrade"),
         ({"extra": None}, "not an efsish superblock: its 'extra' field"),
         ({"format_version": "2"}, "not an efsish superblock: format_version"),
@@ -84,3 +84,22 @@ async def test_superblocks_this_version_cannot_serve_are_refused(
     await store.put_if_absent(SUPERBLOCK_KEY, codec.encode_json(b"S", d))
     with pytest.raises(EfsishError, match=message):
         await load_superblock(store)
+
+
+async def test_a_lease_format_filesystem_is_refused_by_an_efsish_that_knows_format_2(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from efsish.meta import superblock
+
+    store = MemoryStore(f"fmt3-{uuid.uuid4().hex}")
+    sb = await format_fs(store, block_size=BS, leases=True, lease_time=5.0)
+    loaded = await load_superblock(store)
+    assert loaded.leases and (loaded.lease_depth, loaded.lease_time) == (1, 5.0)
+    assert sb.format_version == 3
+    # A build that knows only format 2 (the check as it was) says what to do.
+    monkeypatch.setattr(superblock, "NEWEST_FORMAT", 2)
+    with pytest.raises(EfsishError, match="formatted by a newer efsish \\(format 3\\); upgrade"):
+        await load_superblock(store)
+    # The default stays format 2.
+    plain = await format_fs(MemoryStore(f"fmt2-{uuid.uuid4().hex}"), block_size=BS)
+    assert plain.format_version == 2 and not plain.leases

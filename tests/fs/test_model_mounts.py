@@ -54,6 +54,7 @@ import errno
 import itertools
 import os
 import random
+import uuid
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -63,11 +64,15 @@ import pytest
 import trio
 import trio.testing
 
-from efsish.errors import FsError
+from efsish import codec
+from efsish.errors import FsError, NotFound
 from efsish.filesystem import RENAME_NOREPLACE, Filesystem
-from efsish.meta.superblock import Superblock
+from efsish.meta.keys import log_key
+from efsish.meta.ops import LEASE_OPS, LogEntry
+from efsish.meta.superblock import Superblock, format_fs
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
+from efsish.store.memory import MemoryStore
 from tests.fs.model import (
     ROOT,
     Model,
@@ -88,9 +93,10 @@ from tests.fs.model import (
     walk,
 )
 
-# The lease mode's rule 4 for a lost cache dir (see the module docstring); off: today
-# every answered change is in the log.
-LEASE_LOSS = False
+# The lease mode's rule 4 for a lost cache dir (see the module docstring); off (the
+# sync format): every answered change is in the log. The lease format runs with it on.
+LEASE_LOSS = {"sync": False, "lease": True}
+LEASE_TIME = 5.0  # seconds (mock): a takeover comes 2 x this after an unanswered recall
 COMMIT_INTERVAL = 1.0  # seconds; what a lost cache dir may lose is about this old at most
 LOSS_WINDOW = 2 * COMMIT_INTERVAL  # the journal's backpressure bound (LEASES.md §6.3)
 
@@ -141,7 +147,16 @@ class Doubt:
 
 
 class Run:
-    def __init__(self, seed: int, mounts: Mounts, live: list[Mount], root_mode: int) -> None:
+    def __init__(
+        self,
+        seed: int,
+        mounts: Mounts,
+        live: list[Mount],
+        root_mode: int,
+        lease_loss: bool = False,
+    ) -> None:
+        self.lease_loss = lease_loss
+        self.paused_t = 0.0  # trio time the pause began
         self.rng = random.Random(seed)
         self.seed, self.mounts, self.live = seed, mounts, live
         self.root_mode = root_mode
@@ -483,6 +498,15 @@ class Run:
         rule: str = "",
         bases: Sequence[tuple[Model, list[Change] | None]] | None = None,
     ) -> None:
+        if self.lease_loss and self.paused is not None:
+            # The lease mode: a mount that needs a domain the paused mount holds takes
+            # it over after 2 x lease_time; the paused mount's journal (its unsynced
+            # changes from about the last commit interval before the pause) is then
+            # fenced: in its recovery directory, not in the tree (LEASES.md §7, §10).
+            bases = [
+                *(bases or [(self.model, None)]),
+                *self.lossy(self.paused.index, self.paused_t),
+            ]
         self.settle(await walk(m.fs), f"mount {m.index}", bases, rule)
 
     async def check_names(self, paths: list[Path_], why: str) -> None:
@@ -633,7 +657,7 @@ class Run:
         m = rng.choice(self.live_ones())
         where = rng.choice(["request", "answer"])
         m.store.pause(where)
-        self.paused, self.paused_at = m, self.step_no
+        self.paused, self.paused_at, self.paused_t = m, self.step_no, trio.current_time()
         self.count("pause")
         if rng.random() < 0.3:
             self.note(f"pause mount {m.index} ({where}s hang)")
@@ -661,6 +685,9 @@ class Run:
         assert m is not None
         self.note(f"resume mount {m.index}")
         m.store.resume()
+        if self.lease_loss:
+            await self.resume_leased(m, d)
+            return
         self.paused = self.in_flight = None
         if d is None:
             return
@@ -670,6 +697,31 @@ class Run:
         self.doubts.remove(d)
         self.commit(d.mount, d.steps)
         await self.check_names(self.touched([a for s in d.steps for a in s]), d.label)
+
+    async def resume_leased(self, m: Mount, d: Doubt | None) -> None:
+        """The lease mode's resume: the mount catches up; if another mount took one of
+        its domains over meanwhile it is fenced, recovers, and its journal (the call in
+        flight too) is in its recovery directory instead of the tree."""
+        leases = m.fs.leases
+        assert leases is not None
+        if d is not None:
+            await d.finished.wait()
+        for _ in range(3):
+            try:
+                await m.fs.meta.catch_up()
+                await leases.sync()
+                break
+            except FsError:
+                await trio.sleep(1.0)
+        while leases.fenced is not None or leases.recovering:  # noqa: ASYNC110
+            await trio.sleep(0.1)
+        if d is not None:
+            if not d.returned and (d.error is None or getattr(d.error, "errno", 0) != errno.EIO):
+                self.fail(f"{d.label}: failed after the resume: {d.error!r}")
+            d.done = True  # in the tree, or in the recovery directory
+        bases = [(self.model, None), *self.lossy(m.index, self.paused_t)]
+        self.paused = self.in_flight = None
+        await self.compare_tree(m, f" after mount {m.index} resumed (rule 4, lease mode)", bases)
 
     async def kill(self, lose_cache: bool) -> None:
         m = self.rng.choice(self.live)
@@ -688,19 +740,22 @@ class Run:
             if d.returned:
                 d.lo = len(d.steps)
         bases: list[tuple[Model, list[Change] | None]] = [(self.model, None)]
-        if lose_cache and LEASE_LOSS:
+        if lose_cache and self.lease_loss:
             bases += self.lossy(m.index)
+        if d is not None and self.lease_loss:
+            bases += self.lossy(m.index, self.paused_t)  # taken over while paused
         rule = (
             f" (rules 3/4: kill -9 of mount {m.index} {how}: a change whose call "
             "returned is missing, or a change appeared that did not happen)"
         )
         await self.compare_tree(new, rule, bases)
 
-    def lossy(self, i: int) -> list[tuple[Model, list[Change] | None]]:
-        """The lease mode: with its cache dir, mount i may lose its latest changes that
-        no fsync covered and that are at most LOSS_WINDOW old; the models without the
-        last 1, 2, ... of them (a journal loses a suffix)."""
-        now = trio.current_time()
+    def lossy(self, i: int, at: float | None = None) -> list[tuple[Model, list[Change] | None]]:
+        """The lease mode: with its cache dir (or its lease, taken over while it was
+        paused at time `at`), mount i may lose its latest changes that no fsync covered
+        and that are at most LOSS_WINDOW old (then); the models without the last 1, 2,
+        ... of them (a journal loses a suffix)."""
+        now = trio.current_time() if at is None else at
         mine = [k for k, c in enumerate(self.history) if c.mount == i]
         lost: list[int] = []
         for k in reversed(mine):
@@ -733,9 +788,11 @@ def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.002)
 
 
+@pytest.mark.parametrize("fmt", ["sync", "lease"])
 @pytest.mark.parametrize("seed", _seeds())
 async def test_mounts_against_the_model(
     seed: int,
+    fmt: str,
     clock: trio.testing.MockClock,
     nursery: trio.Nursery,
     store: ObjectStore,
@@ -743,10 +800,13 @@ async def test_mounts_against_the_model(
     tmp_path: Path,
 ) -> None:
     random.seed(seed)  # the retries' jitter: a failing seed replays the same way
-    mounts = Mounts(nursery, store, sb, tmp_path)
+    if fmt == "lease":
+        store = MemoryStore(f"model-{uuid.uuid4().hex}")
+        sb = await format_fs(store, block_size=sb.block_size, leases=True, lease_time=LEASE_TIME)
+    mounts = Mounts(nursery, store, sb, tmp_path, COMMIT_INTERVAL)
     live = [await mounts.start(i) for i in range(MOUNTS)]
     root = await live[0].fs.getattr(ROOT_INO)
-    run = Run(seed, mounts, live, root.mode & 0o7777)
+    run = Run(seed, mounts, live, root.mode & 0o7777, LEASE_LOSS[fmt])
     for top in [*(f"m{i}" for i in range(MOUNTS)), SHARED[0]]:
         await live[0].fs.mkdir(ROOT_INO, top.encode(), 0o755, ROOT)
         run.commit(0, [("mkdir", (top,), 0o755)])
@@ -766,7 +826,27 @@ async def test_mounts_against_the_model(
         await run.compare_tree(fresh, " on a fresh mount at the end")
         code, out = await fsck(store)
     assert code == 0, f"seed {seed}: fsck:\n{out}"
-    print(f"seed {seed}: {sorted(run.counts.items())}")
+    if fmt == "lease":
+        run.counts.update(await lease_counts(store))
+    print(f"seed {seed} ({fmt}): {sorted(run.counts.items())}")
     if OPS_PER_SEED >= 100:  # the disruptions must actually have happened
         for what in ("race", "pause", "kill", "op flaky"):
             assert run.counts.get(what), (what, run.counts)
+
+
+async def lease_counts(store: ObjectStore) -> dict[str, int]:
+    """What the lease protocol did, from the log: journaled entries and lease ops."""
+    counts: dict[str, int] = {}
+    seq = 1
+    while True:
+        try:
+            blob = await store.get(log_key(seq))
+        except NotFound:
+            return counts
+        entry = LogEntry.unwire(codec.decode_json(b"L", blob, "log"))
+        kinds = [str(entry.kind)] + [
+            o.wire()["o"] for o in entry.ops if isinstance(o, LEASE_OPS) and o.wire()["o"] != "sess"
+        ]
+        for k in kinds:
+            counts[f"log {k}"] = counts.get(f"log {k}", 0) + 1
+        seq += 1

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from efsish.errors import CorruptObject
-from efsish.meta import checkpoints
+from efsish.meta import checkpoints, leasing
 from efsish.meta.leasing import (
     FENCE_EPOCH,
     FENCE_HELD_ELSEWHERE,
@@ -37,7 +37,7 @@ from efsish.meta.ops import (
     Sess,
     SetAttr,
 )
-from efsish.meta.view import ROOT_INO, View
+from efsish.meta.view import ROOT_INO, ApplyResult, View
 from tests.meta.leaselog import DIR, REG, T0, dump, entry, jour, new_view, put, start, sync
 
 ALICE, BOB = 10, 11
@@ -473,3 +473,43 @@ def test_a_top_directory_moved_to_another_depth_touches_the_roots_under_it(
     q, res = put(v, sync("A", 1, Mv(ROOT_INO, b"users", 11, b"users", T0), claims={20: pa}))
     assert res.fenced is None
     assert v.lease(20) == (None, q) and v.lease(10) == (None, q)  # users became a root
+
+
+def test_a_journaled_entry_that_changes_the_top_is_fenced(view: View) -> None:
+    # The top is never leased: two holders could otherwise both journal one name there.
+    p = acquire(view, "A", ALICE)
+    _, res = put(view, jour("A", 1, Mk(30, ROOT_INO, b"newtop", REG, 0, 0, T0), claims={ALICE: p}))
+    assert res.fenced is not None and res.fenced.rule == FENCE_NOT_HELD
+    assert view.lookup(ROOT_INO, b"newtop") is None
+
+
+@pytest.mark.parametrize("taken", [False, True])
+def test_our_own_journaled_entry_gets_the_verdict_every_replayer_gives(
+    tmp_path: Path, taken: bool
+) -> None:
+    # The writer's view already holds its journaled ops; judge_own_journaled must give
+    # the same verdict and lease state as apply on a replayer that applies them.
+    views = []
+    for name in ("writer", "replayer"):
+        v = new_view(tmp_path / f"{name}.db")
+        start(v, "A", "B", homes={"alice": ALICE, "bob": BOB})
+        p = acquire(v, "A", ALICE)
+        if taken:
+            put(v, sync("B", 1, LRec(ALICE, "r1", "w")))
+            put(v, sync("B", 1, LTko(ALICE, "r1")))
+        views.append(v)
+    writer, replayer = views
+    e = jour("A", 1, Mk(20, ALICE, b"f", REG, 0, 0, T0), claims={ALICE: p})
+    writer.begin()
+    writer.apply_op(e.ops[0], ApplyResult())  # journaled: in the writer's view already
+    writer.commit()
+    seq = writer.applied_seq + 1
+    own = ApplyResult()
+    writer.begin()
+    leasing.judge_own_journaled(writer, seq, e, [[ALICE]], own)  # its journal row's domains
+    writer.set_meta("applied_seq", seq)
+    writer.commit()
+    _, other = put(replayer, e)
+    assert (own.fenced is None) == (other.fenced is None) == (not taken)
+    for table in ("leases", "recalls", "fenced"):
+        assert dump(writer)[table] == dump(replayer)[table], table

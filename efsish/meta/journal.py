@@ -1,0 +1,169 @@
+"""The local journal (docs/design/LEASES.md §5, §6.3): the changes this mount answered
+under a lease and has not yet committed to the log, in the order it answered them.
+
+The journal is a table in the view's own SQLite database: applying a local change and
+appending it are one transaction (the caller's), so the view and the journal never
+disagree, and kill -9 loses nothing that was answered. A flush turns the rows into
+journaled log entries (`entries`), each at most MAX_ENTRY bytes encoded and labelled
+with its jseq range; once an entry has landed, `drop_through` deletes its rows in the
+transaction that records the entry as applied.
+
+Each row keeps the domains its ops touch; the entry's claims are those domains at
+their epochs at flush time (an adoption changes the epoch, not the domain).
+
+This module owns the table and the entry layout. It is synchronous and runs in the
+writer's worker thread inside the caller's transaction; it must not commit, touch trio
+or the store. The jseq counter lives in `meta` under the client's name, and never goes
+back, so a label is never reused by the client.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from dataclasses import dataclass
+
+from efsish import codec
+from efsish.meta.ops import JOURNALED, LogEntry, Op, decode_op
+from efsish.meta.view import View
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS journal (
+    jseq INTEGER PRIMARY KEY,
+    op TEXT NOT NULL,          -- the op's wire form (JSON)
+    domains TEXT NOT NULL,     -- JSON list of the domains it touches
+    t INTEGER NOT NULL,        -- the writer's wall clock, ns (for JOURNAL.txt)
+    mono REAL NOT NULL         -- the lease clock when it was answered (flush age)
+);
+"""
+MAX_ENTRY = 1024 * 1024  # bytes of one journaled log entry, encoded
+
+
+@dataclass(frozen=True)
+class Row:
+    jseq: int
+    op: Op
+    domains: frozenset[int]
+    t: int
+    mono: float
+
+
+def ensure(view: View) -> None:
+    view.db.executescript(SCHEMA)
+
+
+def _counter(client: str) -> str:
+    return f"jseq_next:{client}"
+
+
+# A garbage row (a block a journaled change stopped referencing) is recorded at
+# PENDING + its jseq until its batch lands, then at the landing position: gc defers any
+# row whose position is past what every mount applied, so it keeps the block meanwhile.
+PENDING = 1 << 60
+
+
+def next_jseq(view: View, client: str) -> int:
+    return int(view.get_meta(_counter(client), 1))
+
+
+def landed(view: View, first: int, last: int, seq: int) -> None:
+    """Rows [first, last] are in the log at `seq`: their garbage rows are there too."""
+    view.db.execute(
+        "UPDATE garbage SET seq = ? WHERE seq BETWEEN ? AND ?",
+        (seq, PENDING + first, PENDING + last),
+    )
+
+
+def append(
+    view: View, client: str, ops: list[Op], domains: list[set[int]], t: int, mono: float
+) -> tuple[int, int]:
+    """Append `ops` (one answered change) as rows, each with the domains it touches;
+    return their jseq range."""
+    first = int(view.get_meta(_counter(client), 1))
+    last = max(first + len(ops) - 1, first)
+    for i, (op, doms) in enumerate(zip(ops, domains, strict=True)):
+        view.db.execute(
+            "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
+            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono),
+        )
+    view.set_meta(_counter(client), first + len(ops))
+    return first, last
+
+
+def rows(view: View, limit: int = 1_000_000) -> list[Row]:
+    out = []
+    for jseq, op, doms, t, mono in view.db.execute(
+        "SELECT jseq, op, domains, t, mono FROM journal ORDER BY jseq LIMIT ?", (limit,)
+    ):
+        out.append(Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono))
+    return out
+
+
+def stats(view: View) -> tuple[int, float | None]:
+    """(number of rows, lease-clock time of the oldest or None)."""
+    n, oldest = view.db.execute("SELECT COUNT(*), MIN(mono) FROM journal").fetchone()
+    return int(n), None if oldest is None else float(oldest)
+
+
+def op_domains(view: View, first: int, last: int) -> list[list[int]]:
+    """The domains each row of [first, last] touches, in order (for the verdict on
+    our own entry: efsish.meta.leasing.judge_own_journaled)."""
+    return [
+        list(json.loads(d))
+        for (d,) in view.db.execute(
+            "SELECT domains FROM journal WHERE jseq BETWEEN ? AND ? ORDER BY jseq", (first, last)
+        )
+    ]
+
+
+def covers(view: View, first: int, last: int) -> bool:
+    """True if the journal still holds rows [first, last] (an entry of ours that
+    landed but whose rows were not dropped yet)."""
+    row = view.db.execute(
+        "SELECT COUNT(*) FROM journal WHERE jseq BETWEEN ? AND ?", (first, last)
+    ).fetchone()
+    return int(row[0]) > 0
+
+
+def drop_through(view: View, last: int) -> None:
+    view.db.execute("DELETE FROM journal WHERE jseq <= ?", (last,))
+
+
+def entries(
+    rows_: list[Row],
+    client: str,
+    inc: int,
+    t: int,
+    epochs: dict[int, int],
+    max_bytes: int = MAX_ENTRY,
+) -> list[LogEntry]:
+    """The journaled log entries for `rows_`, in order, each at most `max_bytes`
+    encoded (a single op larger than that goes alone). `epochs`: each domain's
+    current epoch (the caller checked that this incarnation holds it)."""
+    out: list[LogEntry] = []
+    cur: list[Row] = []
+    size = 0
+    for r in rows_:
+        n = len(json.dumps(r.op.wire())) + 2
+        if cur and size + n > max_bytes - 4096:
+            out.append(_entry(cur, client, inc, t, epochs))
+            cur, size = [], 0
+        cur.append(r)
+        size += n
+    if cur:
+        out.append(_entry(cur, client, inc, t, epochs))
+    return out
+
+
+def _entry(rs: list[Row], client: str, inc: int, t: int, epochs: dict[int, int]) -> LogEntry:
+    doms: set[int] = set().union(*(r.domains for r in rs))
+    e = LogEntry(uuid.uuid4().hex, client, t, [r.op for r in rs])
+    e.inc, e.kind, e.batch = inc, JOURNALED, (rs[0].jseq, rs[-1].jseq)
+    e.claims = {d: epochs[d] for d in sorted(doms)}
+    return e
+
+
+def encode(entry: LogEntry) -> bytes:
+    blob = codec.encode_json(b"L", entry.wire())
+    codec.decode(b"L", blob, "the log entry being written")
+    return blob

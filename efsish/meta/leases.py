@@ -1,0 +1,846 @@
+"""The lease state machine of one mount (docs/design/LEASES.md §2, §6-§9): who this
+mount is (client and incarnation), which domains it holds and until when it may answer
+in them, which recalls it must answer, and the policy around the commit state machine
+(efsish.meta.log): a change is journaled locally when every domain it touches is held
+and valid, else committed as a sync entry (acquiring a FREE domain, or recalling one
+another mount holds first); reads of a domain another mount holds recall it first.
+
+Time: every validity comparison and wait uses the *lease clock* (`clock`, by default
+CLOCK_BOOTTIME, which counts while the machine is suspended); wall clocks are never
+used here. A domain is valid until `s + lease_time`, `s` the lease-clock time at which
+the newest GET of the log that returned 404 (or PUT that landed) was sent with every
+earlier entry applied, and no open recall of the domain was in the view (§7).
+
+The parts that run in the writer's worker thread (`apply_remote`, `apply_own`,
+`flush_entries`, `journaled_entry`) read and change only the view they are given; the
+rest runs on the trio thread. This module must not know POSIX rules or import pyfuse3.
+"""
+
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import stat
+import time
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, TypeVar
+
+import trio
+
+from efsish.errors import EfsishError, FsError, to_errno
+from efsish.meta import journal, leasing
+from efsish.meta.leasing import LeaseLost
+from efsish.meta.log import MetaLog
+from efsish.meta.ops import (
+    JOURNALED,
+    SYNC,
+    Extent,
+    LAdopt,
+    LFlush,
+    LogEntry,
+    LRcv,
+    LRec,
+    LRel,
+    LTko,
+    Mk,
+    Op,
+    Sess,
+    Write,
+)
+from efsish.meta.planning import LeaseHeader, NeedDomain, PlanContext, Planner
+from efsish.meta.view import ROOT_INO, ApplyResult, Holder, View
+
+log = logging.getLogger(__name__)
+
+T = TypeVar("T")
+
+RECALL_POLL = 0.050  # seconds between polls of the log while a recall of ours is open
+READ_RECALL_WINDOW = 10.0  # a second read recall within this releases the domain (§6.4)
+CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down (§8)
+COOL_DOWN_FIRST = 10.0
+COOL_DOWN_MAX = 300.0
+
+
+def boottime() -> float:
+    """The lease clock: CLOCK_BOOTTIME (counts while suspended; LEASES.md §7 (1))."""
+    return time.clock_gettime(time.CLOCK_BOOTTIME)
+
+
+@dataclass
+class LeaseConfig:
+    lease_time: float = 15.0  # L, from the superblock
+    commit_interval: float = 1.0  # a journaled change is flushed at most this late
+    lease_wait: float = 30.0  # how long a request waits for a valid lease or a recall
+    lease_idle: float = 60.0  # a held domain unused this long is released
+    acquire: bool = True  # False: -o sync (respects others' leases, takes none)
+    clock: Callable[[], float] = boottime
+
+
+def load_client_id(cache_dir: Path) -> str:
+    """The client id kept in the cache dir (LEASES.md §2): a restarted daemon on the
+    same cache dir is the same client. Created on first use."""
+    cache_dir.mkdir(parents=True, exist_ok=True)
+    path = cache_dir / "client_id"
+    try:
+        cid = path.read_text().strip()
+        if cid:
+            return cid
+    except FileNotFoundError:
+        pass
+    cid = uuid.uuid4().hex[:16]
+    tmp = cache_dir / "client_id.tmp"
+    tmp.write_text(cid + "\n")
+    os.replace(tmp, path)
+    return cid
+
+
+def _boot_id() -> str:
+    try:
+        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+    except OSError:
+        return ""
+
+
+def _pid_alive(pid: int) -> bool:
+    """Whether process `pid` runs (a zombie, killed but not reaped yet, does not)."""
+    if pid <= 0:
+        return False
+    try:
+        stat_ = Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    except OSError:
+        return True
+    return stat_.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
+
+
+@dataclass
+class _Recall:
+    domain: int
+    rid: str
+    by: Holder
+    want: str
+
+
+@dataclass
+class _State:
+    """The lease rows of the view that concern this mount (refreshed after applies)."""
+
+    held: dict[int, int] = field(default_factory=dict)  # domain -> epoch
+    others: dict[int, Holder] = field(default_factory=dict)
+    recalls: list[_Recall] = field(default_factory=list)  # open recalls of held domains
+
+
+class Leases:
+    """One mount's lease state and policy. See the module docstring."""
+
+    def __init__(self, meta: MetaLog, cfg: LeaseConfig, cache_dir: Path) -> None:
+        self.meta = meta
+        self.cfg = cfg
+        self.clock = cfg.clock
+        self.client = meta.client_id
+        self.cache_dir = cache_dir
+        self.inc = 0
+        self.state = _State()
+        self.valid_until: dict[int, float] = {}
+        self.fenced: str | None = None
+        self._recall_wake = trio.Event()
+        self._recalling: dict[int, trio.Event] = {}
+        self._answered_read: dict[int, float] = {}  # domain -> when we last lflushed it
+        self._releases: dict[int, list[float]] = {}
+        self._cool_until: dict[int, float] = {}
+        self._cool_len: dict[int, float] = {}
+        self._used: dict[int, float] = {}  # domain -> last local change (lease clock)
+        self._oldest: float | None = None  # lease clock of the oldest journal row
+        self.recalls_sent = 0
+        self.takeovers = 0
+        self.recovered: list[str] = []  # recovery directories this mount wrote
+        self._nursery: trio.Nursery | None = None
+        self.recovering = False
+        self._last_inc = 0  # the newest incarnation of this client when we started
+        # False until this incarnation holds what its journal needs (sess, adoption):
+        # until then a sync entry does not flush the journal first.
+        self.ready = False
+        meta.leases = self
+
+    # ------------------------------------------------------------- worker thread
+
+    def header(self) -> LeaseHeader:
+        """(trio thread) How the next sync entry is written; the acquire decision is
+        taken with the lease clock read now (the planning hop runs in a thread)."""
+        now = self.clock()
+        return LeaseHeader(self.client, self.inc, lambda d: self.can_acquire(d, now))
+
+    def journaled_entry(self, view: View) -> LogEntry:
+        """A provisional journaled entry claiming every held domain at its epoch: local
+        changes are applied as a replayer would judge them in it."""
+        me = self.me
+        claims = {
+            int(d): int(e)
+            for d, e in view.db.execute(
+                "SELECT domain, epoch FROM leases WHERE holder_client = ? AND holder_inc = ?",
+                me,
+            )
+        }
+        return LogEntry("", self.client, 0, [], inc=self.inc, kind=JOURNALED, claims=claims)
+
+    def apply_remote(self, view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
+        """Apply log entry `seq` met in a catch-up (in the writer's transaction). Our
+        own journaled entry whose rows are still in the journal is judged, not applied
+        again, and its rows dropped; any entry that leaves journal rows in a domain we
+        no longer hold raises LeaseLost (the caller rolls back: we stop before it)."""
+        batch = entry.batch
+        if (
+            entry.client == self.client
+            and entry.journaled
+            and batch is not None
+            and journal.covers(view, *batch)
+        ):
+            self.apply_own(view, seq, entry, res)
+            if res.fenced is not None:
+                raise LeaseLost(f"our journaled entry {seq} was fenced: {res.fenced}")
+            return
+        view.apply_entry(seq, entry, res)
+        if res.leases or entry.client == self.client:
+            lost = self._lost(view)
+            if lost:
+                raise LeaseLost(f"log entry {seq} {lost}")
+
+    def apply_own(self, view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
+        """Record our own entry `seq`, just landed, whose namespace ops the view holds."""
+        if entry.journaled:
+            assert entry.batch is not None
+            doms = journal.op_domains(view, *entry.batch)
+            leasing.judge_own_journaled(view, seq, entry, doms, res)
+            if res.fenced is None:
+                journal.landed(view, *entry.batch, seq)
+                journal.drop_through(view, entry.batch[1])
+            view.set_meta("applied_seq", seq)
+        else:
+            view.apply_entry(seq, entry, res)
+
+    def _lost(self, view: View) -> str:
+        """Why journal rows are in a domain this incarnation does not hold, or ""."""
+        doms: set[int] = set()
+        for (raw,) in view.db.execute("SELECT DISTINCT domains FROM journal"):
+            doms.update(json.loads(raw))
+        if not doms:
+            return ""
+        newest = view.session(self.client)
+        if self.inc and newest is not None and newest[0] > self.inc:
+            return f"started incarnation {newest[0]} of this client (a copy of the cache dir?)"
+        for d in sorted(doms):
+            holder, _ = view.lease(d)
+            if (
+                holder is not None
+                and holder[0] == self.client
+                and holder[1] < (self.inc or 1 << 62)
+            ):
+                # Before our sess the journal is our last incarnation's; after it, an
+                # earlier incarnation's lease is ours to adopt.
+                continue
+            if holder != self.me:
+                who = "FREE" if holder is None else f"{holder[0]}/{holder[1]}"
+                return f"left domain {d}, which has journaled changes of ours, {who}"
+        return ""
+
+    def flush_entries(self, view: View, extra: list[Op] | None) -> list[LogEntry]:
+        """The entries that commit the journal (and `extra` lease ops, in the last
+        entry), computed from the journal and the lease rows now."""
+        rows = journal.rows(view)
+        # An answer to a recall that is no longer open (answered already, or closed by a
+        # change of holder) would fence the whole entry: drop it.
+        extra = [op for op in extra or [] if _still_valid(view, op)]
+        doms: set[int] = set().union(*(r.domains for r in rows)) if rows else set()
+        extra_doms = {op.domain for op in extra if isinstance(op, (LFlush, LRel))}
+        epochs: dict[int, int] = {}
+        for d in sorted(doms | extra_doms):
+            holder, epoch = view.lease(d)
+            if holder != self.me:
+                if d in doms:
+                    raise LeaseLost(f"domain {d} has journaled changes but is not held")
+                extra = [op for op in extra if getattr(op, "domain", None) != d]
+                continue
+            epochs[d] = epoch
+        now = time.time_ns()
+        out = journal.entries(rows, self.client, self.inc, now, epochs)
+        if extra and len(out) <= 1:
+            if not out:
+                e = LogEntry(uuid.uuid4().hex, self.client, now, [], inc=self.inc, kind=SYNC)
+                e.claims = {}
+                out = [e]
+            e = out[-1]
+            claims = dict(e.claims or {})
+            for op in extra:
+                if isinstance(op, (LFlush, LRel)):
+                    claims[op.domain] = epochs[op.domain]
+            e.ops = [*e.ops, *extra]
+            e.claims = claims or None
+        return out
+
+    # ---------------------------------------------------------------- trio thread
+
+    @property
+    def me(self) -> Holder:
+        return (self.client, self.inc)
+
+    def refresh(self, view: View) -> None:
+        """Re-read the lease rows after an entry changed some (trio thread, under the
+        write lock, no hop running)."""
+        me = self.me
+        st = _State()
+        for d, c, i, e in view.db.execute(
+            "SELECT domain, holder_client, holder_inc, epoch FROM leases "
+            "WHERE holder_client IS NOT NULL"
+        ):
+            if (c, i) == me:
+                st.held[int(d)] = int(e)
+            else:
+                st.others[int(d)] = (str(c), int(i))
+        if st.held:
+            marks = ",".join("?" * len(st.held))
+            for d, rid, bc, bi, want in view.db.execute(
+                f"SELECT domain, rid, by_client, by_inc, want FROM recalls "
+                f"WHERE domain IN ({marks}) ORDER BY seq",
+                tuple(st.held),
+            ):
+                st.recalls.append(_Recall(int(d), str(rid), (str(bc), int(bi)), str(want)))
+        for d in list(self.valid_until):
+            if st.held.get(d) != self.state.held.get(d):
+                del self.valid_until[d]  # lost, or a new epoch: valid from the next proof
+        self.state = st
+        if st.recalls:
+            self._recall_wake.set()
+
+    def renewed(self, sent: float) -> None:
+        recalled = {r.domain for r in self.state.recalls}
+        until = sent + self.cfg.lease_time
+        for d in self.state.held:
+            if d not in recalled and self.valid_until.get(d, -1.0) < until:
+                self.valid_until[d] = until
+
+    def valid(self, domains: frozenset[int]) -> bool:
+        now = self.clock()
+        return all(self.valid_until.get(d, -1.0) > now for d in domains)
+
+    def _ok_domains(self) -> frozenset[int]:
+        """Domains a change may be journaled in now: held, valid, not recalled (none
+        for `-o sync`, which journals nothing)."""
+        if self.fenced is not None or not self.cfg.acquire:
+            return frozenset()
+        now = self.clock()
+        recalled = {r.domain for r in self.state.recalls}
+        return frozenset(
+            d for d in self.state.held if d not in recalled and self.valid_until.get(d, -1.0) > now
+        )
+
+    def can_acquire(self, d: int, now: float) -> bool:
+        return (
+            self.cfg.acquire
+            and self.ready
+            and self.fenced is None
+            and self.inc > 0
+            and self._cool_until.get(d, 0.0) <= now
+        )
+
+    # ------------------------------------------------------------------ requests
+
+    async def submit(self, planner: Planner[T]) -> T:
+        """A change: journaled locally if it can be (§6.2), else a sync entry; recalls
+        a domain another mount holds first (§6.4)."""
+        start = self.clock()
+        while True:
+            ok = self._ok_domains()
+            if ok:
+                if (
+                    self._oldest is not None
+                    and self.clock() - self._oldest > 2 * self.cfg.commit_interval
+                ):
+                    await self._flush()  # backpressure by age (§6.3)
+                    continue
+                out = await self.meta.submit_local(planner, ok)
+                if out is not None:
+                    result, doms = out
+                    now = self.clock()
+                    if self._oldest is None:
+                        self._oldest = now
+                    for d in doms:
+                        self._used[d] = now
+                    # Validity, after the journal commit, with no await before the answer.
+                    if not self.valid(doms):
+                        await self._wait_valid(doms)
+                    return result
+            try:
+                result2: T = await self.meta.submit(planner)
+                if not self.meta.journal_rows:
+                    self._oldest = None
+                if not self.cfg.acquire and self.state.held:
+                    # -o sync: a write recall handed the domain over for this change;
+                    # give it back at once (this mount takes no leases).
+                    await self._flush([LRel(d) for d in sorted(self.state.held)])
+                return result2
+            except NeedDomain as e:
+                if self.clock() - start > self.cfg.lease_wait + 2 * self.cfg.lease_time:
+                    raise FsError(f"gave up waiting for domain {e.domain}", errno.EIO) from e
+                await self.recall(e.domain, "w")
+
+    async def _wait_valid(self, doms: frozenset[int]) -> None:
+        """A journaled change was answered while its lease was not known valid: wait
+        for a proof (a catch-up's 404), at most lease_wait, else EIO."""
+        deadline = self.clock() + self.cfg.lease_wait
+        while not self.valid(doms):
+            if self.clock() > deadline or self.fenced is not None:
+                log.error(
+                    "lease on %s not renewed for %.0fs (the store does not answer?): "
+                    "the change is journaled but cannot be confirmed",
+                    sorted(doms),
+                    self.cfg.lease_wait,
+                )
+                raise FsError("lease could not be renewed", errno.EIO)
+            try:
+                await self.meta.catch_up()
+            except EfsishError as e:
+                log.debug("catch-up while waiting for a lease: %s", e)
+            await trio.sleep(RECALL_POLL)
+
+    async def before_read(self, domains: set[int | None]) -> None:
+        """A read of these domains: recall any another mount holds (want r), so the
+        view, caught up past the answer, holds everything it answered (§6.4)."""
+        for d in domains:
+            if d is not None and d in self.state.others:
+                await self.recall(d, "r")
+
+    async def recall(self, d: int, want: str) -> None:
+        """Recall domain `d` and wait until the holder answers (or, after 2 x lease_time
+        without an answer, take it over: §7). Concurrent recalls of `d` share one."""
+        ev = self._recalling.get(d)
+        if ev is not None:
+            await ev.wait()
+            return
+        ev = self._recalling[d] = trio.Event()
+        try:
+            await self._recall(d, want)
+        except FsError:
+            raise
+        except EfsishError as e:  # the store failed: the caller gets one errno
+            raise FsError(f"recall of domain {d} failed: {e}", to_errno(e)) from e
+        finally:
+            del self._recalling[d]
+            ev.set()
+
+    async def _recall(self, d: int, want: str) -> None:
+        rid = uuid.uuid4().hex[:12]
+        me = self.me
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], bool]:
+            holder, _ = view.lease(d)
+            if holder is None or holder == me:
+                return [], False
+            return [LRec(d, rid, want)], True
+
+        if not await self.meta.submit(plan):
+            return
+        self.recalls_sent += 1
+        seen = self.clock()  # we received the answer that showed us our recall
+        deadline = seen + self.cfg.lease_wait + 2 * self.cfg.lease_time
+        while True:
+            await trio.sleep(RECALL_POLL)
+            try:
+                await self.meta.catch_up()
+            except EfsishError as e:
+                log.debug("catch-up while waiting for recall %s: %s", rid, e)
+            rec = await self.meta.read(lambda v: v.recall(d, rid))
+            if rec is None:
+                return  # answered, or the domain changed hands (which closes recalls)
+            now = self.clock()
+            if now - seen >= 2 * self.cfg.lease_time:
+
+                def tko(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+                    if view.recall(d, rid) is None:
+                        return [], None
+                    return [LTko(d, rid)], None
+
+                log.warning(
+                    "domain %d: recall %s unanswered for %.0fs; taking it over",
+                    d,
+                    rid,
+                    now - seen,
+                )
+                await self.meta.submit(tko)
+                self.takeovers += 1
+                return
+            if now > deadline:
+                log.error("domain %d: recall %s not answered in time", d, rid)
+                raise FsError(f"domain {d}: its holder does not answer", errno.EIO)
+
+    async def sync(self) -> None:
+        """fsync/fdatasync/fsyncdir: return once every change answered before is in
+        the log and applied unfenced (§6.3); fenced: EIO."""
+        if self.fenced is not None:
+            raise FsError(f"this mount was fenced: {self.fenced}", errno.EIO)
+        try:
+            await self._flush()
+        except FsError:
+            raise
+        except EfsishError as e:
+            raise FsError(f"commit of the journal failed: {e}", to_errno(e)) from e
+        if self.fenced is not None:
+            raise FsError(f"this mount was fenced: {self.fenced}", errno.EIO)
+
+    async def _flush(self, extra: list[Op] | None = None) -> None:
+        await self.meta.flush(extra)
+        if not self.meta.journal_rows:
+            self._oldest = None
+
+    def fenced_at(self, seq: int, reason: str) -> None:
+        """Our journal can no longer land (§10): stop changing anything, and recover
+        (at once if running; at start otherwise)."""
+        if self.fenced is None:
+            log.error("fenced at log entry %d: %s", seq, reason)
+        self.fenced = reason
+        self.valid_until.clear()
+        self.meta.broken = f"this mount was fenced ({reason}); recovering"
+        if self._nursery is not None and not self.recovering:
+            self.recovering = True
+            self._nursery.start_soon(self._recover_now)
+
+    async def _recover_now(self) -> None:
+        try:
+            fenced_inc, self.ready = self.inc, False
+            salvage = await self._salvage_and_rebuild(fenced_inc)
+            await self._new_incarnation(proven=False)
+            self.ready = True
+            await self._write_recovery(salvage)
+        except Exception:
+            log.exception("recovery of the fenced journal failed; remount to retry")
+        finally:
+            self.recovering = False
+
+    async def _salvage_and_rebuild(self, fenced_inc: int) -> _Salvage:
+        """`fenced_inc`: the incarnation that wrote the journal."""
+        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc))
+        self.fenced = None
+        self.valid_until.clear()
+        self._oldest = None
+        return salvage
+
+    async def _write_recovery(self, salvage: _Salvage) -> None:
+        """Write the recovery directory (LEASES.md §10): `lrcv` with the mkdir of
+        `/.efsish-recovered/<client>-<UTC time>/` first (a sync entry: it ends the
+        fencing), then every file the journal created or changed, at the path it had,
+        with its owner and mode, and JOURNAL.txt listing every fenced change."""
+        client, inc = self.client, salvage.inc
+        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
+        name = f"{client}-{stamp}".encode()
+        path = f"/{RECOVERY_DIR.decode()}/{name.decode()}"
+        now = time.time_ns()
+
+        def top(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+            ino = view.lookup(ROOT_INO, RECOVERY_DIR)
+            if ino is not None:
+                return [], ino
+            ino = pc.alloc_ino(view)
+            return [Mk(ino, ROOT_INO, RECOVERY_DIR, stat.S_IFDIR | 0o711, 0, 0, now)], ino
+
+        rdir = await self.submit(top)
+
+        def mk_named(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+            ino = pc.alloc_ino(view)
+            mk = Mk(ino, rdir, name, stat.S_IFDIR | 0o711, 0, 0, now)
+            return [mk, LRcv(client, inc, path)], ino
+
+        base = await self.submit(mk_named)
+        dirs: dict[tuple[bytes, ...], int] = {(): base}
+
+        async def ensure(parts: tuple[bytes, ...]) -> int:
+            if parts in dirs:
+                return dirs[parts]
+            parent = await ensure(parts[:-1])
+
+            def mkd(view: View, pc: PlanContext) -> tuple[list[Op], int]:
+                found = view.lookup(parent, parts[-1])
+                if found is not None:
+                    return [], found
+                ino = pc.alloc_ino(view)
+                return [Mk(ino, parent, parts[-1], stat.S_IFDIR | 0o711, 0, 0, now)], ino
+
+            dirs[parts] = await self.submit(mkd)
+            return dirs[parts]
+
+        for f in [*salvage.files, _journal_file(salvage)]:
+            parent = await ensure(f.parts[:-1])
+
+            def mkf(
+                view: View, pc: PlanContext, f: _File = f, parent: int = parent
+            ) -> tuple[list[Op], None]:
+                if view.lookup(parent, f.parts[-1]) is not None:
+                    return [], None
+                ino = pc.alloc_ino(view)
+                ops: list[Op] = [Mk(ino, parent, f.parts[-1], f.mode, f.uid, f.gid, now)]
+                if f.extents:
+                    ops.append(Write(ino, tuple(f.extents), f.size, now))
+                return ops, None
+
+            await self.submit(mkf)
+        await self._flush()
+        log.warning(
+            "changes this mount answered were fenced (another mount took its lease over): "
+            "they are in %s (%d files); nothing of them was applied to the tree",
+            path,
+            len(salvage.files),
+        )
+        self.recovered.append(path)
+
+    # ------------------------------------------------------------------ lifecycle
+
+    async def start(self, nursery: trio.Nursery, cache_locked: bool) -> None:
+        """Start a new incarnation (sess), adopt the old one's leases (§9), flush its
+        journal (or recover it, if it was fenced meanwhile: §10), and start the
+        background tasks."""
+        prev = await self.meta.read(lambda v: v.session(self.client))
+        self._last_inc = prev[0] if prev is not None else 0
+        proven = cache_locked and self._old_daemon_dead()
+        self._record_daemon()
+        salvage = None
+        if self.fenced is not None:
+            salvage = await self._salvage_and_rebuild(self._last_inc)
+        try:
+            await self._new_incarnation(proven)
+        except LeaseLost:
+            # Another mount took a domain of the journal over while we waited to adopt
+            # it (the old daemon could not be proven dead): recover, then start again.
+            salvage = await self._salvage_and_rebuild(self._last_inc)
+            await self._new_incarnation(proven=False)
+        self.ready = True
+        if salvage is not None:
+            await self._write_recovery(salvage)
+        await self.meta.catch_up()
+        if self.meta.journal_rows:
+            await self._flush()
+        self._nursery = nursery
+        nursery.start_soon(self._reactor)
+        nursery.start_soon(self._flusher)
+
+    async def _new_incarnation(self, proven: bool) -> None:
+        """Commit sess(client, inc + 1); adopt the older incarnations' leases in the
+        same entry if `proven` (the old daemon is dead), else after the takeover wait."""
+        prev = await self.meta.read(lambda v: v.session(self.client))
+        self.inc = (prev[0] if prev is not None else 0) + 1
+        client, inc = self.client, self.inc
+
+        def old_held(view: View) -> list[int]:
+            return [
+                int(r[0])
+                for r in view.db.execute(
+                    "SELECT domain FROM leases WHERE holder_client = ? AND holder_inc < ?",
+                    (client, inc),
+                )
+            ]
+
+        def sess(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            ops: list[Op] = [Sess(client, inc)]
+            if proven:
+                ops += [LAdopt(d) for d in old_held(view)]
+            return ops, None
+
+        await self.meta.submit(sess)
+        waiting: list[int] = [] if proven else await self.meta.read(old_held)
+        if waiting:
+            log.info(
+                "leases of an earlier incarnation: adopting them after %.0fs",
+                2 * self.cfg.lease_time,
+            )
+            t0 = self.clock()
+            while self.clock() - t0 < 2 * self.cfg.lease_time:  # noqa: ASYNC110 (lease clock)
+                await trio.sleep(RECALL_POLL)
+
+            def adopt(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+                return [LAdopt(d) for d in old_held(view)], None
+
+            await self.meta.submit(adopt)
+
+    def _daemon_file(self) -> Path:
+        return self.cache_dir / "daemon.json"
+
+    def _old_daemon_dead(self) -> bool:
+        """The cache dir proves the daemon that used it last is gone: the same boot
+        and its pid gone (or this process: an in-process restart), under the cache
+        dir's lock (LEASES.md §9)."""
+        try:
+            d: dict[str, Any] = json.loads(self._daemon_file().read_text())
+        except (OSError, ValueError):
+            return False
+        pid = int(d.get("pid", 0))
+        return d.get("boot_id") == _boot_id() and (pid == os.getpid() or not _pid_alive(pid))
+
+    def _record_daemon(self) -> None:
+        path = self._daemon_file()
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"boot_id": _boot_id(), "pid": os.getpid()}))
+        os.replace(tmp, path)
+
+    async def release_all(self) -> None:
+        """Clean unmount: flush, then release every held domain (§6.5)."""
+        if self.fenced is not None or self.inc == 0:
+            return
+        await self._flush([LRel(d) for d in sorted(self.state.held)])
+
+    async def _reactor(self) -> None:
+        """Answer recalls of held domains: flush, then lflush (read) or lrel (write,
+        handed over; or a second read recall within READ_RECALL_WINDOW)."""
+        while True:
+            await self._recall_wake.wait()
+            self._recall_wake = trio.Event()
+            try:
+                await self._answer()
+            except EfsishError as e:
+                log.warning("answering a recall failed: %s", e)
+                await trio.sleep(RECALL_POLL)
+                self._recall_wake.set()
+            except Exception:
+                log.exception("answering a recall crashed")
+                await trio.sleep(1.0)
+
+    async def _answer(self) -> None:
+        recalls = list(self.state.recalls)
+        if not recalls or self.fenced is not None:
+            return
+        now = self.clock()
+        answers: list[Op] = []
+        for d in dict.fromkeys(r.domain for r in recalls):
+            mine = [r for r in recalls if r.domain == d]
+            w = next((r for r in mine if r.want == "w"), None)
+            if w is not None:
+                answers.append(LRel(d, w.rid, to=w.by[0]))
+                self._released(d, now)
+            elif now - self._answered_read.get(d, -1e18) < READ_RECALL_WINDOW:
+                answers.append(LRel(d, mine[0].rid))
+                self._released(d, now)
+            else:
+                answers += [LFlush(d, r.rid) for r in mine]
+                self._answered_read[d] = now
+        await self._flush(answers)
+
+    def _released(self, d: int, now: float) -> None:
+        """Released `d` to a recall: twice within CONTENDED_WINDOW starts a cool-down
+        (§8) during which this mount commits its changes in `d` one by one."""
+        times = [t for t in self._releases.get(d, []) if now - t < CONTENDED_WINDOW]
+        times.append(now)
+        self._releases[d] = times
+        if len(times) >= 2:
+            if self._cool_until.get(d, 0.0) + CONTENDED_WINDOW < now:
+                self._cool_len[d] = COOL_DOWN_FIRST
+            else:
+                self._cool_len[d] = min(COOL_DOWN_MAX, 2 * self._cool_len.get(d, 5.0))
+            self._cool_until[d] = now + self._cool_len[d]
+
+    async def _flusher(self) -> None:
+        """Flush the journal commit_interval after its oldest change (§6.3), and
+        release domains unused for lease_idle (§6.5)."""
+        tick = max(0.01, self.cfg.commit_interval / 4)
+        while True:
+            await trio.sleep(tick)
+            try:
+                now = self.clock()
+                if self._oldest is not None and now - self._oldest >= self.cfg.commit_interval:
+                    await self._flush()
+                elif self._oldest is None and self.meta.journal_rows:
+                    self._oldest = now
+                idle = [
+                    d
+                    for d in self.state.held
+                    if now - self._used.setdefault(d, now) > self.cfg.lease_idle
+                ]
+                if idle and not self.meta.journal_rows:
+                    await self._flush([LRel(d) for d in idle])
+            except EfsishError as e:
+                log.warning("journal flush failed: %s", e)
+            except Exception:
+                log.exception("journal flush crashed; the mount keeps running")
+
+
+def _still_valid(view: View, op: Op) -> bool:
+    """Whether lease op `op` (an answer or a release) still applies at the view's head."""
+    if isinstance(op, (LFlush, LRel)) and op.rid is not None:
+        rec = view.recall(op.domain, op.rid)
+        if rec is None:
+            return False
+        if isinstance(op, LFlush):
+            return rec[2] == "r"
+        if op.to is not None:
+            return rec[2] == "w" and rec[0] == op.to
+    return True
+
+
+RECOVERY_DIR = b".efsish-recovered"
+JOURNAL_TXT_MAX = 512 * 1024  # bytes of JOURNAL.txt kept (inline in the log)
+
+
+@dataclass
+class _File:
+    parts: tuple[bytes, ...]  # the path it had, under the recovery directory
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    extents: list[Extent]
+
+
+@dataclass
+class _Salvage:
+    inc: int  # the fenced incarnation
+    files: list[_File]
+    journal: list[str]  # one line per fenced change
+
+
+def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
+    parts: list[bytes] = []
+    cur = ino
+    for _ in range(10_000):
+        if cur == ROOT_INO:
+            return tuple(reversed(parts))
+        row = view.db.execute(
+            "SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", (cur,)
+        ).fetchone()
+        if row is None:
+            return None
+        parts.append(bytes(row[1]))
+        cur = int(row[0])
+    return None
+
+
+def _salvage(view: View, inc: int) -> _Salvage:
+    """What the journal made, from the view that holds it (before the rebuild): the
+    regular files it created or whose data it changed, as they are now, and its ops."""
+    rows = journal.rows(view)
+    lines: list[str] = []
+    inos: dict[int, None] = {}
+    for r in rows:
+        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t / 1e9))
+        lines.append(f"{r.jseq} {when} {json.dumps(r.op.wire(), sort_keys=True)}")
+        if (isinstance(r.op, Mk) and stat.S_ISREG(r.op.mode)) or isinstance(r.op, Write):
+            inos[r.op.ino] = None
+    files: list[_File] = []
+    for ino in inos:
+        attr = view.getattr(ino)
+        parts = _path_of(view, ino) if attr is not None else None
+        if attr is None or parts is None or not attr.is_reg:
+            continue  # removed again by the journal itself
+        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, view.extents(ino)))
+    return _Salvage(inc, files, lines)
+
+
+def _journal_file(s: _Salvage) -> _File:
+    text = ("\n".join(s.journal) + "\n").encode()
+    if len(text) > JOURNAL_TXT_MAX:
+        text = text[: JOURNAL_TXT_MAX - 64] + b"\n[... truncated: see the daemon's log]\n"
+    exts = [
+        Extent(off, len(text[off : off + 16384]), data=text[off : off + 16384])
+        for off in range(0, len(text), 16384)
+    ]
+    return _File((b"JOURNAL.txt",), stat.S_IFREG | 0o600, 0, 0, len(text), exts)
