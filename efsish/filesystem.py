@@ -23,7 +23,7 @@ import time
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import trio
 
@@ -49,6 +49,8 @@ from efsish.metering import Metering
 from efsish.store import ObjectStore
 
 log = logging.getLogger(__name__)
+
+T = TypeVar("T")
 
 NAME_MAX = 255
 SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses longer ones)
@@ -110,6 +112,14 @@ def _other_system_xattr(name: bytes) -> bool:
     system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
     refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
     return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
+
+
+def _domains_of(view: View, ino: int) -> set[int | None]:
+    """The lease domains of `ino` in `view` (none for a damaged parent chain)."""
+    try:
+        return domains_of_inode(view, ino)
+    except ValueError:
+        return set()
 
 
 def _check_name(name: bytes) -> None:
@@ -412,13 +422,29 @@ class Filesystem:
         if lz is None or not lz.state.others:
             return
 
-        def doms(view: View) -> set[int | None]:
-            try:
-                return domains_of_inode(view, ino)
-            except ValueError:
-                return set()
+        await lz.before_read(await self.meta.read(_domains_of, ino))
 
-        await lz.before_read(await self.meta.read(doms))
+    async def _read_in(self, ino: int, answer: Callable[[], Awaitable[T]]) -> T:
+        """A read of `ino` (a directory's entries, or an inode) that close-to-open
+        covers. When every domain of `ino` is held here with a valid lease, the view is
+        the truth (another mount must recall the domain first, which the poll sees): it
+        is answered with no request (LEASES.md §6.2), the validity checked after the
+        view was read, immediately before the reply. Otherwise, and whenever that check
+        fails, it is answered after the read barrier (catch-up, recall) as elsewhere."""
+        lz = self.leases
+        if lz is not None and lz.state.held and lz.cfg.acquire:
+            doms = await self.meta.read(_domains_of, ino)
+            err: FsError | None = None
+            try:
+                out = await answer()
+            except FsError as e:  # ENOENT, ENOTDIR...: answers too
+                err = e
+            if lz.may_read_locally(doms):  # no await between this and the reply
+                if err is not None:
+                    raise err
+                return out
+        await self._read_barrier(ino)
+        return await answer()
 
     async def fsyncdir(self) -> None:
         """fsync of a directory: under leases, wait until the journal is in the log."""
@@ -445,17 +471,21 @@ class Filesystem:
         if len(name) > NAME_MAX:
             raise FsError("name too long", errno.ENAMETOOLONG)
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
-        await self._read_barrier(parent)
-        if name == b".":
-            return await self._attr(parent)
         if name == b"..":
+            # The parent of a domain root is in the top: always the read barrier.
+            await self._read_barrier(parent)
             p = await self.meta.read(View.parent_of, parent)
             return await self._attr(p or ROOT_INO)
 
-        attr = await self.meta.lookup(parent, name)
-        if attr is None:
-            raise FsError("no such entry", errno.ENOENT)
-        return self._overlay(attr)
+        async def answer() -> Attr:
+            if name == b".":
+                return await self._attr(parent)
+            attr = await self.meta.lookup(parent, name)
+            if attr is None:
+                raise FsError("no such entry", errno.ENOENT)
+            return self._overlay(attr)
+
+        return await self._read_in(parent, answer)
 
     async def _catch_up(self) -> None:
         try:
@@ -749,8 +779,7 @@ class Filesystem:
     # ------------------------------------------------------------------ directory
 
     async def opendir(self, ino: int) -> None:
-        await self._read_barrier(ino)
-        a = await self._attr(ino)
+        a = await self._read_in(ino, lambda: self._attr(ino))
         if not a.is_dir:
             raise FsError("not a directory", errno.ENOTDIR)
 
@@ -864,8 +893,7 @@ class Filesystem:
         """Open a file; return (fh, keep_cache)."""
         if (flags & os.O_ACCMODE) != os.O_RDONLY or flags & os.O_TRUNC:
             self._writable()
-        await self._read_barrier(ino)
-        attr = await self._attr(ino)
+        attr = await self._read_in(ino, lambda: self._attr(ino))
         if attr.is_dir:
             raise FsError("is a directory", errno.EISDIR)
         keep = ino in self._kcache_ok

@@ -328,6 +328,21 @@ class Leases:
         now = self.clock()
         return all(self.valid_until.get(d, -1.0) > now for d in domains)
 
+    def may_read_locally(self, domains: set[int | None]) -> bool:
+        """Whether a read of these domains may be answered from the view with no request
+        (§6.2): every one is held by this incarnation with a valid lease (no other mount
+        can change it without recalling it first, which the poll sees). Never for the
+        top, `-o sync` or a fenced mount. Call it after reading the answer, immediately
+        before replying, with no await in between."""
+        if not domains or None in domains or not self.cfg.acquire or self.fenced is not None:
+            return False
+        now = self.clock()
+        return all(
+            d in self.state.held and self.valid_until.get(d, -1.0) > now
+            for d in domains
+            if d is not None
+        )
+
     def _ok_domains(self) -> frozenset[int]:
         """Domains a change may be journaled in now: held, valid, not recalled (none
         for `-o sync`, which journals nothing)."""

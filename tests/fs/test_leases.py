@@ -52,8 +52,18 @@ async def store() -> ObjectStore:
 
 
 @pytest.fixture
-async def sb(store: ObjectStore) -> Superblock:
-    return await format_fs(store, block_size=64 * 1024, leases=True, lease_time=LEASE_TIME)
+def leases() -> bool:
+    return True  # a test parametrizes it False for the same scenario on format 2
+
+
+@pytest.fixture
+def lease_time() -> float:
+    return LEASE_TIME
+
+
+@pytest.fixture
+async def sb(store: ObjectStore, leases: bool, lease_time: float) -> Superblock:
+    return await format_fs(store, block_size=64 * 1024, leases=leases, lease_time=lease_time)
 
 
 class Mount:
@@ -67,6 +77,11 @@ class Mount:
             1
             for op, key in self.store.requests
             if op == "put_if_absent" and key.startswith(LOG_PREFIX)
+        )
+
+    def log_gets(self) -> int:
+        return sum(
+            1 for op, key in self.store.requests if op == "get" and key.startswith(LOG_PREFIX)
         )
 
 
@@ -184,6 +199,53 @@ async def test_close_to_open_and_lookup_across_mounts_while_held(make: Make) -> 
     await a.fs.write(h, 0, b"FIRST")
     await a.fs.release(h)
     assert await read_file(b.fs, home, b"one") == b"FIRST"
+
+
+@pytest.mark.parametrize(("leases", "lease_time"), [(True, 30.0), (False, 30.0)])
+async def test_the_holder_reads_its_domain_with_no_log_get(make: Make, leases: bool) -> None:
+    # No poller (poll_interval): every log GET counted is one a request made.
+    a = await make(poll_interval=3600, atime=False)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    sub = await mkdir(a.fs, home, b"sub")  # format 3: acquires the domain
+    f = await write_file(a.fs, home, b"f", b"data")
+    assert (a.fs.leases is not None and bool(a.fs.leases.state.held)) == leases
+    n = 20
+    before = a.log_gets()
+    for _ in range(n):
+        assert (await a.fs.lookup(home, b"f")).ino == f
+        with pytest.raises(FsError) as e:
+            await a.fs.lookup(sub, b"missing")
+        assert e.value.errno == errno.ENOENT
+        fh, _ = await a.fs.open(f, os.O_RDONLY)
+        await a.fs.release(fh)
+        await a.fs.opendir(sub)
+    gets = a.log_gets() - before
+    # In its held domain the holder's view is the truth (LEASES.md §6.2): no request.
+    # Format 2 catches up with the log head (one GET of log/S+1) before each.
+    assert gets == (0 if leases else 4 * n), gets
+    # The top is never leased: a lookup there still catches up.
+    before = a.log_gets()
+    assert (await a.fs.lookup(ROOT_INO, b"home")).ino == home
+    assert a.log_gets() - before == 1
+
+
+async def test_the_holder_sees_changes_outside_its_domain_at_once(make: Make) -> None:
+    a = await make(poll_interval=3600)  # learns nothing from a poll
+    s = await make(sync=True)  # takes no leases: its domain stays FREE
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"mine", b"a")  # A holds home
+    other = await mkdir(s.fs, ROOT_INO, b"other")
+    await write_file(s.fs, other, b"new", b"from s")
+    await write_file(s.fs, ROOT_INO, b"top", b"at the top")
+    assert a.fs.leases is not None and a.fs.leases.state.held
+    # Close-to-open: A's lookups and opens of a domain nobody holds, and of the top,
+    # catch up first.
+    assert (await a.fs.lookup(ROOT_INO, b"other")).ino == other
+    assert await read_file(a.fs, other, b"new") == b"from s"
+    assert await read_file(a.fs, ROOT_INO, b"top") == b"at the top"
+    # A change in A's domain goes through a recall; A's next read sees it.
+    await write_file(s.fs, home, b"theirs", b"from s")
+    assert await read_file(a.fs, home, b"theirs") == b"from s"
 
 
 async def race(
