@@ -11,10 +11,12 @@ from pathlib import Path
 
 import trio
 
+from efsish.errors import StoreError, TransientStoreError
 from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
 from efsish.meta.superblock import Superblock
 from efsish.store import ObjectStore
+from efsish.store.faulty import FaultyStore
 
 ROOT = Ctx(0, 0)
 BS = 64 * 1024  # the block size of the fs fixtures
@@ -71,3 +73,22 @@ async def fsck(store: ObjectStore) -> tuple[int, str]:
     out = io.StringIO()
     code = await run_fsck(store, progress=False, out=out)
     return code, out.getvalue()
+
+
+class Flaky(FaultyStore):
+    """Fails the next `fail_next` calls of the planned operations, or all of them while
+    `outage` is set; `plan.lost_answer` decides whether a failing write is done first."""
+
+    fail_next = 0
+    outage = False
+
+    async def _fault(self, op: str, key: str) -> StoreError | None:
+        await super()._fault(op, key)  # counts the call
+        if self.plan.ops and op not in self.plan.ops:
+            return None
+        if self.outage:
+            return TransientStoreError(f"injected outage: {op} {key}")
+        if self.fail_next > 0:
+            self.fail_next -= 1
+            return TransientStoreError(f"injected fault: {op} {key}")
+        return None

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import errno
 import hashlib
-import io
 import os
 import shutil
 from collections.abc import Awaitable, Callable, Sequence
@@ -20,16 +19,15 @@ from pathlib import Path
 
 import trio
 
-from efsish.errors import FsError, StoreError, TransientStoreError
-from efsish.filesystem import Ctx, Filesystem, Options
-from efsish.fsck import run_fsck
+from efsish.errors import FsError
+from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.base import ObjectInfo
-from efsish.store.faulty import FaultPlan, FaultyStore
+from efsish.store.faulty import FaultPlan
+from tests.fs.helpers import ROOT, Flaky
 
-ROOT = Ctx(0, 0)
 RECOVERY_DIR = b".efsish-recovered"
 WRITES = frozenset({"put", "put_if_absent", "delete"})
 
@@ -303,16 +301,10 @@ async def resolve(fs: Filesystem, p: Path_) -> int:
     return ino
 
 
-async def fsck(store: ObjectStore) -> tuple[int, str]:
-    out = io.StringIO()
-    code = await run_fsck(store, progress=False, out=out)
-    return code, out.getvalue()
-
-
 # ------------------------------------------------------------------ mounts
 
 
-class MountStore(FaultyStore):
+class MountStore(Flaky):
     """One mount's way to the shared store. Faults (for the planned write operations):
     the next `fail_next` calls fail, or all of them while `outage` is set, the write done
     first when `plan.lost_answer`. A pause (`hang`) holds every call until `resume()`:
@@ -339,17 +331,6 @@ class MountStore(FaultyStore):
     async def _gate(self, where: str) -> None:
         while self.hang == where:
             await self._resumed.wait()
-
-    async def _fault(self, op: str, key: str) -> StoreError | None:
-        await super()._fault(op, key)  # counts the call
-        if self.plan.ops and op not in self.plan.ops:
-            return None
-        if self.outage:
-            return TransientStoreError(f"injected outage: {op} {key}")
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            return TransientStoreError(f"injected fault: {op} {key}")
-        return None
 
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
         await self._gate("request")

@@ -31,13 +31,13 @@ import pytest
 import trio
 import trio.testing
 
-from efsish.errors import FsError, StoreError, TransientStoreError
+from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
-from efsish.store.faulty import FaultPlan, FaultyStore
+from efsish.store.faulty import FaultPlan
 from tests.fs.conftest import FsFactory
-from tests.fs.helpers import fsck
+from tests.fs.helpers import Flaky, fsck
 
 ROOT = Ctx(0, 0)
 KiB = 1024
@@ -57,25 +57,6 @@ def _seeds() -> list[int]:
 
 
 OPS_PER_SEED = int(os.environ.get("EFSISH_FAULT_OPS", "150"))
-
-
-class Flaky(FaultyStore):
-    """Fails the next `fail_next` calls of the planned operations, or all of them while
-    `outage` is set; `plan.lost_answer` decides whether a failing write is done first."""
-
-    fail_next = 0
-    outage = False
-
-    async def _fault(self, op: str, key: str) -> StoreError | None:
-        await super()._fault(op, key)  # counts the call
-        if self.plan.ops and op not in self.plan.ops:
-            return None
-        if self.outage:
-            return TransientStoreError(f"injected outage: {op} {key}")
-        if self.fail_next > 0:
-            self.fail_next -= 1
-            return TransientStoreError(f"injected fault: {op} {key}")
-        return None
 
 
 @dataclass

@@ -73,8 +73,8 @@ from efsish.meta.superblock import Superblock, format_fs
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.memory import MemoryStore
+from tests.fs.helpers import ROOT, fsck
 from tests.fs.model import (
-    ROOT,
     Model,
     ModelError,
     Mount,
@@ -83,7 +83,6 @@ from tests.fs.model import (
     Step,
     Tree,
     first_difference,
-    fsck,
     look,
     replay,
     resolve,
