@@ -128,10 +128,15 @@ def apply_leased_entry(view: View, seq: int, entry: LogEntry, res: ApplyResult) 
         view.release("lease_entry")
         res.merge(r)
         return
+    _fenced(view, seq, entry, fencing, res)
+
+
+def _fenced(view: View, seq: int, entry: LogEntry, fencing: Fencing, res: ApplyResult) -> None:
+    """Undo the entry's savepoint and record why it was fenced, the same on every
+    replayer. What survives of an incarnation is a prefix of what it answered: every
+    later journaled entry of it is fenced too, until its lrcv."""
     view.rollback_to("lease_entry")
     res.fenced = fencing
-    # What survives of an incarnation is a prefix of what it answered: every later
-    # journaled entry of it is fenced too, until its lrcv.
     if (
         entry.journaled
         and entry.inc is not None
@@ -448,11 +453,5 @@ def judge_own_journaled(
         view.release("lease_entry")
         res.merge(r)
         return
-    view.rollback_to("lease_entry")
-    res.fenced = fencing
-    assert entry.inc is not None
-    if view.open_fencing(entry.client, entry.inc) is None:
-        view.db.execute(
-            "INSERT INTO fenced (client, inc, first_seq, reason) VALUES (?, ?, ?, ?)",
-            (entry.client, entry.inc, seq, str(fencing)),
-        )
+    assert entry.journaled and entry.inc is not None
+    _fenced(view, seq, entry, fencing, res)
