@@ -8,6 +8,8 @@ traceback. This module must not hold filesystem logic.
 from __future__ import annotations
 
 import argparse
+import base64
+import contextlib
 import logging
 import os
 import sys
@@ -41,27 +43,83 @@ def add_store_options(p: argparse.ArgumentParser) -> None:
         action="store_true",
         help="do not verify the endpoint's TLS certificate (insecure)",
     )
+    p.add_argument(
+        "--key-file",
+        metavar="FILE",
+        help="keys of an encrypted filesystem, base64, one per line, the first for new "
+        "objects (default: $EFSISH_KEY)",
+    )
+    p.add_argument("--key-command", metavar="CMD", help="a command that prints the keys")
 
 
 def store_options(args: argparse.Namespace) -> StoreOptions:
+    from efsish.store.crypt import load_keyring
+
     return StoreOptions(
         endpoint=args.endpoint,
         region=args.region,
         path_style=not args.no_path_style,
         verify_tls=not args.no_verify_tls,
+        keyring=load_keyring(args.key_file, args.key_command),
     )
 
 
 async def _check(args: argparse.Namespace) -> int:
+    from efsish.meta.superblock import NotFormatted, load_superblock
+
     async with open_store(args.store, store_options(args)) as store:
         await store.check()
+        with contextlib.suppress(NotFormatted):
+            await load_superblock(store)  # an encrypted filesystem: are these its keys?
     print(f"{args.store}: reachable, writable, conditional writes supported")
+    return 0
+
+
+def _keygen(args: argparse.Namespace) -> int:
+    from efsish.store.crypt import new_key_line, read_key_file
+
+    line = new_key_line()
+    if args.rotate:
+        old = read_key_file(args.file)  # refuses a file others may read
+        text = "\n".join([line, *(base64.b64encode(k).decode() for k in old.keys)]) + "\n"
+        tmp = f"{args.file}.new"
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+        with os.fdopen(fd, "w") as f:
+            f.write(text)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, args.file)
+        print(f"{args.file}: a new first key; the old ones stay for reading")
+        return 0
+    try:
+        fd = os.open(args.file, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
+    except FileExistsError:
+        raise UsageError(f"{args.file} exists; to add a key to it give --rotate") from None
+    except OSError as e:
+        raise UsageError(f"cannot create {args.file}: {e.strerror}") from None
+    with os.fdopen(fd, "w") as f:
+        f.write(line + "\n")
+    print(f"{args.file}: a new key; keep a copy elsewhere: without it the data is lost")
+    return 0
+
+
+async def _rekey(args: argparse.Namespace) -> int:
+    from efsish.meta.superblock import load_superblock
+    from efsish.store.crypt import CryptStore, rekey
+
+    async with open_store(args.store, store_options(args)) as store:
+        await load_superblock(store)  # checks the keys
+        if not isinstance(store, CryptStore):
+            raise UsageError(f"{args.store} is not encrypted")
+        done, total = await rekey(store)
+    print(f"{args.store}: {done} of {total} objects re-encrypted with the first key")
     return 0
 
 
 async def _format(args: argparse.Namespace) -> int:
     from efsish.meta.superblock import check_formattable, format_fs
     from efsish.mount import parse_size
+    from efsish.store.crypt import superblock_info
 
     if args.throughput_mode == "provisioned" and not args.provisioned_mibps:
         raise UsageError("--throughput-mode provisioned needs --provisioned-mibps N")
@@ -71,7 +129,15 @@ async def _format(args: argparse.Namespace) -> int:
         raise UsageError("--lease-depth must be 1 or more")
     if args.lease_depth != 1 and not args.leases:
         raise UsageError("--lease-depth needs --leases")
-    async with open_store(args.store, store_options(args), create=True) as store:
+    opts = store_options(args)
+    if args.encrypt and opts.keyring is None:
+        raise UsageError(
+            "--encrypt needs a key: --key-file FILE (make one with `efsish keygen FILE`), "
+            "--key-command CMD or $EFSISH_KEY"
+        )
+    if opts.keyring is not None and not args.encrypt:
+        raise UsageError(f"a key was given ({opts.keyring.source}) but not --encrypt")
+    async with open_store(args.store, opts, create=True) as store:
         await check_formattable(store)  # before check() writes anything there
         await store.check()
         sb = await format_fs(
@@ -81,8 +147,10 @@ async def _format(args: argparse.Namespace) -> int:
             provisioned_mibps=float(args.provisioned_mibps or 0),
             leases=args.leases,
             lease_depth=args.lease_depth,
+            encryption=superblock_info(opts.keyring) if opts.keyring else None,
         )
     mode = f", leases (depth {sb.lease_depth})" if sb.leases else ""
+    mode += ", encrypted" if sb.encryption else ""
     print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}{mode}")
     return 0
 
@@ -248,6 +316,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="with --leases: the depth of the leased subtrees' roots (default 1: /home/USER "
         "when mounted on /home)",
     )
+    p.add_argument(
+        "--encrypt",
+        action="store_true",
+        help="encrypt every object but the superblock with the key of --key-file, "
+        "--key-command or $EFSISH_KEY (format 4)",
+    )
     p.set_defaults(func=_format)
 
     p = sub.add_parser("mount", help="mount a filesystem")
@@ -306,6 +380,17 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
     add_store_options(p)
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("keygen", help="write a new encryption key to a new file (mode 0600)")
+    p.add_argument("file", metavar="FILE")
+    p.add_argument(
+        "--rotate", action="store_true", help="add the new key first to an existing key file"
+    )
+    p.set_defaults(func=_keygen, sync=True)
+
+    p = sub.add_parser("rekey", help="re-encrypt every object with the key file's first key")
+    add_store_options(p)
+    p.set_defaults(func=_rekey)
     return ap
 
 

@@ -23,7 +23,7 @@ from tqdm import tqdm
 
 from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
-from efsish.errors import EfsishError, NotFound
+from efsish.errors import CorruptObject, EfsishError, NotFound
 from efsish.meta import heartbeat, nudge
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX
 from efsish.meta.log import MetaLog
@@ -219,6 +219,8 @@ async def _check_objects(
                     data = await store.get(key)
                 except NotFound:
                     rep.error(f"block {key} vanished during the check")
+                except CorruptObject as e:  # an encrypted block that fails authentication
+                    rep.error(f"block {key} is corrupt: {e}")
                 else:
                     if h is not None and not block_matches(data, h):
                         rep.error(f"block {key} fails its checksum (corrupt)")

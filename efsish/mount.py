@@ -15,6 +15,7 @@ import errno
 import fcntl
 import hashlib
 import io
+import ipaddress
 import json
 import logging
 import logging.handlers
@@ -26,6 +27,7 @@ import stat
 import subprocess
 import sys
 import time
+import urllib.parse
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,7 +39,8 @@ from efsish.filesystem import Filesystem, Options
 from efsish.meta import nudge
 from efsish.meta.superblock import load_superblock
 from efsish.procs import pid_alive, start_time
-from efsish.store import StoreOptions, open_store
+from efsish.store import ObjectStore, StoreOptions, open_store
+from efsish.store.crypt import load_keyring
 
 log = logging.getLogger(__name__)
 
@@ -62,6 +65,8 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "nudge": ("auto|off|HOST:PORT", "auto, off, or the HOST:PORT other mounts nudge this one at"),
     "commit_interval": ("SECONDS", "a number of seconds above 0, e.g. 1.0"),
     "sync": ("", ""),
+    "key_file": ("FILE", "a key file of mode 0600 (efsish keygen FILE)"),
+    "key_command": ("CMD", "a command, without commas, that prints the keys"),
 }
 KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
@@ -235,6 +240,10 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
         cfg.commit_interval = _seconds(value, zero_ok=False)
     elif key == "sync":
         cfg.sync = True
+    elif key in ("key_file", "key_command"):
+        # Loaded now, before the fork: errors are one line from the parent.
+        keyring = load_keyring(value, None) if key == "key_file" else load_keyring(None, value)
+        cfg.store_options = StoreOptions(**{**cfg.store_options.__dict__, "keyring": keyring})
     else:  # pragma: no cover - MOUNT_OPTIONS and this function list the same names
         raise AssertionError(key)
 
@@ -388,11 +397,37 @@ def _check_mountpoint(path: str) -> None:
         raise UsageError("/dev/fuse is missing: install fuse3 and load the fuse module")
 
 
-async def _preflight(cfg: MountConfig) -> None:
+def transport_warning(store: ObjectStore, encrypted: bool) -> str | None:
+    """A warning for a filesystem that is not encrypted at rest and whose requests go
+    over plain http to another machine: names and data cross the network in the clear."""
+    url = store.endpoint_url()
+    if encrypted or url is None:
+        return None
+    parts = urllib.parse.urlsplit(url)
+    if parts.scheme != "http":
+        return None
+    host = parts.hostname or ""
+    try:
+        loopback = host == "localhost" or ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        loopback = False
+    if loopback:
+        return None
+    return (
+        f"the endpoint {url} is plain http and this filesystem is not encrypted: file names "
+        "and data cross the network in the clear; use https, or a filesystem made with "
+        "`efsish format --encrypt`"
+    )
+
+
+async def _preflight(cfg: MountConfig) -> list[str]:
+    """Check the store and the superblock (and the keys); return warnings for the user."""
     async with open_store(cfg.store_url, cfg.store_options) as store:
         if not cfg.ro:  # check() writes a probe; a read-only mount writes nothing
             await store.check()
-        await load_superblock(store)
+        sb = await load_superblock(store)
+        warning = transport_warning(store, sb.encryption is not None)
+    return [warning] if warning else []
 
 
 def mount(cfg: MountConfig) -> int:
@@ -440,7 +475,11 @@ def mount(cfg: MountConfig) -> int:
             os._exit(code)
     os.close(w)
     with os.fdopen(r, "rb") as pipe:
-        msg = pipe.read().decode(errors="replace").strip()
+        lines = pipe.read().decode(errors="replace").strip().splitlines()
+    for line in lines:
+        if line.startswith("WARN "):
+            print(f"efsish: warning: {line[5:]}", file=sys.stderr)
+    msg = lines[-1] if lines else ""
     if msg.startswith("OK"):
         return 0
     os.waitpid(pid, 0)
@@ -508,7 +547,10 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
     # for this very daemon.
     mountpoint = os.path.realpath(cfg.mountpoint)  # noqa: ASYNC240 - before the loop serves
-    await _preflight(cfg)
+    for warning in await _preflight(cfg):
+        log.warning("%s", warning)
+        if ready_fd is not None:
+            os.write(ready_fd, f"WARN {warning}\n".encode())
     store = open_store(cfg.store_url, cfg.store_options)
     sb = await load_superblock(store)
     lock_fd = lock_cache_dir(cfg.cache_dir, sb.fs_uuid, mountpoint)  # for the daemon's life

@@ -23,6 +23,7 @@ from efsish.errors import (
 from efsish.meta.keys import log_key
 from efsish.meta.ops import SYNC, Fmt, LogEntry
 from efsish.store import ObjectStore
+from efsish.store.crypt import check_keys
 
 log = logging.getLogger(__name__)
 
@@ -35,9 +36,13 @@ COUNT_LIMIT = 1000  # objects counted for a message about a prefix that holds no
 # 3: the lease protocol (docs/design/LEASES.md), written only by `efsish format --leases`:
 # extra["lease_depth"] and extra["lease_time"], and log/1 holds the fmt(3) entry. An
 # efsish that knows only format 2 refuses it ("formatted by a newer efsish").
+# 4: encrypted at rest (store/crypt.py), written only by `efsish format --encrypt`:
+# extra["encryption"] says how, extra["leases"] whether format 3's lease protocol is on.
+# An efsish that knows only format 3 refuses it instead of writing plaintext into it.
 FORMAT_VERSION = 2
 LEASE_FORMAT_VERSION = 3
-NEWEST_FORMAT = LEASE_FORMAT_VERSION
+ENCRYPTED_FORMAT_VERSION = 4
+NEWEST_FORMAT = ENCRYPTED_FORMAT_VERSION
 DEFAULT_LEASE_TIME = 15.0  # seconds (LEASES.md §7: L)
 MIN_BLOCK = 64 * 1024
 MAX_BLOCK = 64 * 1024 * 1024
@@ -68,8 +73,14 @@ class Superblock:
 
     @property
     def leases(self) -> bool:
-        """The filesystem uses the lease protocol (format 3)."""
-        return self.format_version >= LEASE_FORMAT_VERSION
+        """The filesystem uses the lease protocol (format 3, or 4 with extra["leases"])."""
+        return self.format_version == LEASE_FORMAT_VERSION or bool(self.extra.get("leases"))
+
+    @property
+    def encryption(self) -> dict[str, Any] | None:
+        """How the filesystem is encrypted (store/crypt.py), or None."""
+        enc = self.extra.get("encryption")
+        return enc if isinstance(enc, dict) else None
 
     @property
     def lease_depth(self) -> int:
@@ -125,10 +136,12 @@ async def format_fs(
     leases: bool = False,
     lease_depth: int = 1,
     lease_time: float = DEFAULT_LEASE_TIME,
+    encryption: dict[str, Any] | None = None,
 ) -> Superblock:
     """Create a filesystem. With `leases`, a format-3 one (LEASES.md §14): the
     superblock records the lease depth and time, and log/1 is the fmt(3) entry, so that
-    every entry after it carries a lease header."""
+    every entry after it carries a lease header. With `encryption` (crypt.superblock_info
+    of the keys `store` encrypts with), a format-4 one."""
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
         raise EfsishError(
             f"block size {block_size} must be a power of two between 64 KiB and 64 MiB"
@@ -146,6 +159,10 @@ async def format_fs(
             raise EfsishError("the lease depth must be at least 1 and the lease time positive")
         sb.format_version = LEASE_FORMAT_VERSION
         sb.extra.update(lease_depth=lease_depth, lease_time=lease_time)
+    if encryption is not None:
+        sb.format_version = ENCRYPTED_FORMAT_VERSION
+        sb.extra.update(encryption=encryption, leases=leases)
+    await check_keys(store, encryption)
     await check_formattable(store)
     try:
         await store.put_if_absent(SUPERBLOCK_KEY, codec.encode_json(b"S", asdict(sb)))
@@ -255,4 +272,5 @@ async def load_superblock(store: ObjectStore) -> Superblock:
             f"{store.url} records block checksum {sb.block_checksum!r}, which this efsish "
             "does not know; upgrade efsish on this machine"
         )
+    await check_keys(store, sb.encryption)
     return sb

@@ -9,8 +9,13 @@ This package must not know anything about the filesystem built on top of it.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 from efsish.errors import StoreConfigError
 from efsish.store.base import ObjectInfo, ObjectStore
+
+if TYPE_CHECKING:
+    from efsish.store.crypt import Keyring
 
 __all__ = ["ObjectInfo", "ObjectStore", "StoreOptions", "open_store"]
 
@@ -26,6 +31,9 @@ class StoreOptions:
     path_style: bool = True
     verify_tls: bool = True
     concurrency: int = 32
+    # The keys of an encrypted filesystem (store/crypt.py): objects are encrypted and
+    # authenticated on their way through this store. Shown by repr only as key ids.
+    keyring: Keyring | None = None
 
 
 def open_store(
@@ -33,8 +41,18 @@ def open_store(
 ) -> ObjectStore:
     """Return the ObjectStore for `url`; raise StoreConfigError for a malformed URL.
 
-    `create` lets a file:// store create its directory (only `efsish format` does)."""
+    `create` lets a file:// store create its directory (only `efsish format` does).
+    With `options.keyring`, the store encrypts (store/crypt.py)."""
     opts = options or StoreOptions()
+    store = _open_backend(url, opts, create)
+    if opts.keyring is None:
+        return store
+    from efsish.store.crypt import CryptStore
+
+    return CryptStore(store, opts.keyring)
+
+
+def _open_backend(url: str, opts: StoreOptions, create: bool) -> ObjectStore:
     if url.startswith("s3://"):
         from efsish.store.s3 import S3Store
 

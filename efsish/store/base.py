@@ -111,6 +111,11 @@ class ObjectStore(abc.ABC):
         machine (file://, memory://). Nudges listen on the local address that reaches it."""
         return None
 
+    def endpoint_url(self) -> str | None:
+        """The URL requests go to (its scheme says whether they are encrypted in
+        transit), or None for a store on this machine."""
+        return None
+
     async def check(self) -> None:  # noqa: B027 - optional hook with a default
         """Verify the store is reachable and usable; raise StoreConfigError if not."""
 

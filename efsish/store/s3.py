@@ -232,6 +232,9 @@ class S3Store(ObjectStore):
     def _unk(self, full: str) -> str:
         return full[len(self.prefix) + 1 :] if self.prefix else full
 
+    def endpoint_url(self) -> str | None:
+        return str(self.endpoint or self._client.meta.endpoint_url)
+
     def endpoint_host(self) -> str | None:
         # boto3's endpoint_url is the AWS regional endpoint when none is configured.
         return urllib.parse.urlsplit(self.endpoint or self._client.meta.endpoint_url).hostname

@@ -336,6 +336,26 @@ class Efsish(System):
             self._untrack(m)
 
 
+class EfsishEncrypted(Efsish):
+    """efsish formatted with --encrypt (store/crypt.py): the cost of encryption at rest."""
+
+    name = "efsish-enc"
+    label = "efsish (encrypted)"
+
+    def __init__(self, server: Server, work: Path, env: dict[str, str]) -> None:
+        super().__init__(server, work, env, store_url="s3://efsish/fs-enc")
+        self.key_file = work / "efsish-enc.key"
+
+    def _store_args(self) -> list[str]:
+        return [*super()._store_args(), "--key-file", str(self.key_file)]
+
+    def prepare(self) -> None:
+        if not self.key_file.exists():
+            run([self.exe, "keygen", str(self.key_file)], env=self.env)
+        self.format_args = [*self.format_args, "--encrypt"]
+        super().prepare()
+
+
 # -------------------------------------------------------------------------- JuiceFS
 
 
@@ -779,7 +799,8 @@ PROXIES: list[StoreProxy] = []
 
 
 ALL_SYSTEMS: dict[str, type[System]] = {
-    c.name: c for c in (Efsish, JuiceFS, JuiceFSRedis, S3fs, Rclone, Local, RawBoto3)
+    c.name: c
+    for c in (Efsish, EfsishEncrypted, JuiceFS, JuiceFSRedis, S3fs, Rclone, Local, RawBoto3)
 }
 
 

@@ -69,7 +69,7 @@ async def test_format1_filesystems_keep_crc32(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     "change, message",
     [
-        ({"format_version": 4, "new_field": 1}, "newer efsish \\(format 4\\); upgrade"),
+        ({"format_version": 5, "new_field": 1}, "newer efsish \\(format 5\\); upgrade"),
         ({"extra": {"block_checksum": "blake3"}}, "block checksum 'blake3'.*upgrade"),
         ({"extra": None}, "not an efsish superblock: its 'extra' field"),
         ({"format_version": "2"}, "not an efsish superblock: format_version"),

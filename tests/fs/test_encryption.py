@@ -1,0 +1,174 @@
+"""An encrypted filesystem in-process (store/crypt.py under the whole stack): it works
+as a plain one, the bucket holds none of its names or bytes, and a damaged object is
+EIO, never data."""
+
+from __future__ import annotations
+
+import base64
+import errno
+import io
+import os
+import uuid
+from pathlib import Path
+
+import pytest
+
+from efsish import codec
+from efsish.errors import CorruptObject, EfsishError, FsError
+from efsish.fsck import run_fsck
+from efsish.meta.superblock import SUPERBLOCK_KEY, format_fs, load_superblock
+from efsish.meta.view import ROOT_INO
+from efsish.store import ObjectStore
+from efsish.store.crypt import CryptStore, Keyring, superblock_info
+from efsish.store.memory import MemoryStore
+from tests.fs.helpers import ROOT, fsck, mounted, read_file, read_sequentially, write_file
+
+KEYS = Keyring((bytes(range(32)),), "a test key")
+NAME = b"quarterly-secret-report.txt"
+DIRNAME = b"private-project-zebra"
+SMALL = b"the inline contents of a small secret file " * 8  # inline in the log entry
+BIG = os.urandom(1024) + b"big-file-plaintext-marker" * 100_000  # ~2.4 MiB: 3 blocks
+MIB = 1024 * 1024
+
+
+async def workload(store: ObjectStore, cache: Path) -> tuple[int, int]:
+    """Format, then write a directory, a small file, a big one and an xattr; return the
+    inodes of the two files."""
+    enc = superblock_info(KEYS) if isinstance(store, CryptStore) else None
+    sb = await format_fs(store, block_size=MIB, encryption=enc)
+    async with mounted(store, sb, cache, checkpoint_every=3) as fs:
+        d = await fs.mkdir(ROOT_INO, DIRNAME, 0o755, ROOT)
+        small = await write_file(fs, d.ino, NAME, SMALL)
+        big = await write_file(fs, d.ino, b"big-" + NAME, BIG)
+        await fs.setxattr(big, b"user.classification", b"top-secret-label", ROOT)
+        await fs.meta.write_checkpoint()
+    return small, big
+
+
+async def raw_objects(raw: ObjectStore) -> dict[str, bytes]:
+    return {i.key: await raw.get(i.key) async for i in raw.list("")}
+
+
+def readable(blob: bytes) -> bytes:
+    """What anyone reading the bucket can see in an object: its bytes, and the payload
+    of a metadata envelope (zstd hides names from a plain grep)."""
+    try:
+        return blob + codec.decode(blob[len(codec.MAGIC) : len(codec.MAGIC) + 1], blob)
+    except (CorruptObject, KeyError, AssertionError):
+        return blob
+
+
+# Each in its own bytes and as the log spells inline data and xattr values (base64).
+SECRETS = [NAME, DIRNAME, b"top-secret-label", SMALL[:30], b"big-file-plaintext"]
+
+
+def forms(secret: bytes) -> list[bytes]:
+    return [secret, base64.b64encode(secret).rstrip(b"=")]
+
+
+async def test_the_bucket_holds_no_name_or_byte_of_an_encrypted_filesystem(
+    tmp_path: Path,
+) -> None:
+    # The same workload on a plain filesystem shows where the secrets would be.
+    plain = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    await workload(plain, tmp_path / "plain")
+    seen = b"".join(readable(b) for b in (await raw_objects(plain)).values())
+    for secret in SECRETS:
+        assert any(f in seen for f in forms(secret)), secret
+
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    small, big = await workload(store, tmp_path / "w")
+    objects = await raw_objects(raw)
+    assert any(k.startswith("checkpoints/") for k in objects)
+    assert any(k.startswith("data/") for k in objects)
+    for key, blob in objects.items():
+        for secret in SECRETS:
+            assert not any(f in readable(blob) for f in forms(secret)), (key, secret)
+        if key != SUPERBLOCK_KEY:
+            assert not blob.startswith(codec.MAGIC), key  # no readable envelope at all
+
+    # A fresh mount (empty cache) reads everything back; a small read deep in the big
+    # file takes the ranged path, chunk by chunk.
+    sb = await load_superblock(store)
+    async with mounted(store, sb, tmp_path / "r") as fs:
+        assert await read_file(fs, small) == SMALL
+        fh, _ = await fs.open(big, os.O_RDONLY)
+        try:
+            at = MIB + MIB // 2 + 17
+            assert bytes(await fs.read(fh, at, 4096)) == BIG[at : at + 4096]
+        finally:
+            await fs.release(fh)
+        assert fs.blocks.ranged_gets == 1
+        assert await read_sequentially(fs, big, 256 * 1024) == BIG
+    assert (await fsck(store))[0] == 0
+
+
+async def test_a_flipped_byte_in_a_block_is_eio_never_data(tmp_path: Path) -> None:
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    _, big = await workload(store, tmp_path / "w")
+    blocks = sorted([i.key async for i in raw.list("data/")])
+    blob = bytearray(await raw.get(blocks[0]))
+    blob[len(blob) // 2] ^= 1
+    await raw.put(blocks[0], bytes(blob))
+    sb = await load_superblock(store)
+    async with mounted(store, sb, tmp_path / "r") as fs:
+        for ino in (big,):
+            with pytest.raises(FsError) as e:
+                await read_sequentially(fs, ino, 256 * 1024)
+            assert e.value.errno == errno.EIO
+    out = io.StringIO()
+    assert await run_fsck(store, verify_data=True, progress=False, out=out) != 0
+    assert "failed authentication" in out.getvalue() or "corrupt" in out.getvalue()
+
+
+async def test_a_flipped_byte_in_a_log_entry_is_an_error_never_data(tmp_path: Path) -> None:
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    sb = await format_fs(store, block_size=MIB, encryption=superblock_info(KEYS))
+    async with mounted(store, sb, tmp_path / "a") as reader:
+        async with mounted(store, sb, tmp_path / "w") as writer:
+            await write_file(writer, ROOT_INO, NAME, SMALL)
+        first = sorted([i.key async for i in raw.list("log/")])[0]  # the create
+        blob = bytearray(await raw.get(first))
+        blob[-3] ^= 1
+        await raw.put(first, bytes(blob))
+        # A live mount that reads the damaged entry stops applying the log (as with a
+        # corrupt plain entry): the lookup fails, the file never appears.
+        with pytest.raises(EfsishError):
+            await reader.lookup(ROOT_INO, NAME)
+    # A new mount refuses to start on it, as on a corrupt plain log.
+    with pytest.raises(BaseExceptionGroup) as e:
+        async with mounted(store, sb, tmp_path / "r"):
+            pass
+    assert e.group_contains(CorruptObject, match="failed authentication")
+    assert (await fsck(store))[0] != 0
+
+
+async def test_an_encrypted_filesystem_with_leases(tmp_path: Path) -> None:
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    sb = await format_fs(store, block_size=MIB, leases=True, encryption=superblock_info(KEYS))
+    assert sb.leases and (await load_superblock(store)).leases
+    async with mounted(store, sb, tmp_path / "a") as fs:
+        d = await fs.mkdir(ROOT_INO, DIRNAME, 0o755, ROOT)
+        ino = await write_file(fs, d.ino, NAME, SMALL)
+    async with mounted(store, sb, tmp_path / "b") as fs:
+        assert await read_file(fs, ino) == SMALL
+    for blob in (await raw_objects(raw)).values():
+        assert NAME not in blob and DIRNAME not in blob
+
+
+async def test_an_efsish_without_encryption_refuses_an_encrypted_filesystem(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from efsish.meta import superblock
+
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    sb = await format_fs(CryptStore(raw, KEYS), block_size=MIB, encryption=superblock_info(KEYS))
+    assert sb.format_version == 4
+    # A build that knows only format 3 would otherwise write plaintext into it.
+    monkeypatch.setattr(superblock, "NEWEST_FORMAT", 3)
+    with pytest.raises(EfsishError, match="formatted by a newer efsish \\(format 4\\); upgrade"):
+        await load_superblock(raw)
