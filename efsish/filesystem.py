@@ -105,6 +105,7 @@ class Options:
     sync: bool = False
     cache_locked: bool = False
     lease_clock: Callable[[], float] | None = None
+    nudge: str = "auto"  # -o nudge= (lease mode): where other mounts nudge this one
 
 
 def _other_system_xattr(name: bytes) -> bool:
@@ -153,6 +154,7 @@ class Filesystem:
                 lease_time=sb.lease_time,
                 commit_interval=options.commit_interval,
                 acquire=not options.sync,
+                nudge=options.nudge,
             )
             if options.lease_clock is not None:
                 cfg.clock = options.lease_clock
@@ -272,6 +274,8 @@ class Filesystem:
                     stored = (await self.meta.read(View.stats))[1]
                     last_measure = time.monotonic()
                 others = await heartbeat.read_all(self.store, exclude=self.meta.client_id)
+                if self.leases is not None:
+                    self.leases.peers_seen(others)
                 recent = 5 * self.opts.heartbeat_interval
                 if any(hb.starving and hb.age() < recent for hb in others):
                     self.meta.make_room(2 * self.opts.heartbeat_interval)
@@ -299,6 +303,7 @@ class Filesystem:
             held=self.held_blocks(),
             metered_total=self.metering.drain_metered(),
             started=int(self.started * 1e9),
+            nudge=self.leases.nudge_address if self.leases is not None else None,
         )
         await heartbeat.write(self.store, hb)
 

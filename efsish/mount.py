@@ -116,7 +116,7 @@ class MountConfig:
     readahead: int = 1024 * 1024  # the kernel's readahead for this mount (its BDI)
     atime: bool = True  # relatime; noatime turns access-time updates off
     log_level: int = logging.INFO  # the daemon's log; -o debug or `efsish -v mount` lower it
-    nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): parsed now, used with leases
+    nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): used with leases
     commit_interval: float = 1.0  # lease mode: how late a journaled change reaches the log
     sync: bool = False  # lease mode: take no leases (commit every change on its own)
     extra: dict[str, str] = field(default_factory=dict)
@@ -568,6 +568,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             read_only=cfg.ro,
             commit_interval=cfg.commit_interval,
             sync=cfg.sync,
+            nudge=cfg.nudge,
             cache_locked=True,  # lock_cache_dir above, held for the daemon's life
         ),
     )

@@ -101,6 +101,16 @@ async def write(store: ObjectStore, hb: Heartbeat) -> None:
     await store.put(key(hb.client), codec.encode_json(b"H", hb.wire()))
 
 
+async def read(store: ObjectStore, client: str) -> Heartbeat | None:
+    """The heartbeat of mount `client`, or None if it has none (unmounted, or never
+    published one). Store errors and CorruptObject as they come."""
+    try:
+        blob = await store.get(key(client))
+    except NotFound:
+        return None
+    return Heartbeat.unwire(codec.decode_json(b"H", blob, key(client)))
+
+
 async def delete(store: ObjectStore, client: str) -> None:
     await store.delete(key(client))
 

@@ -11,6 +11,12 @@ used here. A domain is valid until `s + lease_time`, `s` the lease-clock time at
 the newest GET of the log that returned 404 (or PUT that landed) was sent with every
 earlier entry applied, and no open recall of the domain was in the view (§7).
 
+Nudges (§11, efsish.meta.nudge): with `nudge` not "off", the mount listens for nudges
+(its address goes in its heartbeat), sends one to the holder when its recall lands and
+one to the recaller when its answer lands; a nudge makes the receiver catch up at once
+instead of at its next poll. They only shorten waits: every one of them also ends by
+polling the log.
+
 The parts that run in the writer's worker thread (`apply_remote`, `apply_own`,
 `flush_entries`, `journaled_entry`) read and change only the view they are given; the
 rest runs on the trio thread. This module must not know POSIX rules or import pyfuse3.
@@ -32,10 +38,12 @@ from typing import Any, TypeVar
 
 import trio
 
-from efsish.errors import EfsishError, FsError, to_errno
-from efsish.meta import journal, leasing
+from efsish.errors import EfsishError, FsError, StoreError, to_errno
+from efsish.meta import heartbeat, journal, leasing, nudge
+from efsish.meta.heartbeat import Heartbeat
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
+from efsish.meta.nudge import Nudge, Nudger
 from efsish.meta.ops import (
     JOURNALED,
     SYNC,
@@ -64,6 +72,7 @@ READ_RECALL_WINDOW = 10.0  # a second read recall within this releases the domai
 CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down (§8)
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
+PEER_TTL = 60.0  # seconds a heartbeat read to nudge its mount is trusted for its address
 
 
 def boottime() -> float:
@@ -78,6 +87,7 @@ class LeaseConfig:
     lease_wait: float = 30.0  # how long a request waits for a valid lease or a recall
     lease_idle: float = 60.0  # a held domain unused this long is released
     acquire: bool = True  # False: -o sync (respects others' leases, takes none)
+    nudge: str = "off"  # -o nudge=auto|off|HOST:PORT (§11)
     clock: Callable[[], float] = boottime
 
 
@@ -161,6 +171,11 @@ class Leases:
         self.takeovers = 0
         self.recovered: list[str] = []  # recovery directories this mount wrote
         self._nursery: trio.Nursery | None = None
+        self.nudger: Nudger | None = None
+        # client -> (time.monotonic() when read, its heartbeat or None): where to nudge it
+        self._peers: dict[str, tuple[float, Heartbeat | None]] = {}
+        self._nudge_catch = trio.Event()  # set by a nudge: the catch-up task runs
+        self._nudged_ev = trio.Event()  # set (and replaced) by each nudge: recalls look
         self.recovering = False
         self._last_inc = 0  # the newest incarnation of this client when we started
         # False until this incarnation holds what its journal needs (sess, adoption):
@@ -452,19 +467,26 @@ class Leases:
         rid = uuid.uuid4().hex[:12]
         me = self.me
 
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], bool]:
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], str | None]:
             holder, _ = view.lease(d)
             if holder is None or holder == me:
-                return [], False
-            return [LRec(d, rid, want)], True
+                return [], None
+            return [LRec(d, rid, want)], holder[0]
 
-        if not await self.meta.submit(plan):
+        holder = await self.meta.submit(plan)
+        if holder is None:
             return
         self.recalls_sent += 1
+        # The recall has landed (at or below the applied position): nudge the holder.
+        self._send_nudge(holder, self.meta.applied_seq, rid)
         seen = self.clock()  # we received the answer that showed us our recall
         deadline = seen + self.cfg.lease_wait + 2 * self.cfg.lease_time
+        nudged = self._nudged_ev
         while True:
-            await trio.sleep(RECALL_POLL)
+            # The next poll, or at once when a nudge (the holder's answer) comes.
+            with trio.move_on_after(RECALL_POLL):
+                await nudged.wait()
+            nudged = self._nudged_ev  # a nudge during this catch-up ends the next wait
             try:
                 await self.meta.catch_up()
             except EfsishError as e:
@@ -617,6 +639,7 @@ class Leases:
         """Start a new incarnation (sess), adopt the old one's leases (§9), flush its
         journal (or recover it, if it was fenced meanwhile: §10), and start the
         background tasks."""
+        await self.start_nudges(nursery)
         prev = await self.meta.read(lambda v: v.session(self.client))
         self._last_inc = prev[0] if prev is not None else 0
         proven = cache_locked and self._old_daemon_dead()
@@ -640,6 +663,99 @@ class Leases:
         self._nursery = nursery
         nursery.start_soon(self._reactor)
         nursery.start_soon(self._flusher)
+
+    # -------------------------------------------------------------------- nudges
+
+    async def start_nudges(self, nursery: trio.Nursery) -> None:
+        """Listen for nudges as `cfg.nudge` says (§11), before the first heartbeat so
+        that it advertises the address. Anything that keeps nudges from working is a
+        warning, not a failure: without them, recalls wait for the next poll."""
+        if self.nudger is not None:
+            return
+        bind = await nudge.resolve_bind(self.cfg.nudge, self.meta.store)
+        if bind is None:
+            return
+        try:
+            key = await nudge.load_key(self.meta.store)
+        except StoreError as e:
+            log.warning("nudges off (recalls wait for the next poll): %s", e)
+            return
+        try:
+            nudger = Nudger(
+                key,
+                self.meta.sb.fs_uuid,
+                self.client,
+                bind,
+                applied=lambda: self.meta.applied_seq,
+                on_wake=self._woken,
+            )
+        except OSError as e:
+            log.warning(
+                "nudges off (recalls wait for the next poll): cannot listen on %s (%s); "
+                "give a free HOST:PORT with -o nudge=",
+                nudge.format_address(*bind),
+                e.strerror or e,
+            )
+            return
+        self.nudger = nudger
+        await nursery.start(nudger.serve)
+        nursery.start_soon(self._nudge_catcher)
+        log.info("taking nudges on %s", nudger.address)
+
+    @property
+    def nudge_address(self) -> str | None:
+        """Where this mount takes nudges ("host:port"), for its heartbeat; None if not."""
+        return self.nudger.address if self.nudger is not None else None
+
+    def peers_seen(self, others: list[Heartbeat]) -> None:
+        """The other mounts' heartbeats, as the heartbeat task just read them: the
+        addresses nudges go to (so a recall costs no request to find one)."""
+        now = time.monotonic()
+        self._peers = {hb.client: (now, hb) for hb in others}
+
+    def _woken(self, n: Nudge) -> None:
+        """A valid, new nudge (from the Nudger, synchronously): catch up now."""
+        self._nudge_catch.set()
+        self._nudged_ev.set()
+        self._nudged_ev = trio.Event()
+
+    async def _nudge_catcher(self) -> None:
+        """Catch up once per nudge: the holder meets the recall (and its reactor
+        answers), a recaller the answer."""
+        while True:
+            await self._nudge_catch.wait()
+            self._nudge_catch = trio.Event()
+            try:
+                await self.meta.catch_up()
+            except EfsishError as e:
+                log.debug("catch-up after a nudge: %s", e)
+            except Exception:
+                log.exception("catch-up after a nudge crashed; the mount keeps running")
+
+    def _send_nudge(self, client: str, seq: int, rid: str) -> None:
+        """Nudge mount `client` to catch up to `seq` (fire and forget)."""
+        if self.nudger is not None and self._nursery is not None and client != self.client:
+            self._nursery.start_soon(self._nudge, self.nudger, client, seq, rid)
+
+    async def _nudge(self, nudger: Nudger, client: str, seq: int, rid: str) -> None:
+        peer = await self._peer(client)
+        if peer is not None:
+            nudger.nudge(peer, seq, rid)
+
+    async def _peer(self, client: str) -> Heartbeat | None:
+        """The newest heartbeat of `client` this mount has read: the heartbeat task's
+        (every few seconds), else one GET of it, trusted for PEER_TTL either way."""
+        now = time.monotonic()
+        hit = self._peers.get(client)
+        if hit is not None and now - hit[0] < PEER_TTL:
+            return hit[1]
+        try:
+            hb = await heartbeat.read(self.meta.store, client)
+        except StoreError as e:
+            log.debug("no nudge to %s: its heartbeat cannot be read (%s)", client, e)
+            return hit[1] if hit is not None else None
+        self._peers[client] = (now, hb)
+        return hb
 
     async def _new_incarnation(self, proven: bool) -> None:
         """Commit sess(client, inc + 1); adopt the older incarnations' leases in the
@@ -740,6 +856,10 @@ class Leases:
                 answers += [LFlush(d, r.rid) for r in mine]
                 self._answered_read[d] = now
         await self._flush(answers)
+        # The answer has landed (at or below the applied position): nudge the recallers.
+        seq = self.meta.applied_seq
+        for client, rid in {r.by[0]: r.rid for r in recalls}.items():
+            self._send_nudge(client, seq, rid)
 
     def _released(self, d: int, now: float) -> None:
         """Released `d` to a recall: twice within CONTENDED_WINDOW starts a cool-down

@@ -23,7 +23,7 @@ from efsish.filesystem import Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
 from efsish.gc import collect as gc_collect
 from efsish.gc import run_gc, run_status
-from efsish.meta import heartbeat, journal
+from efsish.meta import heartbeat, journal, nudge
 from efsish.meta.keys import LOG_PREFIX, log_key
 from efsish.meta.ops import LFlush, LogEntry
 from efsish.meta.superblock import Superblock, format_fs, load_superblock
@@ -557,3 +557,125 @@ async def test_efsish_gc_writes_entries_a_lease_filesystem_accepts(
     assert gc_entries and all(e.kind == "sync" for e in gc_entries)
     await a.fs.meta.catch_up()
     assert await a.fs.meta.read(View.garbage) == []  # applied, not fenced
+
+
+# ------------------------------------------------------------------- nudges (§11)
+
+
+async def held_file(make: Make, **opts: object) -> tuple[Mount, Mount, int]:
+    """Mounts A and B; A holds /home, where it has just closed `f`."""
+    a = await make(**opts)
+    b = await make(**opts)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"f", b"closed on A")
+    assert a.fs.leases is not None and a.fs.leases.state.held
+    return a, b, home
+
+
+async def wait_for(cond: Callable[[], bool]) -> None:
+    """Until `cond()` (set by a background task or a datagram), at most 5 s."""
+    with trio.fail_after(5):
+        while not cond():  # noqa: ASYNC110 (set by a background task)
+            await trio.sleep(0.01)
+
+
+async def published(store: ObjectStore, m: Mount) -> heartbeat.Heartbeat:
+    """Mount `m`'s heartbeat, once its heartbeat task has written it."""
+    with trio.fail_after(5):
+        while (hb := await heartbeat.read(store, m.fs.meta.client_id)) is None:  # noqa: ASYNC110
+            await trio.sleep(0.01)
+    return hb
+
+
+@pytest.mark.parametrize("lease_time", [120.0])
+async def test_nudges_make_a_recall_quick_with_a_long_poll(
+    make: Make, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Neither mount polls the log for 30 s, and a recaller waits 30 s between its own
+    # polls: only the nudges (recall -> holder, answer -> recaller) make this quick.
+    a, b, home = await held_file(make, poll_interval=30)
+    monkeypatch.setattr("efsish.meta.leases.RECALL_POLL", 30.0)
+    t0 = trio.current_time()
+    with trio.fail_after(10):
+        assert await read_file(b.fs, home, b"f") == b"closed on A"
+    took = trio.current_time() - t0
+    assert took < 2.0, took
+    assert a.fs.leases is not None and b.fs.leases is not None
+    assert b.fs.leases.recalls_sent >= 1 and b.fs.leases.takeovers == 0
+    na, nb = a.fs.leases.nudger, b.fs.leases.nudger
+    assert na is not None and nb is not None
+    assert na.stats.woken >= 1 and nb.stats.woken >= 1
+    assert na.stats.dropped_invalid == nb.stats.dropped_invalid == 0
+
+
+@pytest.mark.parametrize("lease_time", [120.0])
+async def test_without_nudges_a_recall_completes_at_the_poll(make: Make) -> None:
+    a, b, home = await held_file(make, poll_interval=1.5, nudge="off")
+    assert a.fs.leases is not None and a.fs.leases.nudger is None
+    assert b.fs.leases is not None and b.fs.leases.nudger is None
+    t0 = trio.current_time()
+    with trio.fail_after(10):
+        assert await read_file(b.fs, home, b"f") == b"closed on A"
+    assert trio.current_time() - t0 < 1.5 + 1.0  # A's next poll sees the recall
+    assert b.fs.leases.recalls_sent >= 1 and b.fs.leases.takeovers == 0
+
+
+async def test_the_heartbeat_advertises_the_nudge_address(make: Make, store: ObjectStore) -> None:
+    a = await make()
+    off = await make(nudge="off")
+    ro = await make(read_only=True)
+    assert a.fs.leases is not None and a.fs.leases.nudger is not None
+    hb = await published(store, a)
+    assert hb.nudge == a.fs.leases.nudger.address
+    assert nudge.parse_address(hb.nudge)[0] == "127.0.0.1"  # a memory:// store is local
+    assert (await published(store, off)).nudge is None
+    assert ro.fs.leases is None  # -o ro: no lease state, no socket, no heartbeat
+
+
+@pytest.mark.parametrize("leases", [False])
+async def test_format_2_opens_no_nudge_socket(make: Make, store: ObjectStore) -> None:
+    a = await make()
+    assert a.fs.leases is None
+    assert (await published(store, a)).nudge is None
+    assert not [k for _, k in a.store.requests if k.startswith(nudge.PREFIX)]
+
+
+@pytest.mark.parametrize("key", ["forged", "right"])
+async def test_only_a_nudge_with_the_filesystem_key_wakes(
+    make: Make, store: ObjectStore, key: str
+) -> None:
+    a = await make(poll_interval=3600)
+    b = await make(poll_interval=3600)  # writes an entry A has not read
+    await mkdir(b.fs, ROOT_INO, b"new")
+    assert a.fs.leases is not None and a.fs.leases.nudger is not None
+    target = a.fs.leases.nudger
+    behind = a.fs.meta.applied_seq
+    k = await nudge.load_key(store) if key == "right" else os.urandom(nudge.KEY_BYTES)
+    with nudge.Nudger(
+        k, a.fs.sb.fs_uuid, "sender", ("127.0.0.1", 0), applied=lambda: 0, on_wake=print
+    ) as sender:
+        hb = heartbeat.Heartbeat(a.fs.meta.client_id, t=0, nudge=target.address)
+        assert sender.nudge(hb, b.fs.meta.applied_seq)
+        await wait_for(lambda: target.stats.received == 1)
+    if key == "forged":
+        assert target.stats.dropped_invalid == 1 and target.stats.woken == 0
+        await trio.sleep(0.2)
+        assert a.fs.meta.applied_seq == behind  # no catch-up
+    else:
+        assert target.stats.woken == 1
+        await wait_for(lambda: a.fs.meta.applied_seq == b.fs.meta.applied_seq)
+
+
+async def test_an_idle_mount_with_nudges_sends_only_its_polls(make: Make) -> None:
+    a = await make(poll_interval=0.05)
+    b = await make(poll_interval=0.05)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"f", b"x")
+    assert await read_file(b.fs, home, b"f") == b"x"  # a recall: nudges sent both ways
+    await a.fs.leases.sync()  # type: ignore[union-attr]
+    await trio.sleep(0.3)
+    for m in (a, b):
+        before = len(m.store.requests)
+        await trio.sleep(1.0)
+        idle = m.store.requests[before:]
+        assert idle and all(op == "get" and k.startswith(LOG_PREFIX) for op, k in idle), idle

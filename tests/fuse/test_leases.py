@@ -1,16 +1,22 @@
 """Two real mounts of a filesystem made with `efsish format --leases`: a change made
 under A's lease is seen by B (a recall), and kill -9 of A followed by a remount on the
-same cache dir loses nothing A answered."""
+same cache dir loses nothing A answered; nudges make a recall quick although neither
+mount polls the log for 30 s."""
 
 from __future__ import annotations
 
 import json
 import os
 import signal
+import time
 from collections.abc import Callable
 from pathlib import Path
 
+import trio
+
+from efsish.meta import heartbeat, nudge
 from efsish.mount import _registry_file
+from efsish.store import open_store
 from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted
 
 
@@ -48,3 +54,29 @@ def test_two_mounts_of_a_lease_filesystem(mounter: Callable[..., Mount], tmp_pat
     efsish("umount", str(b.path))
     res = efsish("fsck", store, "-q", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def test_a_nudge_ends_a_recall_long_before_the_poll(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    store = f"file://{tmp_path}/nudged"
+    efsish("format", store, "--block-size", "1M", "--leases")
+    a = mounter(store, "-o", "poll_interval=30,commit_interval=30")
+    b = mounter(store, "-o", "poll_interval=30")
+    client = json.loads(_registry_file(str(a.path)).read_text())["client"]
+
+    async def a_heartbeat() -> heartbeat.Heartbeat | None:
+        async with open_store(store) as s:
+            return await heartbeat.read(s, client)
+
+    hb = trio.run(a_heartbeat)
+    assert hb is not None and hb.nudge is not None
+    assert nudge.parse_address(hb.nudge)[0] == "127.0.0.1"  # a file:// store is local
+    (a.path / "home").mkdir()
+    (a.path / "home" / "f").write_bytes(b"closed on A")  # journaled under A's lease
+    # A next reads the log 30 s after it mounted; B's recall nudges it, and A's answer
+    # nudges B.
+    t0 = time.monotonic()
+    assert (b.path / "home" / "f").read_bytes() == b"closed on A"
+    took = time.monotonic() - t0
+    assert took < 5.0, f"recall took {took:.1f}s"
