@@ -340,7 +340,7 @@ class MetaLog:
 
     # ---------------------------------------------------------------------- catch-up
 
-    async def catch_up(self, check_trimmed: bool = False) -> int:
+    async def catch_up(self, check_trimmed: bool = False, upto: int | None = None) -> int:
         """Apply every entry up to the log head; return how many were applied.
 
         The common case, nothing new, costs one GET of the next position and does not
@@ -350,7 +350,16 @@ class MetaLog:
         what close-to-open needs. Otherwise concurrent callers share work: a caller
         returns once a catch-up that *started after it was called* has finished.
         `check_trimmed` also verifies (one more request) that the log was not trimmed
-        past this view while it was away; open() and the poller ask for it."""
+        past this view while it was away; open() and the poller ask for it.
+
+        `upto`: apply entries up to position `upto` and stop there, with no GET of the
+        position after it (a nudge named `upto`: the caller needs what is at or below
+        it, not a proof of the head). Costs nothing when the view is there already."""
+        if upto is not None:
+            if self._seq >= upto:
+                return 0
+            async with self._writer_lock():
+                return await self._catch_up_locked(upto=upto)
         ticket = self._catchups_started
         first: tuple[int, bytes] | None = None
         if not check_trimmed:
@@ -371,10 +380,13 @@ class MetaLog:
             return n
 
     async def _catch_up_locked(
-        self, check_trimmed: bool = False, first: tuple[int, bytes] | None = None
+        self,
+        check_trimmed: bool = False,
+        first: tuple[int, bytes] | None = None,
+        upto: int | None = None,
     ) -> int:
         applied = 0
-        while True:
+        while upto is None or self._seq < upto:
             seq = self._seq + 1
             if first is not None and first[0] == seq:
                 blob = first[1]
@@ -394,6 +406,7 @@ class MetaLog:
                 # Another mount writes entries as fast as this one can apply them: say
                 # so in the heartbeat (a commit of ours waiting behind this would starve).
                 self._starving_until = trio.current_time() + 3.0
+        return applied
 
     async def _check_trimmed(self, seq: int) -> None:
         """If log entries below the head were trimmed past us, reload a checkpoint."""
