@@ -68,7 +68,9 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 RECALL_POLL = 0.050  # seconds between polls of the log while a recall of ours is open
-READ_RECALL_WINDOW = 10.0  # a second read recall within this releases the domain (§6.4)
+# ... while the holder nudges us its answer (a poll then only covers a lost datagram).
+RECALL_POLL_NUDGED = 0.5
+READ_GRACE = 2.0  # after releasing a domain to a read recall, no re-acquire for this (§6.4)
 CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down (§8)
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
@@ -161,7 +163,6 @@ class Leases:
         self.fenced: str | None = None
         self._recall_wake = trio.Event()
         self._recalling: dict[int, trio.Event] = {}
-        self._answered_read: dict[int, float] = {}  # domain -> when we last lflushed it
         self._releases: dict[int, list[float]] = {}
         self._cool_until: dict[int, float] = {}
         self._cool_len: dict[int, float] = {}
@@ -176,6 +177,7 @@ class Leases:
         self._peers: dict[str, tuple[float, Heartbeat | None]] = {}
         self._nudge_catch = trio.Event()  # set by a nudge: the catch-up task runs
         self._nudged_ev = trio.Event()  # set (and replaced) by each nudge: recalls look
+        self._nudge_seq = 0  # the highest position a valid nudge asked us to catch up to
         self.recovering = False
         self._last_inc = 0  # the newest incarnation of this client when we started
         # False until this incarnation holds what its journal needs (sess, adoption):
@@ -478,17 +480,24 @@ class Leases:
             return
         self.recalls_sent += 1
         # The recall has landed (at or below the applied position): nudge the holder.
-        self._send_nudge(holder, self.meta.applied_seq, rid)
+        # While it can nudge back, polls only cover a lost datagram: they are rare.
+        nudging = self._send_nudge(holder, self.meta.applied_seq, rid)
+        poll = RECALL_POLL_NUDGED if nudging else RECALL_POLL
         seen = self.clock()  # we received the answer that showed us our recall
         deadline = seen + self.cfg.lease_wait + 2 * self.cfg.lease_time
         nudged = self._nudged_ev
         while True:
             # The next poll, or at once when a nudge (the holder's answer) comes.
-            with trio.move_on_after(RECALL_POLL):
+            woken = False
+            with trio.move_on_after(poll):
                 await nudged.wait()
+                woken = True
             nudged = self._nudged_ev  # a nudge during this catch-up ends the next wait
             try:
-                await self.meta.catch_up()
+                # A nudge names the position of the answer: every change the holder
+                # answered before it saw our recall is at or below it, so that is as
+                # far as this read needs (no GET of the position after it).
+                await self.meta.catch_up(upto=self._nudge_seq if woken else None)
             except EfsishError as e:
                 log.debug("catch-up while waiting for recall %s: %s", rid, e)
             rec = await self.meta.read(lambda v: v.recall(d, rid))
@@ -715,27 +724,34 @@ class Leases:
 
     def _woken(self, n: Nudge) -> None:
         """A valid, new nudge (from the Nudger, synchronously): catch up now."""
+        self._nudge_seq = max(self._nudge_seq, n.seq)
         self._nudge_catch.set()
         self._nudged_ev.set()
         self._nudged_ev = trio.Event()
 
     async def _nudge_catcher(self) -> None:
-        """Catch up once per nudge: the holder meets the recall (and its reactor
-        answers), a recaller the answer."""
+        """Catch up once per nudge, to the position it names and no further (no GET of
+        the position after it): the holder meets the recall (and its reactor answers),
+        a recaller the answer. The poll reads on to the head."""
         while True:
             await self._nudge_catch.wait()
             self._nudge_catch = trio.Event()
             try:
-                await self.meta.catch_up()
+                await self.meta.catch_up(upto=self._nudge_seq)
             except EfsishError as e:
                 log.debug("catch-up after a nudge: %s", e)
             except Exception:
                 log.exception("catch-up after a nudge crashed; the mount keeps running")
 
-    def _send_nudge(self, client: str, seq: int, rid: str) -> None:
-        """Nudge mount `client` to catch up to `seq` (fire and forget)."""
-        if self.nudger is not None and self._nursery is not None and client != self.client:
-            self._nursery.start_soon(self._nudge, self.nudger, client, seq, rid)
+    def _send_nudge(self, client: str, seq: int, rid: str) -> bool:
+        """Nudge mount `client` to catch up to `seq` (fire and forget). Whether it is
+        likely to nudge back: this mount listens, and `client`'s newest heartbeat we
+        read (if any) advertises an address."""
+        if self.nudger is None or self._nursery is None or client == self.client:
+            return False
+        self._nursery.start_soon(self._nudge, self.nudger, client, seq, rid)
+        hit = self._peers.get(client)
+        return hit is None or (hit[1] is not None and hit[1].nudge is not None)
 
     async def _nudge(self, nudger: Nudger, client: str, seq: int, rid: str) -> None:
         peer = await self._peer(client)
@@ -822,8 +838,8 @@ class Leases:
         await self._flush([LRel(d) for d in sorted(self.state.held)])
 
     async def _reactor(self) -> None:
-        """Answer recalls of held domains: flush, then lflush (read) or lrel (write,
-        handed over; or a second read recall within READ_RECALL_WINDOW)."""
+        """Answer recalls of held domains: flush, then lrel (handed over to a write
+        recall's writer; to FREE for a read recall)."""
         while True:
             await self._recall_wake.wait()
             self._recall_wake = trio.Event()
@@ -846,15 +862,16 @@ class Leases:
         for d in dict.fromkeys(r.domain for r in recalls):
             mine = [r for r in recalls if r.domain == d]
             w = next((r for r in mine if r.want == "w"), None)
+            self._released(d, now)
             if w is not None:
                 answers.append(LRel(d, w.rid, to=w.by[0]))
-                self._released(d, now)
-            elif now - self._answered_read.get(d, -1e18) < READ_RECALL_WINDOW:
-                answers.append(LRel(d, mine[0].rid))
-                self._released(d, now)
             else:
-                answers += [LFlush(d, r.rid) for r in mine]
-                self._answered_read[d] = now
+                # A read recall releases D (closing every open recall of it): the
+                # reader's next lookup, open or getattr in D catches up with the log
+                # instead of recalling again, and READ_GRACE keeps us from taking D
+                # back in the middle of its read (§6.4).
+                answers.append(LRel(d, mine[0].rid))
+                self._cool_until[d] = max(self._cool_until.get(d, 0.0), now + READ_GRACE)
         await self._flush(answers)
         # The answer has landed (at or below the applied position): nudge the recallers.
         seq = self.meta.applied_seq

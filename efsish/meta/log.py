@@ -73,6 +73,10 @@ CONFLICT_DEADLINE = 120.0
 FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount starves
 STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
+# A catch-up that finds entries reads the following positions in windows that double up
+# to this many GETs at once: a backlog of n entries costs about log2(n) round trips rather
+# than n, and at most as many GETs past the head as it found entries.
+CATCH_UP_WINDOW = 8
 # How long an answered entry may wait for the next batch's planning hop to commit it to
 # SQLite (one worker-thread hop per change instead of two for a serial caller: rm -rf,
 # tar, a build). Readers of the view and takers of the writer lock do not wait for it.
@@ -340,7 +344,7 @@ class MetaLog:
 
     # ---------------------------------------------------------------------- catch-up
 
-    async def catch_up(self, check_trimmed: bool = False) -> int:
+    async def catch_up(self, check_trimmed: bool = False, upto: int | None = None) -> int:
         """Apply every entry up to the log head; return how many were applied.
 
         The common case, nothing new, costs one GET of the next position and does not
@@ -350,7 +354,16 @@ class MetaLog:
         what close-to-open needs. Otherwise concurrent callers share work: a caller
         returns once a catch-up that *started after it was called* has finished.
         `check_trimmed` also verifies (one more request) that the log was not trimmed
-        past this view while it was away; open() and the poller ask for it."""
+        past this view while it was away; open() and the poller ask for it.
+
+        `upto`: apply entries up to position `upto` and stop there, with no GET of the
+        position after it (a nudge named `upto`: the caller needs what is at or below
+        it, not a proof of the head). Costs nothing when the view is there already."""
+        if upto is not None:
+            if self._seq >= upto:
+                return 0
+            async with self._writer_lock():
+                return await self._catch_up_locked(upto=upto)
         ticket = self._catchups_started
         first: tuple[int, bytes] | None = None
         if not check_trimmed:
@@ -371,29 +384,69 @@ class MetaLog:
             return n
 
     async def _catch_up_locked(
-        self, check_trimmed: bool = False, first: tuple[int, bytes] | None = None
+        self,
+        check_trimmed: bool = False,
+        first: tuple[int, bytes] | None = None,
+        upto: int | None = None,
     ) -> int:
         applied = 0
-        while True:
+        window = 1
+        while upto is None or self._seq < upto:
             seq = self._seq + 1
+            n = window if upto is None else min(window, upto - self._seq)
+            sent: float | None = None
             if first is not None and first[0] == seq:
-                blob = first[1]
+                blobs = [first[1]]
             else:
                 sent = self._lease_clock()
-                try:
-                    blob = await self.store.get(log_key(seq))
-                except NotFound:
-                    self._renewed(sent)
-                    if applied == 0 and check_trimmed:
-                        await self._check_trimmed(seq)
-                    return applied
+                blobs = await self._get_run(seq, n)
             first = None
-            await self._apply_remote(seq, blob)
-            applied += 1
-            if applied == CHASING_AFTER:
-                # Another mount writes entries as fast as this one can apply them: say
-                # so in the heartbeat (a commit of ours waiting behind this would starve).
-                self._starving_until = trio.current_time() + 3.0
+            for i, blob in enumerate(blobs):
+                await self._apply_remote(seq + i, blob)
+                applied += 1
+                if applied == CHASING_AFTER:
+                    # Another mount writes entries as fast as this one can apply them: say
+                    # so in the heartbeat (a commit of ours waiting behind it would starve).
+                    self._starving_until = trio.current_time() + 3.0
+            if sent is not None and len(blobs) < n:
+                # A 404 at seq + len(blobs), sent at `sent`, and every entry before it
+                # applied: the head at that moment (LEASES.md §7: the renewal).
+                self._renewed(sent)
+                if applied == 0 and check_trimmed:
+                    await self._check_trimmed(seq)
+                return applied
+            window = min(2 * window, CATCH_UP_WINDOW)
+        return applied
+
+    async def _get_run(self, seq: int, n: int) -> list[bytes]:
+        """Log entries seq, seq+1, ... up to the first that does not exist, GETting `n`
+        positions at once; a failure past the first missing position is ignored."""
+        if n == 1:
+            try:
+                return [await self.store.get(log_key(seq))]
+            except NotFound:
+                return []
+        got: list[bytes | Exception | None] = [None] * n
+
+        async def one(i: int) -> None:
+            try:
+                got[i] = await self.store.get(log_key(seq + i))
+            except NotFound:
+                got[i] = None
+            except Exception as e:  # raised below, unless past the head
+                got[i] = e
+
+        async with trio.open_nursery() as nursery:
+            for i in range(n):
+                nursery.start_soon(one, i)
+        out: list[bytes] = []
+        for g in got:
+            if isinstance(g, Exception):
+                raise g
+            if g is None:
+                break
+            out.append(g)
+        return out
 
     async def _check_trimmed(self, seq: int) -> None:
         """If log entries below the head were trimmed past us, reload a checkpoint."""

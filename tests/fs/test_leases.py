@@ -229,6 +229,41 @@ async def test_the_holder_reads_its_domain_with_no_log_get(make: Make, leases: b
     assert a.log_gets() - before == 1
 
 
+def lrecs_by(log: list[LogEntry], m: Mount) -> int:
+    return sum(
+        1
+        for e in log
+        if e.client == m.fs.meta.client_id
+        for op in e.ops
+        if op.wire()["o"] == "lrec"
+    )
+
+
+async def test_one_read_across_mounts_costs_one_recall(make: Make) -> None:
+    a = await make()
+    b = await make()
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    await write_file(a.fs, home, b"f", b"closed on A")  # journaled under A's lease
+    await write_file(a.fs, home, b"g", b"also on A")
+    assert a.fs.meta.journal_rows > 0
+    before = lrecs_by(await entries(a.store), b)
+    # One open+read (lookup, open, read), then stat and list the directory: the
+    # lookup's read recall releases the domain, so the rest catch up with the log.
+    assert await read_file(b.fs, home, b"f") == b"closed on A"
+    assert (await b.fs.getattr(home)).is_dir
+    await b.fs.opendir(home)
+    assert await read_file(b.fs, home, b"g") == b"also on A"
+    assert lrecs_by(await entries(a.store), b) - before == 1
+    # A's next change, within the read's grace, commits on its own (no re-acquire in
+    # the middle of B's read); B sees it at its next open with no recall either.
+    h, _ = await a.fs.open((await a.fs.lookup(home, b"f")).ino, os.O_WRONLY)
+    await a.fs.write(h, 0, b"CLOSED")
+    await a.fs.release(h)
+    assert a.fs.leases is not None and not a.fs.leases.state.held
+    assert await read_file(b.fs, home, b"f") == b"CLOSED on A"
+    assert lrecs_by(await entries(a.store), b) - before == 1
+
+
 async def test_the_holder_sees_changes_outside_its_domain_at_once(make: Make) -> None:
     a = await make(poll_interval=3600)  # learns nothing from a poll
     s = await make(sync=True)  # takes no leases: its domain stays FREE
@@ -417,6 +452,7 @@ async def test_skewed_wall_clocks_change_nothing(
     real = time.time_ns
     monkeypatch.setattr(time, "time_ns", lambda: real() + SKEW.get())
     monkeypatch.setattr(time, "time", lambda: (real() + SKEW.get()) / 1e9)
+    monkeypatch.setattr("efsish.meta.leases.READ_GRACE", 0.0)
     SKEW.set(-DAY_NS)
     a = await make(commit_interval=3600)
     SKEW.set(DAY_NS)
@@ -430,7 +466,10 @@ async def test_skewed_wall_clocks_change_nothing(
     assert await read_file(b.fs, home, b"second") == b"2"  # recall answered at once
     assert b.fs.leases is not None and b.fs.leases.takeovers == 0
     SKEW.set(-DAY_NS)
+    # The read released the domain; A takes it back with its next change (no grace
+    # after a read here: see READ_GRACE below).
     await write_file(a.fs, home, b"third", b"3")
+    assert a.fs.leases is not None and a.fs.leases.state.held
     a.store.plan = FaultPlan(latency=4 * LEASE_TIME)  # A stops answering
     SKEW.set(DAY_NS)
     start = trio.current_time()

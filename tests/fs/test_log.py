@@ -912,3 +912,26 @@ async def test_a_local_commit_that_fails_after_it_went_through_keeps_the_mount_g
     await a.mknod(ROOT_INO, b"y", stat.S_IFREG | 0o644, ROOT)
     assert await a.meta.read(View.lookup, ROOT_INO, b"y") is not None
     assert await trio.to_thread.run_sync(_on_disk_seq, a) == a.meta.applied_seq
+
+
+async def test_a_backlog_is_read_in_doubling_windows_of_gets(make_fs, store) -> None:
+    # B, 50 ms from the store, is 7 entries behind: it reads them 1, 2, 4 (and the 404
+    # after them in a window of 8) at a time, not one round trip per entry.
+    a: Filesystem = await make_fs()
+    slow = FaultyStore(store, FaultPlan(latency=0.05))
+    b: Filesystem = await make_fs(on=slow)
+    for i in range(7):
+        await a.mknod(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, ROOT)
+    slow.requests.clear()
+    t0 = trio.current_time()
+    assert await b.meta.catch_up() == 7
+    took = trio.current_time() - t0
+    gets = [k for op, k in slow.requests if op == "get" and k.startswith(LOG_PREFIX)]
+    assert len(gets) == 1 + 2 + 4 + 8, gets
+    assert took < 6 * 0.05, took  # 4 round trips; one per entry would be 8
+    names = {name for _, name, _ in await b.readdir(ROOT_INO, 0, 100)}
+    assert {b"f%d" % i for i in range(7)} <= names
+    # Nothing new: one GET, as before.
+    slow.requests.clear()
+    assert await b.meta.catch_up() == 0
+    assert [op for op, k in slow.requests if k.startswith(LOG_PREFIX)] == ["get"]
