@@ -135,7 +135,7 @@ class StagedBlocks:
                     async with self._limiter:
                         await self.blocks.put_block(key, data)
                     break
-                except StoreError as e:
+                except (StoreError, OSError) as e:  # (OSError: a file:// store)
                     self.upload_retries += 1
                     log.warning("upload of staged block %s failed (%s); trying again", key, e)
                     await trio.sleep(delay)
