@@ -34,6 +34,7 @@ from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
 from efsish.data.openfile import OpenFile, Snapshot
 from efsish.data.reader import Reader
+from efsish.data.staged import StagedBlocks
 from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
@@ -168,7 +169,12 @@ class Filesystem:
             options.prometheus_port,
             read_only=options.read_only,
         )
-        self.blocks = BlockIO(store, self.cache, checksum=sb.block_checksum)
+        self.blocks = BlockIO(
+            store,
+            self.cache,
+            checksum=sb.block_checksum,
+            client=self.meta.client_id if sb.leases else None,
+        )
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = 1
@@ -183,6 +189,12 @@ class Filesystem:
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
         self.budget = WriteBudget(options.max_dirty_bytes)
+        # Blocks of files closed under a lease: staged here, uploaded in the background
+        # (LEASES.md §5); counted in the write budget until uploaded.
+        self.staged: StagedBlocks | None = None
+        if self.leases is not None and not options.sync:
+            self.staged = StagedBlocks(cache_dir / "staged", self.blocks, self.budget)
+            self.leases.staging = self.staged
         self.writeback = Writeback(
             self.blocks, self.budget, self.files, self.block_size, options.writeback_interval
         )
@@ -204,6 +216,8 @@ class Filesystem:
     async def start(self, nursery: trio.Nursery) -> None:
         self.writeback.start(nursery)
         self.reader.start(nursery)
+        if self.staged is not None:
+            self.staged.start(nursery)
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
@@ -1026,7 +1040,7 @@ class Filesystem:
         async with of.flush_lock:
             if of.orphan is not None:
                 return  # unlinked while open: data lives here until the last close
-            await self.writeback.upload_all(of)
+            await self.writeback.upload_all(of, await self._staging_for(of))
             if not of.modified:
                 return
             pend = list(of.pending)
@@ -1050,6 +1064,15 @@ class Filesystem:
                 # return the snapshot's old bytes.
                 return
             of.committed(pend, deferred)
+
+    async def _staging_for(self, of: OpenFile) -> StagedBlocks | None:
+        """Where a flush of `of` puts what it has not uploaded: staged (uploaded in the
+        background) when its change will be journaled, i.e. every domain of the file
+        is held here with a valid lease (LEASES.md §5); None: upload it now."""
+        lz, st = self.leases, self.staged
+        if lz is None or st is None or not of.dirty or not lz.state.held:
+            return None
+        return st if lz.may_journal(await self.meta.read(_domains_of, of.ino)) else None
 
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh, None)

@@ -933,6 +933,7 @@ class MetaLog:
         while True:
             if self.broken:
                 raise FsError(f"metadata log unusable: {self.broken}")
+            await leases.before_flush()  # staged blocks of the journal go up first
             entries = await trio.to_thread.run_sync(
                 leases.flush_entries, self.writer, extra, limiter=self._wlimiter
             )

@@ -8,6 +8,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import subprocess
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -80,3 +81,43 @@ def test_a_nudge_ends_a_recall_long_before_the_poll(
     assert (b.path / "home" / "f").read_bytes() == b"closed on A"
     took = time.monotonic() - t0
     assert took < 5.0, f"recall took {took:.1f}s"
+
+
+def test_kill_9_with_staged_blocks_not_uploaded(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """Files closed under a lease whose blocks are staged in the cache dir and not
+    uploaded (the store refuses new objects meanwhile): kill -9, then a remount on the
+    same cache dir uploads them before it commits the journal; the bytes are intact."""
+    root = tmp_path / "staged"
+    store = f"file://{root}"
+    efsish("format", store, "--block-size", "1M", "--leases")
+    a = mounter(store, "-o", "commit_interval=30")
+    home = a.path / "home"
+    home.mkdir()
+    with open(home / "first", "wb") as f:  # acquires the lease
+        f.write(os.urandom(65536))
+        f.flush()
+        os.fsync(f.fileno())  # its block is uploaded: data/ exists
+    data_dir = root / "objects" / "data.d"
+    assert data_dir.is_dir(), sorted(os.listdir(root / "objects"))
+    files = {f"f{i}": os.urandom(65536 + i) for i in range(5)}
+    subprocess.run(["chattr", "+i", str(data_dir)], check=True)  # no new block lands
+    try:
+        for name, data in files.items():
+            (home / name).write_bytes(data)  # close returns: staged, journaled
+        staged = list(a.cache_dir.glob("*/staged/data_*"))
+        assert len(staged) >= len(files)
+        os.kill(a.pid, signal.SIGKILL)
+        force_unmount(a.path, a.pid)
+    finally:
+        subprocess.run(["chattr", "-i", str(data_dir)], check=True)
+    assert not is_mounted(a.path)
+    efsish("mount", store, str(a.path), "--cache-dir", str(a.cache_dir))
+    a.pid = int(json.loads(_registry_file(str(a.path)).read_text())["pid"])
+    for name, data in files.items():
+        assert (home / name).read_bytes() == data
+    assert not list(a.cache_dir.glob("*/staged/data_*"))
+    efsish("umount", str(a.path))
+    res = efsish("fsck", store, "--verify-data", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
