@@ -70,7 +70,7 @@ async def _format(args: argparse.Namespace) -> int:
     if args.lease_depth < 1:
         raise UsageError("--lease-depth must be 1 or more")
     if args.lease_depth != 1 and not args.leases:
-        raise UsageError("--lease-depth needs --leases")
+        raise UsageError("--lease-depth has no effect with --no-leases: drop one of them")
     async with open_store(args.store, store_options(args), create=True) as store:
         await check_formattable(store)  # before check() writes anything there
         await store.check()
@@ -82,7 +82,7 @@ async def _format(args: argparse.Namespace) -> int:
             leases=args.leases,
             lease_depth=args.lease_depth,
         )
-    mode = f", leases (depth {sb.lease_depth})" if sb.leases else ""
+    mode = f", leases (depth {sb.lease_depth})" if sb.leases else ", no leases (format 2)"
     print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}{mode}")
     return 0
 
@@ -236,19 +236,27 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput for --throughput-mode provisioned, in MiB/s",
     )
     p.add_argument(
+        "--no-leases",
+        dest="leases",
+        action="store_false",
+        help="format 2: every change is committed on its own (the default, format 3, "
+        "lets mounts take leases on subtrees and commit changes there in batches, "
+        "docs/design/LEASES.md; efsish before leases cannot mount it)",
+    )
+    p.add_argument(
         "--leases",
+        dest="leases",
         action="store_true",
-        help="format 3: mounts take leases on subtrees and commit changes there in "
-        "batches (docs/design/LEASES.md); efsish before leases cannot mount it",
+        help="format 3, the default (accepted for scripts that say so)",
     )
     p.add_argument(
         "--lease-depth",
         type=int,
         default=1,
-        help="with --leases: the depth of the leased subtrees' roots (default 1: /home/USER "
-        "when mounted on /home)",
+        help="the depth of the leased subtrees' roots (default 1: /home/USER when "
+        "mounted on /home)",
     )
-    p.set_defaults(func=_format)
+    p.set_defaults(func=_format, leases=True)
 
     p = sub.add_parser("mount", help="mount a filesystem")
     add_store_options(p)

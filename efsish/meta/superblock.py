@@ -32,9 +32,11 @@ COUNT_LIMIT = 1000  # objects counted for a message about a prefix that holds no
 # 1: data blocks checksummed with CRC-32 ("r"). 2: with CRC-32C ("k"), recorded in
 # extra["block_checksum"], so that an efsish that knows only format 1 refuses to mount
 # (it could not verify the new checksums) instead of reporting every block as corrupt.
-# 3: the lease protocol (docs/design/LEASES.md), written only by `efsish format --leases`:
-# extra["lease_depth"] and extra["lease_time"], and log/1 holds the fmt(3) entry. An
-# efsish that knows only format 2 refuses it ("formatted by a newer efsish").
+# 3: the lease protocol (docs/design/LEASES.md), the default of `efsish format`
+# (`--no-leases` makes format 2) and what `efsish upgrade` turns a format-2 filesystem
+# into: extra["lease_depth"] and extra["lease_time"], and the log holds a fmt(3) entry
+# (log/1 when formatted so). An efsish that knows only format 2 refuses it ("formatted by
+# a newer efsish").
 FORMAT_VERSION = 2
 LEASE_FORMAT_VERSION = 3
 NEWEST_FORMAT = LEASE_FORMAT_VERSION
@@ -122,13 +124,13 @@ async def format_fs(
     block_size: int = 4 * 1024 * 1024,
     throughput_mode: str = "bursting",
     provisioned_mibps: float = 0.0,
-    leases: bool = False,
+    leases: bool = True,
     lease_depth: int = 1,
     lease_time: float = DEFAULT_LEASE_TIME,
 ) -> Superblock:
-    """Create a filesystem. With `leases`, a format-3 one (LEASES.md §14): the
-    superblock records the lease depth and time, and log/1 is the fmt(3) entry, so that
-    every entry after it carries a lease header."""
+    """Create a filesystem. With `leases` (the default), a format-3 one (LEASES.md
+    §14): the superblock records the lease depth and time, and log/1 is the fmt(3) entry,
+    so that every entry after it carries a lease header; without, a format-2 one."""
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
         raise EfsishError(
             f"block size {block_size} must be a power of two between 64 KiB and 64 MiB"
