@@ -21,8 +21,15 @@ async def store() -> ObjectStore:
 
 
 @pytest.fixture
-async def sb(store: ObjectStore) -> Superblock:
-    return await format_fs(store, block_size=64 * 1024)
+def leases() -> bool:
+    """The filesystem's format: a lease one (format 3, the default) or, where a test
+    overrides this fixture with False, format 2 (every change committed on its own)."""
+    return True
+
+
+@pytest.fixture
+async def sb(store: ObjectStore, leases: bool) -> Superblock:
+    return await format_fs(store, block_size=64 * 1024, leases=leases)
 
 
 FsFactory = Callable[..., Awaitable[Filesystem]]
