@@ -324,6 +324,12 @@ class Leases:
             if d not in recalled and self.valid_until.get(d, -1.0) < until:
                 self.valid_until[d] = until
 
+    def journal_age(self) -> float:
+        """Seconds (lease clock) since the oldest change in the journal (0: empty)."""
+        if not self.meta.journal_rows or self._oldest is None:
+            return 0.0
+        return max(0.0, self.clock() - self._oldest)
+
     def valid(self, domains: frozenset[int]) -> bool:
         now = self.clock()
         return all(self.valid_until.get(d, -1.0) > now for d in domains)
@@ -811,6 +817,16 @@ class _Salvage:
     inc: int  # the fenced incarnation
     files: list[_File]
     journal: list[str]  # one line per fenced change
+
+
+def domain_paths(view: View, domains: list[int]) -> list[str]:
+    """The paths of these domains' roots, for status (`#ino` for one not found)."""
+    out = []
+    for d in domains:
+        parts = _path_of(view, d)
+        name = b"/" + b"/".join(parts) if parts is not None else f"#{d}".encode()
+        out.append(name.decode(errors="replace"))  # shown to people, sent as JSON
+    return out
 
 
 def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:

@@ -557,3 +557,43 @@ async def test_efsish_gc_writes_entries_a_lease_filesystem_accepts(
     assert gc_entries and all(e.kind == "sync" for e in gc_entries)
     await a.fs.meta.catch_up()
     assert await a.fs.meta.read(View.garbage) == []  # applied, not fenced
+
+
+@pytest.mark.parametrize("leases", [True, False], ids=["format3", "format2"])
+async def test_status_and_metrics_show_leases_and_uncommitted_changes(
+    make: Make, leases: bool
+) -> None:
+    """`efsish status` shows, from each mount's heartbeat, the format it runs, the
+    domains it holds and its changes not yet in the log (count, age of the oldest); the
+    metrics (stats file, Prometheus) carry the same numbers."""
+    a = await make(commit_interval=3600)
+    home = await mkdir(a.fs, ROOT_INO, b"alice")
+    await write_file(a.fs, home, b"first", b"")  # acquires /alice (a sync entry)
+    for i in range(3):
+        await write_file(a.fs, home, b"f%d" % i, b"x")
+    await trio.sleep(0.2)
+    await a.fs.write_heartbeat()
+    out = io.StringIO()
+    await run_status(a.store, out)
+    text = out.getvalue()
+    m = a.fs.metering.metrics()
+    if not leases:
+        assert "format: 2\n" in text and "    format 2\n" in text, text
+        assert "LeasesHeld" not in m
+        return
+    rows = a.fs.meta.journal_rows
+    assert rows >= 3
+    assert "format: 3 (leases)" in text, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("    format 3"))
+    assert line.startswith(f"    format 3; leases: /alice; uncommitted changes: {rows}, oldest ")
+    assert 0.1 <= float(line.split("oldest ")[1].split(" s")[0]) < 60, line
+    assert (m["LeasesHeld"], m["JournalRows"]) == (1.0, float(rows))
+    assert 0.1 <= m["JournalOldestAgeSeconds"] < 60
+    # Committed: nothing uncommitted any more, the lease is still held.
+    await a.fs.fsyncdir()
+    await a.fs.write_heartbeat()
+    out = io.StringIO()
+    await run_status(a.store, out)
+    assert "    format 3; leases: /alice; uncommitted changes: none\n" in out.getvalue()
+    m = a.fs.metering.metrics()
+    assert (m["LeasesHeld"], m["JournalRows"], m["JournalOldestAgeSeconds"]) == (1, 0, 0)

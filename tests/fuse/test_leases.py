@@ -7,6 +7,9 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
+import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
@@ -48,3 +51,51 @@ def test_two_mounts_of_a_lease_filesystem(mounter: Callable[..., Mount], tmp_pat
     efsish("umount", str(b.path))
     res = efsish("fsck", store, "-q", check=False)
     assert res.returncode == 0, res.stdout + res.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_status_and_prometheus_show_a_mounts_leases_and_journal(
+    mounter: Callable[..., Mount],
+) -> None:
+    """`efsish status` lists the domains a mount holds and its uncommitted changes; its
+    Prometheus endpoint exports the same as LeasesHeld, JournalRows and
+    JournalOldestAgeSeconds."""
+    port = free_port()
+    a = mounter(None, "-o", f"commit_interval=30,prometheus_port={port}")
+    home = a.path / "alice"
+    home.mkdir()
+    (home / "first").write_bytes(b"acquires the lease")
+    for i in range(5):
+        (home / f"f{i}").write_bytes(b"x")
+    deadline = time.monotonic() + 20
+    while True:
+        status = efsish("status", a.store).stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        values = {
+            ln.split()[0]: float(ln.split()[1])
+            for ln in metrics.splitlines()
+            if ln.startswith(("LeasesHeld ", "JournalRows ", "JournalOldestAgeSeconds "))
+        }
+        rows = int(values.get("JournalRows", 0))  # each create, each close's layout
+        if rows >= 5 and f"uncommitted changes: {rows}," in status:
+            break
+        assert time.monotonic() < deadline, (status, values)
+        time.sleep(0.5)
+    assert "format: 3 (leases)" in status
+    assert f"    format 3; leases: /alice; uncommitted changes: {rows}, oldest " in status, status
+    assert values["LeasesHeld"] == 1 and values["JournalOldestAgeSeconds"] > 0, values
+    fd = os.open(home, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # of the directory: the journal reaches the log
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 20
+    while "uncommitted changes: none" not in efsish("status", a.store).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
