@@ -130,6 +130,16 @@ async def _status(args: argparse.Namespace) -> int:
         return await run_status(store)
 
 
+async def _upgrade(args: argparse.Namespace) -> int:
+    from efsish.upgrade import upgrade_fs
+
+    if args.lease_depth < 1:
+        raise UsageError("--lease-depth must be 1 or more")
+    async with open_store(args.store, store_options(args)) as store:
+        await upgrade_fs(store, force=args.force, lease_depth=args.lease_depth)
+    return 0
+
+
 async def _config(args: argparse.Namespace) -> int:
     from efsish.meta.superblock import load_superblock
     from efsish.metering import write_config
@@ -310,6 +320,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="print again every --interval s")
     p.add_argument("--interval", type=float, default=1.0)
     p.set_defaults(func=_stats, sync=True)
+
+    p = sub.add_parser(
+        "upgrade", help="make a format-2 filesystem a lease one (format 3), in place"
+    )
+    add_store_options(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="upgrade even while mounts of an efsish that does not know format 3 run "
+        "(they stop writing)",
+    )
+    p.add_argument(
+        "--lease-depth", type=int, default=1, help="the depth of the leased subtrees' roots"
+    )
+    p.set_defaults(func=_upgrade)
 
     p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
     add_store_options(p)

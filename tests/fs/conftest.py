@@ -39,7 +39,9 @@ FsFactory = Callable[..., Awaitable[Filesystem]]
 def make_fs(nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> FsFactory:
     counter = [0]
 
-    async def make(on: ObjectStore | None = None, **opts: object) -> Filesystem:
+    async def make(
+        on: ObjectStore | None = None, sb: Superblock = sb, **opts: object
+    ) -> Filesystem:
         counter[0] += 1
         opts.setdefault("cache_dir", tmp_path / f"cache{counter[0]}")
         opts.setdefault("poll_interval", 3600)

@@ -4,6 +4,7 @@ same cache dir loses nothing A answered."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
@@ -12,6 +13,8 @@ import time
 import urllib.request
 from collections.abc import Callable
 from pathlib import Path
+
+import pytest
 
 from efsish.mount import _registry_file
 from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted
@@ -99,3 +102,32 @@ def test_status_and_prometheus_show_a_mounts_leases_and_journal(
     while "uncommitted changes: none" not in efsish("status", a.store).stdout:
         assert time.monotonic() < deadline
         time.sleep(0.5)
+
+
+def test_efsish_upgrade_of_a_mounted_format_2_filesystem(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """`efsish upgrade` while a format-2 mount runs: the mount stops changing the tree
+    (EROFS, its entries would be fenced); remounted, it runs the lease protocol."""
+    store = f"file://{tmp_path}/old"
+    assert "no leases (format 2)" in efsish("format", store, "--no-leases").stdout
+    a = mounter(store)
+    (a.path / "home").mkdir()
+    (a.path / "home" / "before").write_bytes(b"format 2")
+    time.sleep(2.5)  # its heartbeat says which formats it knows
+    out = efsish("upgrade", store).stdout
+    assert "upgraded" in out and "to format 3" in out, out
+    with pytest.raises(OSError) as e:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until its poll meets the fmt entry
+            (a.path / "home" / f"after{time.monotonic_ns()}").mkdir()
+            time.sleep(0.2)
+    assert e.value.errno == errno.EROFS
+    assert "upgraded to format 3 (leases) while this mount ran format 2" in a.log()
+    efsish("umount", str(a.path))
+    efsish("mount", store, str(a.path), "--cache-dir", str(a.cache_dir))
+    a.pid = int(json.loads(_registry_file(str(a.path)).read_text())["pid"])
+    assert (a.path / "home" / "before").read_bytes() == b"format 2"
+    (a.path / "home" / "after").write_bytes(b"format 3")
+    assert "format: 3 (leases)" in efsish("status", store).stdout
+    assert "already at format 3" in efsish("upgrade", store).stdout
