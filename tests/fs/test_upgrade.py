@@ -12,6 +12,7 @@ import time
 import uuid
 
 import pytest
+import trio
 
 from efsish import codec
 from efsish.errors import EfsishError, FsError
@@ -102,12 +103,11 @@ async def test_an_older_mount_that_appears_meanwhile_puts_the_superblock_back(
 ) -> None:
     store = MemoryStore(f"up-{uuid.uuid4().hex}")
     await format_fs(store, block_size=64 * 1024, leases=False)
-    from efsish import upgrade
 
     async def sleep(_: float) -> None:  # an old efsish mounts during the settle time
         await heartbeat.write(store, heartbeat.Heartbeat("old2", time.time_ns()))
 
-    monkeypatch.setattr(upgrade.trio, "sleep", sleep)
+    monkeypatch.setattr(trio, "sleep", sleep)
     with pytest.raises(UpgradeRefused):
         await upgrade_fs(store, out=io.StringIO())
     assert (await load_superblock(store)).format_version == 2
