@@ -458,10 +458,13 @@ class Leases:
         rid = uuid.uuid4().hex[:12]
         me = self.me
 
+        recalled: list[Holder] = []
+
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], bool]:
             holder, _ = view.lease(d)
             if holder is None or holder == me:
                 return [], False
+            recalled[:] = [holder]
             return [LRec(d, rid, want)], True
 
         if not await self.meta.submit(plan):
@@ -494,10 +497,28 @@ class Leases:
                 )
                 await self.meta.submit(tko)
                 self.takeovers += 1
+                self._recall_the_rest(recalled[0])
                 return
             if now > deadline:
                 log.error("domain %d: recall %s not answered in time", d, rid)
                 raise FsError(f"domain {d}: its holder does not answer", errno.EIO)
+
+    def _recall_the_rest(self, holder: Holder) -> None:
+        """`holder` left a recall unanswered for 2 x lease_time (it is dead or cut off):
+        recall every other domain it holds now, in the background, so that their waits
+        for a takeover overlap instead of each reader meeting them one after another
+        (a crashed holder of N domains cost N x 2L)."""
+        if self._nursery is None:
+            return
+        for d, h in list(self.state.others.items()):
+            if h == holder and d not in self._recalling:
+                self._nursery.start_soon(self._recall_quietly, d)
+
+    async def _recall_quietly(self, d: int) -> None:
+        try:
+            await self.recall(d, "r")
+        except EfsishError as e:
+            log.warning("background recall of domain %d: %s", d, e)
 
     async def sync(self) -> None:
         """fsync/fdatasync/fsyncdir: return once every change answered before is in
