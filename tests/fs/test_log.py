@@ -243,7 +243,8 @@ async def test_two_busy_mounts_share_the_log_fairly(store: ObjectStore, make_fs)
 async def test_remembered_lookups_follow_every_change(make_fs) -> None:
     """Lookups and getattrs answered from memory equal what the view holds after every
     kind of change, made on this mount or on another one (seeded random sequence)."""
-    a, b = await make_fs(), await make_fs()
+    # Polling often: on a lease filesystem a holder sees a recall at its next poll.
+    a, b = await make_fs(poll_interval=0.05), await make_fs(poll_interval=0.05)
     d = (await a.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
     names = [b"n%d" % i for i in range(6)]
     rnd = random.Random(7)
