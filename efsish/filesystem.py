@@ -40,11 +40,11 @@ from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
 from efsish.meta.domains import domains_of_inode
-from efsish.meta.leases import LeaseConfig, Leases, load_client_id
+from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.planning import PlanContext
-from efsish.meta.superblock import Superblock
+from efsish.meta.superblock import NEWEST_FORMAT, Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
 from efsish.store import ObjectStore
@@ -169,6 +169,8 @@ class Filesystem:
             options.prometheus_port,
             read_only=options.read_only,
         )
+        if self.leases is not None:
+            self.metering.extra = self._lease_metrics
         self.blocks = BlockIO(
             store,
             self.cache,
@@ -305,6 +307,20 @@ class Filesystem:
         read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
         if self.opts.read_only:
             return
+        domains: list[str] = []
+        rows = oldest = 0
+        if self.leases is not None:
+            held = sorted(self.leases.state.held)
+            if held:
+                domains = [f"#{d}" for d in held]
+                with trio.move_on_after(1.0):  # never hold the heartbeat up for names
+                    try:
+                        domains = await self.meta.read(domain_paths, held)
+                    except FsError:
+                        pass
+            rows = self.meta.journal_rows
+            if rows:
+                oldest = time.time_ns() - int(self.leases.journal_age() * 1e9)
         hb = heartbeat.Heartbeat(
             client=self.meta.client_id,
             t=time.time_ns(),
@@ -318,8 +334,23 @@ class Filesystem:
             metered_total=self.metering.drain_metered(),
             started=int(self.started * 1e9),
             nudge=self.leases.nudge_address if self.leases is not None else None,
+            format=self.sb.format_version,
+            newest_format=NEWEST_FORMAT,
+            domains=domains,
+            journal_rows=rows,
+            journal_oldest=oldest,
         )
         await heartbeat.write(self.store, hb)
+
+    def _lease_metrics(self) -> dict[str, float]:
+        """The lease state for the metrics (stats file, Prometheus): domains held, the
+        journal's rows and the age of the oldest one."""
+        assert self.leases is not None
+        return {
+            "LeasesHeld": float(len(self.leases.state.held)),
+            "JournalRows": float(self.meta.journal_rows),
+            "JournalOldestAgeSeconds": self.leases.journal_age(),
+        }
 
     def held_blocks(self, limit: int = 10000) -> list[str]:
         """Blocks this mount may still read that the log no longer references: those of

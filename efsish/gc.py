@@ -241,6 +241,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
     clients = await heartbeat.read_all(store)
     info: dict[str, Any] = {
         "filesystem": sb.fs_uuid,
+        "format": f"{sb.format_version}" + (" (leases)" if sb.leases else ""),
         "block size": sb.block_size,
         "throughput mode": sb.throughput_mode,
         "log": f"entries {first}..{last}" if last else "empty",
@@ -273,4 +274,22 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
                 f"{c.age():>9.0f}s  {state}",
                 file=stream,
             )
+            if c.format:
+                print(f"    {mount_leases(c)}", file=stream)
     return 0
+
+
+def mount_leases(c: heartbeat.Heartbeat) -> str:
+    """One line: the format a mount runs, the lease domains it holds and its changes
+    not yet in the log (count, age of the oldest), as its last heartbeat says."""
+    parts = [f"format {c.format}"]
+    if c.format >= 3:
+        held = ", ".join(c.domains) if c.domains else "none"
+        parts.append(f"leases: {held}")
+        if c.journal_rows:
+            parts.append(
+                f"uncommitted changes: {c.journal_rows}, oldest {c.journal_age():.1f} s ago"
+            )
+        else:
+            parts.append("uncommitted changes: none")
+    return "; ".join(parts)
