@@ -3,13 +3,15 @@ lstat, each with cold kernel caches, for one or more sizes; prints per-entry µs
 sizes can be compared (linear time: the same µs per entry at every size).
 
     scripts/bench/bigdir [--sizes 20000,50000] [--lstats 5000] [--profile DIR] [--json FILE]
+                         [--floor]
 
 Needs root (drops the kernel caches, mounts FUSE). Each size gets its own filesystem; the
 entries are made with `os.mknod` (empty files); each timing runs on a fresh daemon that
 holds the lease on /home (its reads need no request to the store), with the kernel's
 caches dropped: neither the kernel nor the daemon holds anything of the entries.
 `--profile DIR` records a py-spy profile of the daemon during each step (installs py-spy
-into the venv)."""
+into the venv). `--floor` also times the same steps on fuse_floor.py, a pyfuse3 + trio
+filesystem answering everything from a dict: what the FUSE stack itself costs."""
 
 from __future__ import annotations
 
@@ -144,6 +146,49 @@ def bench_size(work: Path, n: int, lstats: int, prof: Path | None) -> dict[str, 
     return out
 
 
+def bench_floor(work: Path, n: int, lstats: int) -> dict[str, Any]:
+    """The same steps on fuse_floor.py (every answer from a dict): the FUSE floor."""
+    mp = work / f"floor-{n}"
+    mp.mkdir()
+    floor = Path(__file__).resolve().parent / "fuse_floor.py"
+    proc = subprocess.Popen([str(PYTHON), str(floor), str(mp), str(n)])
+    try:
+        while not os.path.ismount(mp):
+            if proc.poll() is not None:
+                raise RuntimeError("fuse_floor.py did not mount")
+            time.sleep(0.05)
+        d = mp / "home" / "big"
+        names = [f"file-{i:07d}" for i in random.Random(1).sample(range(n), min(lstats, n))]
+
+        def ls() -> None:
+            with open(os.devnull, "w") as null:
+                subprocess.run(["ls", "-la", str(d)], check=True, stdout=null)
+
+        def find() -> None:
+            with open(os.devnull, "w") as null:
+                subprocess.run(["find", str(d), "-ls"], check=True, stdout=null)
+
+        def stats() -> None:
+            for name in names:
+                os.lstat(d / name)
+
+        return {
+            "entries": n,
+            "ls_la_s": timed("ls-la", ls, None, mp),
+            "find_ls_s": timed("find-ls", find, None, mp),
+            "lstat_s": timed("lstat", stats, None, mp),
+            "lstats": len(names),
+        }
+    finally:
+        run("fusermount3", "-u", str(mp), check=False)
+        try:
+            proc.wait(30)
+        except subprocess.TimeoutExpired:
+            run("fusermount3", "-uz", str(mp), check=False)
+            proc.kill()
+            proc.wait()
+
+
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--sizes", default="20000,50000")
@@ -151,6 +196,9 @@ def main() -> int:
     ap.add_argument("--profile", type=Path, default=None)
     ap.add_argument("--json", type=Path, default=None)
     ap.add_argument("--keep", action="store_true", help="keep the work directory")
+    ap.add_argument(
+        "--floor", action="store_true", help="also time fuse_floor.py (answers from a dict)"
+    )
     args = ap.parse_args()
     if os.geteuid() != 0:
         print("bigdir: needs root (drops the kernel caches); run it with sudo", file=sys.stderr)
@@ -170,6 +218,16 @@ def main() -> int:
                 f"{r['lstat_warm_s'] / r['lstats'] * 1e6:.0f} µs with the daemon warm",
                 flush=True,
             )
+            if args.floor:
+                f = bench_floor(work, n, args.lstats)
+                r["floor"] = f
+                print(
+                    f"{n:>8} entries, FUSE floor: "
+                    f"ls -la {f['ls_la_s'] / n * 1e6:.0f} µs/entry; "
+                    f"find -ls {f['find_ls_s'] / n * 1e6:.0f} µs/entry; "
+                    f"lstat {f['lstat_s'] / f['lstats'] * 1e6:.0f} µs each",
+                    flush=True,
+                )
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
