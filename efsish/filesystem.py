@@ -39,7 +39,6 @@ from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
-from efsish.meta.domains import domains_of_inode
 from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
@@ -114,14 +113,6 @@ def _other_system_xattr(name: bytes) -> bool:
     system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
     refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
     return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
-
-
-def _domains_of(view: View, ino: int) -> set[int | None]:
-    """The lease domains of `ino` in `view` (none for a damaged parent chain)."""
-    try:
-        return domains_of_inode(view, ino)
-    except ValueError:
-        return set()
 
 
 def _check_name(name: bytes) -> None:
@@ -472,7 +463,7 @@ class Filesystem:
         if lz is None or not lz.state.others:
             return
 
-        await lz.before_read(await self.meta.read(_domains_of, ino))
+        await lz.before_read(await self.meta.domains(ino))
 
     async def _read_in(self, ino: int, answer: Callable[[], Awaitable[T]]) -> T:
         """A read of `ino` (a directory's entries, or an inode) that close-to-open
@@ -483,7 +474,7 @@ class Filesystem:
         fails, it is answered after the read barrier (catch-up, recall) as elsewhere."""
         lz = self.leases
         if lz is not None and lz.state.held and lz.cfg.acquire:
-            doms = await self.meta.read(_domains_of, ino)
+            doms = await self.meta.domains(ino)  # from memory once the tree was walked
             err: FsError | None = None
             try:
                 out = await answer()
@@ -836,18 +827,13 @@ class Filesystem:
     async def readdir(
         self, ino: int, after: int, limit: int = 1000
     ) -> list[tuple[int, bytes, Attr]]:
-        def q(view: View) -> list[tuple[int, bytes, Attr]]:
-            out = []
-            for cursor, name, child in view.readdir(ino, after, limit):
-                a = view.getattr(child)
-                if a is not None:
-                    out.append((cursor, name, a))
-            return out
-
-        entries = await self.meta.read(q)
-        for _, _, a in entries:
-            self._overlay(a)
-        return entries
+        """Up to `limit` entries of directory `ino` after cursor `after`, with their
+        attributes (one query; the memo keeps them for the lookups and getattrs that
+        follow a listing)."""
+        overlay = self._overlay
+        return [
+            (c, name, overlay(a)) for c, name, a, _ in await self.meta.readdir(ino, after, limit)
+        ]
 
     # ------------------------------------------------------------------ xattrs
 
@@ -1103,7 +1089,7 @@ class Filesystem:
         lz, st = self.leases, self.staged
         if lz is None or st is None or not of.dirty or not lz.state.held:
             return None
-        return st if lz.may_journal(await self.meta.read(_domains_of, of.ino)) else None
+        return st if lz.may_journal(await self.meta.domains(of.ino)) else None
 
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh, None)

@@ -283,6 +283,30 @@ async def test_the_holder_sees_changes_outside_its_domain_at_once(make: Make) ->
     assert await read_file(a.fs, home, b"theirs") == b"from s"
 
 
+async def test_a_directory_moved_into_another_mounts_domain_is_read_through_it(
+    make: Make,
+) -> None:
+    # A answers reads in its domain from memory (the domains of a directory are walked
+    # once); once a directory moved out of it, its reads recall the new domain's holder.
+    a = await make()
+    b = await make()
+    da = await mkdir(a.fs, ROOT_INO, b"a")
+    x = await mkdir(a.fs, da, b"x")  # A holds domain a
+    db = await mkdir(b.fs, ROOT_INO, b"b")
+    await write_file(b.fs, db, b"g", b"b's")  # B holds domain b
+    with pytest.raises(FsError):
+        await a.fs.lookup(x, b"f")  # answered by A from its view
+    await a.fs.rename(da, b"x", db, b"x")  # /a/x -> /b/x (recalls b)
+    await write_file(a.fs, da, b"y", b"a's")  # A holds a
+    await a.fs.fsyncdir()  # the rename in the bucket: B's view moves x too
+    await b.fs.meta.catch_up()
+    await write_file(b.fs, x, b"f", b"new in b")  # journaled on B (recalls b back)
+    assert b.fs.leases is not None and set(b.fs.leases.state.held) == {db}
+    assert a.fs.leases is not None and set(a.fs.leases.state.held) == {da}
+    assert b.fs.meta.journal_rows > 0  # f is not in the bucket yet
+    assert await read_file(a.fs, x, b"f") == b"new in b"
+
+
 async def race(
     a: Filesystem, b: Filesystem, call: Callable[[Filesystem], Awaitable[object]]
 ) -> list[str]:
