@@ -128,7 +128,7 @@ async def _format(args: argparse.Namespace) -> int:
     if args.lease_depth < 1:
         raise UsageError("--lease-depth must be 1 or more")
     if args.lease_depth != 1 and not args.leases:
-        raise UsageError("--lease-depth needs --leases")
+        raise UsageError("--lease-depth has no effect with --no-leases: drop one of them")
     opts = store_options(args)
     if args.encrypt and opts.keyring is None:
         raise UsageError(
@@ -149,7 +149,7 @@ async def _format(args: argparse.Namespace) -> int:
             lease_depth=args.lease_depth,
             encryption=superblock_info(opts.keyring) if opts.keyring else None,
         )
-    mode = f", leases (depth {sb.lease_depth})" if sb.leases else ""
+    mode = f", leases (depth {sb.lease_depth})" if sb.leases else ", no leases (format 2)"
     mode += ", encrypted" if sb.encryption else ""
     print(f"formatted {args.store}: filesystem {sb.fs_uuid}, block size {sb.block_size}{mode}")
     return 0
@@ -242,6 +242,16 @@ async def _access_point(args: argparse.Namespace) -> int:
         else:
             await aps.delete(store, args.id)
             print(f"deleted {args.id} (mounts made with it keep it until they unmount)")
+    return 0
+
+
+async def _upgrade(args: argparse.Namespace) -> int:
+    from efsish.upgrade import upgrade_fs
+
+    if args.lease_depth < 1:
+        raise UsageError("--lease-depth must be 1 or more")
+    async with open_store(args.store, store_options(args)) as store:
+        await upgrade_fs(store, force=args.force, lease_depth=args.lease_depth)
     return 0
 
 
@@ -351,17 +361,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="throughput for --throughput-mode provisioned, in MiB/s",
     )
     p.add_argument(
+        "--no-leases",
+        dest="leases",
+        action="store_false",
+        help="format 2: every change is committed on its own (the default, format 3, "
+        "lets mounts take leases on subtrees and commit changes there in batches, "
+        "docs/design/LEASES.md; efsish before leases cannot mount it)",
+    )
+    p.add_argument(
         "--leases",
+        dest="leases",
         action="store_true",
-        help="format 3: mounts take leases on subtrees and commit changes there in "
-        "batches (docs/design/LEASES.md); efsish before leases cannot mount it",
+        help="format 3, the default (accepted for scripts that say so)",
     )
     p.add_argument(
         "--lease-depth",
         type=int,
         default=1,
-        help="with --leases: the depth of the leased subtrees' roots (default 1: /home/USER "
-        "when mounted on /home)",
+        help="the depth of the leased subtrees' roots (default 1: /home/USER when "
+        "mounted on /home)",
     )
     p.add_argument(
         "--encrypt",
@@ -369,7 +387,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="encrypt every object but the superblock with the key of --key-file, "
         "--key-command or $EFSISH_KEY (format 4)",
     )
-    p.set_defaults(func=_format)
+    p.set_defaults(func=_format, leases=True)
 
     p = sub.add_parser("mount", help="mount a filesystem")
     add_store_options(p)
@@ -423,6 +441,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--watch", action="store_true", help="print again every --interval s")
     p.add_argument("--interval", type=float, default=1.0)
     p.set_defaults(func=_stats, sync=True)
+
+    p = sub.add_parser(
+        "upgrade", help="make a format-2 filesystem a lease one (format 3), in place"
+    )
+    add_store_options(p)
+    p.add_argument(
+        "--force",
+        action="store_true",
+        help="upgrade even while mounts of an efsish that does not know format 3 run "
+        "(they stop writing)",
+    )
+    p.add_argument(
+        "--lease-depth", type=int, default=1, help="the depth of the leased subtrees' roots"
+    )
+    p.set_defaults(func=_upgrade)
 
     p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
     add_store_options(p)

@@ -34,16 +34,16 @@ from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
 from efsish.data.openfile import OpenFile, Snapshot
 from efsish.data.reader import Reader
+from efsish.data.staged import StagedBlocks
 from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
-from efsish.meta.domains import domains_of_inode
-from efsish.meta.leases import LeaseConfig, Leases, load_client_id
+from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
 from efsish.meta.planning import PlanContext
-from efsish.meta.superblock import Superblock
+from efsish.meta.superblock import NEWEST_FORMAT, Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
 from efsish.store import ObjectStore
@@ -115,14 +115,6 @@ def _other_system_xattr(name: bytes) -> bool:
     return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
 
 
-def _domains_of(view: View, ino: int) -> set[int | None]:
-    """The lease domains of `ino` in `view` (none for a damaged parent chain)."""
-    try:
-        return domains_of_inode(view, ino)
-    except ValueError:
-        return set()
-
-
 def _check_name(name: bytes) -> None:
     if len(name) > NAME_MAX:
         raise FsError("name too long", errno.ENAMETOOLONG)
@@ -168,7 +160,14 @@ class Filesystem:
             options.prometheus_port,
             read_only=options.read_only,
         )
-        self.blocks = BlockIO(store, self.cache, checksum=sb.block_checksum)
+        if self.leases is not None:
+            self.metering.extra = self._lease_metrics
+        self.blocks = BlockIO(
+            store,
+            self.cache,
+            checksum=sb.block_checksum,
+            client=self.meta.client_id if sb.leases else None,
+        )
         self.files: dict[int, OpenFile] = {}
         self.handles: dict[int, int] = {}  # fh -> ino
         self._next_fh = 1
@@ -183,6 +182,12 @@ class Filesystem:
         # (attribute-only, takes no page locks; used by open() for close-to-open).
         self.invalidate_attr: Callable[[int], Awaitable[None]] | None = None
         self.budget = WriteBudget(options.max_dirty_bytes)
+        # Blocks of files closed under a lease: staged here, uploaded in the background
+        # (LEASES.md §5); counted in the write budget until uploaded.
+        self.staged: StagedBlocks | None = None
+        if self.leases is not None and not options.sync:
+            self.staged = StagedBlocks(cache_dir / "staged", self.blocks, self.budget)
+            self.leases.staging = self.staged
         self.writeback = Writeback(
             self.blocks, self.budget, self.files, self.block_size, options.writeback_interval
         )
@@ -204,6 +209,8 @@ class Filesystem:
     async def start(self, nursery: trio.Nursery) -> None:
         self.writeback.start(nursery)
         self.reader.start(nursery)
+        if self.staged is not None:
+            self.staged.start(nursery)
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
@@ -291,6 +298,20 @@ class Filesystem:
         read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
         if self.opts.read_only:
             return
+        domains: list[str] = []
+        rows = oldest = 0
+        if self.leases is not None:
+            held = sorted(self.leases.state.held)
+            if held:
+                domains = [f"#{d}" for d in held]
+                with trio.move_on_after(1.0):  # never hold the heartbeat up for names
+                    try:
+                        domains = await self.meta.read(domain_paths, held)
+                    except FsError:
+                        pass
+            rows = self.meta.journal_rows
+            if rows:
+                oldest = time.time_ns() - int(self.leases.journal_age() * 1e9)
         hb = heartbeat.Heartbeat(
             client=self.meta.client_id,
             t=time.time_ns(),
@@ -304,8 +325,23 @@ class Filesystem:
             metered_total=self.metering.drain_metered(),
             started=int(self.started * 1e9),
             nudge=self.leases.nudge_address if self.leases is not None else None,
+            format=self.sb.format_version,
+            newest_format=NEWEST_FORMAT,
+            domains=domains,
+            journal_rows=rows,
+            journal_oldest=oldest,
         )
         await heartbeat.write(self.store, hb)
+
+    def _lease_metrics(self) -> dict[str, float]:
+        """The lease state for the metrics (stats file, Prometheus): domains held, the
+        journal's rows and the age of the oldest one."""
+        assert self.leases is not None
+        return {
+            "LeasesHeld": float(len(self.leases.state.held)),
+            "JournalRows": float(self.meta.journal_rows),
+            "JournalOldestAgeSeconds": self.leases.journal_age(),
+        }
 
     def held_blocks(self, limit: int = 10000) -> list[str]:
         """Blocks this mount may still read that the log no longer references: those of
@@ -427,7 +463,7 @@ class Filesystem:
         if lz is None or not lz.state.others:
             return
 
-        await lz.before_read(await self.meta.read(_domains_of, ino))
+        await lz.before_read(await self.meta.domains(ino))
 
     async def _read_in(self, ino: int, answer: Callable[[], Awaitable[T]]) -> T:
         """A read of `ino` (a directory's entries, or an inode) that close-to-open
@@ -438,7 +474,7 @@ class Filesystem:
         fails, it is answered after the read barrier (catch-up, recall) as elsewhere."""
         lz = self.leases
         if lz is not None and lz.state.held and lz.cfg.acquire:
-            doms = await self.meta.read(_domains_of, ino)
+            doms = await self.meta.domains(ino)  # from memory once the tree was walked
             err: FsError | None = None
             try:
                 out = await answer()
@@ -791,18 +827,13 @@ class Filesystem:
     async def readdir(
         self, ino: int, after: int, limit: int = 1000
     ) -> list[tuple[int, bytes, Attr]]:
-        def q(view: View) -> list[tuple[int, bytes, Attr]]:
-            out = []
-            for cursor, name, child in view.readdir(ino, after, limit):
-                a = view.getattr(child)
-                if a is not None:
-                    out.append((cursor, name, a))
-            return out
-
-        entries = await self.meta.read(q)
-        for _, _, a in entries:
-            self._overlay(a)
-        return entries
+        """Up to `limit` entries of directory `ino` after cursor `after`, with their
+        attributes (one query; the memo keeps them for the lookups and getattrs that
+        follow a listing)."""
+        overlay = self._overlay
+        return [
+            (c, name, overlay(a)) for c, name, a, _ in await self.meta.readdir(ino, after, limit)
+        ]
 
     # ------------------------------------------------------------------ xattrs
 
@@ -1026,7 +1057,7 @@ class Filesystem:
         async with of.flush_lock:
             if of.orphan is not None:
                 return  # unlinked while open: data lives here until the last close
-            await self.writeback.upload_all(of)
+            await self.writeback.upload_all(of, await self._staging_for(of))
             if not of.modified:
                 return
             pend = list(of.pending)
@@ -1050,6 +1081,15 @@ class Filesystem:
                 # return the snapshot's old bytes.
                 return
             of.committed(pend, deferred)
+
+    async def _staging_for(self, of: OpenFile) -> StagedBlocks | None:
+        """Where a flush of `of` puts what it has not uploaded: staged (uploaded in the
+        background) when its change will be journaled, i.e. every domain of the file
+        is held here with a valid lease (LEASES.md §5); None: upload it now."""
+        lz, st = self.leases, self.staged
+        if lz is None or st is None or not of.dirty or not lz.state.held:
+            return None
+        return st if lz.may_journal(await self.meta.domains(of.ino)) else None
 
     async def release(self, fh: int) -> None:
         ino = self.handles.pop(fh, None)

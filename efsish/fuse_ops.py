@@ -28,6 +28,11 @@ log = logging.getLogger(__name__)
 
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
+# Entries read per readdir request: the first, the fewest and the most (see `readdir`).
+READDIR_FIRST = 128
+READDIR_MIN = 32
+READDIR_MAX = 4096
+
 
 def _errors(fn: F) -> F:
     """Map every exception to a FUSEError; unexpected ones are logged, not fatal."""
@@ -77,6 +82,7 @@ class FuseOps(pyfuse3.Operations):
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self._dirs: dict[int, int] = {}
+        self._dir_batch: dict[int, int] = {}  # entries to read per readdir request
         self._next_dh = 1
         # Set once the kernel's INIT has been answered: settings the kernel derives
         # from that answer (its readahead) can only be changed afterwards.
@@ -276,27 +282,41 @@ class FuseOps(pyfuse3.Operations):
     @_errors
     async def readdir(self, fh: int, start_id: int, token: Any) -> None:
         # Cursors: 1 after ".", 2 after "..", then dentry id + 2 (stable under changes).
+        # Each request reads about as many entries as the kernel took the last time (its
+        # buffer: 4 KiB, or up to the getdents buffer on newer kernels), so a listing
+        # reads each entry about once whatever the kernel's buffer size.
         ino = self._dirs[fh]
-        dot = self._entry(await self.fs.getattr(ino))
-        if start_id == 0 and not pyfuse3.readdir_reply(token, b".", dot, 1):
-            return
+        if start_id == 0:
+            dot = self._entry(await self.fs.getattr(ino))
+            if not pyfuse3.readdir_reply(token, b".", dot, 1):
+                return
         if start_id <= 1:
             parent = await self.fs.lookup(ino, b"..")
             if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
                 return
         after = max(0, start_id - 2)
-        while True:
-            entries = await self.fs.readdir(ino, after, 512)
-            if not entries:
-                return
-            for cursor, name, attr in entries:
-                if not pyfuse3.readdir_reply(token, name, self._entry(attr), cursor + 2):
+        batch = self._dir_batch.get(fh, READDIR_FIRST)
+        taken = 0
+        reply, entry, remember = pyfuse3.readdir_reply, self._entry, self.fs.remember
+        try:
+            while True:
+                entries = await self.fs.readdir(ino, after, batch)
+                if not entries:
                     return
-                self.fs.remember(attr.ino)
-            after = entries[-1][0]
+                for cursor, name, attr in entries:
+                    if not reply(token, name, entry(attr), cursor + 2):
+                        return
+                    remember(attr.ino)
+                    taken += 1
+                after = entries[-1][0]
+                batch = min(READDIR_MAX, batch * 2)
+        finally:
+            if fh in self._dirs:
+                self._dir_batch[fh] = min(READDIR_MAX, max(READDIR_MIN, taken + taken // 8 + 1))
 
     async def releasedir(self, fh: int) -> None:
         self._dirs.pop(fh, None)
+        self._dir_batch.pop(fh, None)
 
     @_errors
     async def fsyncdir(self, fh: int, datasync: bool) -> None:

@@ -5,7 +5,9 @@
   heartbeat is older than `expire` seconds counts as crashed), the change is older than
   `grace`, and no live mount holds the block (unlinked-but-open files). It then commits a
   `gc` op so every view forgets the deleted keys. Blocks that were uploaded but never
-  referenced (a writer that crashed before committing) are swept after `orphan_age`.
+  referenced (a writer that crashed before committing) are swept after `orphan_age`,
+  except those whose key names a client that holds a lease or has an `ldirty` mark (its
+  journal may reference them: LEASES.md §9).
 - trim deletes log entries up to the newest checkpoint once every live mount is past
   them and they are older than `grace`; it keeps the two newest checkpoints.
 It must never delete anything a live mount may still read, nor any key that is not
@@ -28,7 +30,7 @@ import trio
 from tqdm import tqdm
 
 from efsish import codec
-from efsish.data.blocks import DATA_PREFIX, block_key_time_ns, is_block_key
+from efsish.data.blocks import DATA_PREFIX, block_key_client, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
 from efsish.meta import accesspoints, heartbeat
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
@@ -75,6 +77,16 @@ async def checkpoints(store: ObjectStore) -> list[int]:
     return [s for s in seqs if s is not None]
 
 
+def _dirty_clients(view: View) -> set[str]:
+    """Clients that may have a journal referencing blocks the log does not: those that
+    hold a lease or whose newest `ldirty` is not cleared (LEASES.md §9)."""
+    rows = view.db.execute(
+        "SELECT holder_client FROM leases WHERE holder_client IS NOT NULL "
+        "UNION SELECT client FROM sessions WHERE dirty_seq IS NOT NULL"
+    )
+    return {str(r[0]) for r in rows}
+
+
 @dataclass
 class GcResult:
     deleted_blocks: int = 0
@@ -119,12 +131,14 @@ async def collect(
         else:
             victims.append(key)
     known = {k for k, _, _ in garbage}
+    dirty = await meta.read(_dirty_clients)
     orphans = [
         k
         for k in sizes
         if k not in referenced
         and k not in known
         and k not in held
+        and block_key_client(k) not in dirty
         and (block_key_time_ns(k) or now) < now - orphan_age * 1e9
     ]
     bar = tqdm(
@@ -227,6 +241,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
     clients = await heartbeat.read_all(store)
     info: dict[str, Any] = {
         "filesystem": sb.fs_uuid,
+        "format": f"{sb.format_version}" + (" (leases)" if sb.leases else ""),
         "block size": sb.block_size,
         "throughput mode": sb.throughput_mode,
         "log": f"entries {first}..{last}" if last else "empty",
@@ -259,8 +274,26 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
                 f"{c.age():>9.0f}s  {state}",
                 file=stream,
             )
+            if c.format:
+                print(f"    {mount_leases(c)}", file=stream)
     points = await accesspoints.list_all(store)
     print(f"{'access points':>18}: {len(points)}", file=stream)
     for ap in points:
         print(f"  {ap.describe()}", file=stream)
     return 0
+
+
+def mount_leases(c: heartbeat.Heartbeat) -> str:
+    """One line: the format a mount runs, the lease domains it holds and its changes
+    not yet in the log (count, age of the oldest), as its last heartbeat says."""
+    parts = [f"format {c.format}"]
+    if c.format >= 3:
+        held = ", ".join(c.domains) if c.domains else "none"
+        parts.append(f"leases: {held}")
+        if c.journal_rows:
+            parts.append(
+                f"uncommitted changes: {c.journal_rows}, oldest {c.journal_age():.1f} s ago"
+            )
+        else:
+            parts.append("uncommitted changes: none")
+    return "; ".join(parts)

@@ -21,6 +21,7 @@ import json
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -49,6 +50,13 @@ SYNC = 2.0
 LEDGER_EVERY = 15.0
 CONFIG_EVERY = 5.0
 CLIENT_EXPIRE = 120.0
+# A lease mount's state (docs/design/LEASES.md), exported next to the EFS metrics (0 on
+# a mount that holds no leases).
+LEASE_METRICS = {
+    "LeasesHeld": "lease domains this efsish mount holds",
+    "JournalRows": "changes answered by this mount but not yet committed to the log",
+    "JournalOldestAgeSeconds": "age of the oldest change not yet committed to the log",
+}
 
 
 def config_from_dict(d: dict[str, Any]) -> ThrottleConfig:
@@ -133,6 +141,8 @@ class Metering:
         self._seen: dict[str, float] = {}
         self._raw_config: dict[str, Any] = {}
         self._gauges: dict[str, Any] = {}
+        # More metrics of the mount (LEASE_METRICS, from the filesystem), if any.
+        self.extra: Callable[[], dict[str, float]] | None = None
 
     async def start(self, nursery: trio.Nursery, stored_bytes: int) -> None:
         config, self._raw_config = await load_config(self.store, self.sb)
@@ -170,6 +180,8 @@ class Metering:
         m = self.throttle.snapshot()
         m["ClientConnections"] = float(self.client_connections)
         m["StorageBytes"] = float(self.stored_bytes)
+        if self.extra is not None:
+            m.update(self.extra())
         return m
 
     async def _loop(self) -> None:
@@ -272,5 +284,7 @@ class Metering:
             self._gauges[name] = prometheus_client.Gauge(
                 name, f"EFS metric {name} of this efsish mount", registry=registry
             )
+        for name, what in LEASE_METRICS.items():
+            self._gauges[name] = prometheus_client.Gauge(name, what, registry=registry)
         prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
         log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)

@@ -1,6 +1,8 @@
 """Block I/O: upload new immutable blocks and fetch (verified, cached) existing ones.
 
-Keys say what they hold: data/<ino hex>-<time hex>-<random>, never reused or overwritten. A
+Keys say what they hold: data/<ino hex>-<time hex>-<random>, never reused or overwritten;
+on a lease filesystem data/<ino hex>-<client>-<time hex>-<random>, so gc can tell whose
+block an unreferenced one is (docs/design/LEASES.md §9). A
 block's checksum (codec.block_hash) is recorded in the log next to every reference to it,
 so a corrupt or foreign object is detected (EIO), never returned. Concurrent fetches of one
 block share one GET. This module must not know about inodes beyond using the number in key names.
@@ -13,6 +15,7 @@ import os
 import re
 import time
 import uuid
+from typing import Protocol
 
 import cachetools
 import google_crc32c
@@ -34,27 +37,51 @@ if not CRC32C_IN_C:
     log.warning("google-crc32c has no C extension here: block checksums will be slow")
 
 
-def new_block_key(ino: int) -> str:
-    """data/<inode hex>-<creation time, ns hex>-<random>: never reused."""
-    return f"{DATA_PREFIX}{ino:x}-{time.time_ns():x}-{uuid.uuid4().hex[:16]}"
+_CLIENT = re.compile(r"[0-9a-f]{16}")  # a lease-mode client id (meta.leases.load_client_id)
+
+
+def new_block_key(ino: int, client: str | None = None) -> str:
+    """data/<inode hex>-[<client>-]<creation time, ns hex>-<random>: never reused. The
+    client is named only when it is a lease-mode client id."""
+    who = f"{client}-" if client is not None and _CLIENT.fullmatch(client) else ""
+    return f"{DATA_PREFIX}{ino:x}-{who}{time.time_ns():x}-{uuid.uuid4().hex[:16]}"
 
 
 # Exactly what new_block_key makes, and the key of the first efsish versions
 # (data/<inode hex>-<uuid hex>). Anything else under data/ (another filesystem nested in
 # this prefix, a user's object) is not this filesystem's: gc never deletes it.
 _BLOCK_KEY = re.compile(r"data/[0-9a-f]+-(?P<t>[0-9a-f]+)-[0-9a-f]{16}")
+_CLIENT_BLOCK_KEY = re.compile(r"data/[0-9a-f]+-(?P<c>[0-9a-f]{16})-(?P<t>[0-9a-f]+)-[0-9a-f]{16}")
 _FIRST_BLOCK_KEY = re.compile(r"data/[0-9a-f]+-[0-9a-f]{32}")
 
 
 def is_block_key(key: str) -> bool:
     """Whether `key` is exactly in the form of this filesystem's block keys."""
-    return bool(_BLOCK_KEY.fullmatch(key) or _FIRST_BLOCK_KEY.fullmatch(key))
+    return bool(
+        _BLOCK_KEY.fullmatch(key)
+        or _CLIENT_BLOCK_KEY.fullmatch(key)
+        or _FIRST_BLOCK_KEY.fullmatch(key)
+    )
 
 
 def block_key_time_ns(key: str) -> int | None:
     """The creation time recorded in a block key, or None for any other key."""
-    m = _BLOCK_KEY.fullmatch(key)
+    m = _BLOCK_KEY.fullmatch(key) or _CLIENT_BLOCK_KEY.fullmatch(key)
     return int(m["t"], 16) if m else None
+
+
+def block_key_client(key: str) -> str | None:
+    """The client a block key names (lease filesystems), or None."""
+    m = _CLIENT_BLOCK_KEY.fullmatch(key)
+    return m["c"] if m else None
+
+
+class LocalBlocks(Protocol):
+    """Blocks held on this machine only, not uploaded yet (staged.StagedBlocks)."""
+
+    def __contains__(self, key: str) -> bool: ...
+
+    async def read(self, key: str) -> bytes | None: ...
 
 
 # Ranged GETs of one block before a small read fetches it whole instead (wants_range).
@@ -80,8 +107,12 @@ class BlockIO:
         memory_bytes: int = 128 * 1024 * 1024,
         cache_writes_below: int = 1024 * 1024,
         checksum: str = "crc32c",
+        client: str | None = None,
     ) -> None:
         self.store = store
+        self.client = client  # named in new block keys (lease filesystems)
+        # Blocks not uploaded yet (staged under a lease): read from here first.
+        self.local: LocalBlocks | None = None
         self.checksum = checksum
         self.cache = cache
         self.memory_bytes = memory_bytes
@@ -103,20 +134,32 @@ class BlockIO:
         self._ranged: cachetools.LRUCache[str, int] = cachetools.LRUCache(maxsize=16384)
         self.bytes_down = 0
 
-    async def upload(self, ino: int, data: bytes) -> tuple[str, str, str | None]:
-        """Store `data` as a new block; return (key, hash, chunk checksums)."""
-        key = new_block_key(ino)
+    def new_key(self, ino: int) -> str:
+        return new_block_key(ino, self.client)
+
+    async def checksums(self, data: bytes) -> tuple[str, str | None]:
+        """(block hash, chunk checksums) of `data`, as recorded in the log."""
         h = await self._hash(data)
         crcs = None
         if self.checksum == "crc32c" and CRC32C_IN_C:
             crcs = chunk_crcs(data)  # ~0.25 ms per 4 MiB
+        return h, crcs
+
+    async def upload(self, ino: int, data: bytes) -> tuple[str, str, str | None]:
+        """Store `data` as a new block; return (key, hash, chunk checksums)."""
+        key = self.new_key(ino)
+        h, crcs = await self.checksums(data)
+        await self.put_block(key, data)
+        return key, h, crcs
+
+    async def put_block(self, key: str, data: bytes) -> None:
+        """PUT block `key` (retrying transient errors), and keep it for reads."""
         async with self._limiter:
             await retry_transient(lambda: self.store.put(key, data), f"upload of {key}")
         self.bytes_up += len(data)
-        self._remember(key, data)
+        self.remember(key, data)
         if len(data) < self.cache_writes_below:
             self.cache.offer(key, data)
-        return key, h, crcs
 
     @staticmethod
     def _inline(size: int, crc32c: bool) -> bool:
@@ -138,7 +181,7 @@ class BlockIO:
             return block_matches(data, hash_)
         return await trio.to_thread.run_sync(block_matches, data, hash_, limiter=self._hash_limiter)
 
-    def _remember(self, key: str, data: bytes) -> None:
+    def remember(self, key: str, data: bytes) -> None:
         if len(data) <= self._mem.maxsize // 4:
             self._mem[key] = data
 
@@ -158,9 +201,16 @@ class BlockIO:
         # both miss it and both GET the block.
         f = self._inflight[key] = _Fetch()
         try:
-            data = await self.cache.get(key, hash_)
+            data = None
+            if self.local is not None and key in self.local:
+                data = await self.local.read(key)
+                if data is not None and hash_ is not None and not await self._matches(data, hash_):
+                    log.error("staged block %s failed its checksum", key)
+                    raise CorruptObject(f"staged block {key} failed its checksum")
+            if data is None:
+                data = await self.cache.get(key, hash_)
             if data is not None:
-                self._remember(key, data)
+                self.remember(key, data)
             else:
                 data = await self._download(key, hash_, size)
             f.result = data
@@ -175,6 +225,8 @@ class BlockIO:
         parts RANGED_PER_BLOCK times: a block read at random again and again (a small
         database, an index) is then fetched whole, and cached like any other."""
         if key in self._mem or key in self._inflight or key in self.cache:
+            return False
+        if self.local is not None and key in self.local:
             return False
         # (Chunks are checked on the event loop: only with google-crc32c's C extension.)
         return CRC32C_IN_C and self._ranged.get(key, 0) < RANGED_PER_BLOCK
@@ -226,7 +278,7 @@ class BlockIO:
             log.error("data block %s is corrupt (size %d, expected %d)", key, len(data), size)
             raise CorruptObject(f"data block {key} failed its checksum")
         self.bytes_down += len(data)
-        self._remember(key, data)
+        self.remember(key, data)
         self.cache.offer(key, data)
         return data
 

@@ -25,6 +25,7 @@ from efsish.data.blocks import BlockIO
 from efsish.data.budget import WriteBudget
 from efsish.data.dirty import Interval
 from efsish.data.openfile import OpenFile, Pending
+from efsish.data.staged import StagedBlocks
 from efsish.errors import EfsishError, FsError, StoreError
 from efsish.meta.view import Extent
 
@@ -94,6 +95,22 @@ class Writeback:
             off = iv.off
             self._start_upload(of, off, iv.take_front(min(self.block_size, len(iv))))
 
+    async def _stage_interval(self, of: OpenFile, iv: Interval, staged: StagedBlocks) -> None:
+        """Stage all of `iv`, cut into blocks; a block whose file cannot be written is
+        uploaded as usual."""
+        while len(iv):
+            off = iv.off
+            data = iv.take_front(min(self.block_size, len(iv)))
+            try:
+                key, h, crcs = await staged.stage(of.ino, data, self._relieve_pressure)
+            except OSError as e:
+                log.warning("cannot stage a block of inode %d (%s); uploading it", of.ino, e)
+                self._start_upload(of, off, data)
+                continue
+            p = Pending(Extent(off, len(data), key, 0, len(data), h, crcs=crcs))
+            p.done.set()
+            of.pending.append(p)
+
     def _start_upload(self, of: OpenFile, off: int, data: bytes) -> None:
         p = Pending(Extent(off, len(data), data=data))
         of.pending.append(p)
@@ -117,9 +134,11 @@ class Writeback:
             p.done.set()
             await self.budget.upload_finished(len(data))
 
-    async def upload_all(self, of: OpenFile) -> None:
+    async def upload_all(self, of: OpenFile, staged: StagedBlocks | None = None) -> None:
         """Upload everything `of` has not uploaded (again, where an upload failed) and
         wait for all its uploads: afterwards `of.pending` holds the extents to commit.
+        With `staged` (the file's change will be journaled under a lease), what is left
+        in the buffer is staged instead: on local disk, uploaded in the background.
         Raises EIO with the first upload error since the last report. The caller holds
         `of.flush_lock`."""
         for iv in self.budget.take_all(of.dirty):
@@ -127,6 +146,9 @@ class Writeback:
                 data = iv.tobytes()
                 of.pending.append(Pending(Extent(iv.off, len(data), data=data)))
                 of.pending[-1].done.set()
+                continue
+            if staged is not None:
+                await self._stage_interval(of, iv, staged)
                 continue
             self._upload_interval(of, iv)
         for p in of.pending:

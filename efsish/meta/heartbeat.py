@@ -50,6 +50,25 @@ class Heartbeat:
     metered_total: float = 0.0  # bytes metered by its throttle since it started
     started: int = 0  # ns
     nudge: str | None = None  # "host:port" it takes nudges on (efsish.meta.nudge), if any
+    # The format the mount runs (2, 3) and the newest one its efsish knows; 0: not said
+    # (an efsish from before these fields, which `efsish upgrade` counts as format 2).
+    format: int = 0
+    newest_format: int = 0
+    # Lease mode: the domains it holds (their roots' paths), and its local journal: the
+    # changes answered but not yet in the log, and the writer's wall clock (ns) at the
+    # oldest of them (0: none).
+    domains: list[str] = field(default_factory=list)
+    journal_rows: int = 0
+    journal_oldest: int = 0
+
+    def journal_age(self, now_ns: int | None = None) -> float:
+        """Seconds since the oldest uncommitted change, by the reader's wall clock (0:
+        none)."""
+        if not self.journal_rows or not self.journal_oldest:
+            return 0.0
+        return max(
+            0.0, ((time.time_ns() if now_ns is None else now_ns) - self.journal_oldest) / 1e9
+        )
 
     def age(self, now_ns: int | None = None) -> float:
         """Seconds since it was written, by the reader's wall clock."""
@@ -72,6 +91,11 @@ class Heartbeat:
             "t": self.t,
             "started": self.started,
             "nudge": self.nudge,
+            "format": self.format,
+            "newest_format": self.newest_format,
+            "domains": list(self.domains),
+            "journal_rows": self.journal_rows,
+            "journal_oldest": self.journal_oldest,
         }
 
     @classmethod
@@ -92,6 +116,11 @@ class Heartbeat:
                 metered_total=float(d.get("metered_total", 0.0)),
                 started=int(d.get("started", 0)),
                 nudge=None if d.get("nudge") is None else str(d["nudge"]),
+                format=int(d.get("format", 0)),
+                newest_format=int(d.get("newest_format", 0)),
+                domains=[str(p) for p in d.get("domains", [])],
+                journal_rows=int(d.get("journal_rows", 0)),
+                journal_oldest=int(d.get("journal_oldest", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptObject(f"malformed heartbeat: {e!r}") from None

@@ -31,10 +31,10 @@ import os
 import stat
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Protocol, TypeVar
 
 import trio
 
@@ -49,6 +49,7 @@ from efsish.meta.ops import (
     SYNC,
     Extent,
     LAdopt,
+    LDirty,
     LFlush,
     LogEntry,
     LRcv,
@@ -131,6 +132,32 @@ def _pid_alive(pid: int) -> bool:
     return stat_.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
+class Staging(Protocol):
+    """The staged blocks of this mount (efsish.data.staged.StagedBlocks): data of files
+    closed under a lease, uploaded in the background (LEASES.md §5)."""
+
+    async def wait_all(self) -> None: ...
+
+    def uploaded(self) -> set[str]: ...
+
+    def not_uploaded(self, keys: Iterable[str]) -> list[str]: ...
+
+    async def landed(self, keys: set[str]) -> None: ...
+
+    async def recover(self, refs: Iterable[tuple[str, str | None]]) -> set[str]: ...
+
+
+def _block_refs(rows: list[journal.Row]) -> list[tuple[str, str | None]]:
+    """(key, hash) of every block the journal rows' writes reference."""
+    return [
+        (e.key, e.hash)
+        for r in rows
+        if isinstance(r.op, Write)
+        for e in r.op.extents
+        if e.key is not None
+    ]
+
+
 @dataclass
 class _Recall:
     domain: int
@@ -183,6 +210,10 @@ class Leases:
         # False until this incarnation holds what its journal needs (sess, adoption):
         # until then a sync entry does not flush the journal first.
         self.ready = False
+        # Staged blocks (set by the filesystem): uploaded before any entry that may
+        # reference them is PUT.
+        self.staging: Staging | None = None
+        self._bad_blocks: set[str] = set()  # staged blocks that failed their checksum
         meta.leases = self
 
     # ------------------------------------------------------------- worker thread
@@ -270,6 +301,11 @@ class Leases:
         """The entries that commit the journal (and `extra` lease ops, in the last
         entry), computed from the journal and the lease rows now."""
         rows = journal.rows(view)
+        if self.staging is not None:
+            late = self.staging.not_uploaded(k for k, _ in _block_refs(rows))
+            if late:
+                # before_flush waited for every upload under the writer lock: a bug.
+                raise EfsishError(f"journal references staged blocks not uploaded: {late[:3]}")
         # An answer to a recall that is no longer open (answered already, or closed by a
         # change of holder) would fence the whole entry: drop it.
         extra = [op for op in extra or [] if _still_valid(view, op)]
@@ -341,6 +377,12 @@ class Leases:
             if d not in recalled and self.valid_until.get(d, -1.0) < until:
                 self.valid_until[d] = until
 
+    def journal_age(self) -> float:
+        """Seconds (lease clock) since the oldest change in the journal (0: empty)."""
+        if not self.meta.journal_rows or self._oldest is None:
+            return 0.0
+        return max(0.0, self.clock() - self._oldest)
+
     def valid(self, domains: frozenset[int]) -> bool:
         now = self.clock()
         return all(self.valid_until.get(d, -1.0) > now for d in domains)
@@ -358,6 +400,15 @@ class Leases:
             d in self.state.held and self.valid_until.get(d, -1.0) > now
             for d in domains
             if d is not None
+        )
+
+    def may_journal(self, domains: set[int | None]) -> bool:
+        """Whether a change in these domains would be journaled now (held, valid, not
+        recalled): the filesystem stages a closed file's blocks only then (§5)."""
+        return (
+            bool(domains)
+            and None not in domains
+            and {d for d in domains if d is not None} <= self._ok_domains()
         )
 
     def _ok_domains(self) -> frozenset[int]:
@@ -407,6 +458,10 @@ class Leases:
                     if not self.valid(doms):
                         await self._wait_valid(doms)
                     return result
+            if self.staging is not None:
+                # A sync entry may reference blocks staged for a change that was to be
+                # journaled (the lease lapsed meanwhile): they go up first.
+                await self.staging.wait_all()
             try:
                 result2: T = await self.meta.submit(planner)
                 if not self.meta.journal_rows:
@@ -469,10 +524,13 @@ class Leases:
         rid = uuid.uuid4().hex[:12]
         me = self.me
 
+        recalled: list[Holder] = []
+
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], str | None]:
             holder, _ = view.lease(d)
             if holder is None or holder == me:
                 return [], None
+            recalled[:] = [holder]
             return [LRec(d, rid, want)], holder[0]
 
         holder = await self.meta.submit(plan)
@@ -519,10 +577,28 @@ class Leases:
                 )
                 await self.meta.submit(tko)
                 self.takeovers += 1
+                self._recall_the_rest(recalled[0])
                 return
             if now > deadline:
                 log.error("domain %d: recall %s not answered in time", d, rid)
                 raise FsError(f"domain {d}: its holder does not answer", errno.EIO)
+
+    def _recall_the_rest(self, holder: Holder) -> None:
+        """`holder` left a recall unanswered for 2 x lease_time (it is dead or cut off):
+        recall every other domain it holds now, in the background, so that their waits
+        for a takeover overlap instead of each reader meeting them one after another
+        (a crashed holder of N domains cost N x 2L)."""
+        if self._nursery is None:
+            return
+        for d, h in list(self.state.others.items()):
+            if h == holder and d not in self._recalling:
+                self._nursery.start_soon(self._recall_quietly, d)
+
+    async def _recall_quietly(self, d: int) -> None:
+        try:
+            await self.recall(d, "r")
+        except EfsishError as e:
+            log.warning("background recall of domain %d: %s", d, e)
 
     async def sync(self) -> None:
         """fsync/fdatasync/fsyncdir: return once every change answered before is in
@@ -539,9 +615,22 @@ class Leases:
             raise FsError(f"this mount was fenced: {self.fenced}", errno.EIO)
 
     async def _flush(self, extra: list[Op] | None = None) -> None:
+        st = self.staging
+        up: set[str] = set()
+        if st is not None:
+            await st.wait_all()  # outside the writer lock: changes go on meanwhile
+            up = st.uploaded()
         await self.meta.flush(extra)
         if not self.meta.journal_rows:
             self._oldest = None
+        if st is not None:
+            await st.landed(up)
+
+    async def before_flush(self) -> None:
+        """(Under the writer lock, before journaled entries are computed and PUT.)
+        Every staged block a journal row references is uploaded first (§6.3)."""
+        if self.staging is not None:
+            await self.staging.wait_all()
 
     def fenced_at(self, seq: int, reason: str) -> None:
         """Our journal can no longer land (§10): stop changing anything, and recover
@@ -569,7 +658,8 @@ class Leases:
 
     async def _salvage_and_rebuild(self, fenced_inc: int) -> _Salvage:
         """`fenced_inc`: the incarnation that wrote the journal."""
-        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc))
+        bad = self._bad_blocks
+        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc, bad))
         self.fenced = None
         self.valid_until.clear()
         self._oldest = None
@@ -653,6 +743,7 @@ class Leases:
         self._last_inc = prev[0] if prev is not None else 0
         proven = cache_locked and self._old_daemon_dead()
         self._record_daemon()
+        await self._recover_staged()
         salvage = None
         if self.fenced is not None:
             salvage = await self._salvage_and_rebuild(self._last_inc)
@@ -773,6 +864,24 @@ class Leases:
         self._peers[client] = (now, hb)
         return hb
 
+    async def _recover_staged(self) -> None:
+        """After a crash, before anything is committed: the staged blocks the journal
+        references are checked and uploaded (§5, §13). One that fails its checksum (or is
+        gone) must not reach the bucket, nor a change that references it: the journal
+        goes to the recovery directory, without that block's bytes."""
+        if self.staging is None:
+            return
+        rows = await self.meta.read(journal.rows)
+        bad = await self.staging.recover(_block_refs(rows))
+        if bad:
+            self._bad_blocks = bad
+            self.fenced = f"{len(bad)} staged block(s) failed their checksum: {sorted(bad)[0]}"
+            log.error(
+                "staged data of this mount's journal is damaged (%s): its changes go to "
+                "the recovery directory",
+                ", ".join(sorted(bad)),
+            )
+
     async def _new_incarnation(self, proven: bool) -> None:
         """Commit sess(client, inc + 1); adopt the older incarnations' leases in the
         same entry if `proven` (the old daemon is dead), else after the takeover wait."""
@@ -791,6 +900,10 @@ class Leases:
 
         def sess(view: View, pc: PlanContext) -> tuple[list[Op], None]:
             ops: list[Op] = [Sess(client, inc)]
+            if self.cfg.acquire:
+                # This incarnation may journal (and stage blocks): gc spares the blocks
+                # named by this client until a clean unmount clears the mark (§9).
+                ops.append(LDirty(client, inc))
             if proven:
                 ops += [LAdopt(d) for d in old_held(view)]
             return ops, None
@@ -835,7 +948,8 @@ class Leases:
         """Clean unmount: flush, then release every held domain (§6.5)."""
         if self.fenced is not None or self.inc == 0:
             return
-        await self._flush([LRel(d) for d in sorted(self.state.held)])
+        clean: list[Op] = [LDirty(self.client, self.inc, dirty=False)] if self.cfg.acquire else []
+        await self._flush([*(LRel(d) for d in sorted(self.state.held)), *clean])
 
     async def _reactor(self) -> None:
         """Answer recalls of held domains: flush, then lrel (handed over to a write
@@ -950,6 +1064,16 @@ class _Salvage:
     journal: list[str]  # one line per fenced change
 
 
+def domain_paths(view: View, domains: list[int]) -> list[str]:
+    """The paths of these domains' roots, for status (`#ino` for one not found)."""
+    out = []
+    for d in domains:
+        parts = _path_of(view, d)
+        name = b"/" + b"/".join(parts) if parts is not None else f"#{d}".encode()
+        out.append(name.decode(errors="replace"))  # shown to people, sent as JSON
+    return out
+
+
 def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
     parts: list[bytes] = []
     cur = ino
@@ -966,9 +1090,11 @@ def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
     return None
 
 
-def _salvage(view: View, inc: int) -> _Salvage:
+def _salvage(view: View, inc: int, bad: set[str] | None = None) -> _Salvage:
     """What the journal made, from the view that holds it (before the rebuild): the
-    regular files it created or whose data it changed, as they are now, and its ops."""
+    regular files it created or whose data it changed, as they are now, and its ops.
+    Extents of `bad` blocks (staged blocks that failed their checksum) are left out:
+    those bytes read as zeros, and JOURNAL.txt names them."""
     rows = journal.rows(view)
     lines: list[str] = []
     inos: dict[int, None] = {}
@@ -983,7 +1109,12 @@ def _salvage(view: View, inc: int) -> _Salvage:
         parts = _path_of(view, ino) if attr is not None else None
         if attr is None or parts is None or not attr.is_reg:
             continue  # removed again by the journal itself
-        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, view.extents(ino)))
+        exts = view.extents(ino)
+        if bad:
+            exts = [e for e in exts if e.key not in bad]
+        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, exts))
+    for key in sorted(bad or ()):
+        lines.append(f"block {key} failed its checksum after a crash: left out (zeros)")
     return _Salvage(inc, files, lines)
 
 

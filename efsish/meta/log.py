@@ -52,7 +52,7 @@ from efsish.errors import (
 from efsish.meta import checkpoints, journal, leasing
 from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
-from efsish.meta.memo import Fresh, Memo
+from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
@@ -304,6 +304,17 @@ class MetaLog:
         """The committed attributes of the entry `name` in `parent`, or None."""
         await self._not_rebuilding()
         return await self.memo.lookup(parent, name, self.read)
+
+    async def domains(self, ino: int) -> set[int | None]:
+        """The lease domains of `ino` in the committed view (see `Memo.domains`)."""
+        await self._not_rebuilding()
+        return await self.memo.domains(ino, self.sb.lease_depth, self.read)
+
+    async def readdir(self, ino: int, after: int, limit: int) -> Listed:
+        """Up to `limit` committed entries of directory `ino` after cursor `after`, with
+        their attributes (see `Memo.readdir`)."""
+        await self._not_rebuilding()
+        return await self.memo.readdir(ino, after, limit, self.read)
 
     async def getxattr(self, ino: int, name: bytes) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None. (The kernel asks for
@@ -933,6 +944,7 @@ class MetaLog:
         while True:
             if self.broken:
                 raise FsError(f"metadata log unusable: {self.broken}")
+            await leases.before_flush()  # staged blocks of the journal go up first
             entries = await trio.to_thread.run_sync(
                 leases.flush_entries, self.writer, extra, limiter=self._wlimiter
             )

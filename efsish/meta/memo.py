@@ -12,6 +12,14 @@ Rules it keeps:
   absent): one this mount saw created, empty, and whose every change since was refilled.
   A lookup of a new name there is answered from memory; a change that is only forgotten
   takes the directory out of that set.
+- The tree's shape: the parents of inodes (a directory's one parent, a file's parents
+  when all are known), so the lease domains of an inode (efsish.meta.domains) are
+  computed in memory. Every applied entry drops the parents of each inode it changed: a
+  rename, link or unlink changes the ctime or nlink of the inode it moves, so its inode
+  is in `ApplyResult.inodes`, and a moved directory's subtree is re-walked through it.
+- A directory listing (`readdir`) stores what it read: each entry's name, attributes,
+  whether it has any xattr at all, and its parent. `ls -l` asks for every entry's
+  attributes and two xattrs next, and is answered from memory.
 - Each table holds at most MEMO_LIMIT items; past that it is cleared.
 
 This module owns that state and those rules. It must not read the view on its own: the
@@ -24,11 +32,13 @@ everything but `fresh` runs on the trio thread.
 from __future__ import annotations
 
 import logging
+import stat
 from collections.abc import Awaitable, Callable
 from dataclasses import replace
 from typing import Protocol, TypeVar
 
-from efsish.meta.view import ApplyResult, Attr, View
+from efsish.meta.domains import MAX_DEPTH, TOP, Domain
+from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 
 log = logging.getLogger(__name__)
 
@@ -38,6 +48,53 @@ MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exce
 FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
 # What `Memo.fresh` read after a commit: new attributes, and the names' new inodes.
 Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
+# Where an inode is linked: (is a directory, the directories holding its dentries).
+Parents = tuple[bool, tuple[int, ...]]
+# A listing's rows: (cursor, name, attributes, has at least one xattr).
+Listed = list[tuple[int, bytes, Attr, bool]]
+
+
+def read_parents(view: View, ino: int) -> dict[int, Parents]:
+    """(In a worker thread) the parents of `ino` and of every directory above them up to
+    the root, as `Memo.domains` walks them; an inode the view does not hold (or a
+    directory with no dentry: a damaged chain) is left out."""
+    out: dict[int, Parents] = {}
+    todo = [ino]
+    while todo and len(out) <= MAX_DEPTH:
+        cur = todo.pop()
+        if cur in out:
+            continue
+        if cur == ROOT_INO:
+            out[cur] = (True, (ROOT_INO,))
+            continue
+        rows = view.db.execute(
+            "SELECT i.mode, d.parent FROM inodes i LEFT JOIN dentries d ON d.ino = i.ino "
+            "WHERE i.ino = ?",
+            (cur,),
+        ).fetchall()
+        parents = tuple(sorted({int(p) for _, p in rows if p is not None}))
+        if not rows or not parents:
+            continue
+        is_dir = stat.S_ISDIR(rows[0][0])
+        out[cur] = (is_dir, parents[:1] if is_dir else parents)
+        todo.extend(p for p in parents if p not in out)
+    return out
+
+
+def read_listing(view: View, ino: int, after: int, limit: int) -> Listed:
+    """(In a worker thread) a directory's entries after cursor `after`, with their
+    attributes and whether they have any xattr: one query."""
+    return [
+        (int(r[0]), bytes(r[1]), Attr(*r[2:14]), bool(r[14]))
+        for r in view.db.execute(
+            "SELECT d.id, d.name, i.ino, i.mode, i.uid, i.gid, i.nlink, i.size, i.rdev, "
+            "i.atime, i.mtime, i.ctime, i.version, i.target, "
+            "EXISTS (SELECT 1 FROM xattrs x WHERE x.ino = i.ino) "
+            "FROM dentries d JOIN inodes i ON i.ino = d.ino "
+            "WHERE d.parent = ? AND d.id > ? ORDER BY d.id LIMIT ?",
+            (ino, after, limit),
+        )
+    ]
 
 
 class ReadView(Protocol):
@@ -59,6 +116,7 @@ class Memo:
         self._names: dict[tuple[int, bytes], int | None] = {}
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
         self._complete: set[int] = set()  # directories whose every name is in `_names`
+        self._parents: dict[int, Parents] = {}  # see `domains`
         self._gen = 0  # bumped by every apply: see `applied`
         self.hits = 0  # answers given from memory
 
@@ -119,6 +177,51 @@ class Memo:
             self._xattrs.setdefault(ino, {})[name] = value
         return value
 
+    async def domains(self, ino: int, lease_depth: int, read: ReadView) -> set[Domain]:
+        """The lease domains of `ino` as efsish.meta.domains.domains_of_inode computes
+        them from the committed view (empty for an inode the view does not hold or a
+        damaged parent chain), from the parents in memory: a worker-thread hop only
+        for a part of the tree not walked yet."""
+        doms = _domains(self._parents, ino, lease_depth)
+        if doms is not None:
+            self.hits += 1
+            return doms
+        gen = self._gen
+        found = await read(lambda view: read_parents(view, ino))
+        if gen == self._gen:
+            self._remember_parents(found)
+        return _domains(found, ino, lease_depth) or set()
+
+    async def readdir(self, ino: int, after: int, limit: int, read: ReadView) -> Listed:
+        """Directory `ino`'s entries after cursor `after` (at most `limit`), with copies
+        of their attributes; what was read is remembered (see the module docstring)."""
+        gen = self._gen
+        rows = await read(lambda view: read_listing(view, ino, after, limit))
+        if gen == self._gen and rows:
+            if len(self._names) + len(rows) >= MEMO_LIMIT:
+                self._forget_names()
+            if len(self._xattrs) + len(rows) >= MEMO_LIMIT:
+                self._xattrs.clear()
+            if len(self._parents) + len(rows) >= MEMO_LIMIT:
+                self._parents.clear()
+            names, xattrs, parents = self._names, self._xattrs, self._parents
+            for _, name, a, has_xattrs in rows:
+                names[(ino, name)] = a.ino
+                self._remember(a.ino, a)
+                if not has_xattrs:
+                    xattrs[a.ino] = _AllXattrs()
+                if a.is_dir:
+                    parents[a.ino] = (True, (ino,))
+                elif a.nlink == 1:
+                    parents[a.ino] = (False, (ino,))
+            return [(c, n, replace(a), x) for c, n, a, x in rows]
+        return rows
+
+    def _remember_parents(self, found: dict[int, Parents]) -> None:
+        if len(self._parents) + len(found) >= MEMO_LIMIT:
+            self._parents.clear()
+        self._parents.update(found)
+
     def _remember(self, ino: int, a: Attr) -> None:
         if len(self._attrs) >= MEMO_LIMIT:
             self._attrs.clear()
@@ -160,9 +263,10 @@ class Memo:
         """Drop what an entry changed (and bump the generation: a read that began
         before must not store what it saw)."""
         self._gen += 1
-        attrs, names, xattrs = self._attrs, self._names, self._xattrs
+        attrs, names, xattrs, parents = self._attrs, self._names, self._xattrs, self._parents
         for ino in res.inodes:
             attrs.pop(ino, None)
+            parents.pop(ino, None)
         for ino in res.data:
             attrs.pop(ino, None)
         for ino in res.xattrs:
@@ -170,6 +274,7 @@ class Memo:
         for ino in res.freed:
             attrs.pop(ino, None)
             xattrs.pop(ino, None)
+            parents.pop(ino, None)
             self._complete.discard(ino)
         for entry in res.entries:
             names.pop(entry, None)
@@ -206,3 +311,31 @@ class Memo:
         self._attrs.clear()
         self._forget_names()
         self._xattrs.clear()
+        self._parents.clear()
+
+
+def _domains(parents: dict[int, Parents], ino: int, lease_depth: int) -> set[Domain] | None:
+    """The domains of `ino` walked through `parents` (the rule of efsish.meta.domains),
+    or None when a part of the walk is not in `parents`."""
+    known = parents.get(ino)
+    if known is None:
+        return None
+    is_dir, ps = known
+    out: set[Domain] = set()
+    for d in (ino,) if is_dir else ps:
+        chain = [d]
+        cur = d
+        while True:
+            up = parents.get(cur)
+            if up is None:
+                return None
+            p = up[1][0]
+            if p == cur:
+                break
+            chain.append(p)
+            cur = p
+            if len(chain) > MAX_DEPTH:
+                return None
+        dep = len(chain) - 1
+        out.add(TOP if dep < lease_depth else chain[dep - lease_depth])
+    return out

@@ -98,6 +98,14 @@ def plan_batch(
     at their epochs, acquiring FREE ones where `lease.acquire` allows (`lacq` just
     before the op), and failing the planner with NeedDomain where another mount holds
     one; so the entry written is never fenced."""
+    if lease is None and view.log_format >= leasing.LEASE_FORMAT:
+        # `efsish upgrade` landed while this mount ran format 2: every entry it could
+        # write would be fenced (LEASES.md §14). It stops changing the tree.
+        raise FsError(
+            "the filesystem was upgraded to format 3 (leases) while this mount ran format "
+            "2: it makes no more changes; unmount and mount it again",
+            errno.EROFS,
+        )
     seq = view.applied_seq + 1
     t_entry = time.time_ns()
     view.cur_seq, view.cur_t = seq, t_entry

@@ -33,10 +33,12 @@ COUNT_LIMIT = 1000  # objects counted for a message about a prefix that holds no
 # 1: data blocks checksummed with CRC-32 ("r"). 2: with CRC-32C ("k"), recorded in
 # extra["block_checksum"], so that an efsish that knows only format 1 refuses to mount
 # (it could not verify the new checksums) instead of reporting every block as corrupt.
-# 3: the lease protocol (docs/design/LEASES.md), written only by `efsish format --leases`:
-# extra["lease_depth"] and extra["lease_time"], and log/1 holds the fmt(3) entry. An
-# efsish that knows only format 2 refuses it ("formatted by a newer efsish").
-# 4: encrypted at rest (store/crypt.py), written only by `efsish format --encrypt`:
+# 3: the lease protocol (docs/design/LEASES.md), the default of `efsish format`
+# (`--no-leases` makes format 2) and what `efsish upgrade` turns a format-2 filesystem
+# into: extra["lease_depth"] and extra["lease_time"], and the log holds a fmt(3) entry
+# (log/1 when formatted so). An efsish that knows only format 2 refuses it ("formatted by
+# a newer efsish").
+# 4: encrypted at rest (store/crypt.py), written by `efsish format --encrypt`:
 # extra["encryption"] says how, extra["leases"] whether format 3's lease protocol is on.
 # An efsish that knows only format 3 refuses it instead of writing plaintext into it.
 FORMAT_VERSION = 2
@@ -133,15 +135,16 @@ async def format_fs(
     block_size: int = 4 * 1024 * 1024,
     throughput_mode: str = "bursting",
     provisioned_mibps: float = 0.0,
-    leases: bool = False,
+    leases: bool = True,
     lease_depth: int = 1,
     lease_time: float = DEFAULT_LEASE_TIME,
     encryption: dict[str, Any] | None = None,
 ) -> Superblock:
-    """Create a filesystem. With `leases`, a format-3 one (LEASES.md §14): the
-    superblock records the lease depth and time, and log/1 is the fmt(3) entry, so that
-    every entry after it carries a lease header. With `encryption` (crypt.superblock_info
-    of the keys `store` encrypts with), a format-4 one."""
+    """Create a filesystem. With `leases` (the default), a format-3 one (LEASES.md
+    §14): the superblock records the lease depth and time, and log/1 is the fmt(3) entry,
+    so that every entry after it carries a lease header; without, a format-2 one. With
+    `encryption` (crypt.superblock_info of the keys `store` encrypts with), a format-4
+    one, with or without leases."""
     if not MIN_BLOCK <= block_size <= MAX_BLOCK or block_size & (block_size - 1):
         raise EfsishError(
             f"block size {block_size} must be a power of two between 64 KiB and 64 MiB"

@@ -481,6 +481,7 @@ class Bench:
             "raw_block_mib": BLOCK // MiB,
             "raw_concurrency": UPLOAD_CONCURRENCY,
             "efsish_throughput_mode": a.efsish_throughput_mode,
+            "efsish_leases": not a.efsish_no_leases,
             "store_rtt_ms": a.store_rtt,
             "idle_s": a.idle_seconds,
         }
@@ -961,6 +962,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         choices=["elastic", "bursting"],
         help="throughput mode of the efsish filesystems (elastic: the EFS model does not pace)",
     )
+    ap.add_argument(
+        "--efsish-no-leases",
+        action="store_true",
+        help="format the efsish filesystems with --no-leases (format 2: per-change commits)",
+    )
     ap.add_argument("--git-repo", default=str(REPO), help="repository to clone (this one)")
     ap.add_argument(
         "--slow-limit",
@@ -1018,6 +1024,8 @@ def main(argv: list[str]) -> int:
     import systems
 
     systems.FORMAT_ARGS[:] = ["--throughput-mode", args.efsish_throughput_mode]
+    if args.efsish_no_leases:
+        systems.FORMAT_ARGS.append("--no-leases")
     work = Path(tempfile.mkdtemp(prefix="efsish-bench-"))
     try:
         return Bench(args, work).main()

@@ -230,7 +230,8 @@ def efsish_registry_file(mountpoint: str | os.PathLike[str]) -> Path:
 
 # `efsish format` arguments for every filesystem the benchmark creates. Elastic mode: the
 # EFS throughput model must not cap what is measured (bursting would pace a new, small
-# filesystem at its 100 MiB/s burst rate); bench.py sets it from --efsish-throughput-mode.
+# filesystem at its 100 MiB/s burst rate); bench.py sets it from --efsish-throughput-mode
+# (and adds --no-leases for --efsish-no-leases; the default is a lease filesystem).
 FORMAT_ARGS: list[str] = ["--throughput-mode", "elastic"]
 
 

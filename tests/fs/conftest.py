@@ -21,8 +21,15 @@ async def store() -> ObjectStore:
 
 
 @pytest.fixture
-async def sb(store: ObjectStore) -> Superblock:
-    return await format_fs(store, block_size=64 * 1024)
+def leases() -> bool:
+    """The filesystem's format: a lease one (format 3, the default) or, where a test
+    overrides this fixture with False, format 2 (every change committed on its own)."""
+    return True
+
+
+@pytest.fixture
+async def sb(store: ObjectStore, leases: bool) -> Superblock:
+    return await format_fs(store, block_size=64 * 1024, leases=leases)
 
 
 FsFactory = Callable[..., Awaitable[Filesystem]]
@@ -32,7 +39,9 @@ FsFactory = Callable[..., Awaitable[Filesystem]]
 def make_fs(nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> FsFactory:
     counter = [0]
 
-    async def make(on: ObjectStore | None = None, **opts: object) -> Filesystem:
+    async def make(
+        on: ObjectStore | None = None, sb: Superblock = sb, **opts: object
+    ) -> Filesystem:
         counter[0] += 1
         opts.setdefault("cache_dir", tmp_path / f"cache{counter[0]}")
         opts.setdefault("poll_interval", 3600)

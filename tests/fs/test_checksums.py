@@ -5,6 +5,8 @@ every block); a superblock from a newer format is refused with a clear message."
 from __future__ import annotations
 
 import os
+import subprocess
+import sys
 import uuid
 from dataclasses import asdict
 from pathlib import Path
@@ -15,7 +17,7 @@ import pytest
 from efsish import codec
 from efsish.errors import EfsishError
 from efsish.meta.superblock import (
-    FORMAT_VERSION,
+    LEASE_FORMAT_VERSION,
     SUPERBLOCK_KEY,
     Superblock,
     format_fs,
@@ -42,7 +44,7 @@ async def test_new_filesystems_checksum_blocks_with_crc32c(tmp_path: Path) -> No
     store = MemoryStore(f"fs-{uuid.uuid4().hex}")
     sb = await format_fs(store, block_size=BS)
     loaded = await load_superblock(store)
-    assert loaded.format_version == FORMAT_VERSION == 2
+    assert loaded.format_version == LEASE_FORMAT_VERSION == 3  # the default
     assert loaded.block_checksum == "crc32c"
     data = os.urandom(3 * BS + 5)
     hashes = await block_hashes(store, loaded, tmp_path, data)
@@ -100,6 +102,26 @@ async def test_a_lease_format_filesystem_is_refused_by_an_efsish_that_knows_form
     monkeypatch.setattr(superblock, "NEWEST_FORMAT", 2)
     with pytest.raises(EfsishError, match="formatted by a newer efsish \\(format 3\\); upgrade"):
         await load_superblock(store)
-    # The default stays format 2.
-    plain = await format_fs(MemoryStore(f"fmt2-{uuid.uuid4().hex}"), block_size=BS)
+    # Format 3 is the default; format 2 is asked for.
+    dflt = await format_fs(MemoryStore(f"fmt3-{uuid.uuid4().hex}"), block_size=BS)
+    assert dflt.format_version == 3 and dflt.leases
+    plain = await format_fs(MemoryStore(f"fmt2-{uuid.uuid4().hex}"), block_size=BS, leases=False)
     assert plain.format_version == 2 and not plain.leases
+
+
+@pytest.mark.parametrize(("args", "version"), [((), 3), (("--leases",), 3), (("--no-leases",), 2)])
+def test_efsish_format_makes_a_lease_filesystem_unless_told_not_to(
+    tmp_path: Path, args: tuple[str, ...], version: int
+) -> None:
+    store = f"file://{tmp_path}/fs"
+    res = subprocess.run(
+        [sys.executable, "-m", "efsish", "format", store, "--block-size", "1M", *args],
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert res.returncode == 0, res.stderr
+    blob = (tmp_path / "fs" / "objects" / "superblock.o").read_bytes()
+    sb = codec.decode_json(b"S", blob, "the superblock")
+    assert sb["format_version"] == version
+    assert ("leases (depth 1)" in res.stdout) == (version == 3), res.stdout

@@ -41,6 +41,7 @@ async def workload(store: ObjectStore, cache: Path) -> tuple[int, int]:
         small = await write_file(fs, d.ino, NAME, SMALL)
         big = await write_file(fs, d.ino, b"big-" + NAME, BIG)
         await fs.setxattr(big, b"user.classification", b"top-secret-label", ROOT)
+        await fs.fsyncdir()  # the journal (format 3, the default) into the log
         await fs.meta.write_checkpoint()
     return small, big
 
@@ -126,7 +127,8 @@ async def test_a_flipped_byte_in_a_block_is_eio_never_data(tmp_path: Path) -> No
 async def test_a_flipped_byte_in_a_log_entry_is_an_error_never_data(tmp_path: Path) -> None:
     raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
     store = CryptStore(raw, KEYS)
-    sb = await format_fs(store, block_size=MIB, encryption=superblock_info(KEYS))
+    # Format 2: every change is its own entry, so log/1 is the create.
+    sb = await format_fs(store, block_size=MIB, leases=False, encryption=superblock_info(KEYS))
     async with mounted(store, sb, tmp_path / "a") as reader:
         async with mounted(store, sb, tmp_path / "w") as writer:
             await write_file(writer, ROOT_INO, NAME, SMALL)
@@ -172,3 +174,27 @@ async def test_an_efsish_without_encryption_refuses_an_encrypted_filesystem(
     monkeypatch.setattr(superblock, "NEWEST_FORMAT", 3)
     with pytest.raises(EfsishError, match="formatted by a newer efsish \\(format 4\\); upgrade"):
         await load_superblock(raw)
+
+
+async def test_upgrade_turns_leases_on_and_keeps_an_encrypted_filesystem_encrypted(
+    tmp_path: Path,
+) -> None:
+    from efsish.upgrade import upgrade_fs
+
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    sb = await format_fs(store, block_size=MIB, leases=False, encryption=superblock_info(KEYS))
+    assert not sb.leases and sb.format_version == 4
+    async with mounted(store, sb, tmp_path / "a") as fs:
+        ino = await write_file(fs, ROOT_INO, NAME, SMALL)
+    new = await upgrade_fs(store, settle=0, out=io.StringIO())
+    assert new.leases and new.encryption == sb.encryption and new.format_version == 4
+    again = await load_superblock(store)
+    assert again.leases and again.encryption == sb.encryption
+    async with mounted(store, again, tmp_path / "b") as fs:
+        assert fs.leases is not None
+        assert await read_file(fs, ino) == SMALL
+        await write_file(fs, ROOT_INO, b"after", SMALL)
+    for blob in (await raw_objects(raw)).values():
+        assert NAME not in blob
+    await fsck(store)

@@ -14,7 +14,9 @@ After every operation:
   mount that made it, none is lost there).
 
 At the end a fresh mount sees the same tree and fsck is clean. Time runs on trio's
-MockClock (jumping whenever every task waits), so the retries' back-off costs nothing.
+MockClock (jumping whenever every task waits), so the retries' back-off costs nothing;
+the lease clock is trio's too, and the mounts poll every 0.5 s so that a holder answers
+a recall without waiting for the lease time. It runs on format 2 and on format 3.
 A failure names the seed and the last operations; EFSISH_FAULT_SEEDS="1-40" and
 EFSISH_FAULT_OPS=400 run more."""
 
@@ -301,6 +303,11 @@ class Run:
             self.fail(f"the faulty mount and another mount disagree at {diff}")
 
 
+@pytest.fixture(params=[False, True], ids=["format2", "format3"])
+def leases(request: pytest.FixtureRequest) -> bool:
+    return bool(request.param)
+
+
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.002)
@@ -311,14 +318,14 @@ async def test_random_operations_under_store_faults(
     seed: int, clock: trio.testing.MockClock, store: ObjectStore, make_fs: FsFactory
 ) -> None:
     faulty = Flaky(store)
-    a = await make_fs(on=faulty)
-    b = await make_fs()
+    a = await make_fs(on=faulty, lease_clock=trio.current_time, poll_interval=0.5)
+    b = await make_fs(lease_clock=trio.current_time, poll_interval=0.5)
     run = Run(seed, a, b, faulty)
     for _ in range(OPS_PER_SEED):
         await run.step()
     # Faults must actually have hit: some operations failed, some retries absorbed.
     assert run.eio > 0 and run.absorbed > 0, (run.eio, run.absorbed)
-    fresh = await make_fs()
+    fresh = await make_fs(lease_clock=trio.current_time, poll_interval=0.5)
     assert await walk(fresh) == run.model.tree()
     code, out = await fsck(store)
     assert code == 0, out

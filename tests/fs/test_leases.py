@@ -283,6 +283,30 @@ async def test_the_holder_sees_changes_outside_its_domain_at_once(make: Make) ->
     assert await read_file(a.fs, home, b"theirs") == b"from s"
 
 
+async def test_a_directory_moved_into_another_mounts_domain_is_read_through_it(
+    make: Make,
+) -> None:
+    # A answers reads in its domain from memory (the domains of a directory are walked
+    # once); once a directory moved out of it, its reads recall the new domain's holder.
+    a = await make()
+    b = await make()
+    da = await mkdir(a.fs, ROOT_INO, b"a")
+    x = await mkdir(a.fs, da, b"x")  # A holds domain a
+    db = await mkdir(b.fs, ROOT_INO, b"b")
+    await write_file(b.fs, db, b"g", b"b's")  # B holds domain b
+    with pytest.raises(FsError):
+        await a.fs.lookup(x, b"f")  # answered by A from its view
+    await a.fs.rename(da, b"x", db, b"x")  # /a/x -> /b/x (recalls b)
+    await write_file(a.fs, da, b"y", b"a's")  # A holds a
+    await a.fs.fsyncdir()  # the rename in the bucket: B's view moves x too
+    await b.fs.meta.catch_up()
+    await write_file(b.fs, x, b"f", b"new in b")  # journaled on B (recalls b back)
+    assert b.fs.leases is not None and set(b.fs.leases.state.held) == {db}
+    assert a.fs.leases is not None and set(a.fs.leases.state.held) == {da}
+    assert b.fs.meta.journal_rows > 0  # f is not in the bucket yet
+    assert await read_file(a.fs, x, b"f") == b"new in b"
+
+
 async def race(
     a: Filesystem, b: Filesystem, call: Callable[[Filesystem], Awaitable[object]]
 ) -> list[str]:
@@ -718,3 +742,68 @@ async def test_an_idle_mount_with_nudges_sends_only_its_polls(make: Make) -> Non
         await trio.sleep(1.0)
         idle = m.store.requests[before:]
         assert idle and all(op == "get" and k.startswith(LOG_PREFIX) for op, k in idle), idle
+
+
+@pytest.mark.parametrize("leases", [True, False], ids=["format3", "format2"])
+async def test_status_and_metrics_show_leases_and_uncommitted_changes(
+    make: Make, leases: bool
+) -> None:
+    """`efsish status` shows, from each mount's heartbeat, the format it runs, the
+    domains it holds and its changes not yet in the log (count, age of the oldest); the
+    metrics (stats file, Prometheus) carry the same numbers."""
+    a = await make(commit_interval=3600)
+    home = await mkdir(a.fs, ROOT_INO, b"alice")
+    await write_file(a.fs, home, b"first", b"")  # acquires /alice (a sync entry)
+    for i in range(3):
+        await write_file(a.fs, home, b"f%d" % i, b"x")
+    await trio.sleep(0.2)
+    await a.fs.write_heartbeat()
+    out = io.StringIO()
+    await run_status(a.store, out)
+    text = out.getvalue()
+    m = a.fs.metering.metrics()
+    if not leases:
+        assert "format: 2\n" in text and "    format 2\n" in text, text
+        assert "LeasesHeld" not in m
+        return
+    rows = a.fs.meta.journal_rows
+    assert rows >= 3
+    assert "format: 3 (leases)" in text, text
+    line = next(ln for ln in text.splitlines() if ln.startswith("    format 3"))
+    assert line.startswith(f"    format 3; leases: /alice; uncommitted changes: {rows}, oldest ")
+    assert 0.1 <= float(line.split("oldest ")[1].split(" s")[0]) < 60, line
+    assert (m["LeasesHeld"], m["JournalRows"]) == (1.0, float(rows))
+    assert 0.1 <= m["JournalOldestAgeSeconds"] < 60
+    # Committed: nothing uncommitted any more, the lease is still held.
+    await a.fs.fsyncdir()
+    await a.fs.write_heartbeat()
+    out = io.StringIO()
+    await run_status(a.store, out)
+    assert "    format 3; leases: /alice; uncommitted changes: none\n" in out.getvalue()
+    m = a.fs.metering.metrics()
+    assert (m["LeasesHeld"], m["JournalRows"], m["JournalOldestAgeSeconds"]) == (1, 0, 0)
+
+
+async def test_a_dead_holders_domains_are_taken_over_together(make: Make) -> None:
+    """A holder of several domains dies: once one recall of it went unanswered for
+    2 x L, its other domains are recalled at once, so a reader going through them one
+    after another waits about 2 x L twice, not 2 x L per domain."""
+    a = await make(commit_interval=3600)
+    b = await make()
+    n = 5
+    homes = []
+    for i in range(n):
+        home = await mkdir(a.fs, ROOT_INO, b"u%d" % i)
+        await write_file(a.fs, home, b"first", b"")  # acquires (a sync entry)
+        await write_file(a.fs, home, b"f", b"%d" % i)
+        homes.append(home)
+    await a.fs.fsyncdir()
+    assert a.fs.leases is not None and len(a.fs.leases.state.held) == n
+    a.scope.cancel()  # kill -9: nobody answers recalls any more
+    start = time.monotonic()
+    with trio.fail_after(n * 2 * LEASE_TIME + 10):
+        for i, home in enumerate(homes):
+            assert await read_file(b.fs, home, b"f") == b"%d" % i
+    took = time.monotonic() - start
+    assert b.fs.leases is not None and b.fs.leases.takeovers == n
+    assert took < 3 * 2 * LEASE_TIME + 0.5, took

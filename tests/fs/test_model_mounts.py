@@ -799,9 +799,12 @@ async def test_mounts_against_the_model(
     tmp_path: Path,
 ) -> None:
     random.seed(seed)  # the retries' jitter: a failing seed replays the same way
+    # "sync": format 2 (every change committed on its own); "lease": format 3.
+    store = MemoryStore(f"model-{uuid.uuid4().hex}")
     if fmt == "lease":
-        store = MemoryStore(f"model-{uuid.uuid4().hex}")
         sb = await format_fs(store, block_size=sb.block_size, leases=True, lease_time=LEASE_TIME)
+    else:
+        sb = await format_fs(store, block_size=sb.block_size, leases=False)
     mounts = Mounts(nursery, store, sb, tmp_path, COMMIT_INTERVAL)
     live = [await mounts.start(i) for i in range(MOUNTS)]
     root = await live[0].fs.getattr(ROOT_INO)

@@ -72,13 +72,17 @@ async def test_a_read_only_mount_writes_nothing_to_the_store(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     monkeypatch.setattr(metering, "LEDGER_EVERY", 0.0)  # a rw mount saves it every second
-    a = await make_fs()
+    # On a lease filesystem A journals its changes and commits them within
+    # commit_interval (on trio's clock here); a read-only mount cannot recall a lease,
+    # so it reads what the log has (LEASES.md §16): A's fsync puts them there first.
+    a = await make_fs(lease_clock=trio.current_time)
     d = (await a.mkdir(ROOT_INO, b"d", 0o755, Ctx())).ino
     small = await write_file(a, d, b"small", b"hello")
     big_data = os.urandom(300 * 1024)  # several 64 KiB blocks
     big = await write_file(a, d, b"big", big_data)
     await a.symlink(d, b"link", b"big", Ctx())
     await a.setxattr(small, b"user.k", b"v", Ctx())
+    await a.fsyncdir()
 
     ro = refusing_writes(store)
     b = await make_fs(

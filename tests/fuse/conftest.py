@@ -69,10 +69,23 @@ def force_unmount(path: Path, pid: int | None) -> None:
             pass
 
 
+def format_args(fs_format: int) -> list[str]:
+    """`efsish format` arguments for a filesystem of this format (3: the default)."""
+    return ["--no-leases"] if fs_format == 2 else []
+
+
 @pytest.fixture
-def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
-    """mounter(store=None, *opts) -> Mount. Formats a fresh file:// store when none is
-    given. Everything mounted is unmounted (and its daemon stopped) in teardown."""
+def fs_format() -> int:
+    """The format of the filesystems `mounter` formats: 3 (leases, the default). A module
+    whose tests run in both modes overrides it with `params=[2, 3]`."""
+    return 3
+
+
+@pytest.fixture
+def mounter(tmp_path: Path, fs_format: int) -> Iterator[Callable[..., Mount]]:
+    """mounter(store=None, *opts) -> Mount. Formats a fresh file:// store (of
+    `fs_format`) when none is given. Everything mounted is unmounted (and its daemon
+    stopped) in teardown."""
     mounts: list[Mount] = []
 
     def mount(store: str | None = None, *opts: str, fmt: bool = True) -> Mount:
@@ -80,7 +93,7 @@ def mounter(tmp_path: Path) -> Iterator[Callable[..., Mount]]:
         if store is None:
             store = f"file://{tmp_path}/store{n}"
             if fmt:
-                efsish("format", store, "--block-size", "1M")
+                efsish("format", store, "--block-size", "1M", *format_args(fs_format))
         mp = tmp_path / f"mnt{n}-{uuid.uuid4().hex[:6]}"
         mp.mkdir()
         cache = tmp_path / f"cache{n}"

@@ -1,5 +1,7 @@
 """Crash safety: kill -9 the daemon in the middle of a write workload, clean up, mount
-again: everything whose close()/fsync() returned is intact and fsck is clean."""
+again: everything whose close()/fsync() returned is intact and fsck is clean. On a
+format-2 and on a lease (format-3) filesystem: under leases, the remount with the same
+cache dir replays the journal, and one without it gets what the log has."""
 
 from __future__ import annotations
 
@@ -17,6 +19,13 @@ import pytest
 
 from efsish.mount import _registry_file
 from tests.fuse.conftest import efsish, force_unmount, is_mounted
+
+
+@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
+def fs_format(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
+    return int(request.param)
+
 
 WRITER = textwrap.dedent(
     """

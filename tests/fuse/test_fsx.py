@@ -21,7 +21,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import Mount, efsish, stop_mount
+from tests.fuse.conftest import Mount, efsish, format_args, stop_mount
 
 pytestmark = pytest.mark.fuse
 
@@ -187,21 +187,32 @@ SEEDS = range(int(_SEEDS[0]), int(_SEEDS[2] or _SEEDS[0]) + 1)
 OPS = int(os.environ.get("EFSISH_FSX_OPS", "500"))
 
 
+@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
+def fs_format(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on a lease (format-3, the default) filesystem, and on a
+    format-2 one with half the operations (`ops`), to keep the suite's time."""
+    return int(request.param)
+
+
+def ops(fs_format: int) -> int:
+    return OPS if fs_format == 3 else OPS // 2
+
+
 @pytest.mark.parametrize("seed", SEEDS)
 def test_random_io_matches_model_across_mounts_and_remount(
-    mounter: Callable[..., Mount], tmp_path: Path, seed: int
+    mounter: Callable[..., Mount], tmp_path: Path, seed: int, fs_format: int
 ) -> None:
     store = f"file://{tmp_path}/fsx-store"
-    efsish("format", store, "--block-size", "64K")
+    efsish("format", store, "--block-size", "64K", *format_args(fs_format))
     a, b = mounter(store), mounter(store)
     fsx = Fsx([a.path, b.path], seed)
     try:
-        for _ in range(OPS):
+        for _ in range(ops(fs_format)):
             fsx.step()
     finally:
         fsx.close()
     handoffs = sum(h.startswith("close, hand off") for h in fsx.history)
-    assert handoffs >= 10, fsx.history  # the seed exercised the other mount
+    assert handoffs >= ops(fs_format) // 50, fsx.history  # it exercised the other mount
     for m in (a, b):
         fsx.verify_whole(m.path / "fsx", f"end, on {m.path.name}")
     stop_mount(a)
@@ -219,25 +230,25 @@ ORPHAN_SEEDS = SEEDS if "EFSISH_FSX_SEEDS" in os.environ else range(1, 4)
 
 @pytest.mark.parametrize("seed", ORPHAN_SEEDS)
 def test_random_io_on_a_file_unlinked_while_open(
-    mounter: Callable[..., Mount], tmp_path: Path, seed: int
+    mounter: Callable[..., Mount], tmp_path: Path, seed: int, fs_format: int
 ) -> None:
     """The same random I/O on a descriptor whose file another mount has unlinked (its
     data then lives on this mount until the last close: writes, truncates, mmap writes
     and page-cache drops must all still match the model), and the name reused at once
     elsewhere. After the close nothing of it is left, and fsck is clean."""
     store = f"file://{tmp_path}/orphan-store"
-    efsish("format", store, "--block-size", "64K")
+    efsish("format", store, "--block-size", "64K", *format_args(fs_format))
     a, b = mounter(store), mounter(store)
     fsx = Fsx([a.path, b.path], 1000 + seed)
     try:
-        for _ in range(OPS // 5):
+        for _ in range(ops(fs_format) // 5):
             fsx.step(orphan=False)
         fsx.history.append("close; reopen on mount 0; unlink on mount 1")
         os.close(fsx.fd)
         fsx.fd = os.open(a.path / "fsx", os.O_RDWR)
         os.unlink(b.path / "fsx")
         (b.path / "fsx").write_bytes(b"another file under the same name")
-        for _ in range(OPS // 2):
+        for _ in range(ops(fs_format) // 2):
             fsx.step(orphan=True)
         fsx.verify_whole(Path(f"/proc/self/fd/{fsx.fd}"), "through the unlinked descriptor")
     finally:

@@ -5,13 +5,18 @@ mount polls the log for 30 s."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import signal
+import socket
+import subprocess
 import time
+import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+import pytest
 import trio
 
 from efsish.meta import heartbeat, nudge
@@ -80,3 +85,120 @@ def test_a_nudge_ends_a_recall_long_before_the_poll(
     assert (b.path / "home" / "f").read_bytes() == b"closed on A"
     took = time.monotonic() - t0
     assert took < 5.0, f"recall took {took:.1f}s"
+
+
+def test_kill_9_with_staged_blocks_not_uploaded(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """Files closed under a lease whose blocks are staged in the cache dir and not
+    uploaded (the store refuses new objects meanwhile): kill -9, then a remount on the
+    same cache dir uploads them before it commits the journal; the bytes are intact."""
+    root = tmp_path / "staged"
+    store = f"file://{root}"
+    efsish("format", store, "--block-size", "1M", "--leases")
+    a = mounter(store, "-o", "commit_interval=30")
+    home = a.path / "home"
+    home.mkdir()
+    with open(home / "first", "wb") as f:  # acquires the lease
+        f.write(os.urandom(65536))
+        f.flush()
+        os.fsync(f.fileno())  # its block is uploaded: data/ exists
+    data_dir = root / "objects" / "data.d"
+    assert data_dir.is_dir(), sorted(os.listdir(root / "objects"))
+    files = {f"f{i}": os.urandom(65536 + i) for i in range(5)}
+    subprocess.run(["chattr", "+i", str(data_dir)], check=True)  # no new block lands
+    try:
+        for name, data in files.items():
+            (home / name).write_bytes(data)  # close returns: staged, journaled
+        staged = list(a.cache_dir.glob("*/staged/data_*"))
+        assert len(staged) >= len(files)
+        os.kill(a.pid, signal.SIGKILL)
+        force_unmount(a.path, a.pid)
+    finally:
+        subprocess.run(["chattr", "-i", str(data_dir)], check=True)
+    assert not is_mounted(a.path)
+    efsish("mount", store, str(a.path), "--cache-dir", str(a.cache_dir))
+    a.pid = int(json.loads(_registry_file(str(a.path)).read_text())["pid"])
+    for name, data in files.items():
+        assert (home / name).read_bytes() == data
+    assert not list(a.cache_dir.glob("*/staged/data_*"))
+    efsish("umount", str(a.path))
+    res = efsish("fsck", store, "--verify-data", check=False)
+    assert res.returncode == 0, res.stdout + res.stderr
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def test_status_and_prometheus_show_a_mounts_leases_and_journal(
+    mounter: Callable[..., Mount],
+) -> None:
+    """`efsish status` lists the domains a mount holds and its uncommitted changes; its
+    Prometheus endpoint exports the same as LeasesHeld, JournalRows and
+    JournalOldestAgeSeconds."""
+    port = free_port()
+    a = mounter(None, "-o", f"commit_interval=30,prometheus_port={port}")
+    home = a.path / "alice"
+    home.mkdir()
+    (home / "first").write_bytes(b"acquires the lease")
+    for i in range(5):
+        (home / f"f{i}").write_bytes(b"x")
+    deadline = time.monotonic() + 20
+    while True:
+        status = efsish("status", a.store).stdout
+        with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+            metrics = r.read().decode()
+        values = {
+            ln.split()[0]: float(ln.split()[1])
+            for ln in metrics.splitlines()
+            if ln.startswith(("LeasesHeld ", "JournalRows ", "JournalOldestAgeSeconds "))
+        }
+        rows = int(values.get("JournalRows", 0))  # each create, each close's layout
+        if rows >= 5 and f"uncommitted changes: {rows}," in status:
+            break
+        assert time.monotonic() < deadline, (status, values)
+        time.sleep(0.5)
+    assert "format: 3 (leases)" in status
+    assert f"    format 3; leases: /alice; uncommitted changes: {rows}, oldest " in status, status
+    assert values["LeasesHeld"] == 1 and values["JournalOldestAgeSeconds"] > 0, values
+    fd = os.open(home, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # of the directory: the journal reaches the log
+    finally:
+        os.close(fd)
+    deadline = time.monotonic() + 20
+    while "uncommitted changes: none" not in efsish("status", a.store).stdout:
+        assert time.monotonic() < deadline
+        time.sleep(0.5)
+
+
+def test_efsish_upgrade_of_a_mounted_format_2_filesystem(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    """`efsish upgrade` while a format-2 mount runs: the mount stops changing the tree
+    (EROFS, its entries would be fenced); remounted, it runs the lease protocol."""
+    store = f"file://{tmp_path}/old"
+    assert "no leases (format 2)" in efsish("format", store, "--no-leases").stdout
+    a = mounter(store)
+    (a.path / "home").mkdir()
+    (a.path / "home" / "before").write_bytes(b"format 2")
+    time.sleep(2.5)  # its heartbeat says which formats it knows
+    out = efsish("upgrade", store).stdout
+    assert "upgraded" in out and "to format 3" in out, out
+    with pytest.raises(OSError) as e:
+        deadline = time.monotonic() + 10
+        while time.monotonic() < deadline:  # until its poll meets the fmt entry
+            (a.path / "home" / f"after{time.monotonic_ns()}").mkdir()
+            time.sleep(0.2)
+    assert e.value.errno == errno.EROFS
+    assert "upgraded to format 3 (leases) while this mount ran format 2" in a.log()
+    efsish("umount", str(a.path))
+    efsish("mount", store, str(a.path), "--cache-dir", str(a.cache_dir))
+    a.pid = int(json.loads(_registry_file(str(a.path)).read_text())["pid"])
+    assert (a.path / "home" / "before").read_bytes() == b"format 2"
+    (a.path / "home" / "after").write_bytes(b"format 3")
+    assert "format: 3 (leases)" in efsish("status", store).stdout
+    assert "already at format 3" in efsish("upgrade", store).stdout

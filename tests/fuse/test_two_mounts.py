@@ -1,6 +1,7 @@
 """Two mounts of one store on one machine (separate mountpoints and cache dirs) work
 together: closed files are read correctly on the other mount, and new names appear there
-within seconds without any action on it."""
+within seconds without any action on it. Each test runs on a format-2 and on a lease
+(format-3) filesystem."""
 
 from __future__ import annotations
 
@@ -17,6 +18,12 @@ from tests.fuse.conftest import Mount, stop_mount
 from tests.fuse.helpers import poll
 
 MiB = 1 << 20
+
+
+@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
+def fs_format(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
+    return int(request.param)
 
 
 @pytest.fixture

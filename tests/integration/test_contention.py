@@ -1,4 +1,5 @@
-"""Contention between mounts on the real S3 server keeps the filesystem correct."""
+"""Contention between mounts on the real S3 server keeps the filesystem correct, on a
+format-2 and on a lease (format-3) filesystem."""
 
 from __future__ import annotations
 
@@ -14,16 +15,22 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import Mount, efsish
+from tests.fuse.conftest import Mount, efsish, format_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuse]
 
 
+@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
+def fs_format(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
+    return int(request.param)
+
+
 @pytest.fixture
-def three(mounter, seaweedfs_target) -> tuple[str, tuple[str, str], list[Mount]]:
+def three(mounter, seaweedfs_target, fs_format: int) -> tuple[str, tuple[str, str], list[Mount]]:
     store = f"s3://{seaweedfs_target.bucket}/cont-{uuid.uuid4().hex[:8]}"
     ep = ("--endpoint", seaweedfs_target.endpoint)
-    efsish("format", store, *ep, "--block-size", "1M")
+    efsish("format", store, *ep, "--block-size", "1M", *format_args(fs_format))
     return store, ep, [mounter(store, *ep, fmt=False) for _ in range(3)]
 
 

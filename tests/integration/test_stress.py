@@ -4,7 +4,9 @@ a model, and fsck must be clean.
 
 Each mount works in its own subtree (so the model is exact) and, between rounds, all
 mounts contend for the same names (exactly one create wins; renames into one target;
-mkdir -p of one path), which the model also predicts."""
+mkdir -p of one path), which the model also predicts. It runs on a lease (format-3, the
+default) filesystem with ROUNDS rounds and on a format-2 one with half of them, to keep
+the suite's time."""
 
 from __future__ import annotations
 
@@ -17,13 +19,19 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import efsish
+from tests.fuse.conftest import efsish, format_args
 
 pytestmark = [pytest.mark.integration, pytest.mark.fuse]
 
 MOUNTS = 3
 ROUNDS = 4
 OPS_PER_ROUND = 40
+
+
+@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
+def fs_format(request: pytest.FixtureRequest) -> int:
+    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
+    return int(request.param)
 
 
 def random_ops(rng: random.Random, root: Path, model: dict[str, bytes | None], n: int) -> None:
@@ -110,17 +118,17 @@ def snapshot(root: Path) -> dict[str, bytes | None]:
     return out
 
 
-def test_randomised_stress_matches_model(mounter, seaweedfs_target) -> None:
+def test_randomised_stress_matches_model(mounter, seaweedfs_target, fs_format: int) -> None:
     seed = int(os.environ.get("EFSISH_STRESS_SEED", "20261125"))
     store = f"s3://{seaweedfs_target.bucket}/stress-{uuid.uuid4().hex[:8]}"
     ep = ("--endpoint", seaweedfs_target.endpoint)
-    efsish("format", store, *ep, "--block-size", "1M")
+    efsish("format", store, *ep, "--block-size", "1M", *format_args(fs_format))
     mounts = [mounter(store, *ep, fmt=False) for _ in range(MOUNTS)]
     models: list[dict[str, bytes | None]] = [{} for _ in mounts]
     for i, m in enumerate(mounts):
         (m.path / f"m{i}").mkdir()
     shared: dict[str, bytes | None] = {}
-    for rnd in range(ROUNDS):
+    for rnd in range(ROUNDS if fs_format == 3 else ROUNDS // 2):
         errors: list[BaseException] = []
 
         def work(i: int, rnd: int = rnd, errors: list[BaseException] = errors) -> None:

@@ -27,12 +27,21 @@ def test_a_heartbeat_round_trips_and_an_old_minimal_one_decodes() -> None:
         metered_total=3.5,
         started=1,
         nudge="192.0.2.7:40123",
+        format=3,
+        newest_format=3,
+        domains=["/alice", "/bob"],
+        journal_rows=12,
+        journal_oldest=4,
     )
     assert Heartbeat.unwire(hb.wire()) == hb
     # The fields the first heartbeats carried; everything else takes its default.
     old = Heartbeat.unwire({"client": "c2", "applied_seq": 7, "t": 10, "future": [1]})
     assert (old.client, old.applied_seq, old.t, old.held, old.starving) == ("c2", 7, 10, [], False)
     assert old.nudge is None  # written before nudges, or by a mount with nudge=off
+    # Written before heartbeats told formats, leases and the journal.
+    assert (old.format, old.newest_format, old.domains, old.journal_rows) == (0, 0, [], 0)
+    assert old.journal_age() == 0.0
+    assert Heartbeat("c", 1, journal_rows=2, journal_oldest=10**9).journal_age(3 * 10**9) == 2
     assert Heartbeat.unwire({**hb.wire(), "nudge": None}).nudge is None
     with pytest.raises(CorruptObject, match="malformed heartbeat"):
         Heartbeat.unwire({"client": "c3"})  # no time: its age cannot be told

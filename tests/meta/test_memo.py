@@ -7,8 +7,9 @@ import stat
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+from efsish.meta import domains
 from efsish.meta.memo import Memo
-from efsish.meta.ops import Mk, SetAttr, SetXattr
+from efsish.meta.ops import Ln, Mk, Mv, Rm, SetAttr, SetXattr
 from efsish.meta.view import ROOT_INO, View
 from tests.meta.views import T0, apply
 
@@ -134,3 +135,130 @@ async def test_forget_all_also_stops_reads_in_flight_from_storing(view: View) ->
     assert await memo.getattr(2, read) is not None
     assert await memo.getattr(2, read) is not None
     assert read.calls == 2
+
+
+# ------------------------------------------------------------ the tree's shape (domains)
+
+
+def truth(view: View, ino: int) -> set[int | None]:
+    """The lease domains of `ino` as efsish.meta.domains computes them from the view."""
+    try:
+        return domains.domains_of_inode(view, ino)
+    except ValueError:
+        return set()
+
+
+def shape(view: View) -> None:
+    """/a(2)/x(4)/y(5)/f(6), /b(3), at lease depth 1: domains 2 (a) and 3 (b)."""
+    apply(
+        view,
+        Mk(2, ROOT_INO, b"a", DIR, 0, 0, T0),
+        Mk(3, ROOT_INO, b"b", DIR, 0, 0, T0),
+        Mk(4, 2, b"x", DIR, 0, 0, T0),
+        Mk(5, 4, b"y", DIR, 0, 0, T0),
+        Mk(6, 5, b"f", REG, 0, 0, T0),
+    )
+
+
+async def test_domains_come_from_memory_once_the_tree_was_walked(view: View) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2} == truth(view, 6)
+    calls = read.calls
+    for ino, want in ((6, {2}), (5, {2}), (4, {2}), (2, {2}), (ROOT_INO, {None})):
+        assert await memo.domains(ino, 1, read) == want == truth(view, ino)
+    assert read.calls == calls
+    assert await memo.domains(3, 1, read) == {3} and read.calls == calls + 1  # not walked
+    assert await memo.domains(99, 1, read) == set()  # an inode the view does not hold
+
+
+async def test_a_directory_renamed_across_domains_moves_its_subtree(view: View) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    for ino, want in ((5, {2}), (6, {2}), (3, {3})):
+        assert await memo.domains(ino, 1, read) == want  # now in memory
+    # /a/x -> /b/x: x's own parent changes; y and f below it follow through x.
+    memo.applied(apply(view, Mv(2, b"x", 3, b"x", T0 + 1)))
+    for ino in (4, 5, 6):
+        assert await memo.domains(ino, 1, read) == {3} == truth(view, ino)
+    # /b/x -> /x: x becomes a domain root itself (depth 1), y and f in its domain.
+    memo.applied(apply(view, Mv(3, b"x", ROOT_INO, b"x", T0 + 2)))
+    for ino in (4, 5, 6):
+        assert await memo.domains(ino, 1, read) == {4} == truth(view, ino)
+    # Deeper leases: /x/y is a root at depth 2.
+    assert await memo.domains(6, 2, read) == {5}
+
+
+async def test_rmdir_forgets_the_directory(view: View) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(4, 1, read) == {2}
+    memo.applied(apply(view, Rm(5, b"f", T0 + 1), Rm(4, b"y", T0 + 1), Rm(2, b"x", T0 + 1)))
+    assert await memo.domains(4, 1, read) == set() == truth(view, 4)
+    assert await memo.domains(5, 1, read) == set() == truth(view, 5)
+
+
+async def test_a_link_or_unlink_changes_a_files_domains(view: View) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2}
+    memo.applied(apply(view, Ln(6, 3, b"g", T0 + 1)))  # linked into /b too
+    assert await memo.domains(6, 1, read) == {2, 3} == truth(view, 6)
+    memo.applied(apply(view, Rm(5, b"f", T0 + 2)))  # only /b/g is left
+    assert await memo.domains(6, 1, read) == {3} == truth(view, 6)
+
+
+async def test_a_walk_that_began_before_an_apply_does_not_store_what_it_saw(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    read.meanwhile = lambda: memo.applied(apply(view, Mv(2, b"x", 3, b"x", T0 + 1)))
+    assert await memo.domains(5, 1, read) == {2}  # read before the rename
+    assert await memo.domains(5, 1, read) == {3}
+    assert read.calls == 2
+
+
+async def test_forget_all_forgets_the_shape(view: View) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(5, 1, read) == {2}
+    view.db.execute("UPDATE dentries SET parent = 3 WHERE ino = 4")  # a replaced view
+    memo.forget_all()
+    assert await memo.domains(5, 1, read) == {3} == truth(view, 5)
+
+
+# -------------------------------------------------------------------------- listings
+
+
+async def test_a_listing_answers_the_lookups_getattrs_and_xattrs_that_follow(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    apply(view, Mk(7, 4, b"g", REG, 0, 0, T0), SetXattr(7, b"user.k", b"v", T0))
+    listed = await memo.readdir(4, 0, 10, read)
+    assert [(n, a.ino, x) for _, n, a, x in listed] == [(b"y", 5, False), (b"g", 7, True)]
+    calls = read.calls
+    y = await memo.lookup(4, b"y", read)
+    assert y is not None and y.ino == 5 and await memo.getattr(7, read) == listed[1][2]
+    assert await memo.getxattr(5, b"security.selinux", read) is None
+    assert await memo.domains(5, 1, read) is not None and await memo.domains(7, 1, read)
+    assert read.calls == calls + 1  # the walk up from x, once
+    # A later xattr on y is seen: the change drops what the listing stored.
+    memo.applied(apply(view, SetXattr(5, b"security.selinux", b"l", T0 + 1)))
+    assert await memo.getxattr(5, b"security.selinux", read) == b"l"
+    # The cursor continues after the last entry read.
+    assert await memo.readdir(4, listed[0][0], 10, read) == listed[1:]
+
+
+async def test_a_listing_that_began_before_an_apply_does_not_store_what_it_saw(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    read.meanwhile = lambda: memo.applied(apply(view, SetAttr(5, mode=stat.S_IFDIR | 0o700)))
+    (old,) = await memo.readdir(4, 0, 10, read)
+    assert stat.S_IMODE(old[2].mode) == 0o755  # read before the chmod
+    got = await memo.getattr(5, read)
+    assert got is not None and stat.S_IMODE(got.mode) == 0o700

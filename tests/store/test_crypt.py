@@ -150,7 +150,7 @@ async def test_wrong_key_is_a_clear_error() -> None:
 
 async def test_superblock_is_readable_and_names_keys_not_the_key() -> None:
     raw, store = fresh()
-    sb = await format_fs(store, encryption=superblock_info(K1))
+    sb = await format_fs(store, leases=False, encryption=superblock_info(K1))
     assert sb.format_version == ENCRYPTED_FORMAT_VERSION and not sb.leases
     text = codec.decode(b"S", await raw.get(SUPERBLOCK_KEY))
     assert key_id(K1.current).hex().encode() in text
