@@ -91,6 +91,7 @@ async def open_root(fs: Filesystem, ap: AccessPoint, *, read_only: bool) -> int:
     ino = ROOT_INO
     path = ""
     names = ap.components
+    created = False
     for i, name in enumerate(names):
         path += "/" + os.fsdecode(name)
         for _ in range(3):  # another mount may create it at the same time
@@ -124,6 +125,7 @@ async def open_root(fs: Filesystem, ap: AccessPoint, *, read_only: bool) -> int:
             # Exactly the creation owner and mode: not a setgid parent's group, nor
             # bits a default ACL removed.
             a = await fs.setattr(made.ino, owner, mode=c.mode, uid=c.uid, gid=c.gid)
+            created = True
             log.info("access point %s: created %s (%d:%d %04o)", ap.id, path, c.uid, c.gid, c.mode)
             break
         else:
@@ -131,6 +133,8 @@ async def open_root(fs: Filesystem, ap: AccessPoint, *, read_only: bool) -> int:
         if not a.is_dir:
             raise EfsishError(f"access point {ap.id}: its root {ap.root} is not a directory")
         ino = a.ino
+    if created:
+        await fs.fsyncdir()  # in the log before the mount is served (leases journal it)
     return ino
 
 

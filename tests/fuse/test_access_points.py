@@ -188,6 +188,11 @@ def test_read_only_access_point(mounter: Callable[..., Mount]) -> None:
     rw = mounter(plain.store, "-o", f"access_point={ap_id}")  # creates the root
     (rw.path / "f").write_text("alice's")
     os.chmod(rw.path / "f", 0o600)
+    fd = os.open(rw.path, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # in the log: a read-only mount recalls no lease
+    finally:
+        os.close(fd)
     ro = mounter(plain.store, "-o", f"access_point={ap_id},ro")
     assert sorted(os.listdir(ro.path)) == ["f"]
     assert as_user(1000, ro, lambda: Path("f").read_text()) == "alice's"
