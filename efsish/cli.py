@@ -198,6 +198,53 @@ async def _status(args: argparse.Namespace) -> int:
         return await run_status(store)
 
 
+def _id_list(text: str) -> tuple[int, ...]:
+    try:
+        return tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not a list of gids: {text!r} (e.g. 10,20)") from None
+
+
+def _owner(text: str) -> tuple[int, int]:
+    uid, _, gid = text.partition(":")
+    try:
+        return int(uid), int(gid)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not UID:GID: {text!r} (e.g. 1001:1001)") from None
+
+
+def _mode(text: str) -> int:
+    try:
+        return int(text, 8)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"not an octal mode: {text!r} (e.g. 0700)") from None
+
+
+async def _access_point(args: argparse.Namespace) -> int:
+    from efsish.meta import accesspoints as aps
+    from efsish.meta.superblock import load_superblock
+
+    async with open_store(args.store, store_options(args)) as store:
+        await load_superblock(store)  # a filesystem, and the keys of an encrypted one
+        if args.ap_command == "create":
+            if (args.create_mode is None) != (args.create_owner is None):
+                raise UsageError("give --create-mode and --create-owner together, or neither")
+            creation = None
+            if args.create_owner is not None:
+                owner_uid, owner_gid = args.create_owner
+                creation = aps.CreationInfo(owner_uid, owner_gid, args.create_mode)
+            ap = aps.make(args.root, args.uid, args.gid, args.secondary_gids, creation, args.name)
+            await aps.create(store, ap)
+            print(ap.id)
+        elif args.ap_command == "list":
+            for ap in await aps.list_all(store):
+                print(ap.describe())
+        else:
+            await aps.delete(store, args.id)
+            print(f"deleted {args.id} (mounts made with it keep it until they unmount)")
+    return 0
+
+
 async def _upgrade(args: argparse.Namespace) -> int:
     from efsish.upgrade import upgrade_fs
 
@@ -413,6 +460,27 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("status", help="show the log, checkpoints and live mounts")
     add_store_options(p)
     p.set_defaults(func=_status)
+
+    p = sub.add_parser("access-point", help="create, list or delete EFS-style access points")
+    ap_sub = p.add_subparsers(dest="ap_command", metavar="ACTION")
+    ap_sub.required = True
+    q = ap_sub.add_parser("create", help="a root directory and the identity of every request")
+    add_store_options(q)
+    q.add_argument("--root", required=True, help="the directory mounts see as their root")
+    q.add_argument("--uid", type=int, required=True, help="the uid of every request")
+    q.add_argument("--gid", type=int, required=True, help="the gid of every request")
+    q.add_argument("--secondary-gids", type=_id_list, default=(), metavar="GID,...")
+    q.add_argument("--create-mode", type=_mode, metavar="MODE", help="e.g. 0700")
+    q.add_argument("--create-owner", type=_owner, metavar="UID:GID")
+    q.add_argument("--name", default="", help="a label shown by list")
+    q.set_defaults(func=_access_point)
+    q = ap_sub.add_parser("list", help="every access point of the filesystem")
+    add_store_options(q)
+    q.set_defaults(func=_access_point)
+    q = ap_sub.add_parser("delete", help="delete an access point")
+    add_store_options(q)
+    q.add_argument("id", metavar="ID")
+    q.set_defaults(func=_access_point)
 
     p = sub.add_parser("keygen", help="write a new encryption key to a new file (mode 0600)")
     p.add_argument("file", metavar="FILE")

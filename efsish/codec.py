@@ -29,6 +29,7 @@ KINDS = {
     b"H": "heartbeat",
     b"T": "throughput",
     b"N": "nudge key",  # secrets/nudge, owned by efsish.meta.nudge
+    b"A": "access point",  # accesspoints/<id>, owned by efsish.meta.accesspoints
 }
 _HDR = len(MAGIC) + 1 + 16
 

@@ -24,7 +24,7 @@ from tqdm import tqdm
 from efsish.codec import block_matches, chunks_match
 from efsish.data.blocks import DATA_PREFIX
 from efsish.errors import CorruptObject, EfsishError, NotFound
-from efsish.meta import heartbeat, nudge
+from efsish.meta import accesspoints, heartbeat, nudge
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX
 from efsish.meta.log import MetaLog
 from efsish.meta.superblock import SUPERBLOCK_KEY, load_superblock
@@ -42,6 +42,7 @@ KNOWN_PREFIXES = (
     DATA_PREFIX,
     heartbeat.PREFIX,
     nudge.PREFIX,
+    accesspoints.PREFIX,
     "throttle/",
     ".efsish-probe/",
 )
@@ -195,6 +196,11 @@ async def _check_objects(
             tail = info.key.rsplit("/", 1)[1]
             if not tail.isdigit() or len(tail) != 16:
                 rep.warn(f"foreign object {info.key!r} in the log/checkpoint area")
+        elif info.key.startswith(accesspoints.PREFIX):
+            try:
+                accesspoints.decode(await store.get(info.key), info.key)
+            except CorruptObject as e:
+                rep.error(f"{e} (delete it with `efsish access-point delete`, or the object)")
         elif not info.key.startswith(KNOWN_PREFIXES):
             rep.warn(f"foreign object {info.key!r} (not written by efsish)")
     if blocks is None:  # the metadata could not be rebuilt: nothing to compare with

@@ -19,6 +19,7 @@ from typing import Any, TypeVar
 import pyfuse3
 import trio
 
+from efsish.access import AccessPointFs
 from efsish.errors import EfsishError, FsError, to_errno
 from efsish.filesystem import Ctx, Filesystem
 from efsish.meta.view import Attr
@@ -65,10 +66,19 @@ class FuseOps(pyfuse3.Operations):
     enable_dont_mask = True
 
     def __init__(
-        self, fs: Filesystem, *, attr_timeout: float = 1.0, entry_timeout: float = 1.0
+        self,
+        fs: Filesystem | AccessPointFs,
+        *,
+        attr_timeout: float = 1.0,
+        entry_timeout: float = 1.0,
     ) -> None:
         super().__init__()
         self.fs = fs
+        if isinstance(fs, AccessPointFs):
+            # Permissions are checked with the access point's identity (efsish.access),
+            # so the kernel must not check the caller's: FUSE_POSIX_ACL would turn
+            # default_permissions on.
+            self.enable_acl = False
         self.attr_timeout = attr_timeout
         self.entry_timeout = entry_timeout
         self._dirs: dict[int, int] = {}
@@ -347,13 +357,19 @@ class FuseOps(pyfuse3.Operations):
 
     @_errors
     async def access(self, inode: int, mode: int, ctx: Any) -> bool:
-        # Only reached without default_permissions; efsish always mounts with it.
+        # Only reached without default_permissions: on access point mounts.
+        if isinstance(self.fs, AccessPointFs):
+            return await self.fs.access(inode, mode)
         await self.fs.getattr(inode)
         return True
 
 
-def fuse_options(*, allow_other: bool, fsname: str, ro: bool = False) -> set[str]:
+def fuse_options(
+    *, allow_other: bool, fsname: str, ro: bool = False, kernel_permissions: bool = True
+) -> set[str]:
     opts = set(pyfuse3.default_options)  # default_permissions: kernel checks modes
+    if not kernel_permissions:  # an access point mount checks them itself
+        opts.discard("default_permissions")
     opts.add(f"fsname={fsname}")
     opts.add("subtype=efsish")
     if allow_other:

@@ -32,7 +32,7 @@ from tqdm import tqdm
 from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_client, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound
-from efsish.meta import heartbeat
+from efsish.meta import accesspoints, heartbeat
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import BlocksDeleted, LogEntry, LRcv, Op
@@ -276,6 +276,10 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             )
             if c.format:
                 print(f"    {mount_leases(c)}", file=stream)
+    points = await accesspoints.list_all(store)
+    print(f"{'access points':>18}: {len(points)}", file=stream)
+    for ap in points:
+        print(f"  {ap.describe()}", file=stream)
     return 0
 
 

@@ -36,7 +36,7 @@ import trio.lowlevel
 
 from efsish.errors import EfsishError, UsageError
 from efsish.filesystem import Filesystem, Options
-from efsish.meta import nudge
+from efsish.meta import accesspoints, nudge
 from efsish.meta.superblock import load_superblock
 from efsish.procs import pid_alive, start_time
 from efsish.store import ObjectStore, StoreOptions, open_store
@@ -67,6 +67,7 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "sync": ("", ""),
     "key_file": ("FILE", "a key file of mode 0600 (efsish keygen FILE)"),
     "key_command": ("CMD", "a command, without commas, that prints the keys"),
+    "access_point": ("ID", "an access point id, fsap-<17 hex digits> (efsish access-point list)"),
 }
 KNOWN_OPTIONS = frozenset(MOUNT_OPTIONS)
 # Options from fstab/mount(8) that mean nothing to the daemon itself.
@@ -119,6 +120,7 @@ class MountConfig:
     nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): used with leases
     commit_interval: float = 1.0  # lease mode: how late a journaled change reaches the log
     sync: bool = False  # lease mode: take no leases (commit every change on its own)
+    access_point: str | None = None  # -o access_point=ID (efsish.access)
     extra: dict[str, str] = field(default_factory=dict)
 
 
@@ -240,6 +242,9 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
         cfg.commit_interval = _seconds(value, zero_ok=False)
     elif key == "sync":
         cfg.sync = True
+    elif key == "access_point":
+        accesspoints.key_of(value)  # UsageError if it is not an id
+        cfg.access_point = value
     elif key in ("key_file", "key_command"):
         # Loaded now, before the fork: errors are one line from the parent.
         keyring = load_keyring(value, None) if key == "key_file" else load_keyring(None, value)
@@ -535,13 +540,20 @@ def limit_malloc_arenas(n: int = 2) -> bool:
 
 def _run_daemon(cfg: MountConfig, ready_fd: int | None) -> int:
     limit_malloc_arenas()
-    trio.run(_daemon_main, cfg, ready_fd)
+    try:
+        trio.run(_daemon_main, cfg, ready_fd)
+    except BaseExceptionGroup as eg:
+        # An error raised in the daemon's nursery before the mount was live: one line.
+        if len(eg.exceptions) == 1 and isinstance(eg.exceptions[0], EfsishError):
+            raise eg.exceptions[0] from None
+        raise
     return 0
 
 
 async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     import pyfuse3
 
+    from efsish.access import AccessPointFs, open_root
     from efsish.fuse_ops import FuseOps, fuse_options
 
     # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
@@ -553,6 +565,8 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             os.write(ready_fd, f"WARN {warning}\n".encode())
     store = open_store(cfg.store_url, cfg.store_options)
     sb = await load_superblock(store)
+    # The access point is read before anything starts: an unknown id is one line.
+    ap = await accesspoints.load(store, cfg.access_point) if cfg.access_point else None
     lock_fd = lock_cache_dir(cfg.cache_dir, sb.fs_uuid, mountpoint)  # for the daemon's life
     fs = Filesystem(
         store,
@@ -572,10 +586,19 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
             cache_locked=True,  # lock_cache_dir above, held for the daemon's life
         ),
     )
-    ops = FuseOps(fs, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
     registry = _registry_file(mountpoint)
     async with trio.open_nursery() as nursery:
         await fs.start(nursery)
+        served: Filesystem | AccessPointFs = fs
+        if ap is not None:
+            try:
+                served = AccessPointFs(fs, ap, await open_root(fs, ap, read_only=cfg.ro))
+            except EfsishError:
+                with trio.CancelScope(shield=True):
+                    await fs.shutdown()
+                raise
+            log.info("access point %s: root %s, every request as uid %d", ap.id, ap.root, ap.uid)
+        ops = FuseOps(served, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
         pyfuse3.init(
             ops,
             mountpoint,
@@ -583,6 +606,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
                 allow_other=cfg.allow_other and os.geteuid() == 0,
                 fsname=f"efsish:{cfg.store_url}",
                 ro=cfg.ro,
+                kernel_permissions=ap is None,
             ),
         )
 
