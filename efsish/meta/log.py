@@ -33,8 +33,8 @@ import logging
 import random
 import sqlite3
 import uuid
-from collections.abc import AsyncIterator, Callable
-from contextlib import asynccontextmanager
+from collections.abc import AsyncIterator, Callable, Iterator
+from contextlib import asynccontextmanager, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Generic, TypeVar
@@ -161,6 +161,9 @@ class MetaLog:
         self._settle_soon = False  # someone waits for the local commit: do it now
         self._hop_settled: int | None = None  # set by `_plan` once it committed `settle`
         self._answered = 0  # entries of ours answered so far (see `read`)
+        # Set while a hop commits an applied entry to SQLite before `_applied` has
+        # told the memo and the filesystem about it (see `_publish` and `read`).
+        self._publishing: trio.Event | None = None
         self.reads_repeated = 0
         # Why reads of the view are refused: our own entry `_behind_seq`, answered, could
         # not be recorded in SQLite yet. Cleared once the view has applied it (any later
@@ -282,12 +285,24 @@ class MetaLog:
         size): what it read may be older than a write() that returned before it began.
         Such a read is repeated, the second time holding the writer lock so that no
         further answer can come in between (a steady stream of commits cannot starve it).
+
+        A read never returns a view newer than what `_applied` has told the memo and
+        the filesystem: one that ends while a hop's COMMIT is in SQLite and its
+        `_applied` still to come (`_publish`) waits for that first.
         """
         # Counted before the wait: the hop that commits our last entry may go straight on
         # to answer the next one (a store whose PUT does not yield) before we resume.
         answered = self._answered
         await self._settled()
         out = await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+        publishing = self._publishing
+        if publishing is not None:
+            # The read may have seen an entry that a hop committed to SQLite while the
+            # filesystem has not heard of it yet (`_applied` runs once the hop is back
+            # on the trio thread): wait for that, so that no caller acts on a view
+            # newer than what on_apply told it (e.g. an inode freed while open here:
+            # its extents are gone from the view, its snapshot not yet taken).
+            await publishing.wait()
         if answered == self._answered:
             return out
         self.reads_repeated += 1
@@ -348,6 +363,20 @@ class MetaLog:
             # writer's state (our own answered entry's open transaction included).
             self.leases.refresh(self.writer)
         self.on_apply(res, remote)
+
+    @contextmanager
+    def _publish(self) -> Iterator[None]:
+        """Around a hop that commits applied ops to SQLite and the `_applied` call
+        after it (an entry of another mount, a journaled change, our flushed batch):
+        the reader connection sees the commit before the trio thread runs
+        `_applied`, so a read that returns meanwhile waits for it (`read`). Format-2
+        entries of ours need none of this: `_applied` runs before their COMMIT."""
+        done = self._publishing = trio.Event()
+        try:
+            yield
+        finally:
+            self._publishing = None
+            done.set()
 
     @property
     def applied_seq(self) -> int:
@@ -501,9 +530,15 @@ class MetaLog:
             return res, self._fresh(res), rows
 
         try:
-            res, fresh, rows = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
-            if rows is not None:
-                self.journal_rows = rows
+            with self._publish():
+                res, fresh, rows = await trio.to_thread.run_sync(apply, limiter=self._wlimiter)
+                if rows is not None:
+                    self.journal_rows = rows
+                self._seq = seq
+                if self._behind is not None and seq >= self._behind_seq:
+                    log.info("metadata view has applied entry %d again: reads resume", seq)
+                    self._behind = None
+                self._applied(res, True, fresh)
         except CorruptObject as e:
             if not again:
                 # Damaged on the way here (a GET carries no checksum)? Read it once more.
@@ -522,11 +557,6 @@ class MetaLog:
             raise
         except sqlite3.Error as e:  # e.g. a full or failing disk under the cache dir
             raise FsError(f"cannot update the metadata view in {self.db_path}: {e}") from e
-        self._seq = seq
-        if self._behind is not None and seq >= self._behind_seq:
-            log.info("metadata view has applied entry %d again: reads resume", seq)
-            self._behind = None
-        self._applied(res, True, fresh)
 
     # ------------------------------------------------------------------------ commit
 
@@ -868,21 +898,22 @@ class MetaLog:
             if self.broken:
                 raise FsError(f"metadata log unusable: {self.broken}")
             saved = self.inodes.save()
-            try:
-                out = await trio.to_thread.run_sync(
-                    self._plan_local, planner, ok, leases.clock(), limiter=self._wlimiter
-                )
-            except BaseException:
-                self.inodes.restore(saved)
-                raise
-            if out is None:
-                self.inodes.restore(saved)
-                return None
-            result, doms, res, fresh, nrows = out
-            self.journal_rows += nrows
-            self.commits += 1
-            self._answered += 1
-            self._applied(res, False, fresh)
+            with self._publish():
+                try:
+                    out = await trio.to_thread.run_sync(
+                        self._plan_local, planner, ok, leases.clock(), limiter=self._wlimiter
+                    )
+                except BaseException:
+                    self.inodes.restore(saved)
+                    raise
+                if out is None:
+                    self.inodes.restore(saved)
+                    return None
+                result, doms, res, fresh, nrows = out
+                self.journal_rows += nrows
+                self.commits += 1
+                self._answered += 1
+                self._applied(res, False, fresh)
         return result, doms
 
     def _plan_local(
@@ -975,12 +1006,13 @@ class MetaLog:
                     raise
                 return res, journal.stats(self.writer)[0]
 
-            with trio.CancelScope(shield=True):
-                res, left = await trio.to_thread.run_sync(record, limiter=self._wlimiter)
-            self._seq = seq
-            self.entries_written += 1
-            self.journal_rows = left
-            self._applied(res, False, None)
+            with self._publish():
+                with trio.CancelScope(shield=True):
+                    res, left = await trio.to_thread.run_sync(record, limiter=self._wlimiter)
+                self._seq = seq
+                self.entries_written += 1
+                self.journal_rows = left
+                self._applied(res, False, None)
             if res.fenced is not None:
                 leases.fenced_at(seq, str(res.fenced))
                 raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)

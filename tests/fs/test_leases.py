@@ -9,6 +9,7 @@ import errno
 import io
 import os
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -807,3 +808,74 @@ async def test_a_dead_holders_domains_are_taken_over_together(make: Make) -> Non
     took = time.monotonic() - start
     assert b.fs.leases is not None and b.fs.leases.takeovers == n
     assert took < 3 * 2 * LEASE_TIME + 0.5, took
+
+
+def pause_after_commit(fs: Filesystem) -> tuple[threading.Event, threading.Event]:
+    """Make the next COMMIT of `fs`'s view writer stop in its worker thread, once it
+    is in SQLite, until the test sets the second event (at most 2 s): the window in
+    which the reader connection sees the change and the trio thread has not yet told
+    the filesystem about it. The first event says the COMMIT is done."""
+    committed, go_on = threading.Event(), threading.Event()
+    writer = fs.meta.writer
+    commit = writer.commit
+
+    def paused() -> None:
+        writer.commit = commit  # type: ignore[method-assign]
+        commit()
+        committed.set()
+        go_on.wait(2.0)
+
+    writer.commit = paused  # type: ignore[method-assign]
+    return committed, go_on
+
+
+async def read_while_paused(
+    fs: Filesystem, fh: int, committed: threading.Event, go_on: threading.Event
+) -> bytes:
+    """Read all of `fh` once the paused COMMIT is in SQLite, then let the hop go on."""
+    assert await trio.to_thread.run_sync(committed.wait, 10.0)
+    try:
+        return bytes(await fs.read(fh, 0, 1 << 20))
+    finally:
+        go_on.set()
+
+
+async def test_a_file_renamed_over_while_read_is_read_whole(make: Make) -> None:
+    """A journaled rename replaces a file open here while a read of it asks the view
+    for its extents: the read sees the inode gone from SQLite before the filesystem
+    has its snapshot, and must wait for it rather than read holes (zeros)."""
+    a = await make(poll_interval=3600, commit_interval=3600)
+    home = await mkdir(a.fs, ROOT_INO, b"home")
+    f = await write_file(a.fs, home, b"f", b"old" * 1000)
+    await write_file(a.fs, home, b"tmp", b"new" * 1000)
+    assert a.fs.leases is not None and a.fs.leases.state.held
+    fh, _ = await a.fs.open(f, os.O_RDONLY)
+    rows = a.fs.meta.journal_rows
+    committed, go_on = pause_after_commit(a.fs)
+    async with trio.open_nursery() as n:
+        n.start_soon(a.fs.rename, home, b"tmp", home, b"f")
+        data = await read_while_paused(a.fs, fh, committed, go_on)
+    assert a.fs.meta.journal_rows > rows  # the rename was journaled
+    assert data == b"old" * 1000
+    assert await read_file(a.fs, home, b"f") == b"new" * 1000
+    await a.fs.release(fh)
+
+
+@pytest.mark.parametrize("leases", [True, False], ids=["format3", "format2"])
+async def test_a_file_renamed_over_elsewhere_while_read_is_read_whole(make: Make) -> None:
+    """The same with another mount's rename, applied here by a catch-up."""
+    a = await make(poll_interval=3600)
+    b = await make()
+    home = await mkdir(b.fs, ROOT_INO, b"home")
+    await write_file(b.fs, home, b"f", b"old" * 1000)
+    await write_file(b.fs, home, b"tmp", b"new" * 1000)
+    f = (await a.fs.lookup(home, b"f")).ino
+    fh, _ = await a.fs.open(f, os.O_RDONLY)
+    await b.fs.rename(home, b"tmp", home, b"f")
+    committed, go_on = pause_after_commit(a.fs)
+    async with trio.open_nursery() as n:
+        n.start_soon(a.fs.meta.catch_up)
+        data = await read_while_paused(a.fs, fh, committed, go_on)
+    assert data == b"old" * 1000
+    assert await read_file(a.fs, home, b"f") == b"new" * 1000
+    await a.fs.release(fh)
