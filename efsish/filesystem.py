@@ -41,42 +41,46 @@ from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
 from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
+from efsish.meta.ops import Op, RemoveXattr, SetAttr, SetXattr, Write
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import NEWEST_FORMAT, Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
+from efsish.posix import namespace
+from efsish.posix.rules import (
+    NAME_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_NAME_MAX,
+    XATTR_REPLACE,
+    XATTR_SIZE_MAX,
+    Ctx,
+    check_name_len,
+    need,
+)
 from efsish.store import ObjectStore
+
+__all__ = [
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "XATTR_CREATE",
+    "XATTR_REPLACE",
+    "Ctx",
+    "Filesystem",
+    "Options",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-NAME_MAX = 255
-SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses longer ones)
-LINK_MAX = 177  # EFS's limit on hard links to one file
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
 ATIME_BATCH = 1.0  # seconds: relatime updates are collected and committed together
 STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
 TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimmed past us
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
-
-
-@dataclass(frozen=True)
-class Ctx:
-    """Who is asking: the caller's uid/gid, and for a create the caller's umask when
-    efsish applies it (FUSE_DONT_MASK in effect), None when the kernel already has."""
-
-    uid: int = 0
-    gid: int = 0
-    umask: int | None = None
 
 
 @dataclass
@@ -113,13 +117,6 @@ def _other_system_xattr(name: bytes) -> bool:
     system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
     refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
     return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
-
-
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise FsError("name too long", errno.ENAMETOOLONG)
-    if not name or b"/" in name or name in (b".", b".."):
-        raise FsError("invalid name", errno.EINVAL)
 
 
 class Filesystem:
@@ -492,25 +489,10 @@ class Filesystem:
         if self.leases is not None:
             await self.leases.sync()
 
-    @staticmethod
-    def _need(view: View, ino: int) -> Attr:
-        a = view.getattr(ino)
-        if a is None:
-            raise FsError("no such inode", errno.ENOENT)
-        return a
-
-    @staticmethod
-    def _need_dir(view: View, ino: int) -> Attr:
-        a = Filesystem._need(view, ino)
-        if not a.is_dir:
-            raise FsError("not a directory", errno.ENOTDIR)
-        return a
-
     # -------------------------------------------------------------------- lookups
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
-        if len(name) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
+        check_name_len(name)
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
         if name == b"..":
             # The parent of a domain root is in the top: always the read barrier.
@@ -556,43 +538,7 @@ class Filesystem:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Attr:
-        _check_name(name)
-        if target is not None and len(target) > SYMLINK_MAX:
-            raise FsError("symlink target too long", errno.ENAMETOOLONG)
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFREG
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            p = self._need_dir(view, parent)
-            if p.nlink == 0:
-                raise FsError("directory was removed", errno.ENOENT)
-            if view.lookup(parent, name) is not None:
-                raise FsError("exists", errno.EEXIST)
-            gid, m = ctx.gid, mode
-            if p.mode & stat.S_ISGID:
-                gid = p.gid
-                if stat.S_ISDIR(mode):
-                    m |= stat.S_ISGID
-            # POSIX.1e, as ext4: the directory's default ACL, limited by the create
-            # mode, becomes the new inode's access ACL and mode (a symlink's is always
-            # 0777); a new directory also inherits the default ACL itself. Without a
-            # default ACL the umask applies; with one it does not.
-            inherited: list[tuple[bytes, bytes]] = []
-            default = None if stat.S_ISLNK(mode) else view.getxattr(parent, ACL_DEFAULT)
-            if default is None and ctx.umask is not None and not stat.S_ISLNK(mode):
-                m &= ~(ctx.umask & 0o777)
-            if default is not None:
-                m, access = acl.inherit(default, m)
-                if access is not None:
-                    inherited.append((ACL_ACCESS, access))
-                if stat.S_ISDIR(mode):
-                    inherited.append((ACL_DEFAULT, default))
-            ino = pc.alloc_ino(view)
-            pc.after = lambda v: v.getattr(ino)
-            op = Mk(ino, parent, name, m, ctx.uid, gid, pc.now_ns, rdev=rdev, target=target)
-            return [op, *(SetXattr(ino, n, v, pc.now_ns) for n, v in inherited)], None
-
-        attr: Attr = await self._submit(plan)
+        attr: Attr = await self._submit(namespace.mknod(parent, name, mode, ctx, rdev, target))
         return self._overlay(attr)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
@@ -602,91 +548,17 @@ class Filesystem:
         return await self.mknod(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        _check_name(name)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
-            if a.is_dir:
-                raise FsError("hard link to directory", errno.EPERM)
-            if a.nlink >= LINK_MAX:
-                raise FsError("too many links", errno.EMLINK)
-            self._need_dir(view, parent)
-            if view.lookup(parent, name) is not None:
-                raise FsError("exists", errno.EEXIST)
-            pc.after = lambda v: v.getattr(ino)
-            return [Ln(ino, parent, name, pc.now_ns)], None
-
-        attr: Attr = await self._submit(plan)
+        attr: Attr = await self._submit(namespace.link(ino, parent, name))
         return self._overlay(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=False)
+        await self._submit(namespace.remove(parent, name, want_dir=False))
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=True)
-
-    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
-        if len(name) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need_dir(view, parent)
-            ino = view.lookup(parent, name)
-            if ino is None:
-                raise FsError("no such entry", errno.ENOENT)
-            a = self._need(view, ino)
-            if want_dir and not a.is_dir:
-                raise FsError("not a directory", errno.ENOTDIR)
-            if not want_dir and a.is_dir:
-                raise FsError("is a directory", errno.EISDIR)
-            if a.is_dir and not view.is_empty_dir(ino):
-                raise FsError("directory not empty", errno.ENOTEMPTY)
-            return [Rm(parent, name, pc.now_ns)], None
-
-        await self._submit(plan)
+        await self._submit(namespace.remove(parent, name, want_dir=True))
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int = 0) -> None:
-        _check_name(dn)
-        if len(sn) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
-        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
-            raise FsError("bad flags", errno.EINVAL)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need_dir(view, sp)
-            self._need_dir(view, dp)
-            src = view.lookup(sp, sn)
-            if src is None:
-                raise FsError("no such entry", errno.ENOENT)
-            sa = self._need(view, src)
-            dst = view.lookup(dp, dn)
-            if dst is not None and flags & RENAME_NOREPLACE:
-                raise FsError("exists", errno.EEXIST)  # even the same file (renameat2)
-            if dst == src:
-                return [], None  # same file: POSIX says do nothing
-            if sa.is_dir and view.is_ancestor(src, dp):
-                raise FsError("cannot move a directory into itself", errno.EINVAL)
-            op = Mv(sp, sn, dp, dn, pc.now_ns)
-            if flags & RENAME_EXCHANGE:
-                if dst is None:
-                    raise FsError("no such entry", errno.ENOENT)
-                da = self._need(view, dst)
-                if da.is_dir and view.is_ancestor(dst, sp):
-                    raise FsError("cannot move a directory into itself", errno.EINVAL)
-                return [replace(op, exchange=True)], None
-            if dst is not None:
-                if flags & RENAME_NOREPLACE:
-                    raise FsError("exists", errno.EEXIST)
-                da = self._need(view, dst)
-                if sa.is_dir and not da.is_dir:
-                    raise FsError("not a directory", errno.ENOTDIR)
-                if not sa.is_dir and da.is_dir:
-                    raise FsError("is a directory", errno.EISDIR)
-                if da.is_dir and not view.is_empty_dir(dst):
-                    raise FsError("directory not empty", errno.ENOTEMPTY)
-            return [op], None
-
-        await self._submit(plan)
+        await self._submit(namespace.rename(sp, sn, dp, dn, flags))
 
     # ------------------------------------------------------------------- setattr
 
@@ -728,7 +600,7 @@ class Filesystem:
                 return self._overlay(current)
 
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
+            a = need(view, ino)
             changes: dict[str, int] = {"ctime": pc.now_ns}
             if size is not None:
                 if a.is_dir:
@@ -852,7 +724,7 @@ class Filesystem:
             raise FsError("invalid ACL", errno.EINVAL)
 
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
+            a = need(view, ino)
             old = view.getxattr(ino, name)
             if flags & XATTR_CREATE and old is not None:
                 raise FsError("xattr exists", errno.EEXIST)
@@ -893,7 +765,7 @@ class Filesystem:
 
     async def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
         def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
+            a = need(view, ino)
             if view.getxattr(ino, name) is None:
                 if _other_system_xattr(name):
                     raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
