@@ -41,12 +41,12 @@ from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
 from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import Op, RemoveXattr, SetAttr, SetXattr, Write
+from efsish.meta.ops import Op, RemoveXattr, SetAttr, SetXattr
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import NEWEST_FORMAT, Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
-from efsish.posix import namespace
+from efsish.posix import attrs, namespace
 from efsish.posix.rules import (
     NAME_MAX,
     RENAME_EXCHANGE,
@@ -592,29 +592,17 @@ class Filesystem:
                 # log entry instead of one per call: tar, cp -p and rsync set owner,
                 # mode and times on every file they write). Other mounts see it at
                 # close, like the data; a crash loses it only together with the data.
-                changes = self._attr_changes(current, mode, uid, gid, atime, mtime)
+                changes = attrs.attr_changes(current, mode, uid, gid, atime, mtime)
                 changes["ctime"] = self._now()
                 of.deferred.update(changes)
                 if mtime is not None:
                     of.mtime = mtime
                 return self._overlay(current)
 
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = need(view, ino)
-            changes: dict[str, int] = {"ctime": pc.now_ns}
-            if size is not None:
-                if a.is_dir:
-                    raise FsError("is a directory", errno.EISDIR)
-                if not a.is_reg:
-                    raise FsError("not a regular file", errno.EINVAL)
-                changes["size"] = size
-                changes["mtime"] = pc.now_ns
-            changes.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
-            pc.after = lambda v: v.getattr(ino)
-            return [SetAttr(ino, **changes)], None
-
         try:
-            attr: Attr = await self._submit(plan)
+            attr: Attr = await self._submit(
+                attrs.setattr_plan(ino, mode, uid, gid, size, atime, mtime)
+            )
         except FsError as e:
             if e.errno == errno.ENOENT and of is not None and of.orphan is not None:
                 # Another mount unlinked the open file while this change was on its way
@@ -650,44 +638,12 @@ class Filesystem:
                 self.ghosts[of.ino] = of.orphan
             of.size = a.size = size
             a.mtime = of.mtime = now
-        for k, v in self._attr_changes(a, mode, uid, gid, atime, mtime).items():
+        for k, v in attrs.attr_changes(a, mode, uid, gid, atime, mtime).items():
             setattr(a, k, v)
         if mtime is not None:
             of.mtime = mtime
         a.ctime = now
         return await self._attr(of.ino)
-
-    @staticmethod
-    def _attr_changes(
-        a: Attr,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        atime: int | None,
-        mtime: int | None,
-    ) -> dict[str, int]:
-        """The attribute values a chmod/chown/utimens of `a` sets (POSIX rules)."""
-        out: dict[str, int] = {}
-        new_mode = a.mode
-        if mode is not None:
-            new_mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
-        owner_changes = (uid is not None and uid != a.uid) or (gid is not None and gid != a.gid)
-        if owner_changes and a.is_reg and mode is None:
-            # chown clears set-user-ID, and set-group-ID when group-executable.
-            new_mode &= ~stat.S_ISUID
-            if new_mode & stat.S_IXGRP:
-                new_mode &= ~stat.S_ISGID
-        if new_mode != a.mode:
-            out["mode"] = new_mode
-        if uid is not None:
-            out["uid"] = uid
-        if gid is not None:
-            out["gid"] = gid
-        if atime is not None:
-            out["atime"] = atime
-        if mtime is not None:
-            out["mtime"] = mtime
-        return out
 
     # ------------------------------------------------------------------ directory
 
@@ -846,17 +802,8 @@ class Filesystem:
         if not self._atime_due:
             return
         due, self._atime_due = self._atime_due, {}
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            ops: list[Op] = []
-            for ino, t in due.items():
-                a = view.getattr(ino)
-                if a is not None and a.atime < t:
-                    ops.append(SetAttr(ino, atime=t))
-            return ops, None
-
         try:
-            await self._commit(plan)
+            await self._commit(attrs.atimes(due))
         except EfsishError as e:
             log.debug("atime update of %d files failed: %s", len(due), e)
         except Exception:
@@ -935,17 +882,7 @@ class Filesystem:
             pend = list(of.pending)
             size, mtime = of.size, of.mtime
             deferred = dict(of.deferred)
-
-            def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-                if view.getattr(of.ino) is None:
-                    return [], None
-                ext = tuple(p.ext for p in pend)
-                ops: list[Op] = [Write(of.ino, ext, size, mtime)]
-                if deferred:
-                    ops.append(SetAttr(of.ino, **deferred))
-                return ops, None
-
-            await self._submit(plan)
+            await self._submit(attrs.layout(of.ino, pend, size, mtime, deferred))
             if of.orphan is not None:
                 # Another mount unlinked the file while this commit was on its way: it
                 # committed nothing, and the file now lives here, its snapshot from
