@@ -27,8 +27,7 @@ from typing import Any, TypeVar
 
 import trio
 
-from efsish import __version__, acl
-from efsish.acl import ACL_ACCESS, ACL_DEFAULT
+from efsish import __version__
 from efsish.data.blocks import BlockIO
 from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
@@ -41,23 +40,20 @@ from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
 from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import Op, RemoveXattr, SetAttr, SetXattr
+from efsish.meta.ops import Op
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import NEWEST_FORMAT, Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
-from efsish.posix import attrs, namespace
+from efsish.posix import attrs, namespace, xattrs
 from efsish.posix.rules import (
     NAME_MAX,
     RENAME_EXCHANGE,
     RENAME_NOREPLACE,
     XATTR_CREATE,
-    XATTR_NAME_MAX,
     XATTR_REPLACE,
-    XATTR_SIZE_MAX,
     Ctx,
     check_name_len,
-    need,
 )
 from efsish.store import ObjectStore
 
@@ -110,13 +106,6 @@ class Options:
     cache_locked: bool = False
     lease_clock: Callable[[], float] | None = None
     nudge: str = "auto"  # -o nudge= (lease mode): where other mounts nudge this one
-
-
-def _other_system_xattr(name: bytes) -> bool:
-    """A system.* name other than the POSIX ACLs. The kernel checks no permission for
-    system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
-    refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
-    return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
 
 
 class Filesystem:
@@ -666,42 +655,7 @@ class Filesystem:
     # ------------------------------------------------------------------ xattrs
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Ctx, flags: int = 0) -> None:
-        if len(name) > XATTR_NAME_MAX or not name:
-            raise FsError("xattr name too long", errno.ERANGE)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError("xattr value too large", errno.E2BIG)
-        if _other_system_xattr(name):
-            raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
-
-        access = acl.parse_acl(value) if name == ACL_ACCESS else None
-        if name in (ACL_ACCESS, ACL_DEFAULT) and (
-            (access is None and name == ACL_ACCESS) or not acl.valid(value)
-        ):
-            raise FsError("invalid ACL", errno.EINVAL)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = need(view, ino)
-            old = view.getxattr(ino, name)
-            if flags & XATTR_CREATE and old is not None:
-                raise FsError("xattr exists", errno.EEXIST)
-            if flags & XATTR_REPLACE and old is None:
-                raise FsError("no such xattr", errno.ENODATA)
-            ops: list[Op] = []
-            if access is not None:
-                # As local filesystems do: the ACL's owner/group(mask)/other entries are
-                # the mode bits; an ACL with nothing more is just a mode, not stored.
-                mode, minimal = access
-                new_mode = (a.mode & ~0o777) | mode
-                if new_mode != a.mode:
-                    ops.append(SetAttr(ino, mode=new_mode, ctime=pc.now_ns))
-                if minimal:
-                    if old is not None:
-                        ops.append(RemoveXattr(ino, name, pc.now_ns))
-                    return ops, None
-            ops.append(SetXattr(ino, name, value, pc.now_ns))
-            return ops, None
-
-        await self._submit(plan)
+        await self._submit(xattrs.setxattr(ino, name, value, flags))
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         await self._attr(ino)
@@ -713,26 +667,10 @@ class Filesystem:
     async def listxattr(self, ino: int, ctx: Ctx) -> list[bytes]:
         await self._attr(ino)
         names: list[bytes] = await self.meta.read(View.listxattr, ino)
-        if ctx.uid != 0:
-            # The kernel keeps trusted.* from everyone but root, except in listings,
-            # which it leaves to the filesystem (ext4 hides them too).
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
+        return xattrs.listed(names, ctx)
 
     async def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = need(view, ino)
-            if view.getxattr(ino, name) is None:
-                if _other_system_xattr(name):
-                    raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
-                raise FsError("no such xattr", errno.ENODATA)
-            if _other_system_xattr(name) and ctx.uid not in (0, a.uid):
-                # One stored before system.* names were refused: its owner (or root)
-                # may remove it, nobody else.
-                raise FsError("not the owner", errno.EPERM)
-            return [RemoveXattr(ino, name, pc.now_ns)], None
-
-        await self._submit(plan)
+        await self._submit(xattrs.removexattr(ino, name, ctx))
 
     # -------------------------------------------------------------------- statfs
 
