@@ -17,7 +17,6 @@ import errno
 import logging
 import math
 import os
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -27,7 +26,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from efsish import __version__
 from efsish.data.blocks import BlockIO
 from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
@@ -36,13 +34,13 @@ from efsish.data.reader import Reader
 from efsish.data.staged import StagedBlocks
 from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
-from efsish.gc import collect as gc_collect
+from efsish.housekeeping import Housekeeping
 from efsish.meta import heartbeat
-from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
+from efsish.meta.leases import LeaseConfig, Leases, load_client_id
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Op
 from efsish.meta.planning import PlanContext
-from efsish.meta.superblock import NEWEST_FORMAT, Superblock
+from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
 from efsish.posix import attrs, namespace, xattrs
@@ -74,8 +72,6 @@ T = TypeVar("T")
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
 ATIME_BATCH = 1.0  # seconds: relatime updates are collected and committed together
-STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
-TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimmed past us
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
 
 
@@ -146,8 +142,6 @@ class Filesystem:
             options.prometheus_port,
             read_only=options.read_only,
         )
-        if self.leases is not None:
-            self.metering.extra = self._lease_metrics
         self.blocks = BlockIO(
             store,
             self.cache,
@@ -188,7 +182,11 @@ class Filesystem:
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
         self._inval_send = send
         self.invalidations = recv  # consumed by the FUSE adapter
-        self.started = time.time()
+        self.housekeeping = Housekeeping(
+            store, sb, options, self.meta, self.leases, self.metering, self.held_blocks
+        )
+        if self.leases is not None:
+            self.metering.extra = self.housekeeping.lease_metrics
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -203,8 +201,8 @@ class Filesystem:
         if self.leases is not None:
             await self.leases.start(nursery, self.opts.cache_locked)
         await nursery.start(self.cache.run)
-        nursery.start_soon(self._poller)
-        nursery.start_soon(self._heartbeat)
+        nursery.start_soon(self.housekeeping.poller)
+        nursery.start_soon(self.housekeeping.heartbeat)
         nursery.start_soon(self._atime_committer)
         nursery.start_soon(self.writeback.run, self._flush_file)
 
@@ -230,104 +228,9 @@ class Filesystem:
         except StoreError:
             pass
 
-    async def _poller(self) -> None:
-        last_gc = last_trim_check = time.monotonic()
-        while True:
-            await trio.sleep(self.opts.poll_interval)
-            try:
-                check = time.monotonic() - last_trim_check > TRIM_CHECK_INTERVAL
-                if check:
-                    last_trim_check = time.monotonic()
-                await self.meta.catch_up(check_trimmed=check)
-                await self.meta.maybe_checkpoint()
-                if not self.opts.read_only and time.monotonic() - last_gc > self.opts.gc_interval:
-                    last_gc = time.monotonic()
-                    r = await gc_collect(self.store, self.meta, grace=self.opts.gc_grace)
-                    log.info(
-                        "gc: %d blocks deleted, %d log entries trimmed",
-                        r.deleted_blocks + r.swept_orphans,
-                        r.trimmed_entries,
-                    )
-            except EfsishError as e:
-                log.warning("background catch-up failed: %s", e)
-            except Exception:
-                # A bug here must not take the mount (and everyone's unflushed writes)
-                # down with it: say so loudly and keep serving.
-                log.exception("background catch-up crashed; the mount keeps running")
-
-    async def _heartbeat(self) -> None:
-        stored: int | None = None
-        last_measure = 0.0
-        while True:
-            try:
-                # First the heartbeat itself: without it, other mounts' gc would take
-                # this mount for crashed and stop sparing the blocks it holds.
-                await self.write_heartbeat()
-                if stored is None or time.monotonic() - last_measure > STORED_REMEASURE:
-                    stored = (await self.meta.read(View.stats))[1]
-                    last_measure = time.monotonic()
-                others = await heartbeat.read_all(self.store, exclude=self.meta.client_id)
-                if self.leases is not None:
-                    self.leases.peers_seen(others)
-                recent = 5 * self.opts.heartbeat_interval
-                if any(hb.starving and hb.age() < recent for hb in others):
-                    self.meta.make_room(2 * self.opts.heartbeat_interval)
-                await self.metering.sync(others, stored)
-            except (StoreError, FsError) as e:  # FsError: the view is unusable for now
-                log.warning("heartbeat failed: %s", e)
-            except Exception:
-                log.exception("heartbeat crashed; the mount keeps running")
-            await trio.sleep(self.opts.heartbeat_interval)
-
     async def write_heartbeat(self) -> None:
-        """Publish where this mount is (clients/<id>): read by status and gc. A
-        read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
-        if self.opts.read_only:
-            return
-        domains: list[str] = []
-        rows = oldest = 0
-        if self.leases is not None:
-            held = sorted(self.leases.state.held)
-            if held:
-                domains = [f"#{d}" for d in held]
-                with trio.move_on_after(1.0):  # never hold the heartbeat up for names
-                    try:
-                        domains = await self.meta.read(domain_paths, held)
-                    except FsError:
-                        pass
-            rows = self.meta.journal_rows
-            if rows:
-                oldest = time.time_ns() - int(self.leases.journal_age() * 1e9)
-        hb = heartbeat.Heartbeat(
-            client=self.meta.client_id,
-            t=time.time_ns(),
-            host=socket.gethostname(),
-            mountpoint=self.opts.mountpoint,
-            version=__version__,
-            pid=os.getpid(),
-            applied_seq=self.meta.applied_seq,
-            starving=self.meta.starving,
-            held=self.held_blocks(),
-            metered_total=self.metering.drain_metered(),
-            started=int(self.started * 1e9),
-            nudge=self.leases.nudge_address if self.leases is not None else None,
-            format=self.sb.format_version,
-            newest_format=NEWEST_FORMAT,
-            domains=domains,
-            journal_rows=rows,
-            journal_oldest=oldest,
-        )
-        await heartbeat.write(self.store, hb)
-
-    def _lease_metrics(self) -> dict[str, float]:
-        """The lease state for the metrics (stats file, Prometheus): domains held, the
-        journal's rows and the age of the oldest one."""
-        assert self.leases is not None
-        return {
-            "LeasesHeld": float(len(self.leases.state.held)),
-            "JournalRows": float(self.meta.journal_rows),
-            "JournalOldestAgeSeconds": self.leases.journal_age(),
-        }
+        """Publish where this mount is now (see Housekeeping.write_heartbeat)."""
+        await self.housekeeping.write_heartbeat()
 
     def held_blocks(self, limit: int = 10000) -> list[str]:
         """Blocks this mount may still read that the log no longer references: those of
