@@ -36,10 +36,11 @@ from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
 from efsish.housekeeping import Housekeeping
 from efsish.meta import heartbeat
-from efsish.meta.leases import LeaseConfig, Leases, load_client_id
+from efsish.meta.leases import LeaseConfig, Leases
 from efsish.meta.log import MetaLog
 from efsish.meta.ops import Op
 from efsish.meta.planning import PlanContext
+from efsish.meta.recovery import load_client_id
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering

@@ -27,19 +27,17 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
-from efsish.meta import heartbeat, journal, leasing, nudge
+from efsish.meta import heartbeat, journal, leasing, nudge, recovery
 from efsish.meta.heartbeat import Heartbeat
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
@@ -47,22 +45,19 @@ from efsish.meta.nudge import Nudge, Nudger
 from efsish.meta.ops import (
     JOURNALED,
     SYNC,
-    Extent,
     LAdopt,
     LDirty,
     LFlush,
     LogEntry,
-    LRcv,
     LRec,
     LRel,
     LTko,
-    Mk,
     Op,
     Sess,
     Write,
 )
 from efsish.meta.planning import LeaseHeader, NeedDomain, PlanContext, Planner
-from efsish.meta.view import ROOT_INO, ApplyResult, Holder, View
+from efsish.meta.view import ApplyResult, Holder, View
 
 log = logging.getLogger(__name__)
 
@@ -92,44 +87,6 @@ class LeaseConfig:
     acquire: bool = True  # False: -o sync (respects others' leases, takes none)
     nudge: str = "off"  # -o nudge=auto|off|HOST:PORT (§11)
     clock: Callable[[], float] = boottime
-
-
-def load_client_id(cache_dir: Path) -> str:
-    """The client id kept in the cache dir (LEASES.md §2): a restarted daemon on the
-    same cache dir is the same client. Created on first use."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / "client_id"
-    try:
-        cid = path.read_text().strip()
-        if cid:
-            return cid
-    except FileNotFoundError:
-        pass
-    cid = uuid.uuid4().hex[:16]
-    tmp = cache_dir / "client_id.tmp"
-    tmp.write_text(cid + "\n")
-    os.replace(tmp, path)
-    return cid
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, killed but not reaped yet, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        stat_ = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return stat_.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 class Staging(Protocol):
@@ -656,73 +613,18 @@ class Leases:
         finally:
             self.recovering = False
 
-    async def _salvage_and_rebuild(self, fenced_inc: int) -> _Salvage:
+    async def _salvage_and_rebuild(self, fenced_inc: int) -> recovery.Salvage:
         """`fenced_inc`: the incarnation that wrote the journal."""
         bad = self._bad_blocks
-        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc, bad))
+        salvage = await self.meta.rebuild(lambda v: recovery.salvage(v, fenced_inc, bad))
         self.fenced = None
         self.valid_until.clear()
         self._oldest = None
         return salvage
 
-    async def _write_recovery(self, salvage: _Salvage) -> None:
-        """Write the recovery directory (LEASES.md §10): `lrcv` with the mkdir of
-        `/.efsish-recovered/<client>-<UTC time>/` first (a sync entry: it ends the
-        fencing), then every file the journal created or changed, at the path it had,
-        with its owner and mode, and JOURNAL.txt listing every fenced change."""
-        client, inc = self.client, salvage.inc
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"{client}-{stamp}".encode()
-        path = f"/{RECOVERY_DIR.decode()}/{name.decode()}"
-        now = time.time_ns()
-
-        def top(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-            ino = view.lookup(ROOT_INO, RECOVERY_DIR)
-            if ino is not None:
-                return [], ino
-            ino = pc.alloc_ino(view)
-            return [Mk(ino, ROOT_INO, RECOVERY_DIR, stat.S_IFDIR | 0o711, 0, 0, now)], ino
-
-        rdir = await self.submit(top)
-
-        def mk_named(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-            ino = pc.alloc_ino(view)
-            mk = Mk(ino, rdir, name, stat.S_IFDIR | 0o711, 0, 0, now)
-            return [mk, LRcv(client, inc, path)], ino
-
-        base = await self.submit(mk_named)
-        dirs: dict[tuple[bytes, ...], int] = {(): base}
-
-        async def ensure(parts: tuple[bytes, ...]) -> int:
-            if parts in dirs:
-                return dirs[parts]
-            parent = await ensure(parts[:-1])
-
-            def mkd(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-                found = view.lookup(parent, parts[-1])
-                if found is not None:
-                    return [], found
-                ino = pc.alloc_ino(view)
-                return [Mk(ino, parent, parts[-1], stat.S_IFDIR | 0o711, 0, 0, now)], ino
-
-            dirs[parts] = await self.submit(mkd)
-            return dirs[parts]
-
-        for f in [*salvage.files, _journal_file(salvage)]:
-            parent = await ensure(f.parts[:-1])
-
-            def mkf(
-                view: View, pc: PlanContext, f: _File = f, parent: int = parent
-            ) -> tuple[list[Op], None]:
-                if view.lookup(parent, f.parts[-1]) is not None:
-                    return [], None
-                ino = pc.alloc_ino(view)
-                ops: list[Op] = [Mk(ino, parent, f.parts[-1], f.mode, f.uid, f.gid, now)]
-                if f.extents:
-                    ops.append(Write(ino, tuple(f.extents), f.size, now))
-                return ops, None
-
-            await self.submit(mkf)
+    async def _write_recovery(self, salvage: recovery.Salvage) -> None:
+        """Write the recovery directory (efsish.meta.recovery), then commit it."""
+        path = await recovery.write_recovery(self.submit, self.client, salvage)
         await self._flush()
         log.warning(
             "changes this mount answered were fenced (another mount took its lease over): "
@@ -741,8 +643,8 @@ class Leases:
         await self.start_nudges(nursery)
         prev = await self.meta.read(lambda v: v.session(self.client))
         self._last_inc = prev[0] if prev is not None else 0
-        proven = cache_locked and self._old_daemon_dead()
-        self._record_daemon()
+        proven = cache_locked and recovery.old_daemon_dead(self.cache_dir)
+        recovery.record_daemon(self.cache_dir)
         await self._recover_staged()
         salvage = None
         if self.fenced is not None:
@@ -924,26 +826,6 @@ class Leases:
 
             await self.meta.submit(adopt)
 
-    def _daemon_file(self) -> Path:
-        return self.cache_dir / "daemon.json"
-
-    def _old_daemon_dead(self) -> bool:
-        """The cache dir proves the daemon that used it last is gone: the same boot
-        and its pid gone (or this process: an in-process restart), under the cache
-        dir's lock (LEASES.md §9)."""
-        try:
-            d: dict[str, Any] = json.loads(self._daemon_file().read_text())
-        except (OSError, ValueError):
-            return False
-        pid = int(d.get("pid", 0))
-        return d.get("boot_id") == _boot_id() and (pid == os.getpid() or not _pid_alive(pid))
-
-    def _record_daemon(self) -> None:
-        path = self._daemon_file()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"boot_id": _boot_id(), "pid": os.getpid()}))
-        os.replace(tmp, path)
-
     async def release_all(self) -> None:
         """Clean unmount: flush, then release every held domain (§6.5)."""
         if self.fenced is not None or self.inc == 0:
@@ -1043,87 +925,11 @@ def _still_valid(view: View, op: Op) -> bool:
     return True
 
 
-RECOVERY_DIR = b".efsish-recovered"
-JOURNAL_TXT_MAX = 512 * 1024  # bytes of JOURNAL.txt kept (inline in the log)
-
-
-@dataclass
-class _File:
-    parts: tuple[bytes, ...]  # the path it had, under the recovery directory
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    extents: list[Extent]
-
-
-@dataclass
-class _Salvage:
-    inc: int  # the fenced incarnation
-    files: list[_File]
-    journal: list[str]  # one line per fenced change
-
-
 def domain_paths(view: View, domains: list[int]) -> list[str]:
     """The paths of these domains' roots, for status (`#ino` for one not found)."""
     out = []
     for d in domains:
-        parts = _path_of(view, d)
+        parts = recovery.path_of(view, d)
         name = b"/" + b"/".join(parts) if parts is not None else f"#{d}".encode()
         out.append(name.decode(errors="replace"))  # shown to people, sent as JSON
     return out
-
-
-def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
-    parts: list[bytes] = []
-    cur = ino
-    for _ in range(10_000):
-        if cur == ROOT_INO:
-            return tuple(reversed(parts))
-        row = view.db.execute(
-            "SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", (cur,)
-        ).fetchone()
-        if row is None:
-            return None
-        parts.append(bytes(row[1]))
-        cur = int(row[0])
-    return None
-
-
-def _salvage(view: View, inc: int, bad: set[str] | None = None) -> _Salvage:
-    """What the journal made, from the view that holds it (before the rebuild): the
-    regular files it created or whose data it changed, as they are now, and its ops.
-    Extents of `bad` blocks (staged blocks that failed their checksum) are left out:
-    those bytes read as zeros, and JOURNAL.txt names them."""
-    rows = journal.rows(view)
-    lines: list[str] = []
-    inos: dict[int, None] = {}
-    for r in rows:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t / 1e9))
-        lines.append(f"{r.jseq} {when} {json.dumps(r.op.wire(), sort_keys=True)}")
-        if (isinstance(r.op, Mk) and stat.S_ISREG(r.op.mode)) or isinstance(r.op, Write):
-            inos[r.op.ino] = None
-    files: list[_File] = []
-    for ino in inos:
-        attr = view.getattr(ino)
-        parts = _path_of(view, ino) if attr is not None else None
-        if attr is None or parts is None or not attr.is_reg:
-            continue  # removed again by the journal itself
-        exts = view.extents(ino)
-        if bad:
-            exts = [e for e in exts if e.key not in bad]
-        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, exts))
-    for key in sorted(bad or ()):
-        lines.append(f"block {key} failed its checksum after a crash: left out (zeros)")
-    return _Salvage(inc, files, lines)
-
-
-def _journal_file(s: _Salvage) -> _File:
-    text = ("\n".join(s.journal) + "\n").encode()
-    if len(text) > JOURNAL_TXT_MAX:
-        text = text[: JOURNAL_TXT_MAX - 64] + b"\n[... truncated: see the daemon's log]\n"
-    exts = [
-        Extent(off, len(text[off : off + 16384]), data=text[off : off + 16384])
-        for off in range(0, len(text), 16384)
-    ]
-    return _File((b"JOURNAL.txt",), stat.S_IFREG | 0o600, 0, 0, len(text), exts)
