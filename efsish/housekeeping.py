@@ -113,7 +113,7 @@ class Housekeeping:
                     last_measure = time.monotonic()
                 others = await heartbeat.read_all(self.store, exclude=self.meta.client_id)
                 if self.leases is not None:
-                    self.leases.peers_seen(others)
+                    self.leases.nudges.peers_seen(others)
                 recent = 5 * self.opts.heartbeat_interval
                 if any(hb.starving and hb.age() < recent for hb in others):
                     self.meta.make_room(2 * self.opts.heartbeat_interval)
@@ -155,7 +155,7 @@ class Housekeeping:
             held=self.held_blocks(),
             metered_total=self.metering.drain_metered(),
             started=int(self.started * 1e9),
-            nudge=self.leases.nudge_address if self.leases is not None else None,
+            nudge=self.leases.nudges.address if self.leases is not None else None,
             format=self.sb.format_version,
             newest_format=NEWEST_FORMAT,
             domains=domains,
