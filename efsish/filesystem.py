@@ -1,14 +1,24 @@
-"""POSIX semantics over the metadata log and immutable data blocks.
+"""The POSIX facade: what the FUSE adapter calls.
 
-Filesystem is what the FUSE adapter calls: every method takes plain values (inode numbers,
-bytes names, a Ctx with the caller's uid/gid) and returns plain values or raises FsError
-with an errno. Metadata changes are planners submitted to the MetaLog (validated against
-the view, committed as log ops). File data goes through efsish/data/: this module keeps
-the table of open files and hands writes to Writeback (buffers, uploads, the write
-budget) and reads to Reader; a flush waits for the file's uploads, then commits its new
-layout here, planned like any other change.
+Every method takes plain values (inode numbers, bytes names, a Ctx with the caller's
+uid/gid) and returns plain values or raises FsError with an errno. A change is a
+planner from efsish.posix (namespace, attrs, xattrs: validated against the view,
+returned as log ops) that this module meters and submits through the lease policy
+(`_commit`: journaled under a lease, or committed to the log); a read that
+close-to-open covers goes through `_read_in` (answered from the view under a valid
+lease, else after catch-up and recalls). File data goes through efsish/data/: this
+module keeps the table of open files and hands writes to Writeback (buffers, uploads,
+the write budget) and reads to Reader; a flush waits for the file's uploads, then
+commits the layout posix.attrs plans. The background loops are efsish.housekeeping.
 
-This module must not import pyfuse3; tests drive it directly.
+This module must not import pyfuse3 (tests drive it directly) or validate a change
+itself (its planner does).
+
+It is longer than the ~600 lines the project aims for: it is the one place where each
+of some forty POSIX calls is routed, and most of them read the state it keeps (open
+files and handles, snapshots of inodes freed while open or known to the kernel,
+attribute changes deferred to a flush, access times due); each method is a few lines
+that hand over to posix/, data/ or meta/.
 """
 
 from __future__ import annotations
@@ -469,6 +479,7 @@ class Filesystem:
         fh: int | None = None,
     ) -> Attr:
         self._writable()
+        ch = attrs.Change(mode, uid, gid, size, atime, mtime)
         of = self.files.get(ino)
         if size is not None:
             if size < 0:
@@ -476,7 +487,7 @@ class Filesystem:
             if of is not None:
                 await self._flush_file(of)
         if of is not None and of.orphan is not None:
-            return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
+            return await self._orphan_setattr(of, ch)
 
         if size is None and of is not None and of.modified and of.orphan is None:
             current = await self._attr(ino)
@@ -485,7 +496,7 @@ class Filesystem:
                 # log entry instead of one per call: tar, cp -p and rsync set owner,
                 # mode and times on every file they write). Other mounts see it at
                 # close, like the data; a crash loses it only together with the data.
-                changes = attrs.attr_changes(current, mode, uid, gid, atime, mtime)
+                changes = attrs.attr_changes(current, ch)
                 changes["ctime"] = self._now()
                 of.deferred.update(changes)
                 if mtime is not None:
@@ -493,14 +504,12 @@ class Filesystem:
                 return self._overlay(current)
 
         try:
-            attr: Attr = await self._submit(
-                attrs.setattr_plan(ino, mode, uid, gid, size, atime, mtime)
-            )
+            attr: Attr = await self._submit(attrs.setattr_plan(ino, ch))
         except FsError as e:
             if e.errno == errno.ENOENT and of is not None and of.orphan is not None:
                 # Another mount unlinked the open file while this change was on its way
                 # (the log position it planned for held the unlink): it now lives here.
-                return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
+                return await self._orphan_setattr(of, ch)
             raise
         if size is not None and of is not None:
             self.budget.truncate(of.dirty, size)
@@ -509,32 +518,23 @@ class Filesystem:
             of.mtime = mtime
         return self._overlay(attr)
 
-    async def _orphan_setattr(
-        self,
-        of: OpenFile,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        size: int | None,
-        atime: int | None,
-        mtime: int | None,
-    ) -> Attr:
+    async def _orphan_setattr(self, of: OpenFile, ch: attrs.Change) -> Attr:
         """setattr of a file unlinked while open: it lives only on this mount until its
         last close, so the change is made to its snapshot here (ftruncate, fchmod,
         futimens on such a descriptor work, as on a local filesystem)."""
         assert of.orphan is not None
         a = of.orphan.attr
         now = self._now()
-        if size is not None:
-            await of.truncate_unlinked(size, self.budget)
+        if ch.size is not None:
+            await of.truncate_unlinked(ch.size, self.budget)
             if of.ino in self.ghosts:
                 self.ghosts[of.ino] = of.orphan
-            of.size = a.size = size
+            of.size = a.size = ch.size
             a.mtime = of.mtime = now
-        for k, v in attrs.attr_changes(a, mode, uid, gid, atime, mtime).items():
+        for k, v in attrs.attr_changes(a, ch).items():
             setattr(a, k, v)
-        if mtime is not None:
-            of.mtime = mtime
+        if ch.mtime is not None:
+            of.mtime = ch.mtime
         a.ctime = now
         return await self._attr(of.ino)
 

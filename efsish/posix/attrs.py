@@ -14,6 +14,7 @@ from __future__ import annotations
 import errno
 import stat
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 from efsish.data.openfile import Pending
 from efsish.errors import FsError
@@ -23,15 +24,22 @@ from efsish.meta.view import Attr, View
 from efsish.posix.rules import need
 
 
-def attr_changes(
-    a: Attr,
-    mode: int | None,
-    uid: int | None,
-    gid: int | None,
-    atime: int | None,
-    mtime: int | None,
-) -> dict[str, int]:
-    """The attribute values a chmod/chown/utimens of `a` sets (POSIX rules)."""
+@dataclass(frozen=True)
+class Change:
+    """What a setattr asks for; None leaves that attribute as it is."""
+
+    mode: int | None = None
+    uid: int | None = None
+    gid: int | None = None
+    size: int | None = None
+    atime: int | None = None
+    mtime: int | None = None
+
+
+def attr_changes(a: Attr, ch: Change) -> dict[str, int]:
+    """The attribute values the chmod/chown/utimens part of `ch` sets on `a` (POSIX
+    rules; the size is the caller's)."""
+    mode, uid, gid = ch.mode, ch.uid, ch.gid
     out: dict[str, int] = {}
     new_mode = a.mode
     if mode is not None:
@@ -48,36 +56,28 @@ def attr_changes(
         out["uid"] = uid
     if gid is not None:
         out["gid"] = gid
-    if atime is not None:
-        out["atime"] = atime
-    if mtime is not None:
-        out["mtime"] = mtime
+    if ch.atime is not None:
+        out["atime"] = ch.atime
+    if ch.mtime is not None:
+        out["mtime"] = ch.mtime
     return out
 
 
-def setattr_plan(
-    ino: int,
-    mode: int | None,
-    uid: int | None,
-    gid: int | None,
-    size: int | None,
-    atime: int | None,
-    mtime: int | None,
-) -> Planner[None]:
+def setattr_plan(ino: int, ch: Change) -> Planner[None]:
     """setattr of `ino` committed on its own; the result (`pc.after`) is its new
     attributes."""
 
     def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
         a = need(view, ino)
         changes: dict[str, int] = {"ctime": pc.now_ns}
-        if size is not None:
+        if ch.size is not None:
             if a.is_dir:
                 raise FsError("is a directory", errno.EISDIR)
             if not a.is_reg:
                 raise FsError("not a regular file", errno.EINVAL)
-            changes["size"] = size
+            changes["size"] = ch.size
             changes["mtime"] = pc.now_ns
-        changes.update(attr_changes(a, mode, uid, gid, atime, mtime))
+        changes.update(attr_changes(a, ch))
         pc.after = lambda v: v.getattr(ino)
         return [SetAttr(ino, **changes)], None
 
