@@ -1,14 +1,24 @@
-"""POSIX semantics over the metadata log and immutable data blocks.
+"""The POSIX facade: what the FUSE adapter calls.
 
-Filesystem is what the FUSE adapter calls: every method takes plain values (inode numbers,
-bytes names, a Ctx with the caller's uid/gid) and returns plain values or raises FsError
-with an errno. Metadata changes are planners submitted to the MetaLog (validated against
-the view, committed as log ops). File data goes through efsish/data/: this module keeps
-the table of open files and hands writes to Writeback (buffers, uploads, the write
-budget) and reads to Reader; a flush waits for the file's uploads, then commits its new
-layout here, planned like any other change.
+Every method takes plain values (inode numbers, bytes names, a Ctx with the caller's
+uid/gid) and returns plain values or raises FsError with an errno. A change is a
+planner from efsish.posix (namespace, attrs, xattrs: validated against the view,
+returned as log ops) that this module meters and submits through the lease policy
+(`_commit`: journaled under a lease, or committed to the log); a read that
+close-to-open covers goes through `_read_in` (answered from the view under a valid
+lease, else after catch-up and recalls). File data goes through efsish/data/: this
+module keeps the table of open files and hands writes to Writeback (buffers, uploads,
+the write budget) and reads to Reader; a flush waits for the file's uploads, then
+commits the layout posix.attrs plans. The background loops are efsish.housekeeping.
 
-This module must not import pyfuse3; tests drive it directly.
+This module must not import pyfuse3 (tests drive it directly) or validate a change
+itself (its planner does).
+
+It is longer than the ~600 lines the project aims for: it is the one place where each
+of some forty POSIX calls is routed, and most of them read the state it keeps (open
+files and handles, snapshots of inodes freed while open or known to the kernel,
+attribute changes deferred to a flush, access times due); each method is a few lines
+that hand over to posix/, data/ or meta/.
 """
 
 from __future__ import annotations
@@ -17,7 +27,6 @@ import errno
 import logging
 import math
 import os
-import socket
 import stat
 import time
 from collections.abc import Awaitable, Callable
@@ -27,8 +36,6 @@ from typing import Any, TypeVar
 
 import trio
 
-from efsish import __version__, acl
-from efsish.acl import ACL_ACCESS, ACL_DEFAULT
 from efsish.data.blocks import BlockIO
 from efsish.data.budget import WriteBudget
 from efsish.data.cache import BlockCache
@@ -37,46 +44,46 @@ from efsish.data.reader import Reader
 from efsish.data.staged import StagedBlocks
 from efsish.data.writeback import Writeback
 from efsish.errors import EfsishError, FsError, StoreError, to_errno
-from efsish.gc import collect as gc_collect
+from efsish.housekeeping import Housekeeping
 from efsish.meta import heartbeat
-from efsish.meta.leases import LeaseConfig, Leases, domain_paths, load_client_id
+from efsish.meta.leases import LeaseConfig, Leases
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import Ln, Mk, Mv, Op, RemoveXattr, Rm, SetAttr, SetXattr, Write
+from efsish.meta.ops import Op
 from efsish.meta.planning import PlanContext
-from efsish.meta.superblock import NEWEST_FORMAT, Superblock
+from efsish.meta.recovery import load_client_id
+from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
+from efsish.posix import attrs, namespace, xattrs
+from efsish.posix.rules import (
+    NAME_MAX,
+    RENAME_EXCHANGE,
+    RENAME_NOREPLACE,
+    XATTR_CREATE,
+    XATTR_REPLACE,
+    Ctx,
+    check_name_len,
+)
 from efsish.store import ObjectStore
+
+__all__ = [
+    "RENAME_EXCHANGE",
+    "RENAME_NOREPLACE",
+    "XATTR_CREATE",
+    "XATTR_REPLACE",
+    "Ctx",
+    "Filesystem",
+    "Options",
+]
 
 log = logging.getLogger(__name__)
 
 T = TypeVar("T")
 
-NAME_MAX = 255
-SYMLINK_MAX = 4095  # PATH_MAX - 1, as Linux filesystems (the kernel refuses longer ones)
-LINK_MAX = 177  # EFS's limit on hard links to one file
-XATTR_NAME_MAX = 255
-XATTR_SIZE_MAX = 65536
 VIRTUAL_SIZE = 1 << 50  # statfs: 1 PiB of capacity, like EFS "unlimited"
-XATTR_CREATE = 1
-XATTR_REPLACE = 2
-RENAME_NOREPLACE = 1
-RENAME_EXCHANGE = 2
 ATIME_REFRESH_NS = 24 * 3600 * 10**9
 ATIME_BATCH = 1.0  # seconds: relatime updates are collected and committed together
-STORED_REMEASURE = 60.0  # seconds between measurements of the stored size (EFS: ~hourly)
-TRIM_CHECK_INTERVAL = 30.0  # seconds between checks that the log was not trimmed past us
 METADATA_OP_BYTES = 4096  # EFS meters every metadata operation as 4 KiB
-
-
-@dataclass(frozen=True)
-class Ctx:
-    """Who is asking: the caller's uid/gid, and for a create the caller's umask when
-    efsish applies it (FUSE_DONT_MASK in effect), None when the kernel already has."""
-
-    uid: int = 0
-    gid: int = 0
-    umask: int | None = None
 
 
 @dataclass
@@ -106,20 +113,6 @@ class Options:
     cache_locked: bool = False
     lease_clock: Callable[[], float] | None = None
     nudge: str = "auto"  # -o nudge= (lease mode): where other mounts nudge this one
-
-
-def _other_system_xattr(name: bytes) -> bool:
-    """A system.* name other than the POSIX ACLs. The kernel checks no permission for
-    system.* names (it leaves them to the filesystem), and ext4 knows no others: they are
-    refused (EOPNOTSUPP), or any user could attach data to any file they can see."""
-    return name.startswith(b"system.") and name not in (ACL_ACCESS, ACL_DEFAULT)
-
-
-def _check_name(name: bytes) -> None:
-    if len(name) > NAME_MAX:
-        raise FsError("name too long", errno.ENAMETOOLONG)
-    if not name or b"/" in name or name in (b".", b".."):
-        raise FsError("invalid name", errno.EINVAL)
 
 
 class Filesystem:
@@ -160,8 +153,6 @@ class Filesystem:
             options.prometheus_port,
             read_only=options.read_only,
         )
-        if self.leases is not None:
-            self.metering.extra = self._lease_metrics
         self.blocks = BlockIO(
             store,
             self.cache,
@@ -202,7 +193,11 @@ class Filesystem:
         send, recv = trio.open_memory_channel[tuple[str, int, bytes]](math.inf)
         self._inval_send = send
         self.invalidations = recv  # consumed by the FUSE adapter
-        self.started = time.time()
+        self.housekeeping = Housekeeping(
+            store, sb, options, self.meta, self.leases, self.metering, self.held_blocks
+        )
+        if self.leases is not None:
+            self.metering.extra = self.housekeeping.lease_metrics
 
     # ----------------------------------------------------------------- lifecycle
 
@@ -217,8 +212,8 @@ class Filesystem:
         if self.leases is not None:
             await self.leases.start(nursery, self.opts.cache_locked)
         await nursery.start(self.cache.run)
-        nursery.start_soon(self._poller)
-        nursery.start_soon(self._heartbeat)
+        nursery.start_soon(self.housekeeping.poller)
+        nursery.start_soon(self.housekeeping.heartbeat)
         nursery.start_soon(self._atime_committer)
         nursery.start_soon(self.writeback.run, self._flush_file)
 
@@ -244,104 +239,9 @@ class Filesystem:
         except StoreError:
             pass
 
-    async def _poller(self) -> None:
-        last_gc = last_trim_check = time.monotonic()
-        while True:
-            await trio.sleep(self.opts.poll_interval)
-            try:
-                check = time.monotonic() - last_trim_check > TRIM_CHECK_INTERVAL
-                if check:
-                    last_trim_check = time.monotonic()
-                await self.meta.catch_up(check_trimmed=check)
-                await self.meta.maybe_checkpoint()
-                if not self.opts.read_only and time.monotonic() - last_gc > self.opts.gc_interval:
-                    last_gc = time.monotonic()
-                    r = await gc_collect(self.store, self.meta, grace=self.opts.gc_grace)
-                    log.info(
-                        "gc: %d blocks deleted, %d log entries trimmed",
-                        r.deleted_blocks + r.swept_orphans,
-                        r.trimmed_entries,
-                    )
-            except EfsishError as e:
-                log.warning("background catch-up failed: %s", e)
-            except Exception:
-                # A bug here must not take the mount (and everyone's unflushed writes)
-                # down with it: say so loudly and keep serving.
-                log.exception("background catch-up crashed; the mount keeps running")
-
-    async def _heartbeat(self) -> None:
-        stored: int | None = None
-        last_measure = 0.0
-        while True:
-            try:
-                # First the heartbeat itself: without it, other mounts' gc would take
-                # this mount for crashed and stop sparing the blocks it holds.
-                await self.write_heartbeat()
-                if stored is None or time.monotonic() - last_measure > STORED_REMEASURE:
-                    stored = (await self.meta.read(View.stats))[1]
-                    last_measure = time.monotonic()
-                others = await heartbeat.read_all(self.store, exclude=self.meta.client_id)
-                if self.leases is not None:
-                    self.leases.peers_seen(others)
-                recent = 5 * self.opts.heartbeat_interval
-                if any(hb.starving and hb.age() < recent for hb in others):
-                    self.meta.make_room(2 * self.opts.heartbeat_interval)
-                await self.metering.sync(others, stored)
-            except (StoreError, FsError) as e:  # FsError: the view is unusable for now
-                log.warning("heartbeat failed: %s", e)
-            except Exception:
-                log.exception("heartbeat crashed; the mount keeps running")
-            await trio.sleep(self.opts.heartbeat_interval)
-
     async def write_heartbeat(self) -> None:
-        """Publish where this mount is (clients/<id>): read by status and gc. A
-        read-only mount publishes nothing (see docs/ARCHITECTURE.md, read-only mounts)."""
-        if self.opts.read_only:
-            return
-        domains: list[str] = []
-        rows = oldest = 0
-        if self.leases is not None:
-            held = sorted(self.leases.state.held)
-            if held:
-                domains = [f"#{d}" for d in held]
-                with trio.move_on_after(1.0):  # never hold the heartbeat up for names
-                    try:
-                        domains = await self.meta.read(domain_paths, held)
-                    except FsError:
-                        pass
-            rows = self.meta.journal_rows
-            if rows:
-                oldest = time.time_ns() - int(self.leases.journal_age() * 1e9)
-        hb = heartbeat.Heartbeat(
-            client=self.meta.client_id,
-            t=time.time_ns(),
-            host=socket.gethostname(),
-            mountpoint=self.opts.mountpoint,
-            version=__version__,
-            pid=os.getpid(),
-            applied_seq=self.meta.applied_seq,
-            starving=self.meta.starving,
-            held=self.held_blocks(),
-            metered_total=self.metering.drain_metered(),
-            started=int(self.started * 1e9),
-            nudge=self.leases.nudge_address if self.leases is not None else None,
-            format=self.sb.format_version,
-            newest_format=NEWEST_FORMAT,
-            domains=domains,
-            journal_rows=rows,
-            journal_oldest=oldest,
-        )
-        await heartbeat.write(self.store, hb)
-
-    def _lease_metrics(self) -> dict[str, float]:
-        """The lease state for the metrics (stats file, Prometheus): domains held, the
-        journal's rows and the age of the oldest one."""
-        assert self.leases is not None
-        return {
-            "LeasesHeld": float(len(self.leases.state.held)),
-            "JournalRows": float(self.meta.journal_rows),
-            "JournalOldestAgeSeconds": self.leases.journal_age(),
-        }
+        """Publish where this mount is now (see Housekeeping.write_heartbeat)."""
+        await self.housekeeping.write_heartbeat()
 
     def held_blocks(self, limit: int = 10000) -> list[str]:
         """Blocks this mount may still read that the log no longer references: those of
@@ -492,25 +392,10 @@ class Filesystem:
         if self.leases is not None:
             await self.leases.sync()
 
-    @staticmethod
-    def _need(view: View, ino: int) -> Attr:
-        a = view.getattr(ino)
-        if a is None:
-            raise FsError("no such inode", errno.ENOENT)
-        return a
-
-    @staticmethod
-    def _need_dir(view: View, ino: int) -> Attr:
-        a = Filesystem._need(view, ino)
-        if not a.is_dir:
-            raise FsError("not a directory", errno.ENOTDIR)
-        return a
-
     # -------------------------------------------------------------------- lookups
 
     async def lookup(self, parent: int, name: bytes) -> Attr:
-        if len(name) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
+        check_name_len(name)
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
         if name == b"..":
             # The parent of a domain root is in the top: always the read barrier.
@@ -556,43 +441,7 @@ class Filesystem:
         rdev: int = 0,
         target: bytes | None = None,
     ) -> Attr:
-        _check_name(name)
-        if target is not None and len(target) > SYMLINK_MAX:
-            raise FsError("symlink target too long", errno.ENAMETOOLONG)
-        if stat.S_IFMT(mode) == 0:
-            mode |= stat.S_IFREG
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            p = self._need_dir(view, parent)
-            if p.nlink == 0:
-                raise FsError("directory was removed", errno.ENOENT)
-            if view.lookup(parent, name) is not None:
-                raise FsError("exists", errno.EEXIST)
-            gid, m = ctx.gid, mode
-            if p.mode & stat.S_ISGID:
-                gid = p.gid
-                if stat.S_ISDIR(mode):
-                    m |= stat.S_ISGID
-            # POSIX.1e, as ext4: the directory's default ACL, limited by the create
-            # mode, becomes the new inode's access ACL and mode (a symlink's is always
-            # 0777); a new directory also inherits the default ACL itself. Without a
-            # default ACL the umask applies; with one it does not.
-            inherited: list[tuple[bytes, bytes]] = []
-            default = None if stat.S_ISLNK(mode) else view.getxattr(parent, ACL_DEFAULT)
-            if default is None and ctx.umask is not None and not stat.S_ISLNK(mode):
-                m &= ~(ctx.umask & 0o777)
-            if default is not None:
-                m, access = acl.inherit(default, m)
-                if access is not None:
-                    inherited.append((ACL_ACCESS, access))
-                if stat.S_ISDIR(mode):
-                    inherited.append((ACL_DEFAULT, default))
-            ino = pc.alloc_ino(view)
-            pc.after = lambda v: v.getattr(ino)
-            op = Mk(ino, parent, name, m, ctx.uid, gid, pc.now_ns, rdev=rdev, target=target)
-            return [op, *(SetXattr(ino, n, v, pc.now_ns) for n, v in inherited)], None
-
-        attr: Attr = await self._submit(plan)
+        attr: Attr = await self._submit(namespace.mknod(parent, name, mode, ctx, rdev, target))
         return self._overlay(attr)
 
     async def mkdir(self, parent: int, name: bytes, mode: int, ctx: Ctx) -> Attr:
@@ -602,91 +451,17 @@ class Filesystem:
         return await self.mknod(parent, name, stat.S_IFLNK | 0o777, ctx, target=target)
 
     async def link(self, ino: int, parent: int, name: bytes) -> Attr:
-        _check_name(name)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
-            if a.is_dir:
-                raise FsError("hard link to directory", errno.EPERM)
-            if a.nlink >= LINK_MAX:
-                raise FsError("too many links", errno.EMLINK)
-            self._need_dir(view, parent)
-            if view.lookup(parent, name) is not None:
-                raise FsError("exists", errno.EEXIST)
-            pc.after = lambda v: v.getattr(ino)
-            return [Ln(ino, parent, name, pc.now_ns)], None
-
-        attr: Attr = await self._submit(plan)
+        attr: Attr = await self._submit(namespace.link(ino, parent, name))
         return self._overlay(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=False)
+        await self._submit(namespace.remove(parent, name, want_dir=False))
 
     async def rmdir(self, parent: int, name: bytes) -> None:
-        await self._remove(parent, name, want_dir=True)
-
-    async def _remove(self, parent: int, name: bytes, want_dir: bool) -> None:
-        if len(name) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need_dir(view, parent)
-            ino = view.lookup(parent, name)
-            if ino is None:
-                raise FsError("no such entry", errno.ENOENT)
-            a = self._need(view, ino)
-            if want_dir and not a.is_dir:
-                raise FsError("not a directory", errno.ENOTDIR)
-            if not want_dir and a.is_dir:
-                raise FsError("is a directory", errno.EISDIR)
-            if a.is_dir and not view.is_empty_dir(ino):
-                raise FsError("directory not empty", errno.ENOTEMPTY)
-            return [Rm(parent, name, pc.now_ns)], None
-
-        await self._submit(plan)
+        await self._submit(namespace.remove(parent, name, want_dir=True))
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int = 0) -> None:
-        _check_name(dn)
-        if len(sn) > NAME_MAX:
-            raise FsError("name too long", errno.ENAMETOOLONG)
-        if flags & RENAME_NOREPLACE and flags & RENAME_EXCHANGE:
-            raise FsError("bad flags", errno.EINVAL)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            self._need_dir(view, sp)
-            self._need_dir(view, dp)
-            src = view.lookup(sp, sn)
-            if src is None:
-                raise FsError("no such entry", errno.ENOENT)
-            sa = self._need(view, src)
-            dst = view.lookup(dp, dn)
-            if dst is not None and flags & RENAME_NOREPLACE:
-                raise FsError("exists", errno.EEXIST)  # even the same file (renameat2)
-            if dst == src:
-                return [], None  # same file: POSIX says do nothing
-            if sa.is_dir and view.is_ancestor(src, dp):
-                raise FsError("cannot move a directory into itself", errno.EINVAL)
-            op = Mv(sp, sn, dp, dn, pc.now_ns)
-            if flags & RENAME_EXCHANGE:
-                if dst is None:
-                    raise FsError("no such entry", errno.ENOENT)
-                da = self._need(view, dst)
-                if da.is_dir and view.is_ancestor(dst, sp):
-                    raise FsError("cannot move a directory into itself", errno.EINVAL)
-                return [replace(op, exchange=True)], None
-            if dst is not None:
-                if flags & RENAME_NOREPLACE:
-                    raise FsError("exists", errno.EEXIST)
-                da = self._need(view, dst)
-                if sa.is_dir and not da.is_dir:
-                    raise FsError("not a directory", errno.ENOTDIR)
-                if not sa.is_dir and da.is_dir:
-                    raise FsError("is a directory", errno.EISDIR)
-                if da.is_dir and not view.is_empty_dir(dst):
-                    raise FsError("directory not empty", errno.ENOTEMPTY)
-            return [op], None
-
-        await self._submit(plan)
+        await self._submit(namespace.rename(sp, sn, dp, dn, flags))
 
     # ------------------------------------------------------------------- setattr
 
@@ -704,6 +479,7 @@ class Filesystem:
         fh: int | None = None,
     ) -> Attr:
         self._writable()
+        ch = attrs.Change(mode, uid, gid, size, atime, mtime)
         of = self.files.get(ino)
         if size is not None:
             if size < 0:
@@ -711,7 +487,7 @@ class Filesystem:
             if of is not None:
                 await self._flush_file(of)
         if of is not None and of.orphan is not None:
-            return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
+            return await self._orphan_setattr(of, ch)
 
         if size is None and of is not None and of.modified and of.orphan is None:
             current = await self._attr(ino)
@@ -720,34 +496,20 @@ class Filesystem:
                 # log entry instead of one per call: tar, cp -p and rsync set owner,
                 # mode and times on every file they write). Other mounts see it at
                 # close, like the data; a crash loses it only together with the data.
-                changes = self._attr_changes(current, mode, uid, gid, atime, mtime)
+                changes = attrs.attr_changes(current, ch)
                 changes["ctime"] = self._now()
                 of.deferred.update(changes)
                 if mtime is not None:
                     of.mtime = mtime
                 return self._overlay(current)
 
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
-            changes: dict[str, int] = {"ctime": pc.now_ns}
-            if size is not None:
-                if a.is_dir:
-                    raise FsError("is a directory", errno.EISDIR)
-                if not a.is_reg:
-                    raise FsError("not a regular file", errno.EINVAL)
-                changes["size"] = size
-                changes["mtime"] = pc.now_ns
-            changes.update(self._attr_changes(a, mode, uid, gid, atime, mtime))
-            pc.after = lambda v: v.getattr(ino)
-            return [SetAttr(ino, **changes)], None
-
         try:
-            attr: Attr = await self._submit(plan)
+            attr: Attr = await self._submit(attrs.setattr_plan(ino, ch))
         except FsError as e:
             if e.errno == errno.ENOENT and of is not None and of.orphan is not None:
                 # Another mount unlinked the open file while this change was on its way
                 # (the log position it planned for held the unlink): it now lives here.
-                return await self._orphan_setattr(of, mode, uid, gid, size, atime, mtime)
+                return await self._orphan_setattr(of, ch)
             raise
         if size is not None and of is not None:
             self.budget.truncate(of.dirty, size)
@@ -756,66 +518,25 @@ class Filesystem:
             of.mtime = mtime
         return self._overlay(attr)
 
-    async def _orphan_setattr(
-        self,
-        of: OpenFile,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        size: int | None,
-        atime: int | None,
-        mtime: int | None,
-    ) -> Attr:
+    async def _orphan_setattr(self, of: OpenFile, ch: attrs.Change) -> Attr:
         """setattr of a file unlinked while open: it lives only on this mount until its
         last close, so the change is made to its snapshot here (ftruncate, fchmod,
         futimens on such a descriptor work, as on a local filesystem)."""
         assert of.orphan is not None
         a = of.orphan.attr
         now = self._now()
-        if size is not None:
-            await of.truncate_unlinked(size, self.budget)
+        if ch.size is not None:
+            await of.truncate_unlinked(ch.size, self.budget)
             if of.ino in self.ghosts:
                 self.ghosts[of.ino] = of.orphan
-            of.size = a.size = size
+            of.size = a.size = ch.size
             a.mtime = of.mtime = now
-        for k, v in self._attr_changes(a, mode, uid, gid, atime, mtime).items():
+        for k, v in attrs.attr_changes(a, ch).items():
             setattr(a, k, v)
-        if mtime is not None:
-            of.mtime = mtime
+        if ch.mtime is not None:
+            of.mtime = ch.mtime
         a.ctime = now
         return await self._attr(of.ino)
-
-    @staticmethod
-    def _attr_changes(
-        a: Attr,
-        mode: int | None,
-        uid: int | None,
-        gid: int | None,
-        atime: int | None,
-        mtime: int | None,
-    ) -> dict[str, int]:
-        """The attribute values a chmod/chown/utimens of `a` sets (POSIX rules)."""
-        out: dict[str, int] = {}
-        new_mode = a.mode
-        if mode is not None:
-            new_mode = stat.S_IFMT(a.mode) | (mode & 0o7777)
-        owner_changes = (uid is not None and uid != a.uid) or (gid is not None and gid != a.gid)
-        if owner_changes and a.is_reg and mode is None:
-            # chown clears set-user-ID, and set-group-ID when group-executable.
-            new_mode &= ~stat.S_ISUID
-            if new_mode & stat.S_IXGRP:
-                new_mode &= ~stat.S_ISGID
-        if new_mode != a.mode:
-            out["mode"] = new_mode
-        if uid is not None:
-            out["uid"] = uid
-        if gid is not None:
-            out["gid"] = gid
-        if atime is not None:
-            out["atime"] = atime
-        if mtime is not None:
-            out["mtime"] = mtime
-        return out
 
     # ------------------------------------------------------------------ directory
 
@@ -838,42 +559,7 @@ class Filesystem:
     # ------------------------------------------------------------------ xattrs
 
     async def setxattr(self, ino: int, name: bytes, value: bytes, ctx: Ctx, flags: int = 0) -> None:
-        if len(name) > XATTR_NAME_MAX or not name:
-            raise FsError("xattr name too long", errno.ERANGE)
-        if len(value) > XATTR_SIZE_MAX:
-            raise FsError("xattr value too large", errno.E2BIG)
-        if _other_system_xattr(name):
-            raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
-
-        access = acl.parse_acl(value) if name == ACL_ACCESS else None
-        if name in (ACL_ACCESS, ACL_DEFAULT) and (
-            (access is None and name == ACL_ACCESS) or not acl.valid(value)
-        ):
-            raise FsError("invalid ACL", errno.EINVAL)
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
-            old = view.getxattr(ino, name)
-            if flags & XATTR_CREATE and old is not None:
-                raise FsError("xattr exists", errno.EEXIST)
-            if flags & XATTR_REPLACE and old is None:
-                raise FsError("no such xattr", errno.ENODATA)
-            ops: list[Op] = []
-            if access is not None:
-                # As local filesystems do: the ACL's owner/group(mask)/other entries are
-                # the mode bits; an ACL with nothing more is just a mode, not stored.
-                mode, minimal = access
-                new_mode = (a.mode & ~0o777) | mode
-                if new_mode != a.mode:
-                    ops.append(SetAttr(ino, mode=new_mode, ctime=pc.now_ns))
-                if minimal:
-                    if old is not None:
-                        ops.append(RemoveXattr(ino, name, pc.now_ns))
-                    return ops, None
-            ops.append(SetXattr(ino, name, value, pc.now_ns))
-            return ops, None
-
-        await self._submit(plan)
+        await self._submit(xattrs.setxattr(ino, name, value, flags))
 
     async def getxattr(self, ino: int, name: bytes) -> bytes:
         await self._attr(ino)
@@ -885,26 +571,10 @@ class Filesystem:
     async def listxattr(self, ino: int, ctx: Ctx) -> list[bytes]:
         await self._attr(ino)
         names: list[bytes] = await self.meta.read(View.listxattr, ino)
-        if ctx.uid != 0:
-            # The kernel keeps trusted.* from everyone but root, except in listings,
-            # which it leaves to the filesystem (ext4 hides them too).
-            names = [n for n in names if not n.startswith(b"trusted.")]
-        return names
+        return xattrs.listed(names, ctx)
 
     async def removexattr(self, ino: int, name: bytes, ctx: Ctx) -> None:
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            a = self._need(view, ino)
-            if view.getxattr(ino, name) is None:
-                if _other_system_xattr(name):
-                    raise FsError("unsupported system.* xattr", errno.EOPNOTSUPP)
-                raise FsError("no such xattr", errno.ENODATA)
-            if _other_system_xattr(name) and ctx.uid not in (0, a.uid):
-                # One stored before system.* names were refused: its owner (or root)
-                # may remove it, nobody else.
-                raise FsError("not the owner", errno.EPERM)
-            return [RemoveXattr(ino, name, pc.now_ns)], None
-
-        await self._submit(plan)
+        await self._submit(xattrs.removexattr(ino, name, ctx))
 
     # -------------------------------------------------------------------- statfs
 
@@ -974,17 +644,8 @@ class Filesystem:
         if not self._atime_due:
             return
         due, self._atime_due = self._atime_due, {}
-
-        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-            ops: list[Op] = []
-            for ino, t in due.items():
-                a = view.getattr(ino)
-                if a is not None and a.atime < t:
-                    ops.append(SetAttr(ino, atime=t))
-            return ops, None
-
         try:
-            await self._commit(plan)
+            await self._commit(attrs.atimes(due))
         except EfsishError as e:
             log.debug("atime update of %d files failed: %s", len(due), e)
         except Exception:
@@ -1063,17 +724,7 @@ class Filesystem:
             pend = list(of.pending)
             size, mtime = of.size, of.mtime
             deferred = dict(of.deferred)
-
-            def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
-                if view.getattr(of.ino) is None:
-                    return [], None
-                ext = tuple(p.ext for p in pend)
-                ops: list[Op] = [Write(of.ino, ext, size, mtime)]
-                if deferred:
-                    ops.append(SetAttr(of.ino, **deferred))
-                return ops, None
-
-            await self._submit(plan)
+            await self._submit(attrs.layout(of.ino, pend, size, mtime, deferred))
             if of.orphan is not None:
                 # Another mount unlinked the file while this commit was on its way: it
                 # committed nothing, and the file now lives here, its snapshot from

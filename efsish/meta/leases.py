@@ -11,15 +11,22 @@ used here. A domain is valid until `s + lease_time`, `s` the lease-clock time at
 the newest GET of the log that returned 404 (or PUT that landed) was sent with every
 earlier entry applied, and no open recall of the domain was in the view (§7).
 
-Nudges (§11, efsish.meta.nudge): with `nudge` not "off", the mount listens for nudges
-(its address goes in its heartbeat), sends one to the holder when its recall lands and
-one to the recaller when its answer lands; a nudge makes the receiver catch up at once
-instead of at its next poll. They only shorten waits: every one of them also ends by
-polling the log.
+Nudges (§11, efsish.meta.leasenudges): a recall that lands nudges the holder, an
+answer that lands nudges the recaller, so the receiver catches up at once instead of at
+its next poll. They only shorten waits: every one of them also ends by polling the log.
+What survives a restart and the recovery of a fenced journal (the client id, the proof
+the old daemon is gone, the salvage and the recovery directory) are efsish.meta.recovery;
+this module decides when they are used.
 
 The parts that run in the writer's worker thread (`apply_remote`, `apply_own`,
 `flush_entries`, `journaled_entry`) read and change only the view they are given; the
 rest runs on the trio thread. This module must not know POSIX rules or import pyfuse3.
+
+It is longer than the ~600 lines the project aims for: the journal-or-sync routing,
+recalls and takeover, answering recalls, cool-downs, fencing and the flusher all read
+and change one state (`state`, `valid_until`, `_oldest`, `_cool_until`, `fenced`, `inc`)
+under one rule (no await between a validity check and the reply); spread over modules,
+who may change that state when could no longer be read in one place.
 """
 
 from __future__ import annotations
@@ -27,42 +34,36 @@ from __future__ import annotations
 import errno
 import json
 import logging
-import os
-import stat
 import time
 import uuid
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol, TypeVar
+from typing import Protocol, TypeVar
 
 import trio
 
-from efsish.errors import EfsishError, FsError, StoreError, to_errno
-from efsish.meta import heartbeat, journal, leasing, nudge
-from efsish.meta.heartbeat import Heartbeat
+from efsish.errors import EfsishError, FsError, to_errno
+from efsish.meta import journal, leasing, recovery
+from efsish.meta.leasenudges import Nudges
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
-from efsish.meta.nudge import Nudge, Nudger
 from efsish.meta.ops import (
     JOURNALED,
     SYNC,
-    Extent,
     LAdopt,
     LDirty,
     LFlush,
     LogEntry,
-    LRcv,
     LRec,
     LRel,
     LTko,
-    Mk,
     Op,
     Sess,
     Write,
 )
 from efsish.meta.planning import LeaseHeader, NeedDomain, PlanContext, Planner
-from efsish.meta.view import ROOT_INO, ApplyResult, Holder, View
+from efsish.meta.view import ApplyResult, Holder, View
 
 log = logging.getLogger(__name__)
 
@@ -75,7 +76,6 @@ READ_GRACE = 2.0  # after releasing a domain to a read recall, no re-acquire for
 CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down (§8)
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
-PEER_TTL = 60.0  # seconds a heartbeat read to nudge its mount is trusted for its address
 
 
 def boottime() -> float:
@@ -92,44 +92,6 @@ class LeaseConfig:
     acquire: bool = True  # False: -o sync (respects others' leases, takes none)
     nudge: str = "off"  # -o nudge=auto|off|HOST:PORT (§11)
     clock: Callable[[], float] = boottime
-
-
-def load_client_id(cache_dir: Path) -> str:
-    """The client id kept in the cache dir (LEASES.md §2): a restarted daemon on the
-    same cache dir is the same client. Created on first use."""
-    cache_dir.mkdir(parents=True, exist_ok=True)
-    path = cache_dir / "client_id"
-    try:
-        cid = path.read_text().strip()
-        if cid:
-            return cid
-    except FileNotFoundError:
-        pass
-    cid = uuid.uuid4().hex[:16]
-    tmp = cache_dir / "client_id.tmp"
-    tmp.write_text(cid + "\n")
-    os.replace(tmp, path)
-    return cid
-
-
-def _boot_id() -> str:
-    try:
-        return Path("/proc/sys/kernel/random/boot_id").read_text().strip()
-    except OSError:
-        return ""
-
-
-def _pid_alive(pid: int) -> bool:
-    """Whether process `pid` runs (a zombie, killed but not reaped yet, does not)."""
-    if pid <= 0:
-        return False
-    try:
-        stat_ = Path(f"/proc/{pid}/stat").read_text()
-    except FileNotFoundError:
-        return False
-    except OSError:
-        return True
-    return stat_.rsplit(")", 1)[-1].split()[0] not in ("Z", "X")
 
 
 class Staging(Protocol):
@@ -199,12 +161,7 @@ class Leases:
         self.takeovers = 0
         self.recovered: list[str] = []  # recovery directories this mount wrote
         self._nursery: trio.Nursery | None = None
-        self.nudger: Nudger | None = None
-        # client -> (time.monotonic() when read, its heartbeat or None): where to nudge it
-        self._peers: dict[str, tuple[float, Heartbeat | None]] = {}
-        self._nudge_catch = trio.Event()  # set by a nudge: the catch-up task runs
-        self._nudged_ev = trio.Event()  # set (and replaced) by each nudge: recalls look
-        self._nudge_seq = 0  # the highest position a valid nudge asked us to catch up to
+        self.nudges = Nudges(meta, cfg.nudge)
         self.recovering = False
         self._last_inc = 0  # the newest incarnation of this client when we started
         # False until this incarnation holds what its journal needs (sess, adoption):
@@ -539,23 +496,23 @@ class Leases:
         self.recalls_sent += 1
         # The recall has landed (at or below the applied position): nudge the holder.
         # While it can nudge back, polls only cover a lost datagram: they are rare.
-        nudging = self._send_nudge(holder, self.meta.applied_seq, rid)
+        nudging = self.nudges.send(holder, self.meta.applied_seq, rid)
         poll = RECALL_POLL_NUDGED if nudging else RECALL_POLL
         seen = self.clock()  # we received the answer that showed us our recall
         deadline = seen + self.cfg.lease_wait + 2 * self.cfg.lease_time
-        nudged = self._nudged_ev
+        nudged = self.nudges.woken
         while True:
             # The next poll, or at once when a nudge (the holder's answer) comes.
             woken = False
             with trio.move_on_after(poll):
                 await nudged.wait()
                 woken = True
-            nudged = self._nudged_ev  # a nudge during this catch-up ends the next wait
+            nudged = self.nudges.woken  # a nudge during this catch-up ends the next wait
             try:
                 # A nudge names the position of the answer: every change the holder
                 # answered before it saw our recall is at or below it, so that is as
                 # far as this read needs (no GET of the position after it).
-                await self.meta.catch_up(upto=self._nudge_seq if woken else None)
+                await self.meta.catch_up(upto=self.nudges.seq if woken else None)
             except EfsishError as e:
                 log.debug("catch-up while waiting for recall %s: %s", rid, e)
             rec = await self.meta.read(lambda v: v.recall(d, rid))
@@ -656,73 +613,18 @@ class Leases:
         finally:
             self.recovering = False
 
-    async def _salvage_and_rebuild(self, fenced_inc: int) -> _Salvage:
+    async def _salvage_and_rebuild(self, fenced_inc: int) -> recovery.Salvage:
         """`fenced_inc`: the incarnation that wrote the journal."""
         bad = self._bad_blocks
-        salvage = await self.meta.rebuild(lambda v: _salvage(v, fenced_inc, bad))
+        salvage = await self.meta.rebuild(lambda v: recovery.salvage(v, fenced_inc, bad))
         self.fenced = None
         self.valid_until.clear()
         self._oldest = None
         return salvage
 
-    async def _write_recovery(self, salvage: _Salvage) -> None:
-        """Write the recovery directory (LEASES.md §10): `lrcv` with the mkdir of
-        `/.efsish-recovered/<client>-<UTC time>/` first (a sync entry: it ends the
-        fencing), then every file the journal created or changed, at the path it had,
-        with its owner and mode, and JOURNAL.txt listing every fenced change."""
-        client, inc = self.client, salvage.inc
-        stamp = time.strftime("%Y%m%dT%H%M%SZ", time.gmtime())
-        name = f"{client}-{stamp}".encode()
-        path = f"/{RECOVERY_DIR.decode()}/{name.decode()}"
-        now = time.time_ns()
-
-        def top(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-            ino = view.lookup(ROOT_INO, RECOVERY_DIR)
-            if ino is not None:
-                return [], ino
-            ino = pc.alloc_ino(view)
-            return [Mk(ino, ROOT_INO, RECOVERY_DIR, stat.S_IFDIR | 0o711, 0, 0, now)], ino
-
-        rdir = await self.submit(top)
-
-        def mk_named(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-            ino = pc.alloc_ino(view)
-            mk = Mk(ino, rdir, name, stat.S_IFDIR | 0o711, 0, 0, now)
-            return [mk, LRcv(client, inc, path)], ino
-
-        base = await self.submit(mk_named)
-        dirs: dict[tuple[bytes, ...], int] = {(): base}
-
-        async def ensure(parts: tuple[bytes, ...]) -> int:
-            if parts in dirs:
-                return dirs[parts]
-            parent = await ensure(parts[:-1])
-
-            def mkd(view: View, pc: PlanContext) -> tuple[list[Op], int]:
-                found = view.lookup(parent, parts[-1])
-                if found is not None:
-                    return [], found
-                ino = pc.alloc_ino(view)
-                return [Mk(ino, parent, parts[-1], stat.S_IFDIR | 0o711, 0, 0, now)], ino
-
-            dirs[parts] = await self.submit(mkd)
-            return dirs[parts]
-
-        for f in [*salvage.files, _journal_file(salvage)]:
-            parent = await ensure(f.parts[:-1])
-
-            def mkf(
-                view: View, pc: PlanContext, f: _File = f, parent: int = parent
-            ) -> tuple[list[Op], None]:
-                if view.lookup(parent, f.parts[-1]) is not None:
-                    return [], None
-                ino = pc.alloc_ino(view)
-                ops: list[Op] = [Mk(ino, parent, f.parts[-1], f.mode, f.uid, f.gid, now)]
-                if f.extents:
-                    ops.append(Write(ino, tuple(f.extents), f.size, now))
-                return ops, None
-
-            await self.submit(mkf)
+    async def _write_recovery(self, salvage: recovery.Salvage) -> None:
+        """Write the recovery directory (efsish.meta.recovery), then commit it."""
+        path = await recovery.write_recovery(self.submit, self.client, salvage)
         await self._flush()
         log.warning(
             "changes this mount answered were fenced (another mount took its lease over): "
@@ -738,11 +640,11 @@ class Leases:
         """Start a new incarnation (sess), adopt the old one's leases (§9), flush its
         journal (or recover it, if it was fenced meanwhile: §10), and start the
         background tasks."""
-        await self.start_nudges(nursery)
+        await self.nudges.start(nursery)
         prev = await self.meta.read(lambda v: v.session(self.client))
         self._last_inc = prev[0] if prev is not None else 0
-        proven = cache_locked and self._old_daemon_dead()
-        self._record_daemon()
+        proven = cache_locked and recovery.old_daemon_dead(self.cache_dir)
+        recovery.record_daemon(self.cache_dir)
         await self._recover_staged()
         salvage = None
         if self.fenced is not None:
@@ -760,109 +662,9 @@ class Leases:
         await self.meta.catch_up()
         if self.meta.journal_rows:
             await self._flush()
-        self._nursery = nursery
+        self._nursery = self.nudges.nursery = nursery
         nursery.start_soon(self._reactor)
         nursery.start_soon(self._flusher)
-
-    # -------------------------------------------------------------------- nudges
-
-    async def start_nudges(self, nursery: trio.Nursery) -> None:
-        """Listen for nudges as `cfg.nudge` says (§11), before the first heartbeat so
-        that it advertises the address. Anything that keeps nudges from working is a
-        warning, not a failure: without them, recalls wait for the next poll."""
-        if self.nudger is not None:
-            return
-        bind = await nudge.resolve_bind(self.cfg.nudge, self.meta.store)
-        if bind is None:
-            return
-        try:
-            key = await nudge.load_key(self.meta.store)
-        except StoreError as e:
-            log.warning("nudges off (recalls wait for the next poll): %s", e)
-            return
-        try:
-            nudger = Nudger(
-                key,
-                self.meta.sb.fs_uuid,
-                self.client,
-                bind,
-                applied=lambda: self.meta.applied_seq,
-                on_wake=self._woken,
-            )
-        except OSError as e:
-            log.warning(
-                "nudges off (recalls wait for the next poll): cannot listen on %s (%s); "
-                "give a free HOST:PORT with -o nudge=",
-                nudge.format_address(*bind),
-                e.strerror or e,
-            )
-            return
-        self.nudger = nudger
-        await nursery.start(nudger.serve)
-        nursery.start_soon(self._nudge_catcher)
-        log.info("taking nudges on %s", nudger.address)
-
-    @property
-    def nudge_address(self) -> str | None:
-        """Where this mount takes nudges ("host:port"), for its heartbeat; None if not."""
-        return self.nudger.address if self.nudger is not None else None
-
-    def peers_seen(self, others: list[Heartbeat]) -> None:
-        """The other mounts' heartbeats, as the heartbeat task just read them: the
-        addresses nudges go to (so a recall costs no request to find one)."""
-        now = time.monotonic()
-        self._peers = {hb.client: (now, hb) for hb in others}
-
-    def _woken(self, n: Nudge) -> None:
-        """A valid, new nudge (from the Nudger, synchronously): catch up now."""
-        self._nudge_seq = max(self._nudge_seq, n.seq)
-        self._nudge_catch.set()
-        self._nudged_ev.set()
-        self._nudged_ev = trio.Event()
-
-    async def _nudge_catcher(self) -> None:
-        """Catch up once per nudge, to the position it names and no further (no GET of
-        the position after it): the holder meets the recall (and its reactor answers),
-        a recaller the answer. The poll reads on to the head."""
-        while True:
-            await self._nudge_catch.wait()
-            self._nudge_catch = trio.Event()
-            try:
-                await self.meta.catch_up(upto=self._nudge_seq)
-            except EfsishError as e:
-                log.debug("catch-up after a nudge: %s", e)
-            except Exception:
-                log.exception("catch-up after a nudge crashed; the mount keeps running")
-
-    def _send_nudge(self, client: str, seq: int, rid: str) -> bool:
-        """Nudge mount `client` to catch up to `seq` (fire and forget). Whether it is
-        likely to nudge back: this mount listens, and `client`'s newest heartbeat we
-        read (if any) advertises an address."""
-        if self.nudger is None or self._nursery is None or client == self.client:
-            return False
-        self._nursery.start_soon(self._nudge, self.nudger, client, seq, rid)
-        hit = self._peers.get(client)
-        return hit is None or (hit[1] is not None and hit[1].nudge is not None)
-
-    async def _nudge(self, nudger: Nudger, client: str, seq: int, rid: str) -> None:
-        peer = await self._peer(client)
-        if peer is not None:
-            nudger.nudge(peer, seq, rid)
-
-    async def _peer(self, client: str) -> Heartbeat | None:
-        """The newest heartbeat of `client` this mount has read: the heartbeat task's
-        (every few seconds), else one GET of it, trusted for PEER_TTL either way."""
-        now = time.monotonic()
-        hit = self._peers.get(client)
-        if hit is not None and now - hit[0] < PEER_TTL:
-            return hit[1]
-        try:
-            hb = await heartbeat.read(self.meta.store, client)
-        except StoreError as e:
-            log.debug("no nudge to %s: its heartbeat cannot be read (%s)", client, e)
-            return hit[1] if hit is not None else None
-        self._peers[client] = (now, hb)
-        return hb
 
     async def _recover_staged(self) -> None:
         """After a crash, before anything is committed: the staged blocks the journal
@@ -924,26 +726,6 @@ class Leases:
 
             await self.meta.submit(adopt)
 
-    def _daemon_file(self) -> Path:
-        return self.cache_dir / "daemon.json"
-
-    def _old_daemon_dead(self) -> bool:
-        """The cache dir proves the daemon that used it last is gone: the same boot
-        and its pid gone (or this process: an in-process restart), under the cache
-        dir's lock (LEASES.md §9)."""
-        try:
-            d: dict[str, Any] = json.loads(self._daemon_file().read_text())
-        except (OSError, ValueError):
-            return False
-        pid = int(d.get("pid", 0))
-        return d.get("boot_id") == _boot_id() and (pid == os.getpid() or not _pid_alive(pid))
-
-    def _record_daemon(self) -> None:
-        path = self._daemon_file()
-        tmp = path.with_suffix(".tmp")
-        tmp.write_text(json.dumps({"boot_id": _boot_id(), "pid": os.getpid()}))
-        os.replace(tmp, path)
-
     async def release_all(self) -> None:
         """Clean unmount: flush, then release every held domain (§6.5)."""
         if self.fenced is not None or self.inc == 0:
@@ -990,7 +772,7 @@ class Leases:
         # The answer has landed (at or below the applied position): nudge the recallers.
         seq = self.meta.applied_seq
         for client, rid in {r.by[0]: r.rid for r in recalls}.items():
-            self._send_nudge(client, seq, rid)
+            self.nudges.send(client, seq, rid)
 
     def _released(self, d: int, now: float) -> None:
         """Released `d` to a recall: twice within CONTENDED_WINDOW starts a cool-down
@@ -1043,87 +825,11 @@ def _still_valid(view: View, op: Op) -> bool:
     return True
 
 
-RECOVERY_DIR = b".efsish-recovered"
-JOURNAL_TXT_MAX = 512 * 1024  # bytes of JOURNAL.txt kept (inline in the log)
-
-
-@dataclass
-class _File:
-    parts: tuple[bytes, ...]  # the path it had, under the recovery directory
-    mode: int
-    uid: int
-    gid: int
-    size: int
-    extents: list[Extent]
-
-
-@dataclass
-class _Salvage:
-    inc: int  # the fenced incarnation
-    files: list[_File]
-    journal: list[str]  # one line per fenced change
-
-
 def domain_paths(view: View, domains: list[int]) -> list[str]:
     """The paths of these domains' roots, for status (`#ino` for one not found)."""
     out = []
     for d in domains:
-        parts = _path_of(view, d)
+        parts = recovery.path_of(view, d)
         name = b"/" + b"/".join(parts) if parts is not None else f"#{d}".encode()
         out.append(name.decode(errors="replace"))  # shown to people, sent as JSON
     return out
-
-
-def _path_of(view: View, ino: int) -> tuple[bytes, ...] | None:
-    parts: list[bytes] = []
-    cur = ino
-    for _ in range(10_000):
-        if cur == ROOT_INO:
-            return tuple(reversed(parts))
-        row = view.db.execute(
-            "SELECT parent, name FROM dentries WHERE ino = ? ORDER BY id LIMIT 1", (cur,)
-        ).fetchone()
-        if row is None:
-            return None
-        parts.append(bytes(row[1]))
-        cur = int(row[0])
-    return None
-
-
-def _salvage(view: View, inc: int, bad: set[str] | None = None) -> _Salvage:
-    """What the journal made, from the view that holds it (before the rebuild): the
-    regular files it created or whose data it changed, as they are now, and its ops.
-    Extents of `bad` blocks (staged blocks that failed their checksum) are left out:
-    those bytes read as zeros, and JOURNAL.txt names them."""
-    rows = journal.rows(view)
-    lines: list[str] = []
-    inos: dict[int, None] = {}
-    for r in rows:
-        when = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(r.t / 1e9))
-        lines.append(f"{r.jseq} {when} {json.dumps(r.op.wire(), sort_keys=True)}")
-        if (isinstance(r.op, Mk) and stat.S_ISREG(r.op.mode)) or isinstance(r.op, Write):
-            inos[r.op.ino] = None
-    files: list[_File] = []
-    for ino in inos:
-        attr = view.getattr(ino)
-        parts = _path_of(view, ino) if attr is not None else None
-        if attr is None or parts is None or not attr.is_reg:
-            continue  # removed again by the journal itself
-        exts = view.extents(ino)
-        if bad:
-            exts = [e for e in exts if e.key not in bad]
-        files.append(_File(parts, attr.mode, attr.uid, attr.gid, attr.size, exts))
-    for key in sorted(bad or ()):
-        lines.append(f"block {key} failed its checksum after a crash: left out (zeros)")
-    return _Salvage(inc, files, lines)
-
-
-def _journal_file(s: _Salvage) -> _File:
-    text = ("\n".join(s.journal) + "\n").encode()
-    if len(text) > JOURNAL_TXT_MAX:
-        text = text[: JOURNAL_TXT_MAX - 64] + b"\n[... truncated: see the daemon's log]\n"
-    exts = [
-        Extent(off, len(text[off : off + 16384]), data=text[off : off + 16384])
-        for off in range(0, len(text), 16384)
-    ]
-    return _File((b"JOURNAL.txt",), stat.S_IFREG | 0o600, 0, 0, len(text), exts)

@@ -23,7 +23,9 @@ used only under `self._wlock`. This module must not import pyfuse3 or know POSIX
 It is longer than the ~600 lines the project aims for: the commit state machine and
 catch-up share the writer lock, `_seq`, the settle state (`_unsettled`, `_settling`,
 `_behind`) and the rules of which task may touch the writer when; split across modules,
-those rules could no longer be read in one place.
+those rules could no longer be read in one place. The lease paths (`submit_local`,
+`flush`, `rebuild`) are commit paths under the same lock and the same `_seq`, so they
+stay here too.
 """
 
 from __future__ import annotations

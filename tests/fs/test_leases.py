@@ -666,7 +666,7 @@ async def test_nudges_make_a_recall_quick_with_a_long_poll(
     assert took < 2.0, took
     assert a.fs.leases is not None and b.fs.leases is not None
     assert b.fs.leases.recalls_sent >= 1 and b.fs.leases.takeovers == 0
-    na, nb = a.fs.leases.nudger, b.fs.leases.nudger
+    na, nb = a.fs.leases.nudges.nudger, b.fs.leases.nudges.nudger
     assert na is not None and nb is not None
     assert na.stats.woken >= 1 and nb.stats.woken >= 1
     assert na.stats.dropped_invalid == nb.stats.dropped_invalid == 0
@@ -675,8 +675,8 @@ async def test_nudges_make_a_recall_quick_with_a_long_poll(
 @pytest.mark.parametrize("lease_time", [120.0])
 async def test_without_nudges_a_recall_completes_at_the_poll(make: Make) -> None:
     a, b, home = await held_file(make, poll_interval=1.5, nudge="off")
-    assert a.fs.leases is not None and a.fs.leases.nudger is None
-    assert b.fs.leases is not None and b.fs.leases.nudger is None
+    assert a.fs.leases is not None and a.fs.leases.nudges.nudger is None
+    assert b.fs.leases is not None and b.fs.leases.nudges.nudger is None
     t0 = trio.current_time()
     with trio.fail_after(10):
         assert await read_file(b.fs, home, b"f") == b"closed on A"
@@ -688,9 +688,9 @@ async def test_the_heartbeat_advertises_the_nudge_address(make: Make, store: Obj
     a = await make()
     off = await make(nudge="off")
     ro = await make(read_only=True)
-    assert a.fs.leases is not None and a.fs.leases.nudger is not None
+    assert a.fs.leases is not None and a.fs.leases.nudges.nudger is not None
     hb = await published(store, a)
-    assert hb.nudge == a.fs.leases.nudger.address
+    assert hb.nudge == a.fs.leases.nudges.nudger.address
     assert nudge.parse_address(hb.nudge)[0] == "127.0.0.1"  # a memory:// store is local
     assert (await published(store, off)).nudge is None
     assert ro.fs.leases is None  # -o ro: no lease state, no socket, no heartbeat
@@ -711,8 +711,8 @@ async def test_only_a_nudge_with_the_filesystem_key_wakes(
     a = await make(poll_interval=3600)
     b = await make(poll_interval=3600)  # writes an entry A has not read
     await mkdir(b.fs, ROOT_INO, b"new")
-    assert a.fs.leases is not None and a.fs.leases.nudger is not None
-    target = a.fs.leases.nudger
+    assert a.fs.leases is not None and a.fs.leases.nudges.nudger is not None
+    target = a.fs.leases.nudges.nudger
     behind = a.fs.meta.applied_seq
     k = await nudge.load_key(store) if key == "right" else os.urandom(nudge.KEY_BYTES)
     with nudge.Nudger(

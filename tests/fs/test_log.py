@@ -15,6 +15,7 @@ import trio
 from efsish import codec
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
+from efsish.housekeeping import Housekeeping
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, log_key
 from efsish.meta.ops import Extent, Mk, Op, Write
 from efsish.meta.planning import PlanContext
@@ -602,8 +603,8 @@ async def test_a_read_while_the_file_is_renamed_over_returns_its_data(make_fs, m
 # ------------------------------------------------- local commit in the next planning hop
 
 
-async def _no_heartbeat(self: Filesystem) -> None:
-    """Replaces `Filesystem._heartbeat` in tests that need the committer to themselves:
+async def _no_heartbeat(self: Housekeeping) -> None:
+    """Replaces `Housekeeping.heartbeat` in tests that need the committer to themselves:
     the heartbeat's first round reads the view (the stored size), and a read of the view
     hurries an answered entry into a local commit of its own, so the next planning hop
     would no longer carry it."""
@@ -627,7 +628,7 @@ async def test_a_serial_callers_next_change_commits_the_previous_one_locally(
     import efsish.meta.log as mlog
 
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)  # only the next change settles it
-    monkeypatch.setattr(Filesystem, "_heartbeat", _no_heartbeat)
+    monkeypatch.setattr(Housekeeping, "heartbeat", _no_heartbeat)
     a = await make_fs()
     await a.meta.read(lambda v: None)  # nothing unsettled from the start-up
     hops: list[object] = []
@@ -686,7 +687,7 @@ async def test_a_failed_local_commit_in_the_next_planning_hop_reapplies_the_entr
 
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
     # The heartbeat's first read could hurry the entry and send it down the other path.
-    monkeypatch.setattr(Filesystem, "_heartbeat", _no_heartbeat)
+    monkeypatch.setattr(Housekeeping, "heartbeat", _no_heartbeat)
     a = await make_fs()
     await a.meta.read(lambda v: None)
     x = await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)  # answered, not settled
@@ -745,7 +746,7 @@ async def test_a_planner_failing_right_after_the_previous_entrys_local_commit(
 
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
     # The heartbeat's first read could hurry the entry and send it down the other path.
-    monkeypatch.setattr(Filesystem, "_heartbeat", _no_heartbeat)
+    monkeypatch.setattr(Housekeeping, "heartbeat", _no_heartbeat)
     a = await make_fs()
     await a.meta.read(lambda v: None)
     await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)
@@ -809,7 +810,7 @@ async def test_a_read_woken_by_a_local_commit_sees_what_was_answered_before_it_r
     import efsish.meta.log as mlog
 
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
-    monkeypatch.setattr(Filesystem, "_heartbeat", _no_heartbeat)
+    monkeypatch.setattr(Housekeeping, "heartbeat", _no_heartbeat)
     a = await make_fs()
     m = a.meta
     await m.read(lambda v: None)
