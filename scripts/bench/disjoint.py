@@ -22,6 +22,7 @@ import argparse
 import datetime
 import json
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -37,6 +38,12 @@ from common import cpu_seconds, log
 from systems import FORMAT_ARGS, PROXIES, Efsish, Server, StoreProxy, cleanup_mounts
 
 BUCKET = "disjoint"
+
+
+def cleanup_mounts_left(work: Path) -> bool:
+    """Whether anything under `work` is still mounted (then it is not removed)."""
+    with open("/proc/mounts") as f:
+        return any(line.split()[1].startswith(f"{work}/") for line in f)
 
 
 def busy_seconds() -> float:
@@ -220,6 +227,8 @@ def main() -> int:
             px.stop()
         log("stopping SeaweedFS")
         s3server.stop(work / "s3")
+        if not cleanup_mounts_left(work):
+            shutil.rmtree(work, ignore_errors=True)  # the bucket and caches: nothing to keep
 
     def med(key: str, i: int) -> float:
         return float(statistics.median(r[key][i] for r in rounds))
