@@ -1,7 +1,9 @@
 """Crash safety: kill -9 the daemon in the middle of a write workload, clean up, mount
 again: everything whose close()/fsync() returned is intact and fsck is clean. On a
 format-2 and on a lease (format-3) filesystem: under leases, the remount with the same
-cache dir replays the journal, and one without it gets what the log has."""
+cache dir replays the journal, and one without it gets what the log has, which lacks
+only unsynced changes of about the last commit_interval (docs/design/LEASES.md §13,
+"cache dir lost")."""
 
 from __future__ import annotations
 
@@ -29,7 +31,7 @@ def fs_format(request: pytest.FixtureRequest) -> int:
 
 WRITER = textwrap.dedent(
     """
-    import os, random, sys
+    import os, random, sys, time
     root, ack = sys.argv[1], sys.argv[2]
     with open(ack, "a") as acklog:
         i = 0
@@ -42,14 +44,21 @@ WRITER = textwrap.dedent(
             with open(path, "wb") as f:
                 f.write(data)
                 if i % 3 == 0:
+                    f.flush()  # out of Python's buffer first: fsync then syncs the data
                     os.fsync(f.fileno())
-            # close() returned: the file is acknowledged.
-            acklog.write(f"{i}\\n")
+            # close() returned: the file is acknowledged (at this time).
+            acklog.write(f"{i} {time.time()}\\n")
             acklog.flush()
             os.fsync(acklog.fileno())
             i += 1
     """
 )
+
+
+# How long before the kill an unsynced change may be acknowledged and still be lost to a
+# mount without the crashed one's cache: the commit interval (1 s) plus the upload of the
+# staged blocks its batch waits for, on a loaded 2-core machine.
+LOSS_WINDOW = 5.0
 
 
 def expected(i: int) -> bytes:
@@ -59,7 +68,9 @@ def expected(i: int) -> bytes:
 
 
 @pytest.mark.parametrize("same_cache", [True, False])
-def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: bool) -> None:
+def test_kill_9_loses_nothing_acknowledged(
+    mounter, tmp_path: Path, same_cache: bool, fs_format: int
+) -> None:
     m = mounter()
     ack = tmp_path / "acked"
     script = tmp_path / "writer.py"
@@ -73,8 +84,9 @@ def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: 
         deadline = time.monotonic() + 30
         while time.monotonic() < deadline:
             time.sleep(0.2)
-            if ack.exists() and len(ack.read_text().split()) >= 25:
+            if ack.exists() and len(ack.read_text().splitlines()) >= 25:
                 break
+        killed_at = time.time()
         os.kill(m.pid, signal.SIGKILL)
         writer.wait(timeout=30)
     finally:
@@ -82,8 +94,10 @@ def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: 
             writer.kill()
         force_unmount(m.path, m.pid)
     assert not is_mounted(m.path)
-    acked = [int(x) for x in ack.read_text().split()]
+    acked = {int(i): float(t) for i, t in (line.split() for line in ack.read_text().splitlines())}
     assert len(acked) >= 10, "the workload did not get going"
+    # Leases without the crashed mount's journal: the newest unsynced changes may be lost.
+    may_lose = fs_format == 3 and not same_cache
     # Mount again (with the crashed mount's cache, or a fresh one) and check.
     if same_cache:
         m.path.rmdir()
@@ -94,8 +108,13 @@ def test_kill_9_loses_nothing_acknowledged(mounter, tmp_path: Path, same_cache: 
     else:
         m2 = mounter(m.store)
     try:
-        for i in acked:
+        for i, at in acked.items():
             p = m2.path / f"d{i % 7}" / f"f{i}"
+            if may_lose and i % 3 != 0 and killed_at - at < LOSS_WINDOW:
+                # Lost, or what a prefix of the journal made of it: created, some or all
+                # of its bytes.
+                assert not p.exists() or expected(i).startswith(p.read_bytes()), f"f{i} damaged"
+                continue
             assert p.read_bytes() == expected(i), f"acknowledged file f{i} is damaged"
         res = efsish("fsck", m.store, "-q", check=False)
         assert res.returncode == 0, res.stdout + res.stderr
