@@ -1,9 +1,9 @@
 """Crash safety: kill -9 the daemon in the middle of a write workload, clean up, mount
 again: everything whose close()/fsync() returned is intact and fsck is clean. On a
-format-2 and on a lease (format-3) filesystem: under leases, the remount with the same
-cache dir replays the journal, and one without it gets what the log has, which lacks
-only unsynced changes of about the last commit_interval (docs/design/LEASES.md §13,
-"cache dir lost")."""
+format-2, a lease (format-3) and an encrypted lease filesystem: under leases, the remount
+with the same cache dir replays the journal, and one without it gets what the log has,
+which lacks only unsynced changes of about the last commit_interval (docs/design/LEASES.md
+§13, "cache dir lost")."""
 
 from __future__ import annotations
 
@@ -23,10 +23,26 @@ from efsish.mount import _registry_file
 from tests.fuse.conftest import efsish, force_unmount, is_mounted
 
 
-@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
-def fs_format(request: pytest.FixtureRequest) -> int:
-    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
-    return int(request.param)
+@pytest.fixture(
+    scope="module",
+    params=[(2, False), (3, False), (3, True)],
+    ids=["format2", "format3", "format3-encrypted"],
+)
+def variant(request: pytest.FixtureRequest) -> tuple[int, bool]:
+    """Every test here runs on a format-2, a lease (format-3) and an encrypted lease
+    filesystem: (format, encrypted)."""
+    fmt, enc = request.param
+    return int(fmt), bool(enc)
+
+
+@pytest.fixture
+def fs_format(variant: tuple[int, bool]) -> int:
+    return variant[0]
+
+
+@pytest.fixture(scope="module")
+def encrypted(variant: tuple[int, bool]) -> bool:
+    return variant[1]
 
 
 WRITER = textwrap.dedent(
@@ -102,7 +118,7 @@ def test_kill_9_loses_nothing_acknowledged(
     if same_cache:
         m.path.rmdir()
         m.path.mkdir()
-        efsish("mount", m.store, str(m.path), "--cache-dir", str(m.cache_dir))
+        efsish("mount", m.store, str(m.path), "--cache-dir", str(m.cache_dir), *m.key_args())
         m2 = m
         m2.pid = int(json.loads(_registry_file(str(m.path)).read_text())["pid"])
     else:
@@ -116,7 +132,7 @@ def test_kill_9_loses_nothing_acknowledged(
                 assert not p.exists() or expected(i).startswith(p.read_bytes()), f"f{i} damaged"
                 continue
             assert p.read_bytes() == expected(i), f"acknowledged file f{i} is damaged"
-        res = efsish("fsck", m.store, "-q", check=False)
+        res = efsish("fsck", m.store, "-q", *m.key_args(), check=False)
         assert res.returncode == 0, res.stdout + res.stderr
     finally:
         if same_cache:
