@@ -24,7 +24,8 @@ superblock) are stored as
   reads of data blocks: a small random read GETs the header and only the chunks it
   needs (two GETs at once), and each chunk is authenticated on its own. Authentication
   failure is CorruptObject (EIO on a mount, after one more GET, as a block checksum
-  failure), never data. Blocks keep their CRC-32C in the (encrypted) log.
+  failure), never data; whatever byte is damaged, its message (logged as an error) is
+  "<path> failed authentication: ...". Blocks keep their CRC-32C in the (encrypted) log.
 - **Keys**: 32 random bytes, base64, one per line; the first encrypts new objects, all
   decrypt, chosen by the key id in the header (HMAC-SHA256 of a constant, 8 bytes: it
   names a key without revealing it). The superblock stays readable: it says the
@@ -251,11 +252,15 @@ class _Header:
 def _parse_header(path: str, blob: bytes) -> _Header:
     if len(blob) < HEADER or not blob.startswith(MAGIC):
         raise CorruptObject(
-            f"{path} is not an encrypted efsish object, in an encrypted filesystem: refused"
+            f"{path} failed authentication: not an encrypted efsish object, in an encrypted "
+            "filesystem (tampered with, or damaged): refused"
         )
     _magic, scheme, kid, salt, size = _HEAD.unpack_from(blob)
     if scheme != SCHEME:
-        raise CorruptObject(f"{path} uses encryption scheme {scheme}; upgrade efsish")
+        raise CorruptObject(
+            f"{path} failed authentication: it names encryption scheme {scheme}, unknown "
+            "to this efsish (damaged, or written by a newer efsish: upgrade efsish)"
+        )
     return _Header(bytes(blob[:HEADER]), kid, salt, size)
 
 
@@ -263,8 +268,9 @@ def _aead_for(keyring: Keyring, path: str, h: _Header) -> AESGCM:
     key = keyring.by_id().get(h.kid)
     if key is None:
         raise UnknownKey(
-            f"{path} is encrypted with key {h.kid.hex()}, which is not among the keys "
-            f"given ({', '.join(keyring.ids())}): add that key to the key file"
+            f"{path} failed authentication: it is encrypted with key {h.kid.hex()}, which "
+            f"is not among the keys given ({', '.join(keyring.ids())}): add that key to "
+            "the key file (if no key has that id, the object is tampered with or damaged)"
         )
     return _object_key(key, h.salt)
 
@@ -282,7 +288,10 @@ def decrypt_chunks(
     step = CHUNK + TAG
     for j, i in enumerate(range(0, len(mv), step)):
         if first + j >= n:
-            raise CorruptObject(f"{path}: longer than its encrypted size says (tampered)")
+            raise CorruptObject(
+                f"{path} failed authentication: longer than its encrypted size says "
+                "(tampered with, or damaged)"
+            )
         try:
             out.append(aead.decrypt(_nonce(first + j), mv[i : i + step], ad))
         except InvalidTag:
@@ -298,7 +307,9 @@ def decrypt(keyring: Keyring, path: str, blob: bytes) -> bytes:
     h = _parse_header(path, blob)
     n = _chunks(h.size)
     if len(blob) != HEADER + h.size + TAG * n:
-        raise CorruptObject(f"{path} is truncated or extended (tampered, or damaged)")
+        raise CorruptObject(
+            f"{path} failed authentication: truncated or extended (tampered with, or damaged)"
+        )
     return decrypt_chunks(keyring, path, h, memoryview(blob)[HEADER:], 0)
 
 
@@ -383,7 +394,9 @@ class CryptStore(ObjectStore):
                 if first >= n_chunks:
                     return b""
                 if len(got["body"]) != want:
-                    raise CorruptObject(f"{key} is truncated (tampered, or damaged)")
+                    raise CorruptObject(
+                        f"{key} failed authentication: truncated (tampered with, or damaged)"
+                    )
                 plain = decrypt_chunks(self.keyring, key, h, got["body"], first)
                 base = first * CHUNK
                 return plain[start - base : min(end, h.size) - base]

@@ -12,12 +12,23 @@ import pytest
 from efsish.filesystem import Filesystem, Options
 from efsish.meta.superblock import Superblock, format_fs
 from efsish.store import ObjectStore
+from efsish.store.crypt import CryptStore, Keyring, superblock_info
 from efsish.store.memory import MemoryStore
+
+TEST_KEYS = Keyring((bytes(range(32)),), "the tests' key")
 
 
 @pytest.fixture
-async def store() -> ObjectStore:
-    return MemoryStore(f"fs-{uuid.uuid4().hex}")
+def encrypted() -> bool:
+    """Whether `store` encrypts (store/crypt.py, format 4): no, or, where a module
+    overrides this fixture with `params=[False, True]`, both."""
+    return False
+
+
+@pytest.fixture
+async def store(encrypted: bool) -> ObjectStore:
+    raw = MemoryStore(f"fs-{uuid.uuid4().hex}")
+    return CryptStore(raw, TEST_KEYS) if encrypted else raw
 
 
 @pytest.fixture
@@ -29,7 +40,8 @@ def leases() -> bool:
 
 @pytest.fixture
 async def sb(store: ObjectStore, leases: bool) -> Superblock:
-    return await format_fs(store, block_size=64 * 1024, leases=leases)
+    enc = superblock_info(store.keyring) if isinstance(store, CryptStore) else None
+    return await format_fs(store, block_size=64 * 1024, leases=leases, encryption=enc)
 
 
 FsFactory = Callable[..., Awaitable[Filesystem]]

@@ -198,3 +198,106 @@ async def test_upgrade_turns_leases_on_and_keeps_an_encrypted_filesystem_encrypt
     for blob in (await raw_objects(raw)).values():
         assert NAME not in blob
     await fsck(store)
+
+
+# ------------------------------------------------------------- a flipped byte, any object
+
+KINDS = ["data", "log", "checkpoint", "heartbeat", "nudge", "access point", "config", "ledger"]
+WHERE = {"header (key id)": 5, "body": None, "last byte": -1}  # None: the middle
+
+
+async def with_every_kind(tmp_path: Path) -> tuple[MemoryStore, CryptStore, int, str]:
+    """An encrypted lease filesystem with an object of each kind a mount writes but a
+    heartbeat (log entries before and after a checkpoint, data blocks, secrets/nudge, the
+    throughput config and ledger) and an access point; (raw, store, a 3-block file, the
+    access point's id)."""
+    from efsish.meta import accesspoints
+    from efsish.metering import write_config
+
+    raw = MemoryStore(f"enc-{uuid.uuid4().hex}")
+    store = CryptStore(raw, KEYS)
+    sb = await format_fs(store, block_size=MIB, encryption=superblock_info(KEYS))
+    await write_config(store, sb, mode="elastic", provisioned_mibps=None)
+    ap = accesspoints.make("/shared", 1001, 1001)
+    await accesspoints.create(store, ap)
+    async with mounted(store, sb, tmp_path / "w") as fs:
+        big = await write_file(fs, ROOT_INO, b"big", BIG)
+        await fs.fsyncdir()
+        await fs.meta.write_checkpoint()
+        await write_file(fs, ROOT_INO, NAME, SMALL)  # entries a new mount replays
+        await fs.fsyncdir()
+    return raw, store, big, ap.id
+
+
+async def flip(raw: ObjectStore, key: str, where: int | None) -> None:
+    blob = bytearray(await raw.get(key))
+    blob[len(blob) // 2 if where is None else where] ^= 0x01
+    await raw.put(key, bytes(blob))
+
+
+@pytest.mark.parametrize("where", list(WHERE.values()), ids=list(WHERE))
+@pytest.mark.parametrize("kind", KINDS)
+async def test_a_flipped_byte_in_any_object_is_an_error_and_a_log_line_never_data(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture, kind: str, where: int | None
+) -> None:
+    """Whatever the object and wherever the byte: what needs it gets EIO (a block), the
+    mount refuses to start (the log, a checkpoint, the throughput config, the access
+    point), or does without it (gc refuses to run on a heartbeat it cannot read; a mount
+    takes no nudges, or restarts the credit balance, as when the object is missing);
+    never its bytes. The mount's log names the object and says it failed
+    authentication."""
+    from efsish.gc import run_gc
+    from efsish.meta import accesspoints, heartbeat
+
+    raw, store, big, ap_id = await with_every_kind(tmp_path)
+    sb = await load_superblock(store)
+    keys = sorted([i.key async for i in raw.list("")])
+
+    def newest(prefix: str) -> str:
+        return [k for k in keys if k.startswith(prefix)][-1]
+
+    key = ""
+    if kind == "data":
+        key = newest("data/")
+        await flip(raw, key, where)
+        async with mounted(store, sb, tmp_path / "r") as fs:
+            with pytest.raises(FsError) as e:
+                await read_sequentially(fs, big, 256 * 1024)
+            assert e.value.errno == errno.EIO
+    elif kind in ("log", "checkpoint", "config"):
+        key = {"log": newest("log/"), "checkpoint": newest("checkpoints/")}.get(
+            kind, "throttle/config"
+        )
+        await flip(raw, key, where)
+        with pytest.raises(BaseExceptionGroup) as eg:
+            async with mounted(store, sb, tmp_path / "r"):
+                pass
+        assert eg.group_contains(CorruptObject, match=f"^{key} failed authentication")
+    elif kind == "access point":
+        key = accesspoints.key_of(ap_id)
+        await flip(raw, key, where)
+        with pytest.raises(CorruptObject, match=f"^{key} failed authentication"):
+            await accesspoints.load(store, ap_id)  # what mount -o access_point= does first
+    elif kind == "heartbeat":
+        # A mount's heartbeat, left in the bucket as by a mount that was killed.
+        async with mounted(store, sb, tmp_path / "a") as a:
+            await a.write_heartbeat()
+            hb = await heartbeat.read(store, a.meta.client_id)
+        assert hb is not None
+        await heartbeat.write(store, hb)
+        key = heartbeat.key(hb.client)
+        await flip(raw, key, where)
+        with pytest.raises(BaseExceptionGroup) as eg:  # from gc's nursery
+            await run_gc(store, dry_run=False, grace=0, progress=False, out=io.StringIO())
+        assert eg.group_contains(CorruptObject, match=f"heartbeat {key} cannot be read")
+        assert await heartbeat.read_all(store) == []  # what other mounts see of it
+    elif kind in ("nudge", "ledger"):
+        key = "secrets/nudge" if kind == "nudge" else "throttle/ledger"
+        await flip(raw, key, where)
+        async with mounted(store, sb, tmp_path / "r") as fs:
+            assert fs.leases is not None
+            assert (fs.leases.nudges.nudger is None) == (kind == "nudge")
+            assert await read_file(fs, big) == BIG
+    says = [r for r in caplog.records if r.name == "efsish.store.crypt" and r.levelname == "ERROR"]
+    assert says, caplog.text
+    assert all(r.getMessage().startswith(f"{key} failed authentication") for r in says), says

@@ -17,6 +17,7 @@ from pathlib import Path
 import pytest
 
 from efsish.mount import _registry_file
+from efsish.store.crypt import new_key_line
 
 
 def efsish(
@@ -45,10 +46,15 @@ class Mount:
     path: Path
     cache_dir: Path
     pid: int
+    key_file: Path | None = None  # the key of an encrypted filesystem
 
     def log(self) -> str:
         p = self.cache_dir / "efsish.log"
         return p.read_text(errors="replace") if p.exists() else ""
+
+    def key_args(self) -> list[str]:
+        """What every efsish command that opens this store needs: its key, if any."""
+        return ["--key-file", str(self.key_file)] if self.key_file else []
 
 
 def is_mounted(path: Path) -> bool:
@@ -74,6 +80,14 @@ def format_args(fs_format: int) -> list[str]:
     return ["--no-leases"] if fs_format == 2 else []
 
 
+def write_key(path: Path) -> Path:
+    """A new key file at `path`, as `efsish keygen` writes it (without its start-up)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write(new_key_line() + "\n")
+    return path
+
+
 @pytest.fixture
 def fs_format() -> int:
     """The format of the filesystems `mounter` formats: 3 (leases, the default). A module
@@ -81,25 +95,37 @@ def fs_format() -> int:
     return 3
 
 
+@pytest.fixture(scope="module")
+def encrypted() -> bool:
+    """Whether `mounter` and `shared_mount` format encrypted filesystems (format 4, with
+    a key file of the test's): no. A module whose tests also run encrypted overrides it
+    with `params`. Module-scoped, as `shared_mount` is."""
+    return False
+
+
 @pytest.fixture
-def mounter(tmp_path: Path, fs_format: int) -> Iterator[Callable[..., Mount]]:
+def mounter(tmp_path: Path, fs_format: int, encrypted: bool) -> Iterator[Callable[..., Mount]]:
     """mounter(store=None, *opts) -> Mount. Formats a fresh file:// store (of
-    `fs_format`) when none is given. Everything mounted is unmounted (and its daemon
-    stopped) in teardown."""
+    `fs_format`; encrypted if `encrypted`) when none is given; with `encrypted` every
+    mount gets the key (--key-file, Mount.key_file). Everything mounted is unmounted
+    (and its daemon stopped) in teardown."""
     mounts: list[Mount] = []
+    key = write_key(tmp_path / "efsish.key") if encrypted else None
+    key_args = ["--key-file", str(key)] if key else []
 
     def mount(store: str | None = None, *opts: str, fmt: bool = True) -> Mount:
         n = len(mounts)
         if store is None:
             store = f"file://{tmp_path}/store{n}"
             if fmt:
-                efsish("format", store, "--block-size", "1M", *format_args(fs_format))
+                enc = ["--encrypt", *key_args] if key else []
+                efsish("format", store, "--block-size", "1M", *format_args(fs_format), *enc)
         mp = tmp_path / f"mnt{n}-{uuid.uuid4().hex[:6]}"
         mp.mkdir()
         cache = tmp_path / f"cache{n}"
-        efsish("mount", store, str(mp), "--cache-dir", str(cache), *opts)
+        efsish("mount", store, str(mp), "--cache-dir", str(cache), *key_args, *opts)
         reg = json.loads(_registry_file(str(mp)).read_text())
-        m = Mount(store, mp, cache, int(reg["pid"]))
+        m = Mount(store, mp, cache, int(reg["pid"]), key)
         mounts.append(m)
         return m
 
@@ -142,18 +168,21 @@ def stop_mount(m: Mount) -> None:
 
 
 @pytest.fixture(scope="module")
-def shared_mount(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Mount]:
+def shared_mount(tmp_path_factory: pytest.TempPathFactory, encrypted: bool) -> Iterator[Mount]:
     """One mount shared by every test of a module (each test works in its own `work`
-    directory): mounting and unmounting per test would dominate the runtime."""
+    directory): mounting and unmounting per test would dominate the runtime. Encrypted
+    if `encrypted`."""
     base = tmp_path_factory.mktemp("shared")
     store = f"file://{base}/store"
-    efsish("format", store, "--block-size", "1M")
+    key = write_key(base / "efsish.key") if encrypted else None
+    key_args = ["--key-file", str(key)] if key else []
+    efsish("format", store, "--block-size", "1M", *(["--encrypt", *key_args] if key else []))
     mp = base / "mnt"
     mp.mkdir()
     cache = base / "cache"
-    efsish("mount", store, str(mp), "--cache-dir", str(cache))
+    efsish("mount", store, str(mp), "--cache-dir", str(cache), *key_args)
     reg = json.loads(_registry_file(str(mp)).read_text())
-    m = Mount(store, mp, cache, int(reg["pid"]))
+    m = Mount(store, mp, cache, int(reg["pid"]), key)
     try:
         yield m
     finally:

@@ -1,9 +1,10 @@
 """An encrypted filesystem on a real mount: `efsish keygen`, `format --encrypt`, mounts
-with --key-file and -o key_file=, nothing readable in the bucket, and one-line errors
-for a missing or wrong key."""
+with --key-file and -o key_file=, nothing readable in the bucket, one-line errors for a
+missing or wrong key, and a damaged block read as EIO with a line in the daemon's log."""
 
 from __future__ import annotations
 
+import errno
 import os
 from collections.abc import Callable
 from pathlib import Path
@@ -77,3 +78,27 @@ def test_encrypted_mount_round_trip_and_nothing_readable_in_the_bucket(
     assert (m2.path / "finance" / NAME).read_bytes() == CONTENTS
     stop_mount(m2)
     efsish("fsck", store, "--verify-data", "-q", "--key-file", str(key))
+
+
+def test_a_flipped_byte_in_a_block_is_eio_and_the_daemon_log_names_it(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    key = tmp_path / "fs.key"
+    efsish("keygen", str(key))
+    root = tmp_path / "store"
+    store = f"file://{root}"
+    efsish("format", store, "--block-size", "1M", "--encrypt", "--key-file", str(key))
+    m = mounter(store, "--key-file", str(key), fmt=False)
+    (m.path / NAME).write_bytes(CONTENTS)
+    stop_mount(m)
+    (block,) = (root / "objects" / "data.d").iterdir()
+    blob = bytearray(block.read_bytes())
+    blob[len(blob) // 2] ^= 0x01
+    block.write_bytes(bytes(blob))
+
+    m2 = mounter(store, "--key-file", str(key), fmt=False)  # a fresh cache: the bucket's bytes
+    with pytest.raises(OSError) as e:
+        (m2.path / NAME).read_bytes()
+    assert e.value.errno == errno.EIO
+    name = "data/" + block.name.removesuffix(".o")
+    assert f"ERROR efsish.store.crypt: {name} failed authentication" in m2.log(), m2.log()

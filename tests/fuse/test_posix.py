@@ -1,7 +1,8 @@
-"""POSIX semantics through a real FUSE mount, compared with local disk where it matters.
+"""POSIX semantics through a real FUSE mount, compared with local disk where it matters,
+on a plain and on an encrypted filesystem (both in the lease format, the default).
 
-Most tests share one mount per module (the `work` fixture gives each test its own
-directory on it); the remount test uses its own mounts."""
+Most tests share one mount per module and per variant (the `work` fixture gives each
+test its own directory on it); the remount test uses its own mounts."""
 
 from __future__ import annotations
 
@@ -37,6 +38,18 @@ from tests.fuse.helpers import (
 
 MiB = 1 << 20
 GiB = 1 << 30
+
+
+@pytest.fixture(scope="module", params=[False, True], ids=["plain", "encrypted"])
+def encrypted(request: pytest.FixtureRequest) -> bool:
+    """Every test here runs on a plain and on an encrypted filesystem, but those marked
+    PLAIN_ONLY (each says why)."""
+    return bool(request.param)
+
+
+# For a test whose subject encryption does not touch and that would add many seconds to
+# the suite (a comment at each use says which).
+PLAIN_ONLY = pytest.mark.parametrize("encrypted", [False], ids=["plain"], indirect=True)
 
 
 def both(tmp_path: Path, work: Path) -> list[Path]:
@@ -769,6 +782,7 @@ def _fill_dir_from_another_client(
             str(n),
             prefix,
             str(tmp / "filler-cache"),
+            *([str(m.key_file)] if m.key_file else []),
         ],
         check=True,
         timeout=600,
@@ -796,7 +810,10 @@ def test_readdir_many(work: Path) -> None:
     assert set(_list_checked(work)) == names
 
 
+# PLAIN_ONLY: the two 20,000-entry listings (27 s) are about listings that scale, which
+# encryption does not change; the 2,000-entry ones list through the same paths encrypted.
 @pytest.mark.slow
+@PLAIN_ONLY
 def test_readdir_20000(shared_mount: Mount, work: Path, tmp_path: Path) -> None:
     names = _fill_dir_from_another_client(shared_mount, work, 20000, tmp_path)
     assert set(_list_checked(work)) == names
@@ -842,6 +859,7 @@ def test_readdir_while_changing(work: Path) -> None:
 
 
 @pytest.mark.slow
+@PLAIN_ONLY
 def test_readdir_20000_while_changing(shared_mount: Mount, work: Path, tmp_path: Path) -> None:
     stable = _fill_dir_from_another_client(shared_mount, work, 20000, tmp_path, "stable")
     _readdir_under_churn(stable, work, 5)
@@ -1180,7 +1198,7 @@ def test_data_persists_across_remount(mounter, tmp_path: Path) -> None:
     (m2.path / "dir" / "small").write_bytes(b"changed")
     assert (m2.path / "dir" / "sub" / "hardlink").read_bytes() == b"changed"
     efsish("umount", str(m2.path))
-    assert efsish("fsck", m.store, "-q").returncode == 0
+    assert efsish("fsck", m.store, "-q", *m.key_args()).returncode == 0
 
 
 # ------------------------------------------------------------ more edge cases
@@ -1281,6 +1299,9 @@ def _bdi_readahead_kb(path: Path) -> int:
     )
 
 
+# PLAIN_ONLY: kernel settings of the mount, which the store below the daemon does not
+# touch (11 s with its two mounts).
+@PLAIN_ONLY
 def test_kernel_readahead_and_noatime_options(mounter: Callable[..., Mount]) -> None:
     """The mount raises the kernel's readahead from 128 KiB (1 MiB FUSE reads instead of
     128 KiB ones); -o readahead= sets it; -o noatime stops access-time updates."""

@@ -1,7 +1,7 @@
 """Two mounts of one store on one machine (separate mountpoints and cache dirs) work
 together: closed files are read correctly on the other mount, and new names appear there
-within seconds without any action on it. Each test runs on a format-2 and on a lease
-(format-3) filesystem."""
+within seconds without any action on it. Each test runs on a format-2, a lease
+(format-3) and an encrypted lease filesystem."""
 
 from __future__ import annotations
 
@@ -20,10 +20,26 @@ from tests.fuse.helpers import poll
 MiB = 1 << 20
 
 
-@pytest.fixture(params=[2, 3], ids=["format2", "format3"])
-def fs_format(request: pytest.FixtureRequest) -> int:
-    """Every test here runs on a format-2 and on a lease (format-3) filesystem."""
-    return int(request.param)
+@pytest.fixture(
+    scope="module",
+    params=[(2, False), (3, False), (3, True)],
+    ids=["format2", "format3", "format3-encrypted"],
+)
+def variant(request: pytest.FixtureRequest) -> tuple[int, bool]:
+    """Every test here runs on a format-2, a lease (format-3) and an encrypted lease
+    filesystem: (format, encrypted)."""
+    fmt, enc = request.param
+    return int(fmt), bool(enc)
+
+
+@pytest.fixture
+def fs_format(variant: tuple[int, bool]) -> int:
+    return variant[0]
+
+
+@pytest.fixture(scope="module")
+def encrypted(variant: tuple[int, bool]) -> bool:
+    return variant[1]
 
 
 @pytest.fixture

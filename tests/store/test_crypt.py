@@ -94,13 +94,29 @@ async def test_a_flipped_byte_anywhere_is_an_error_never_data(where: int) -> Non
     blob = bytearray(await raw.get("log/0000000000000001"))
     blob[where] ^= 0x40
     await raw.put("log/0000000000000001", bytes(blob))
-    with pytest.raises(CorruptObject):
+    says = "log/0000000000000001 failed authentication"  # what the mount's log says
+    with pytest.raises(CorruptObject, match=says):
         await store.get("log/0000000000000001")
-    with pytest.raises(CorruptObject):
+    with pytest.raises(CorruptObject, match=says):
         # A ranged read that covers the damage (the header is in every range's check).
         at = max(0, (where if where >= 0 else len(blob) - 1) - HEADER)
         chunk = min(at // (CHUNK + 16), 2)
         await store.get("log/0000000000000001", chunk * CHUNK, chunk * CHUNK + 10)
+
+
+async def test_every_flipped_byte_of_an_object_fails_authentication() -> None:
+    """Each byte of a small object in turn (header and body), whole and ranged reads: one
+    error that names the object and says it failed authentication, never data."""
+    raw, store = fresh()
+    await store.put("secrets/nudge", b"a small secret object")
+    good = await raw.get("secrets/nudge")
+    for i in range(len(good)):
+        blob = bytearray(good)
+        blob[i] ^= 0x01
+        await raw.put("secrets/nudge", bytes(blob))
+        for rng in [(None, None), (0, 5)]:
+            with pytest.raises(CorruptObject, match=r"^secrets/nudge failed authentication"):
+                await store.get("secrets/nudge", *rng)
 
 
 async def test_truncation_at_a_chunk_boundary_is_an_error() -> None:
