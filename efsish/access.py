@@ -253,6 +253,13 @@ class AccessPointFs:
             await self._may(p, X)
         return self._out(await self.fs.lookup(p, name))
 
+    async def dotdot(self, ino: int) -> Attr:
+        """A listing's "..": of the access point's root, the root itself."""
+        p = self._in(ino)
+        if p == self.root:
+            return self._out(await self.fs.getattr(p))
+        return self._out(await self.fs.dotdot(p))
+
     async def getattr(self, ino: int) -> Attr:
         return self._out(await self.fs.getattr(self._in(ino)))
 

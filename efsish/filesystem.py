@@ -413,6 +413,15 @@ class Filesystem:
 
         return await self._read_in(parent, answer)
 
+    async def dotdot(self, ino: int) -> Attr:
+        """The ".." entry of a listing of directory `ino`: its parent, from the view with
+        no read barrier. The listing's opendir was the barrier, and the kernel keeps only
+        the inode number of a listing's ".." (READDIRPLUS ignores the attributes of "."
+        and ".."). A lookup of ".." still catches up: the parent of a domain root is in
+        the top."""
+        p = await self.meta.read(View.parent_of, ino)
+        return await self._attr(p or ROOT_INO)
+
     async def _catch_up(self) -> None:
         try:
             await self.meta.catch_up()

@@ -291,7 +291,7 @@ class FuseOps(pyfuse3.Operations):
             if not pyfuse3.readdir_reply(token, b".", dot, 1):
                 return
         if start_id <= 1:
-            parent = await self.fs.lookup(ino, b"..")
+            parent = await self.fs.dotdot(ino)  # no round trip: opendir caught up
             if not pyfuse3.readdir_reply(token, b"..", self._entry(parent), 2):
                 return
         after = max(0, start_id - 2)

@@ -530,6 +530,10 @@ class Bench:
                 try:
                     versions[s.label] = s.version()
                     s.prepare()
+                    formatted = getattr(s, "formatted", "")
+                    if formatted:
+                        versions[s.label] += f"; formatted: {formatted}"
+                        self.params[f"{n}_formatted"] = formatted
                 except Exception as e:
                     self.error(n, "prepare", e)
                     self.results["skipped"][n] = f"could not be set up: {e}"

@@ -262,6 +262,9 @@ class Efsish(System):
         self.bucket = bucket
         self.mount_opts = mount_opts
         self.exe = str(VENV_BIN / "efsish")
+        # What `efsish format` said it made ("leases (depth 1)" or "no leases (format 2)",
+        # block size, encryption): results record the filesystem measured, not the flags.
+        self.formatted = ""
 
     def _store_args(self) -> list[str]:
         if self.store_url.startswith("s3://"):
@@ -288,10 +291,13 @@ class Efsish(System):
     def prepare(self) -> None:
         if self.bucket:
             self.server.create_bucket(self.bucket)
-        run(
+        res = run(
             [self.exe, "format", self.store_url, *self._store_args(), *self.format_args],
             env=self.env,
         )
+        # "formatted URL: filesystem UUID, block size N, leases (depth 1)[, encrypted]"
+        line = (res.stdout.strip().splitlines() or [""])[-1]
+        self.formatted = line.split(", ", 1)[1] if ", " in line else line
 
     def mount(self, mp: Path, cache_dir: Path) -> Mount:
         mp.mkdir(parents=True, exist_ok=True)

@@ -1,0 +1,266 @@
+"""Two mounts writing in disjoint subtrees (issue 20: each keeps >= 80% of its solo rate).
+
+One filesystem (the default format: leases), two mounts, each through its own
+latency-adding store proxy. Each round, on new top-level directories (new domains):
+A alone creates --files files of --size bytes (create+write+close, one at a time) in
+`/soloA-R`, then B alone in `/soloB-R`, then both at once, A in `/bothA-R` and B in
+`/bothB-R`. A mount's rate together is reported as a percentage of its own solo rate in
+the same round; figures are medians over the rounds. The top-level mkdirs are sync
+changes and are made before the clock starts; the first create in each directory takes
+the lease and is timed. Creates are timed until close returns (the journal has them;
+the batch commits within commit_interval), like the main benchmark's small-file row;
+`--sync` adds an fsync of the directory at the end of each writer's run, inside its time.
+
+    scripts/bench/disjoint [--store-rtt 20] [--files 1000] [--rounds 3] [--out FILE]
+
+Needs root (FUSE mounts). Starts and stops its own SeaweedFS, proxies and mounts.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import json
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from bench import machine_info, start_seaweedfs
+from common import cpu_seconds, log
+from systems import FORMAT_ARGS, PROXIES, Efsish, Server, StoreProxy, cleanup_mounts
+
+BUCKET = "disjoint"
+
+
+def cleanup_mounts_left(work: Path) -> bool:
+    """Whether anything under `work` is still mounted (then it is not removed)."""
+    with open("/proc/mounts") as f:
+        return any(line.split()[1].startswith(f"{work}/") for line in f)
+
+
+def busy_seconds() -> float:
+    """CPU seconds the whole machine has been busy (all CPUs, /proc/stat)."""
+    with open("/proc/stat") as f:
+        v = [int(x) for x in f.readline().split()[1:]]
+    return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
+
+
+class Meter:
+    """Per mount: daemon CPU seconds and store requests (at its proxy) over a phase,
+    and the machine's CPU use, so that a slower phase can be told apart as more work
+    per create (protocol) or less CPU per second for each mount (sharing 2 CPUs)."""
+
+    def __init__(self, mounts: list[Any], proxies: list[StoreProxy]) -> None:
+        self.pids = [m.daemon_pids() for m in mounts]
+        self.proxies = proxies
+
+    def start(self) -> None:
+        time.sleep(0.3)  # the proxies rewrite their counts 5 times a second
+        self.t0 = time.perf_counter()
+        self.busy0 = busy_seconds()
+        self.cpu0 = [cpu_seconds(p) for p in self.pids]
+        self.req0 = [p.requests() for p in self.proxies]
+
+    def stop(self) -> dict[str, Any]:
+        wall = time.perf_counter() - self.t0
+        busy = busy_seconds() - self.busy0
+        cpu = [cpu_seconds(p) - c for p, c in zip(self.pids, self.cpu0, strict=True)]
+        time.sleep(0.3)
+        req = [p.requests() - r for p, r in zip(self.proxies, self.req0, strict=True)]
+        return {
+            "wall_s": wall,
+            "machine_cpus_busy": busy / wall,
+            "daemon_cpu_s": cpu,
+            "requests": req,
+        }
+
+
+def writer(d: Path, n: int, size: int, sync: bool) -> float:
+    """Seconds to create n files of `size` bytes in `d`, one at a time."""
+    data = os.urandom(size)
+    t0 = time.perf_counter()
+    for i in range(n):
+        fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+    if sync:
+        fd = os.open(d, os.O_RDONLY)
+        try:
+            os.fsync(fd)  # of the directory: waits until the journal is in the log
+        finally:
+            os.close(fd)
+    return time.perf_counter() - t0
+
+
+def together(dirs: list[Path], n: int, size: int, sync: bool) -> list[float]:
+    """Both writers at once (started by a barrier); each one's own elapsed seconds."""
+    out = [0.0] * len(dirs)
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(len(dirs))
+
+    def run(i: int, d: Path) -> None:
+        try:
+            barrier.wait()
+            out[i] = writer(d, n, size, sync)
+        except BaseException as e:  # re-raised below, in the main thread
+            errors.append(e)
+
+    ths = [threading.Thread(target=run, args=(i, d)) for i, d in enumerate(dirs)]
+    for t in ths:
+        t.start()
+    for t in ths:
+        t.join()
+    if errors:
+        raise errors[0]
+    return out
+
+
+def main() -> int:
+    from efsish.devtools import s3server
+
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
+    p.add_argument("--store-rtt", type=float, default=20.0, help="ms added per round trip")
+    p.add_argument("--files", type=int, default=1000, help="files each writer creates")
+    p.add_argument("--size", type=int, default=4096, help="bytes per file")
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument(
+        "--sync",
+        action="store_true",
+        help="fsync the directory at the end (the journal reaches the log), timed",
+    )
+    p.add_argument("--out", help="write the results as JSON here")
+    a = p.parse_args()
+    work = Path(tempfile.mkdtemp(prefix="efsish-disjoint."))
+    started = datetime.datetime.now().astimezone()
+    log(f"work dir {work}; load average {os.getloadavg()}; starting SeaweedFS")
+    info = start_seaweedfs(s3server, work / "s3")
+    rounds: list[dict[str, Any]] = []
+    formatted = ""
+    try:
+        upstream = Server(info.endpoint, info.access_key, info.secret_key)
+        upstream.create_bucket(BUCKET)
+        env = {
+            **os.environ,
+            "AWS_ACCESS_KEY_ID": info.access_key,
+            "AWS_SECRET_ACCESS_KEY": info.secret_key,
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        env.pop("AWS_ENDPOINT_URL", None)
+        env.pop("AWS_PROFILE", None)
+        proxies = [StoreProxy(upstream, a.store_rtt, work / f"proxy-{m}") for m in "ab"]
+        fs = [
+            Efsish(
+                px.server,
+                work / m,
+                env,
+                store_url=f"s3://{BUCKET}/fs",
+                bucket=BUCKET,
+                format_args=tuple(FORMAT_ARGS),
+            )
+            for px, m in zip(proxies, "ab", strict=True)
+        ]
+        fs[0].prepare()
+        formatted = fs[0].formatted
+        mounts = [
+            f.mount(work / m / "mnt", work / m / "cache") for f, m in zip(fs, "ab", strict=True)
+        ]
+        time.sleep(3.0)  # startup done (sessions, first heartbeats)
+        meter = Meter(mounts, proxies)
+        for r in range(a.rounds):
+            names = [f"soloA-{r}", f"soloB-{r}", f"bothA-{r}", f"bothB-{r}"]
+            owner = [0, 1, 0, 1]
+            for name, m in zip(names, owner, strict=True):
+                (mounts[m].mp / name).mkdir()
+            time.sleep(1.5)  # each mount has seen the other's mkdirs
+            load = os.getloadavg()[0]
+            solo = []
+            meters: dict[str, Any] = {}
+            for i in range(2):
+                meter.start()
+                solo.append(writer(mounts[i].mp / names[i], a.files, a.size, a.sync))
+                meters[f"solo{'AB'[i]}"] = meter.stop()
+                time.sleep(1.5)  # the solo batch is committed
+            meter.start()
+            both = together(
+                [mounts[0].mp / names[2], mounts[1].mp / names[3]], a.files, a.size, a.sync
+            )
+            meters["together"] = meter.stop()
+            rates: dict[str, Any] = {
+                "solo_per_s": [a.files / s for s in solo],
+                "together_per_s": [a.files / s for s in both],
+                "load1": load,
+                "phases": meters,
+            }
+            rates["pct_of_solo"] = [
+                100 * t / s
+                for t, s in zip(rates["together_per_s"], rates["solo_per_s"], strict=True)
+            ]
+            rounds.append(rates)
+            log(
+                f"round {r + 1}/{a.rounds} (load {load:.1f}): solo A {rates['solo_per_s'][0]:.0f}/s"
+                f", B {rates['solo_per_s'][1]:.0f}/s; together A "
+                f"{rates['together_per_s'][0]:.0f}/s ({rates['pct_of_solo'][0]:.0f}%), B "
+                f"{rates['together_per_s'][1]:.0f}/s ({rates['pct_of_solo'][1]:.0f}%)"
+            )
+            for k, v in meters.items():
+                log(
+                    f"  {k}: {v['wall_s']:.2f} s, machine {v['machine_cpus_busy']:.2f} CPUs "
+                    f"busy, daemon CPU s (A, B) {v['daemon_cpu_s'][0]:.2f}, "
+                    f"{v['daemon_cpu_s'][1]:.2f}, store requests (A, B) {v['requests'][0]}, "
+                    f"{v['requests'][1]}"
+                )
+            time.sleep(1.5)
+    finally:
+        cleanup_mounts()
+        for px in list(PROXIES):
+            px.stop()
+        log("stopping SeaweedFS")
+        s3server.stop(work / "s3")
+        if not cleanup_mounts_left(work):
+            shutil.rmtree(work, ignore_errors=True)  # the bucket and caches: nothing to keep
+
+    def med(key: str, i: int) -> float:
+        return float(statistics.median(r[key][i] for r in rounds))
+
+    out: dict[str, Any] = {
+        "started": started.isoformat(timespec="seconds"),
+        "command": " ".join(["scripts/bench/disjoint", *sys.argv[1:]]),
+        "formatted": formatted,
+        "store_rtt_ms": a.store_rtt,
+        "files": a.files,
+        "size": a.size,
+        "sync": a.sync,
+        "machine": machine_info(),
+        "rounds": rounds,
+        "median": {
+            k: [med(k, 0), med(k, 1)] for k in ("solo_per_s", "together_per_s", "pct_of_solo")
+        },
+    }
+    if a.out:
+        Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    md = out["median"]
+    print(
+        f"two mounts, disjoint top-level directories, {a.files} x {a.size} B creates each, "
+        f"store {a.store_rtt:g} ms away ({formatted}); medians of {a.rounds} rounds"
+    )
+    for i, label in enumerate("AB"):
+        print(
+            f"mount {label}: solo {md['solo_per_s'][i]:.0f}/s, together "
+            f"{md['together_per_s'][i]:.0f}/s = {md['pct_of_solo'][i]:.0f}% of solo"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,82 @@
+"""Requests a lease holder sends to a real S3 server (SeaweedFS), counted by the
+latency proxy between them: listing directories of a domain the mount holds costs none
+(LEASES.md §6.2), so `rm -rf`, `ls -R` or `find` of a home waits for no round trip."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlsplit
+
+import pytest
+
+from tests.conftest import S3Target
+from tests.fuse.conftest import Mount, efsish
+
+pytestmark = [pytest.mark.integration, pytest.mark.fuse]
+
+
+def _gets(stats: Path) -> int:
+    """GETs the proxy has passed (its stats file is rewritten 5 times a second)."""
+    time.sleep(0.5)
+    counts: dict[str, Any] = json.loads(stats.read_text())
+    return int(counts["requests"].get("GET", 0))
+
+
+def test_listing_a_held_domain_sends_no_request(
+    mounter: Callable[..., Mount], seaweedfs_target: S3Target, tmp_path: Path
+) -> None:
+    u = urlsplit(seaweedfs_target.endpoint)
+    stats = tmp_path / "stats.json"
+    proxy = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "efsish.devtools.rttproxy",
+            "--listen",
+            "127.0.0.1:0",
+            "--upstream",
+            f"{u.hostname}:{u.port}",
+            "--rtt-ms",
+            "0",
+            "--stats",
+            str(stats),
+        ],
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert proxy.stdout is not None
+        ep = ("--endpoint", f"http://127.0.0.1:{int(proxy.stdout.readline())}")
+        store = f"s3://{seaweedfs_target.bucket}/lreq-{uuid.uuid4().hex[:8]}"
+        efsish("format", store, *ep, "--block-size", "1M")  # leases: the default
+        # No poller: every log GET counted is one a request made (heartbeats still run).
+        m = mounter(store, *ep, "-o", "poll_interval=3600,commit_interval=30", fmt=False)
+        home = m.path / "home"
+        home.mkdir()
+        n = 30
+        for i in range(n):  # the first create takes the lease on /home
+            (home / f"d{i}").mkdir()
+            (home / f"d{i}" / "f").write_bytes(b"x")
+        before = _gets(stats)
+        for i in range(n):
+            assert os.listdir(home / f"d{i}") == ["f"]
+        gets = _gets(stats) - before
+        # Each listing is answered from the view; a heartbeat may read the bucket
+        # meanwhile (a LIST or a GET every 2 s), never one GET per directory.
+        assert gets <= 3, f"{gets} GETs for {n} listings in a held domain"
+        # The ".." a listing shows is the parent directory.
+        ls = subprocess.run(["ls", "-ia", str(home / "d0")], capture_output=True, text=True)
+        inos = {name: int(ino) for ino, name in (x.split() for x in ls.stdout.split("\n") if x)}
+        assert inos[".."] == home.stat().st_ino and inos["."] == (home / "d0").stat().st_ino
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=10)
