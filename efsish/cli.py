@@ -118,7 +118,7 @@ async def _rekey(args: argparse.Namespace) -> int:
 
 async def _format(args: argparse.Namespace) -> int:
     from efsish.meta.superblock import check_formattable, format_fs
-    from efsish.mount import parse_size
+    from efsish.options import parse_size
     from efsish.store.crypt import superblock_info
 
     if args.throughput_mode == "provisioned" and not args.provisioned_mibps:
@@ -156,7 +156,8 @@ async def _format(args: argparse.Namespace) -> int:
 
 
 def _mount(args: argparse.Namespace) -> int:
-    from efsish.mount import MountConfig, apply_mount_options, default_cache_dir, mount
+    from efsish.mount import default_cache_dir, mount
+    from efsish.options import MountConfig, apply_mount_options
 
     cfg = MountConfig(
         store_url=args.store,

@@ -31,13 +31,13 @@ from efsish import codec
 from efsish.errors import CorruptObject, NotFound, StoreError
 from efsish.meta.heartbeat import Heartbeat
 from efsish.meta.superblock import Superblock
+from efsish.pacer import Throttle
 from efsish.store import ObjectStore
 from efsish.throttle import (
     METRIC_NAMES,
     CreditLedger,
     MiB,
     OpKindLike,
-    Throttle,
     ThrottleConfig,
     ThroughputMode,
 )

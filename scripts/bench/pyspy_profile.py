@@ -83,6 +83,7 @@ _CATEGORIES = (
     ("codec.py", "codec: BLAKE2b, zstd, JSON (codec.py)"),
     ("json/", "codec: BLAKE2b, zstd, JSON (codec.py)"),
     ("throttle.py", "EFS throttle and metering"),
+    ("pacer.py", "EFS throttle and metering"),
     ("metering.py", "EFS throttle and metering"),
     ("pyfuse3", "pyfuse3"),
     ("trio/", "trio: scheduling, thread hand-offs"),

@@ -13,7 +13,8 @@ from pathlib import Path
 import pytest
 
 from efsish.meta.keys import log_key
-from efsish.mount import MountConfig, _registry_file, apply_mount_options
+from efsish.mount import _registry_file
+from efsish.options import MountConfig, apply_mount_options
 from efsish.procs import pid_alive
 from efsish.store import StoreOptions
 from tests.fuse.conftest import Mount, efsish, force_unmount, is_mounted

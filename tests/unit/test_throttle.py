@@ -20,12 +20,12 @@ import pytest
 import trio
 import trio.testing
 
+from efsish.pacer import Throttle
 from efsish.throttle import (
     CreditLedger,
     GiB,
     KiB,
     MiB,
-    Throttle,
     ThrottleConfig,
     ThroughputMode,
     TiB,
