@@ -293,6 +293,8 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             )
             if c.format:
                 print(f"    {mount_leases(c)}", file=stream)
+            if c.format >= 3:
+                print(f"    {mount_nudges(c)}", file=stream)
     points = await accesspoints.list_all(store)
     print(f"{'access points':>18}: {len(points)}", file=stream)
     for ap in points:
@@ -314,3 +316,12 @@ def mount_leases(c: heartbeat.Heartbeat) -> str:
         else:
             parts.append("uncommitted changes: none")
     return "; ".join(parts)
+
+
+def mount_nudges(c: heartbeat.Heartbeat) -> str:
+    """One line: the UDP address a lease mount takes nudges on (LEASES.md §11), as its
+    heartbeat advertises it, and how old that heartbeat is. Not probed: a nudge has no
+    reply, so whether the address is reachable shows only as slower recalls."""
+    if c.nudge is None:
+        return "nudges: none (nudge=off, or no socket: recalls of its domains wait for its poll)"
+    return f"nudges: {c.nudge}, advertised {c.age():.0f} s ago (not probed)"
