@@ -9,7 +9,10 @@
   except those whose key names a client that holds a lease or has an `ldirty` mark (its
   journal may reference them: LEASES.md §9).
 - trim deletes log entries up to the newest checkpoint once every live mount is past
-  them and they are older than `grace`; it keeps the two newest checkpoints.
+  them and they are older than `grace`; it keeps the two newest checkpoints. It never
+  passes the applied position a client with a journal (a lease or an `ldirty` mark) last
+  published, however old its heartbeat, nor, without a heartbeat, the position of its
+  `ldirty` mark: that client comes back to its cache and its journal (LEASES.md §9).
 It must never delete anything a live mount may still read, nor any key that is not
 exactly in one of this filesystem's key forms (blocks.is_block_key, keys.parse_seq): an
 object of another filesystem nested in this prefix, or a user's, is never touched.
@@ -87,6 +90,18 @@ def _dirty_clients(view: View) -> set[str]:
     return {str(r[0]) for r in rows}
 
 
+def _journal_floors(view: View) -> dict[str, int]:
+    """The clients that may have a journal (as `_dirty_clients`), each with the newest
+    log position the log alone proves its view had applied: just below its `ldirty`
+    mark (or, for a holder with none, its `sess`)."""
+    rows = view.db.execute(
+        "SELECT client, COALESCE(dirty_seq, started_seq) FROM sessions "
+        "WHERE dirty_seq IS NOT NULL OR client IN "
+        "(SELECT holder_client FROM leases WHERE holder_client IS NOT NULL)"
+    )
+    return {str(r[0]): max(0, int(r[1]) - 1) for r in rows}
+
+
 @dataclass
 class GcResult:
     deleted_blocks: int = 0
@@ -113,9 +128,8 @@ async def collect(
         raise FsError("read-only mount: no gc", errno.EROFS)
     res = GcResult()
     await meta.catch_up()
-    clients = [
-        c for c in await heartbeat.read_all(store, exclude=meta.client_id, strict=True) if c.live()
-    ]
+    everyone = await heartbeat.read_all(store, exclude=meta.client_id, strict=True)
+    clients = [c for c in everyone if c.live()]
     min_seq = min([c.applied_seq for c in clients], default=meta.applied_seq)
     held = {k for c in clients for k in c.held}
     now = time.time_ns()
@@ -170,9 +184,12 @@ async def collect(
 
         await meta.submit(plan)
     if trim:
-        await _trim(
-            store, meta, res, min_seq=min(min_seq, meta.applied_seq), grace=grace, dry_run=dry_run
-        )
+        floor = min(min_seq, meta.applied_seq)
+        published = {c.client: c.applied_seq for c in everyone}
+        for client, seq in (await meta.read(_journal_floors)).items():
+            if client != meta.client_id:
+                floor = min(floor, published.get(client, seq))
+        await _trim(store, meta, res, min_seq=floor, grace=grace, dry_run=dry_run)
     return res
 
 
@@ -276,6 +293,8 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             )
             if c.format:
                 print(f"    {mount_leases(c)}", file=stream)
+            if c.format >= 3:
+                print(f"    {mount_nudges(c)}", file=stream)
     points = await accesspoints.list_all(store)
     print(f"{'access points':>18}: {len(points)}", file=stream)
     for ap in points:
@@ -297,3 +316,12 @@ def mount_leases(c: heartbeat.Heartbeat) -> str:
         else:
             parts.append("uncommitted changes: none")
     return "; ".join(parts)
+
+
+def mount_nudges(c: heartbeat.Heartbeat) -> str:
+    """One line: the UDP address a lease mount takes nudges on (LEASES.md §11), as its
+    heartbeat advertises it, and how old that heartbeat is. Not probed: a nudge has no
+    reply, so whether the address is reachable shows only as slower recalls."""
+    if c.nudge is None:
+        return "nudges: none (nudge=off, or no socket: recalls of its domains wait for its poll)"
+    return f"nudges: {c.nudge}, advertised {c.age():.0f} s ago (not probed)"

@@ -76,6 +76,7 @@ READ_GRACE = 2.0  # after releasing a domain to a read recall, no re-acquire for
 CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down (§8)
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
+DATE_RESOLUTION = 1.0  # the store's Date header counts whole seconds
 
 
 def boottime() -> float:
@@ -159,6 +160,9 @@ class Leases:
         self._oldest: float | None = None  # lease clock of the oldest journal row
         self.recalls_sent = 0
         self.takeovers = 0
+        # (lease clock, store Date) at the last renewal that had a Date (§7 (4)).
+        self._store_seen: tuple[float, float] | None = None
+        self.date_lapses = 0
         self.recovered: list[str] = []  # recovery directories this mount wrote
         self._nursery: trio.Nursery | None = None
         self.nudges = Nudges(meta, cfg.nudge)
@@ -327,12 +331,39 @@ class Leases:
         if st.recalls:
             self._recall_wake.set()
 
-    def renewed(self, sent: float) -> None:
+    def renewed(self, sent: float, store_date: float | None = None) -> None:
+        """A proof sent at lease-clock time `sent` that no recall had landed (§7): held
+        domains not recalled are valid until `sent + L`, unless the store's clock says
+        the lease clock missed time (`store_date`, its `Date` header; None: no guard)."""
+        if store_date is not None and self._store_clock_jumped(store_date):
+            return
         recalled = {r.domain for r in self.state.recalls}
         until = sent + self.cfg.lease_time
         for d in self.state.held:
             if d not in recalled and self.valid_until.get(d, -1.0) < until:
                 self.valid_until[d] = until
+
+    def _store_clock_jumped(self, store_date: float) -> bool:
+        """The store `Date` guard (§7 (4)): True, and every lease lapsed, when the store's
+        clock advanced by more than the lease clock plus L/4 (plus the header's 1 s
+        resolution) since the previous answer that renewed: a VM whose clock stood still
+        while paused. The next proof renews from the new pair."""
+        now = self.clock()
+        prev, self._store_seen = self._store_seen, (now, store_date)
+        if prev is None:
+            return False
+        missed = (store_date - prev[1]) - (now - prev[0])
+        if missed <= self.cfg.lease_time / 4 + DATE_RESOLUTION:
+            return False
+        self.date_lapses += 1
+        if self.valid_until:
+            log.warning(
+                "the store's clock moved %.0f s more than this machine's lease clock (a "
+                "paused VM?): leases treated as lapsed until the next poll renews them",
+                missed,
+            )
+        self.valid_until.clear()
+        return True
 
     def journal_age(self) -> float:
         """Seconds (lease clock) since the oldest change in the journal (0: empty)."""

@@ -901,10 +901,11 @@ class MetaLog:
     def _renewed(self, sent: float, tk: int) -> None:
         """A GET that returned 404 (or a PUT that landed) was sent at lease-clock time
         `sent` (as request number `tk`) with every earlier entry applied: no recall had
-        landed by then."""
+        landed by then. The store's `Date` of that answer goes with it (the guard of
+        LEASES.md §7 (4))."""
         if self.leases is not None:
             self.head_proven = max(self.head_proven, tk)
-            self.leases.renewed(sent)
+            self.leases.renewed(sent, self.store.server_date())
 
     async def submit_local(
         self, planner: Planner[T], ok: frozenset[int]

@@ -116,6 +116,12 @@ class ObjectStore(abc.ABC):
         transit), or None for a store on this machine."""
         return None
 
+    def server_date(self) -> float | None:
+        """The store's own clock (its `Date` response header, seconds since the epoch, 1 s
+        resolution) in the newest response it sent, or None for a store without one
+        (file://, memory://). The lease clock is checked against it (LEASES.md §7 (4))."""
+        return None
+
     async def check(self) -> None:  # noqa: B027 - optional hook with a default
         """Verify the store is reachable and usable; raise StoreConfigError if not."""
 

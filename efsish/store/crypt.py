@@ -460,6 +460,9 @@ class CryptStore(ObjectStore):
     def endpoint_host(self) -> str | None:
         return self.inner.endpoint_host()
 
+    def server_date(self) -> float | None:
+        return self.inner.server_date()
+
     def endpoint_url(self) -> str | None:
         return self.inner.endpoint_url()
 

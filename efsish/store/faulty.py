@@ -111,5 +111,8 @@ class FaultyStore(ObjectStore):
     def endpoint_host(self) -> str | None:
         return self.inner.endpoint_host()
 
+    def server_date(self) -> float | None:
+        return self.inner.server_date()
+
     async def aclose(self) -> None:
         await self.inner.aclose()

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import base64
 import copy
+import email.utils
 import logging
 import os
 import random
@@ -145,6 +146,29 @@ def _session() -> boto3.session.Session:
     return boto3.session.Session(botocore_session=core)
 
 
+class DateSeen:
+    """The store's `Date` header in the newest response (either path), as epoch seconds
+    (LEASES.md §7 (4)). The lean path reports from the trio thread, boto3's `after-call`
+    event from its worker threads; one assignment of a float either way."""
+
+    def __init__(self) -> None:
+        self.t: float | None = None
+        self._raw: str | None = None
+
+    def saw(self, raw: str | None) -> None:
+        if not raw or raw == self._raw:
+            return
+        try:
+            t = email.utils.parsedate_to_datetime(raw).timestamp()
+        except (TypeError, ValueError):
+            return  # a malformed Date says nothing; the guard waits for a good one
+        self._raw, self.t = raw, t
+
+    def after_call(self, http_response: Any = None, **_: Any) -> None:
+        if http_response is not None:
+            self.saw(http_response.headers.get("date"))
+
+
 class S3Store(ObjectStore):
     """ObjectStore over boto3. See the module docstring."""
 
@@ -194,6 +218,8 @@ class S3Store(ObjectStore):
                 verify=verify_tls,
             )
         self._limiter = trio.CapacityLimiter(concurrency)
+        self._date = DateSeen()  # shared with the views enclosing() makes
+        self._client.meta.events.register("after-call.s3", self._date.after_call)
         self._owns_client = True  # False in the views enclosing() makes
         self._put_crc32c = True  # False once the server refused x-amz-checksum-crc32c
         # Whole-object GET, HEAD and small PUTs go through a lean signed path (s3lean.py) when
@@ -221,7 +247,13 @@ class S3Store(ObjectStore):
     ) -> Response | None:
         if self._lean is None:
             return None
-        return await self._lean.request(method, full, body, headers)
+        r = await self._lean.request(method, full, body, headers)
+        if r is not None:
+            self._date.saw(r.headers.get("date"))
+        return r
+
+    def server_date(self) -> float | None:
+        return self._date.t
 
     # ------------------------------------------------------------------------ helpers
 

@@ -763,6 +763,11 @@ async def test_the_heartbeat_advertises_the_nudge_address(make: Make, store: Obj
     assert nudge.parse_address(hb.nudge)[0] == "127.0.0.1"  # a memory:// store is local
     assert (await published(store, off)).nudge is None
     assert ro.fs.leases is None  # -o ro: no lease state, no socket, no heartbeat
+    out = io.StringIO()
+    await run_status(store, out)  # `efsish status` shows each address (§11, §16)
+    text = out.getvalue()
+    assert f"    nudges: {hb.nudge}, advertised " in text and "s ago (not probed)\n" in text
+    assert "    nudges: none (nudge=off, or no socket" in text
 
 
 @pytest.mark.parametrize("leases", [False])

@@ -19,6 +19,7 @@ from efsish.filesystem import Filesystem
 from efsish.fsck import run_fsck
 from efsish.gc import collect as gc_collect
 from efsish.meta import heartbeat
+from efsish.meta.ops import LDirty
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultyStore
@@ -261,3 +262,60 @@ async def test_a_clean_unmount_clears_the_dirty_mark(make: Make, store: GatedSto
     assert session is not None and session[2] is None
     held = await g.meta.read(lambda v: v.lease(home))
     assert held[0] is None  # released as well
+
+
+async def away_for_days(make: Make, store: GatedStore, heartbeat_left: str, **opts: object) -> int:
+    """A mount that changed /home/f, published its heartbeat at position p and was then
+    killed and stayed away for days: its heartbeat is `heartbeat_left` ("old": written
+    three days ago, or "gone"). Returns p."""
+    m = await make(cache="keep", **opts)
+    home = await mkdir(m.fs, ROOT_INO, b"home")
+    await write_file(m.fs, home, b"first", b"")
+    await write_file(m.fs, home, b"f", b"answered, not yet in the log")
+    await m.fs.write_heartbeat()
+    me = m.fs.meta.client_id
+    hb = await heartbeat.read(store, me)
+    assert hb is not None
+    m.scope.cancel()  # kill -9 (a laptop suspended over a weekend)
+    await trio.sleep(0.01)
+    if heartbeat_left == "gone":
+        await heartbeat.delete(store, me)
+    else:
+        hb.t -= 3 * 86400 * 10**9
+        await heartbeat.write(store, hb)
+    return hb.applied_seq
+
+
+async def trim_after_others_moved_on(make: Make, store: GatedStore) -> list[int]:
+    """Another mount commits changes, checkpoints, and gc trims: the log positions left."""
+    g = (await make()).fs
+    for i in range(10):
+        await mkdir(g, ROOT_INO, b"d%d" % i)  # the top: one sync entry each
+    assert await g.meta.write_checkpoint() > 0
+    await mkdir(g, ROOT_INO, b"tail")
+    await gc_collect(g.store, g.meta, grace=0)
+    return sorted([int(i.key.split("/")[1]) async for i in store.list("log/")])
+
+
+@pytest.mark.parametrize("heartbeat_left", ["old", "gone"])
+async def test_trimming_stops_at_the_position_of_a_client_with_a_journal(
+    make: Make, store: GatedStore, heartbeat_left: str
+) -> None:
+    published = await away_for_days(make, store, heartbeat_left, commit_interval=3600)
+    log = await entries(store)
+    (dirty_at,) = [i + 1 for i, e in enumerate(log) if any(isinstance(o, LDirty) for o in e.ops)]
+    left = await trim_after_others_moved_on(make, store)
+    floor = published if heartbeat_left == "old" else dirty_at - 1
+    assert left[0] == floor + 1  # trimmed up to the floor, and no further
+    a2 = (await make(cache="keep")).fs  # back: catches up from its cache, lands its journal
+    assert a2.meta.journal_rows == 0 and a2.leases is not None and not a2.leases.recovered
+    b = (await make()).fs
+    home = (await b.lookup(ROOT_INO, b"home")).ino
+    with trio.fail_after(10):
+        assert await read_file(b, home, b"f") == b"answered, not yet in the log"
+
+
+async def test_trimming_passes_a_client_without_a_journal(make: Make, store: GatedStore) -> None:
+    published = await away_for_days(make, store, "old", sync=True)  # journals nothing
+    left = await trim_after_others_moved_on(make, store)
+    assert left[0] > published + 1

@@ -6,6 +6,7 @@ from __future__ import annotations
 import multiprocessing
 import os
 import threading
+import time
 import uuid
 from collections.abc import Callable
 from dataclasses import dataclass, replace
@@ -311,3 +312,24 @@ async def test_race_processes_exactly_one_wins(shared_backend: Backend) -> None:
         key = f"race/procs-{r}"
         results = await trio.to_thread.run_sync(race, backend, key)
         await _check_one_winner(backend, key, results)
+
+
+async def test_server_date_is_the_stores_clock(backend: Backend) -> None:
+    """An S3 store reports the `Date` of its answers (the lease guard, LEASES.md §7
+    (4)): through boto3 (a listing) and through the lean path (a GET); a store on this
+    machine has no clock of its own."""
+    s = backend.open()
+    try:
+        assert s.server_date() is None  # nothing answered yet
+        _ = [i async for i in s.list("")]
+        listed = s.server_date()
+        with pytest.raises(NotFound):
+            await s.get("nope")
+        got = s.server_date()
+    finally:
+        await s.aclose()
+    if backend.kind in ("memory", "file", "crypt-memory"):
+        assert listed is None and got is None
+    else:
+        for d in (listed, got):
+            assert d is not None and abs(d - time.time()) < 300, d
