@@ -21,6 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.config
@@ -824,3 +825,13 @@ def cleanup_mounts() -> None:
             force_unmount(m.mp)
             with contextlib.suppress(ValueError):
                 LIVE_MOUNTS.remove(m)
+
+
+def stop_everything(s3server: Any, s3_dir: Path) -> None:
+    """Unmount and stop every tracked mount and store proxy, then the S3 server
+    `s3server.start` runs in `s3_dir` (efsish.devtools.s3server)."""
+    cleanup_mounts()
+    for px in list(PROXIES):
+        px.stop()
+    log("stopping SeaweedFS")
+    s3server.stop(s3_dir)
