@@ -755,25 +755,12 @@ class StoreProxy:
     the HTTP requests that pass (for the idle-mount row). Stopped by PID."""
 
     def __init__(self, upstream: Server, rtt_ms: float, work: Path) -> None:
-        from urllib.parse import urlsplit
+        from efsish.devtools import rttproxy
 
-        u = urlsplit(upstream.endpoint)
         work.mkdir(parents=True, exist_ok=True)
         self.stats_file = work / "store-proxy.json"
         self.proc = subprocess.Popen(
-            [
-                str(PYTHON),
-                "-m",
-                "efsish.devtools.rttproxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                f"{u.hostname}:{u.port}",
-                "--rtt-ms",
-                str(rtt_ms),
-                "--stats",
-                str(self.stats_file),
-            ],
+            rttproxy.command(upstream.endpoint, rtt_ms, self.stats_file, python=str(PYTHON)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             start_new_session=True,
