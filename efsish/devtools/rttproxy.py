@@ -266,6 +266,27 @@ async def _write_stats(path: Path, stats: ProxyStats, every: float = 0.2) -> Non
         await trio.sleep(every)
 
 
+def command(upstream: str, rtt_ms: float, stats: Path, python: str = sys.executable) -> list[str]:
+    """The command line that runs the proxy as a process: on a free port of 127.0.0.1,
+    in front of the server at the URL `upstream`, keeping its counts in `stats`."""
+    from urllib.parse import urlsplit
+
+    u = urlsplit(upstream)
+    return [
+        python,
+        "-m",
+        "efsish.devtools.rttproxy",
+        "--listen",
+        "127.0.0.1:0",
+        "--upstream",
+        f"{u.hostname}:{u.port}",
+        "--rtt-ms",
+        str(rtt_ms),
+        "--stats",
+        str(stats),
+    ]
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(
         prog="python -m efsish.devtools.rttproxy",

@@ -313,6 +313,16 @@ def decrypt(keyring: Keyring, path: str, blob: bytes) -> bytes:
     return decrypt_chunks(keyring, path, h, memoryview(blob)[HEADER:], 0)
 
 
+def _read_again_or_raise(attempt: int, e: CorruptObject) -> None:
+    """After a read that failed authentication: on the second attempt, or for a key the
+    keyring lacks (reading again cannot help), log and raise it; else log that it is
+    read once more."""
+    if attempt == 2 or isinstance(e, UnknownKey):
+        log.error("%s", e)
+        raise e
+    log.warning("%s; reading it again", e)
+
+
 class CryptStore(ObjectStore):
     """Encrypts on the way in, authenticates and decrypts on the way out (see above).
     Ranges and sizes are of the plaintext, as the ObjectStore contract says."""
@@ -347,10 +357,7 @@ class CryptStore(ObjectStore):
                 data: bytes = await self._run(decrypt, key, blob)
                 return data
             except CorruptObject as e:
-                if attempt == 2 or isinstance(e, UnknownKey):
-                    log.error("%s", e)
-                    raise
-                log.warning("%s; reading it again", e)
+                _read_again_or_raise(attempt, e)
         raise AssertionError("unreachable")
 
     async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
@@ -401,10 +408,7 @@ class CryptStore(ObjectStore):
                 base = first * CHUNK
                 return plain[start - base : min(end, h.size) - base]
             except CorruptObject as e:
-                if attempt == 2 or isinstance(e, UnknownKey):
-                    log.error("%s", e)
-                    raise
-                log.warning("%s; reading it again", e)
+                _read_again_or_raise(attempt, e)
         raise AssertionError("unreachable")
 
     async def _fetch_into(self, got: dict[str, bytes], name: str, key: str, a: int, b: int) -> None:

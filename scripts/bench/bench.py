@@ -38,6 +38,7 @@ from common import (
     mountpoints,
     percentile,
     run,
+    s3_env,
     summarize,
     tree_pids,
     warn,
@@ -503,15 +504,7 @@ class Bench:
         made: list[System] = []
         try:
             self.server = Server(info.endpoint, info.access_key, info.secret_key)
-            self.env = dict(
-                os.environ,
-                AWS_ACCESS_KEY_ID=info.access_key,
-                AWS_SECRET_ACCESS_KEY=info.secret_key,
-                AWS_DEFAULT_REGION="us-east-1",
-                AWS_EC2_METADATA_DISABLED="true",
-            )
-            self.env.pop("AWS_ENDPOINT_URL", None)
-            self.env.pop("AWS_PROFILE", None)
+            self.env = s3_env(info.access_key, info.secret_key)
             weed = run([str(REPO / ".venv/bin/weed"), "version"], check=False).stdout
             versions["SeaweedFS (S3 server)"] = (weed.strip().splitlines() or ["?"])[-1]
             for n in names:

@@ -24,12 +24,15 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from common import PYTHON, log
+
+Step = Callable[[], None]
 
 EFSISH = [str(PYTHON), "-m", "efsish"]
 if os.environ.get("EFSISH_BENCH_SRC"):
@@ -87,6 +90,30 @@ def timed(name: str, fn: Any, prof: Path | None, mp: Path, remount: Any = None) 
     return time.perf_counter() - t0
 
 
+def sample_names(n: int, lstats: int) -> list[str]:
+    """The names the lstat step reads: `lstats` of the `n` entries, the same every run."""
+    return [f"file-{i:07d}" for i in random.Random(1).sample(range(n), min(lstats, n))]
+
+
+def steps(d: Path, names: list[str]) -> tuple[Step, Step, Step]:
+    """The timed steps on the big directory `d`: `ls -la`, `find -ls`, and an lstat of
+    each of `names`."""
+
+    def ls() -> None:
+        with open(os.devnull, "w") as null:
+            subprocess.run(["ls", "-la", str(d)], check=True, stdout=null)
+
+    def find() -> None:
+        with open(os.devnull, "w") as null:
+            subprocess.run(["find", str(d), "-ls"], check=True, stdout=null)
+
+    def stats() -> None:
+        for name in names:
+            os.lstat(d / name)
+
+    return ls, find, stats
+
+
 def bench_size(work: Path, n: int, lstats: int, prof: Path | None) -> dict[str, Any]:
     store = f"file://{work}/store-{n}"
     mp, cache = work / f"mnt-{n}", work / f"cache-{n}"
@@ -111,19 +138,8 @@ def bench_size(work: Path, n: int, lstats: int, prof: Path | None) -> dict[str, 
             os.unlink(d / ".lease")
             time.sleep(3)
 
-        names = [f"file-{i:07d}" for i in random.Random(1).sample(range(n), min(lstats, n))]
-
-        def ls() -> None:
-            with open(os.devnull, "w") as null:
-                subprocess.run(["ls", "-la", str(d)], check=True, stdout=null)
-
-        def find() -> None:
-            with open(os.devnull, "w") as null:
-                subprocess.run(["find", str(d), "-ls"], check=True, stdout=null)
-
-        def stats() -> None:
-            for name in names:
-                os.lstat(d / name)
+        names = sample_names(n, lstats)
+        ls, find, stats = steps(d, names)
 
         p = None
         if prof is not None:
@@ -158,19 +174,8 @@ def bench_floor(work: Path, n: int, lstats: int) -> dict[str, Any]:
                 raise RuntimeError("fuse_floor.py did not mount")
             time.sleep(0.05)
         d = mp / "home" / "big"
-        names = [f"file-{i:07d}" for i in random.Random(1).sample(range(n), min(lstats, n))]
-
-        def ls() -> None:
-            with open(os.devnull, "w") as null:
-                subprocess.run(["ls", "-la", str(d)], check=True, stdout=null)
-
-        def find() -> None:
-            with open(os.devnull, "w") as null:
-                subprocess.run(["find", str(d), "-ls"], check=True, stdout=null)
-
-        def stats() -> None:
-            for name in names:
-                os.lstat(d / name)
+        names = sample_names(n, lstats)
+        ls, find, stats = steps(d, names)
 
         return {
             "entries": n,

@@ -1,5 +1,5 @@
 """Helpers shared by the benchmark modules: logging, subprocesses, processes by PID,
-mount detection, page-cache dropping, CPU accounting and statistics."""
+the S3 client environment, mount detection, page-cache dropping, CPU accounting and statistics."""
 
 from __future__ import annotations
 
@@ -58,6 +58,22 @@ def run(
             f"{(res.stderr or res.stdout).strip()[-1500:]}"
         )
     return res
+
+
+def s3_env(access_key: str, secret_key: str) -> dict[str, str]:
+    """This process's environment with the S3 server's credentials, and without what
+    would send an AWS SDK elsewhere (the caller's endpoint or profile, instance
+    metadata)."""
+    env = {
+        **os.environ,
+        "AWS_ACCESS_KEY_ID": access_key,
+        "AWS_SECRET_ACCESS_KEY": secret_key,
+        "AWS_DEFAULT_REGION": "us-east-1",
+        "AWS_EC2_METADATA_DISABLED": "true",
+    }
+    env.pop("AWS_ENDPOINT_URL", None)
+    env.pop("AWS_PROFILE", None)
+    return env
 
 
 def free_port() -> int:

@@ -34,8 +34,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import machine_info, start_seaweedfs
-from common import cpu_seconds, log
-from systems import FORMAT_ARGS, PROXIES, Efsish, Server, StoreProxy, cleanup_mounts
+from common import cpu_seconds, log, s3_env
+from systems import FORMAT_ARGS, Efsish, Server, StoreProxy, stop_everything
 
 BUCKET = "disjoint"
 
@@ -149,15 +149,7 @@ def main() -> int:
     try:
         upstream = Server(info.endpoint, info.access_key, info.secret_key)
         upstream.create_bucket(BUCKET)
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": info.access_key,
-            "AWS_SECRET_ACCESS_KEY": info.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        env.pop("AWS_ENDPOINT_URL", None)
-        env.pop("AWS_PROFILE", None)
+        env = s3_env(info.access_key, info.secret_key)
         proxies = [StoreProxy(upstream, a.store_rtt, work / f"proxy-{m}") for m in "ab"]
         fs = [
             Efsish(
@@ -222,11 +214,7 @@ def main() -> int:
                 )
             time.sleep(1.5)
     finally:
-        cleanup_mounts()
-        for px in list(PROXIES):
-            px.stop()
-        log("stopping SeaweedFS")
-        s3server.stop(work / "s3")
+        stop_everything(s3server, work / "s3")
         if not cleanup_mounts_left(work):
             shutil.rmtree(work, ignore_errors=True)  # the bucket and caches: nothing to keep
 

@@ -28,8 +28,8 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import machine_info, start_seaweedfs
-from common import log, percentile
-from systems import FORMAT_ARGS, PROXIES, Efsish, Server, StoreProxy, cleanup_mounts
+from common import log, percentile, s3_env
+from systems import FORMAT_ARGS, Efsish, Server, StoreProxy, stop_everything
 
 BUCKET = "recall"
 
@@ -137,23 +137,11 @@ def main() -> int:
     try:
         upstream = Server(info.endpoint, info.access_key, info.secret_key)
         upstream.create_bucket(BUCKET)
-        env = {
-            **os.environ,
-            "AWS_ACCESS_KEY_ID": info.access_key,
-            "AWS_SECRET_ACCESS_KEY": info.secret_key,
-            "AWS_DEFAULT_REGION": "us-east-1",
-            "AWS_EC2_METADATA_DISABLED": "true",
-        }
-        env.pop("AWS_ENDPOINT_URL", None)
-        env.pop("AWS_PROFILE", None)
+        env = s3_env(info.access_key, info.secret_key)
         for mode in a.modes.split(","):
             results[mode] = run_mode(upstream, a.store_rtt, work, env, mode, a)
     finally:
-        cleanup_mounts()
-        for px in list(PROXIES):
-            px.stop()
-        log("stopping SeaweedFS")
-        s3server.stop(work / "s3")
+        stop_everything(s3server, work / "s3")
     out = {
         "started": started.isoformat(timespec="seconds"),
         "command": " ".join(["scripts/bench/recall", *sys.argv[1:]]),

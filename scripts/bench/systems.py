@@ -21,6 +21,7 @@ import time
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import boto3
 import botocore.config
@@ -754,25 +755,12 @@ class StoreProxy:
     the HTTP requests that pass (for the idle-mount row). Stopped by PID."""
 
     def __init__(self, upstream: Server, rtt_ms: float, work: Path) -> None:
-        from urllib.parse import urlsplit
+        from efsish.devtools import rttproxy
 
-        u = urlsplit(upstream.endpoint)
         work.mkdir(parents=True, exist_ok=True)
         self.stats_file = work / "store-proxy.json"
         self.proc = subprocess.Popen(
-            [
-                str(PYTHON),
-                "-m",
-                "efsish.devtools.rttproxy",
-                "--listen",
-                "127.0.0.1:0",
-                "--upstream",
-                f"{u.hostname}:{u.port}",
-                "--rtt-ms",
-                str(rtt_ms),
-                "--stats",
-                str(self.stats_file),
-            ],
+            rttproxy.command(upstream.endpoint, rtt_ms, self.stats_file, python=str(PYTHON)),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             start_new_session=True,
@@ -824,3 +812,13 @@ def cleanup_mounts() -> None:
             force_unmount(m.mp)
             with contextlib.suppress(ValueError):
                 LIVE_MOUNTS.remove(m)
+
+
+def stop_everything(s3server: Any, s3_dir: Path) -> None:
+    """Unmount and stop every tracked mount and store proxy, then the S3 server
+    `s3server.start` runs in `s3_dir` (efsish.devtools.s3server)."""
+    cleanup_mounts()
+    for px in list(PROXIES):
+        px.stop()
+    log("stopping SeaweedFS")
+    s3server.stop(s3_dir)

@@ -88,19 +88,38 @@ def write_key(path: Path) -> Path:
     return path
 
 
-@pytest.fixture
-def fs_format() -> int:
-    """The format of the filesystems `mounter` formats: 3 (leases, the default). A module
-    whose tests run in both modes overrides it with `params=[2, 3]`."""
-    return 3
+ALL_VARIANTS = pytest.mark.parametrize(
+    "variant",
+    [(2, False), (3, False), (3, True)],
+    ids=["format2", "format3", "format3-encrypted"],
+    indirect=True,
+    scope="module",
+)
+"""`pytestmark = ALL_VARIANTS` runs every test of a module (each must use `mounter`) on a
+format-2, a lease (format-3) and an encrypted lease filesystem."""
 
 
 @pytest.fixture(scope="module")
-def encrypted() -> bool:
+def variant(request: pytest.FixtureRequest) -> tuple[int, bool]:
+    """(format, encrypted) of the filesystems `mounter` formats: (3, False) unless the
+    module parametrizes it (ALL_VARIANTS). Module-scoped, as `encrypted` is."""
+    fmt, enc = getattr(request, "param", (3, False))
+    return int(fmt), bool(enc)
+
+
+@pytest.fixture
+def fs_format(variant: tuple[int, bool]) -> int:
+    """The format of the filesystems `mounter` formats: 3 (leases, the default). A module
+    whose tests run in both modes overrides it with `params=[2, 3]`."""
+    return variant[0]
+
+
+@pytest.fixture(scope="module")
+def encrypted(variant: tuple[int, bool]) -> bool:
     """Whether `mounter` and `shared_mount` format encrypted filesystems (format 4, with
     a key file of the test's): no. A module whose tests also run encrypted overrides it
     with `params`. Module-scoped, as `shared_mount` is."""
-    return False
+    return variant[1]
 
 
 @pytest.fixture

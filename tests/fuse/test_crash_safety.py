@@ -20,29 +20,9 @@ from pathlib import Path
 import pytest
 
 from efsish.mount import _registry_file
-from tests.fuse.conftest import efsish, force_unmount, is_mounted
+from tests.fuse.conftest import ALL_VARIANTS, efsish, force_unmount, is_mounted
 
-
-@pytest.fixture(
-    scope="module",
-    params=[(2, False), (3, False), (3, True)],
-    ids=["format2", "format3", "format3-encrypted"],
-)
-def variant(request: pytest.FixtureRequest) -> tuple[int, bool]:
-    """Every test here runs on a format-2, a lease (format-3) and an encrypted lease
-    filesystem: (format, encrypted)."""
-    fmt, enc = request.param
-    return int(fmt), bool(enc)
-
-
-@pytest.fixture
-def fs_format(variant: tuple[int, bool]) -> int:
-    return variant[0]
-
-
-@pytest.fixture(scope="module")
-def encrypted(variant: tuple[int, bool]) -> bool:
-    return variant[1]
+pytestmark = ALL_VARIANTS
 
 
 WRITER = textwrap.dedent(

@@ -8,16 +8,15 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 import uuid
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlsplit
 
 import pytest
 
+from efsish.devtools import rttproxy
 from tests.conftest import S3Target
 from tests.fuse.conftest import Mount, efsish
 
@@ -34,24 +33,9 @@ def _gets(stats: Path) -> int:
 def test_listing_a_held_domain_sends_no_request(
     mounter: Callable[..., Mount], seaweedfs_target: S3Target, tmp_path: Path
 ) -> None:
-    u = urlsplit(seaweedfs_target.endpoint)
     stats = tmp_path / "stats.json"
     proxy = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "efsish.devtools.rttproxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            f"{u.hostname}:{u.port}",
-            "--rtt-ms",
-            "0",
-            "--stats",
-            str(stats),
-        ],
-        stdout=subprocess.PIPE,
-        text=True,
+        rttproxy.command(seaweedfs_target.endpoint, 0, stats), stdout=subprocess.PIPE, text=True
     )
     try:
         assert proxy.stdout is not None

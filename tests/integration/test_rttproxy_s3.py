@@ -9,7 +9,6 @@ import os
 import signal
 import statistics
 import subprocess
-import sys
 import time
 import uuid
 from pathlib import Path
@@ -20,7 +19,7 @@ import boto3
 import botocore.config
 import trio
 
-from efsish.devtools.rttproxy import rtt_proxy
+from efsish.devtools.rttproxy import command, rtt_proxy
 from tests.conftest import S3Target
 
 RTT = 0.020
@@ -63,22 +62,9 @@ async def test_get_through_the_proxy_takes_the_added_round_trip(
 
 
 def test_command_line_proxy(seaweedfs_target: S3Target, tmp_path: Path) -> None:
-    u = urlsplit(seaweedfs_target.endpoint)
     stats = tmp_path / "stats.json"
     proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "efsish.devtools.rttproxy",
-            "--listen",
-            "127.0.0.1:0",
-            "--upstream",
-            f"{u.hostname}:{u.port}",
-            "--rtt-ms",
-            "20",
-            "--stats",
-            str(stats),
-        ],
+        command(seaweedfs_target.endpoint, RTT * 1000, stats),
         stdout=subprocess.PIPE,
         text=True,
         env=dict(os.environ),
