@@ -356,14 +356,39 @@ class Filesystem:
 
     async def _read_barrier(self, ino: int, catch_up: bool = True) -> None:
         """Before a read of `ino` (a directory's entries, or an inode): catch up with
-        the log, and recall the inode's domains from another mount that holds them."""
-        if catch_up:
-            await self._catch_up()
-        lz = self.leases
-        if lz is None or not lz.state.others:
-            return
+        the log, and recall the inode's domains from another mount that holds them.
 
-        await lz.before_read(await self.meta.domains(ino))
+        When the view says another mount holds one of them, the recall comes first and
+        the catch-up only if still needed: the recall's conditional PUT proves the head
+        (it lands only on the position after it, and on a conflict the committer reads
+        to the head and plans again), and its wait applies the holder's answer. What
+        was committed before the read began is then applied, and the domains are read
+        again from that view (the inode may have moved). A read that proved nothing
+        after it began (it joined a recall already under way, or the holder was gone
+        by the time the recall was planned) catches up as usual."""
+        lz = self.leases
+        if lz is None:
+            if catch_up:
+                await self._catch_up()
+            return
+        begun = self.meta.sends
+        recalled: set[int | None] = set()
+        caught = not catch_up
+        while True:
+            held: set[int | None] = set()
+            if lz.state.others:
+                doms = await self.meta.domains(ino)
+                held = {d for d in doms if d is not None and d in lz.state.others}
+                held -= recalled
+            if held:
+                recalled |= held
+                await lz.before_read(held)
+                continue
+            if not caught and self.meta.head_proven <= begun:
+                caught = True
+                await self._catch_up()
+                continue
+            return
 
     async def _read_in(self, ino: int, answer: Callable[[], Awaitable[T]]) -> T:
         """A read of `ino` (a directory's entries, or an inode) that close-to-open

@@ -394,7 +394,8 @@ class MetaLog:
         would also keep concurrent creates from reaching the same group commit). A 404
         there proves the view was at the head at a moment after this call began, which is
         what close-to-open needs. Otherwise concurrent callers share work: a caller
-        returns once a catch-up that *started after it was called* has finished.
+        returns once a catch-up that *started after it was called* has finished, or a
+        request sent after it was called proved the head (`head_proven`).
         `check_trimmed` also verifies (one more request) that the log was not trimmed
         past this view while it was away; open() and the poller ask for it.
 
@@ -407,17 +408,23 @@ class MetaLog:
             async with self._writer_lock():
                 return await self._catch_up_locked(upto=upto)
         ticket = self._catchups_started
+        called = self.sends
         first: tuple[int, bytes] | None = None
         if not check_trimmed:
             seq = self._seq + 1
-            sent = self._lease_clock()
+            sent, tk = self._stamp()
             try:
                 first = (seq, await self.store.get(log_key(seq)))
             except NotFound:
-                self._renewed(sent)
+                self._renewed(sent, tk)
                 return 0
         async with self._writer_lock():
-            if self._catchups_done_from > ticket and not check_trimmed:
+            if not check_trimmed and (
+                self._catchups_done_from > ticket or self.head_proven > called
+            ):
+                # A catch-up that began after this call finished meanwhile, or (lease
+                # mode) a request sent after it proved the head: e.g. a commit this
+                # waited behind, whose conflict read to the head and whose PUT landed.
                 return 0
             self._catchups_started += 1
             start = self._catchups_started
@@ -435,12 +442,15 @@ class MetaLog:
         window = 1
         while upto is None or self._seq < upto:
             seq = self._seq + 1
-            n = window if upto is None else min(window, upto - self._seq)
+            # Up to `upto` every position is known to exist (a nudge names a landed
+            # entry): GET them all at once rather than growing the window.
+            n = window if upto is None else min(CATCH_UP_WINDOW, upto - self._seq)
             sent: float | None = None
+            tk = 0
             if first is not None and first[0] == seq:
                 blobs = [first[1]]
             else:
-                sent = self._lease_clock()
+                sent, tk = self._stamp()
                 blobs = await self._get_run(seq, n)
             first = None
             for i, blob in enumerate(blobs):
@@ -453,7 +463,7 @@ class MetaLog:
             if sent is not None and len(blobs) < n:
                 # A 404 at seq + len(blobs), sent at `sent`, and every entry before it
                 # applied: the head at that moment (LEASES.md §7: the renewal).
-                self._renewed(sent)
+                self._renewed(sent, tk)
                 if applied == 0 and check_trimmed:
                     await self._check_trimmed(seq)
                 return applied
@@ -693,7 +703,7 @@ class MetaLog:
                     await self._flush_locked()
                     continue
                 sent = True
-                put_at = self._lease_clock()
+                put_at, put_tk = self._stamp()
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
                 await self._rollback()
@@ -735,7 +745,7 @@ class MetaLog:
             self._settling = trio.Event()
             self._answered += 1
             self._applied(res, False, fresh)
-            self._renewed(put_at)
+            self._renewed(put_at, put_tk)
             self._deliver(batch, outcomes)
             return True
         raise TransientStoreError(
@@ -876,11 +886,25 @@ class MetaLog:
     def _lease_clock(self) -> float:
         return 0.0 if self.leases is None else self.leases.clock()
 
-    def _renewed(self, sent: float) -> None:
+    # Requests to the log that can prove the head, counted as they are sent, and the
+    # count of the newest one that did (a GET that returned 404, or a PUT that landed,
+    # with every earlier entry applied): a proof numbered above `sends` as read at some
+    # moment shows the view at the head after that moment (lease mode only).
+    sends = 0
+    head_proven = 0
+
+    def _stamp(self) -> tuple[float, int]:
+        """The lease clock and the number of a request about to be sent."""
+        self.sends += 1
+        return self._lease_clock(), self.sends
+
+    def _renewed(self, sent: float, tk: int) -> None:
         """A GET that returned 404 (or a PUT that landed) was sent at lease-clock time
-        `sent` with every earlier entry applied: no recall had landed by then. The
-        store's `Date` of that answer goes with it (the guard of LEASES.md §7 (4))."""
+        `sent` (as request number `tk`) with every earlier entry applied: no recall had
+        landed by then. The store's `Date` of that answer goes with it (the guard of
+        LEASES.md §7 (4))."""
         if self.leases is not None:
+            self.head_proven = max(self.head_proven, tk)
             self.leases.renewed(sent, self.store.server_date())
 
     async def submit_local(
@@ -989,7 +1013,7 @@ class MetaLog:
             last = len(entries) == 1
             blob = journal.encode(entry)
             seq = self._seq + 1
-            put_at = self._lease_clock()
+            put_at, put_tk = self._stamp()
             try:
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
@@ -1019,7 +1043,7 @@ class MetaLog:
             if res.fenced is not None:
                 leases.fenced_at(seq, str(res.fenced))
                 raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)
-            self._renewed(put_at)
+            self._renewed(put_at, put_tk)
             if last:
                 return
 

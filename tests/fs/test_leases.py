@@ -673,6 +673,75 @@ async def test_nudges_make_a_recall_quick_with_a_long_poll(
 
 
 @pytest.mark.parametrize("lease_time", [120.0])
+async def test_a_read_recall_puts_its_lrec_with_no_catch_up_before_it(make: Make) -> None:
+    # B's view says A holds /home: the lrec's conditional PUT proves the head itself
+    # (a GET of the head before it is one round trip more), and B waits for the answer.
+    _a, b, home = await held_file(make, poll_interval=3600)
+    await b.fs.meta.catch_up()
+    assert b.fs.leases is not None and home in b.fs.leases.state.others
+    before = len(b.store.requests)
+    assert await read_file(b.fs, home, b"f") == b"closed on A"
+    reqs = [(op, k) for op, k in b.store.requests[before:] if k.startswith(LOG_PREFIX)]
+    assert reqs[0][0] == "put_if_absent", reqs  # the lrec first
+    assert b.fs.leases.recalls_sent == 1
+
+
+@pytest.mark.parametrize("lease_time", [120.0])
+async def test_a_read_recall_on_a_stale_view_reads_the_head(make: Make) -> None:
+    # B's view says A holds /home, but A released it to C's read and a -o sync mount
+    # changed /home since: B's lrec conflicts, B reads to the head and plans again
+    # (no holder: no recall), and answers from the head.
+    _a, b, home = await held_file(make, poll_interval=3600)
+    await b.fs.meta.catch_up()
+    c = await make(poll_interval=3600)
+    s = await make(sync=True, poll_interval=3600)
+    assert await read_file(c.fs, home, b"f") == b"closed on A"  # A releases /home
+    await write_file(s.fs, home, b"g", b"from s")  # a sync entry: /home stays FREE
+    assert b.fs.leases is not None and home in b.fs.leases.state.others  # stale
+    assert await read_file(b.fs, home, b"g") == b"from s"
+    assert await read_file(b.fs, home, b"f") == b"closed on A"
+    assert b.fs.leases.recalls_sent == 0
+
+
+async def test_a_catch_up_to_a_nudged_position_gets_its_entries_at_once(make: Make) -> None:
+    # A holder nudged to position N GETs every entry up to N in one round trip (they
+    # exist: the nudge names a landed entry), not 1, 2, 4... of them in turn.
+    a = await make(poll_interval=3600)
+    b = await make(poll_interval=3600)
+    await a.fs.meta.catch_up()
+    for i in range(4):
+        await mkdir(b.fs, ROOT_INO, b"d%d" % i)  # entries in the top: one each
+    head = b.fs.meta.applied_seq
+    assert head - a.fs.meta.applied_seq >= 4
+    a.store.plan = FaultPlan(latency=0.3, ops=frozenset({"get"}))
+    t0 = trio.current_time()
+    await a.fs.meta.catch_up(upto=head)
+    took = trio.current_time() - t0
+    assert a.fs.meta.applied_seq == head
+    assert took < 0.5, took  # one round trip of 0.3 s (1, 2, then 1 of them: 0.9 s)
+
+
+async def test_a_catch_up_behind_a_commit_that_proved_the_head_sends_no_get(
+    make: Make, nursery: trio.Nursery
+) -> None:
+    # B's commit loses the next position to A, reads to the head and lands its entry;
+    # a lookup's catch-up that waited for the writer lock meanwhile needs no GET more.
+    a = await make(poll_interval=3600)
+    b = await make(poll_interval=3600)
+    await b.fs.meta.catch_up()
+    s = b.fs.meta.applied_seq
+    await mkdir(a.fs, ROOT_INO, b"by_a")  # position s + 1
+    b.store.plan = FaultPlan(latency=0.2, ops=frozenset({"put_if_absent"}))
+    before = len(b.store.requests)
+    nursery.start_soon(mkdir, b.fs, ROOT_INO, b"by_b")  # PUT s + 1: conflict, then s + 2
+    await trio.sleep(0.05)
+    await b.fs.meta.catch_up()
+    assert b.fs.meta.applied_seq == s + 2
+    after = b.store.requests[before:]
+    assert after.count(("get", log_key(s + 3))) == 1, after  # the commit's, not ours
+
+
+@pytest.mark.parametrize("lease_time", [120.0])
 async def test_without_nudges_a_recall_completes_at_the_poll(make: Make) -> None:
     a, b, home = await held_file(make, poll_interval=1.5, nudge="off")
     assert a.fs.leases is not None and a.fs.leases.nudges.nudger is None
