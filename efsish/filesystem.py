@@ -678,6 +678,21 @@ class Filesystem:
         if not self._atime_due:
             return
         due, self._atime_due = self._atime_due, {}
+        lz = self.leases
+        if lz is not None:
+            # On a lease filesystem only where this mount holds the domain (or in the
+            # top): an access time alone must not take a subtree from the mount that
+            # writes it, nor recall it (LEASES.md §16).
+            held = lz.state.held
+            for ino in list(due):
+                try:
+                    doms = await self.meta.domains(ino)
+                except EfsishError:
+                    doms = {-1}  # gone or unreadable: no update
+                if not all(d is None or d in held for d in doms):
+                    del due[ino]
+            if not due:
+                return
         try:
             await self._commit(attrs.atimes(due))
         except EfsishError as e:

@@ -20,7 +20,7 @@ import trio
 
 from efsish import codec
 from efsish.errors import FsError, TransientStoreError
-from efsish.filesystem import Ctx, Filesystem, Options
+from efsish.filesystem import ATIME_BATCH, Ctx, Filesystem, Options
 from efsish.fsck import run_fsck
 from efsish.gc import collect as gc_collect
 from efsish.gc import run_gc, run_status
@@ -953,3 +953,26 @@ async def test_a_file_renamed_over_elsewhere_while_read_is_read_whole(make: Make
     assert data == b"old" * 1000
     assert await read_file(a.fs, home, b"f") == b"new" * 1000
     await a.fs.release(fh)
+
+
+async def test_a_read_from_another_mount_does_not_take_the_domain_for_its_atime(
+    make: Make,
+) -> None:
+    # B reads A's file (relatime makes its access time due): the read recalls A's lease
+    # once, and the access time B would commit a second later must not acquire /home
+    # for B (A's next change would have to recall it) nor recall it again: on a lease
+    # filesystem a mount records access times only where it holds the domain.
+    a, b, home = await held_file(make)
+    assert await read_file(b.fs, home, b"f") == b"closed on A"
+    assert b.fs.leases is not None and b.fs.leases.recalls_sent == 1
+    await trio.sleep(2 * ATIME_BATCH + 0.5)  # B's atime committer has run twice
+    assert not b.fs.leases.state.held, b.fs.leases.state.held
+    assert b.fs.leases.recalls_sent == 1
+    # A's own reads still move access times in the domain it holds.
+    await write_file(a.fs, home, b"g", b"written again")
+    ino = (await a.fs.lookup(home, b"g")).ino
+    before = (await a.fs.getattr(ino)).atime
+    fh, _ = await a.fs.open(ino, os.O_RDONLY)
+    await a.fs.release(fh)
+    await trio.sleep(ATIME_BATCH + 0.5)
+    assert (await a.fs.getattr(ino)).atime > before
