@@ -991,6 +991,11 @@ class MetaLog:
     async def flush(self, extra: list[Op] | None = None) -> None:
         """Commit the journal to the log (LEASES.md §6.3), with `extra` lease ops (the
         answer to a recall, releases) after it in the last entry."""
+        if self.leases is not None and not self.read_only:
+            # The staged uploads go up before the writer lock is taken, so that reads and
+            # local changes do not queue behind them; the wait under the lock then covers
+            # only blocks staged in between.
+            await self.leases.before_flush()
         async with self._writer_lock():
             await self._flush_locked(extra)
 
