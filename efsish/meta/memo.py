@@ -6,8 +6,9 @@ Rules it keeps:
   bumps a generation; a read that began before an apply does not store what it saw (it
   may have read the view before that entry).
 - The hop that applied an entry re-reads what it changed (`fresh`, at most FRESH_LIMIT
-  items) and `applied` puts that in, so the kernel's next question (a new inode's
-  attributes, its directory's) is answered from memory.
+  items: attributes, names, and the parents of the changed inodes) and `applied` puts
+  that in, so the kernel's next question (a new inode's attributes, its directory's,
+  the lease domains of either) is answered from memory.
 - A directory is *complete* while every name in it is remembered (absent names as
   absent): one this mount saw created, empty, and whose every change since was refilled.
   A lookup of a new name there is answered from memory; a change that is only forgotten
@@ -17,6 +18,8 @@ Rules it keeps:
   computed in memory. Every applied entry drops the parents of each inode it changed: a
   rename, link or unlink changes the ctime or nlink of the inode it moves, so its inode
   is in `ApplyResult.inodes`, and a moved directory's subtree is re-walked through it.
+  `fresh` re-reads the parents of those inodes (one level: their ancestors were not
+  dropped, or are among them).
 - A directory listing (`readdir`) stores what it read: each entry's name, attributes,
   whether it has any xattr at all, and its parent. `ls -l` asks for every entry's
   attributes and two xattrs next, and is answered from memory.
@@ -46,12 +49,20 @@ T = TypeVar("T")
 
 MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
 FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
-# What `Memo.fresh` read after a commit: new attributes, and the names' new inodes.
-Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None]]
 # Where an inode is linked: (is a directory, the directories holding its dentries).
 Parents = tuple[bool, tuple[int, ...]]
+# What `Memo.fresh` read after a commit: new attributes, the names' new inodes, and the
+# parents of the changed inodes (those with no dentry left out).
+Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None], dict[int, Parents]]
 # A listing's rows: (cursor, name, attributes, has at least one xattr).
 Listed = list[tuple[int, bytes, Attr, bool]]
+
+
+_ATTR_PARENTS = (
+    "SELECT i.ino, i.mode, i.uid, i.gid, i.nlink, i.size, i.rdev, i.atime, i.mtime, "
+    "i.ctime, i.version, i.target, d.parent "
+    "FROM inodes i LEFT JOIN dentries d ON d.ino = i.ino WHERE i.ino = ?"
+)
 
 
 def read_parents(view: View, ino: int) -> dict[int, Parents]:
@@ -249,9 +260,23 @@ class Memo:
 
     @staticmethod
     def _read_fresh(view: View, inodes: set[int], entries: set[tuple[int, bytes]]) -> Fresh:
-        attrs = {ino: view.getattr(ino) for ino in inodes}
+        attrs: dict[int, Attr | None] = {}
+        parents: dict[int, Parents] = {}
+        for ino in inodes:
+            # Attributes and parents in one query (as `read_parents` takes them).
+            rows = view.db.execute(_ATTR_PARENTS, (ino,)).fetchall()
+            if not rows:
+                attrs[ino] = None
+                continue
+            a = attrs[ino] = Attr(*rows[0][:12])
+            if ino == ROOT_INO:
+                parents[ino] = (True, (ROOT_INO,))
+                continue
+            ps = tuple(sorted({int(r[12]) for r in rows if r[12] is not None}))
+            if ps:
+                parents[ino] = (a.is_dir, ps[:1] if a.is_dir else ps)
         names = {(p, n): view.lookup(p, n) for p, n in entries}
-        return attrs, names
+        return attrs, names, parents
 
     def applied(self, res: ApplyResult, fresh: Fresh | None = None) -> None:
         """An entry was applied: drop what it changed and put in what `fresh` read.
@@ -287,10 +312,11 @@ class Memo:
         """After `_forget(res)`: put in what `fresh` read after the commit."""
         names = self._names
         if fresh is not None:
-            new_attrs, new_names = fresh
+            new_attrs, new_names, new_parents = fresh
             for ino, a in new_attrs.items():
                 if a is not None:
                     self._remember(ino, a)
+            self._remember_parents(new_parents)
             if len(names) + len(new_names) >= MEMO_LIMIT:
                 self._forget_names()
             else:

@@ -208,6 +208,28 @@ async def test_a_link_or_unlink_changes_a_files_domains(view: View) -> None:
     assert await memo.domains(6, 1, read) == {3} == truth(view, 6)
 
 
+async def test_the_refill_after_a_change_keeps_the_domains_in_memory(view: View) -> None:
+    """A create, unlink or rename changes its directory (and the inodes it moves): the
+    hop that applied it re-reads their parents, so the lease domains of what the kernel
+    asks about next (the directory, the new file) need no read of the view."""
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2}
+    calls = read.calls
+    for op, asked in (
+        (Mk(7, 5, b"g", REG, 0, 0, T0 + 1), (5, 7, 6)),  # a create in /a/x/y
+        (Rm(5, b"f", T0 + 2), (5, 7)),  # an unlink there (6 is gone)
+        (Mv(5, b"g", 4, b"h", T0 + 3), (5, 4, 7)),  # a file moved up a level
+        (Mv(2, b"x", 3, b"x", T0 + 4), (5, 4, 7)),  # a directory moved to another domain
+    ):
+        res = apply(view, op)
+        memo.applied(res, memo.fresh(view, res))
+        for ino in asked:
+            assert await memo.domains(ino, 1, read) == truth(view, ino)
+    assert read.calls == calls  # every answer came from memory
+    assert await memo.domains(7, 1, read) == {3}
+
+
 async def test_a_walk_that_began_before_an_apply_does_not_store_what_it_saw(
     view: View,
 ) -> None:
