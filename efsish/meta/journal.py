@@ -75,17 +75,27 @@ def landed(view: View, first: int, last: int, seq: int) -> None:
 
 
 def append(
-    view: View, client: str, ops: list[Op], domains: list[set[int]], t: int, mono: float
+    view: View,
+    client: str,
+    ops: list[Op],
+    domains: list[set[int]],
+    t: int,
+    mono: float,
+    first: int | None = None,
 ) -> tuple[int, int]:
     """Append `ops` (one answered change) as rows, each with the domains it touches;
-    return their jseq range."""
-    first = int(view.get_meta(_counter(client), 1))
+    return their jseq range. `first`: `next_jseq` as the caller read it in this
+    transaction (saves reading it again)."""
+    if first is None:
+        first = next_jseq(view, client)
     last = max(first + len(ops) - 1, first)
-    for i, (op, doms) in enumerate(zip(ops, domains, strict=True)):
-        view.db.execute(
-            "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
-            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono),
-        )
+    view.db.executemany(
+        "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
+        [
+            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono)
+            for i, (op, doms) in enumerate(zip(ops, domains, strict=True))
+        ],
+    )
     view.set_meta(_counter(client), first + len(ops))
     return first, last
 

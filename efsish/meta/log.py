@@ -972,6 +972,7 @@ class MetaLog:
                     return None
                 per_op.append({d for d in touched if d is not None})
                 doms |= per_op[-1]
+                leases.claim(view, prov, per_op[-1])
                 view.cur_seq = journal.PENDING + jseq + len(per_op) - 1
                 try:
                     leasing.apply_leased_op(view, op, prov, res)
@@ -980,7 +981,7 @@ class MetaLog:
                     return None
             if ctx.after is not None:
                 result = ctx.after(view)
-            journal.append(view, self.client_id, ops, per_op, ctx.now_ns, mono)
+            journal.append(view, self.client_id, ops, per_op, ctx.now_ns, mono, jseq)
             fresh = self._fresh(res)
             view.commit()
         except BaseException:
