@@ -46,6 +46,7 @@ class Row:
     domains: frozenset[int]
     t: int
     mono: float
+    size: int = 0  # the length of the op's wire form as stored (0: not known)
 
 
 def ensure(view: View) -> None:
@@ -105,7 +106,16 @@ def rows(view: View, limit: int = 1_000_000) -> list[Row]:
     for jseq, op, doms, t, mono in view.db.execute(
         "SELECT jseq, op, domains, t, mono FROM journal ORDER BY jseq LIMIT ?", (limit,)
     ):
-        out.append(Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono))
+        out.append(
+            Row(
+                int(jseq),
+                decode_op(json.loads(op)),
+                frozenset(json.loads(doms)),
+                t,
+                mono,
+                len(op),
+            )
+        )
     return out
 
 
@@ -154,7 +164,8 @@ def entries(
     cur: list[Row] = []
     size = 0
     for r in rows_:
-        n = len(json.dumps(r.op.wire())) + 2
+        # The stored wire form's length (what encoding it again would give).
+        n = (r.size or len(json.dumps(r.op.wire()))) + 2
         if cur and size + n > max_bytes - 4096:
             out.append(_entry(cur, client, inc, t, epochs))
             cur, size = [], 0
