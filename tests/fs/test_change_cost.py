@@ -12,23 +12,27 @@ import pytest
 import trio
 
 from efsish.filesystem import Filesystem
+from efsish.meta import log
 from efsish.meta.view import ROOT_INO
 from tests.fs.conftest import FsFactory
 from tests.fs.helpers import ROOT
 
 
 class Hops:
-    """Counts the worker-thread hops (trio.to_thread.run_sync) by the function run."""
+    """Counts the worker-thread hops (trio.to_thread.run_sync, and the writer's own,
+    efsish.meta.log.in_thread) by the function run."""
 
     def __init__(self, monkeypatch: pytest.MonkeyPatch) -> None:
         self.by: Counter[str] = Counter()
-        real = trio.to_thread.run_sync
+        for owner, name in ((trio.to_thread, "run_sync"), (log, "in_thread")):
+            monkeypatch.setattr(owner, name, self._counted(getattr(owner, name)))
 
+    def _counted(self, real: Any) -> Any:
         async def counted(fn: Any, *args: Any, **kw: Any) -> Any:
             self.by[getattr(fn, "__qualname__", repr(fn))] += 1
             return await real(fn, *args, **kw)
 
-        monkeypatch.setattr(trio.to_thread, "run_sync", counted)
+        return counted
 
     def take(self) -> Counter[str]:
         out, self.by = self.by, Counter()
