@@ -388,7 +388,7 @@ class Filesystem:
                 caught = True
                 # A share of the top (LEASES.md §17), when this mount may take one, is
                 # taken instead: its PUT proves the head as the catch-up's GET would.
-                if not await lz.take_share():
+                if not await lz.take_share() or self.meta.head_proven <= begun:
                     await self._catch_up()
                 continue
             return
@@ -483,7 +483,12 @@ class Filesystem:
             log.warning("catch-up failed, serving possibly stale metadata: %s", e)
 
     async def getattr(self, ino: int) -> Attr:
-        await self._read_barrier(ino, catch_up=False)
+        # A stat of a domain root nobody holds catches up: under a share of the top
+        # (LEASES.md §17) the path walk to it no longer did.
+        catch = False
+        if self.leases is not None and self.leases.share.held:
+            catch = bool(await self._free_root(await self._attr(ino)))
+        await self._read_barrier(ino, catch_up=catch)
         return await self._attr(ino)
 
     async def readlink(self, ino: int) -> bytes:
