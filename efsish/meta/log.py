@@ -360,10 +360,12 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
-        if self.leases is not None and res.leases:
+        if self.leases is not None and (res.leases or res.shares):
             # On the trio thread, under the write lock, with no hop running: the
             # writer's state (our own answered entry's open transaction included).
             self.leases.refresh(self.writer)
+            if res.shares:
+                self.leases.shares_changed(res, remote)
         self.on_apply(res, remote)
 
     @contextmanager
