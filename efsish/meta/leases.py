@@ -44,7 +44,7 @@ from typing import Protocol, TypeVar
 import trio
 
 from efsish.errors import EfsishError, FsError, to_errno
-from efsish.meta import journal, leasing, recovery
+from efsish.meta import heartbeat, journal, leasing, recovery
 from efsish.meta.leasenudges import Nudges
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
@@ -80,6 +80,9 @@ CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
 DATE_RESOLUTION = 1.0  # the store's Date header counts whole seconds
+# While waiting for acknowledgements of a change of the top (§17), read the waited-for
+# mounts' heartbeats this often (seconds).
+HEARTBEAT_ACK_EVERY = 0.5
 
 
 def boottime() -> float:
@@ -636,16 +639,28 @@ class Leases:
             log.debug("acknowledging a change of the top in the log failed: %s", e)
 
     async def _settle_shares(self) -> None:
-        """`TopShare.settle`, reading the log for acknowledgements meanwhile when this
-        mount takes no nudges."""
+        """`TopShare.settle`, reading meanwhile the log (when this mount takes no nudges)
+        and, every HEARTBEAT_ACK_EVERY, the heartbeats of the mounts it waits for: one
+        written by the revoked incarnation after it applied the change acknowledges it
+        when no nudge comes through (a firewall, `nudge=off` here)."""
+        if not self.share.waiting_for():
+            return
+        last = [self.clock()]
 
         async def poll() -> None:
             try:
-                await self.meta.catch_up()
+                if self.nudges.nudger is None:
+                    await self.meta.catch_up()
+                if self.clock() - last[0] >= HEARTBEAT_ACK_EVERY:
+                    last[0] = self.clock()
+                    for (client, inc), seq in self.share.waiting_for():
+                        hb = await heartbeat.read(self.meta.store, client)
+                        if hb is not None and hb.inc == inc and hb.applied_seq >= seq:
+                            self.share.acked((client, inc), hb.applied_seq)
             except EfsishError as e:
-                log.debug("catch-up while waiting for acknowledgements: %s", e)
+                log.debug("reading acknowledgements: %s", e)
 
-        await self.share.settle(None if self.nudges.nudger is not None else poll)
+        await self.share.settle(poll)
 
     async def take_share(self) -> bool:
         """A read is about to catch up: take a share of the top instead, when this

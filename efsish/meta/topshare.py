@@ -152,6 +152,10 @@ class TopShare:
         self._pending = left
         return left
 
+    def waiting_for(self) -> list[tuple[Holder, int]]:
+        """(incarnation, position) of every acknowledgement still awaited."""
+        return [(h, r.seq) for r in self._pending for h in r.holders]
+
     async def settle(self, poll: Callable[[], Awaitable[None]] | None = None) -> None:
         """Return once every share our changes ended is acknowledged or has lapsed (at
         most 2 x S after the change landed): only then is such a change answered.

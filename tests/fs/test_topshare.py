@@ -214,3 +214,17 @@ async def write_and_close(m: Mount, parent: int, name: bytes) -> int:
     fh, attr = await m.fs.create(parent, name, 0o644, os.O_WRONLY, test_leases.ROOT)
     await m.fs.release(fh)
     return attr.ino
+
+
+async def test_without_nudges_a_heartbeat_acknowledges_the_change(make: Make) -> None:
+    # B takes no nudge (a firewall): it sees A's change at its poll, and its next
+    # heartbeat (its incarnation, its applied position) is the acknowledgement A reads.
+    a = await make(poll_interval=3600)
+    b = await make(poll_interval=0.05, heartbeat_interval=0.2)
+    await shares_top(b)
+    assert b.fs.leases is not None and b.fs.leases.nudges.nudger is not None
+    b.fs.leases.nudges.nudger._on_wake = lambda n: None
+    b.fs.leases.nudges.send = lambda *args: False  # type: ignore[method-assign]
+    _, took = await timed_mkdir(a, b"x")
+    assert took < 2 * S - 0.3, took
+    assert share(a).ack_timeouts == 0 and share(b).revocations == 1
