@@ -611,7 +611,9 @@ class Leases:
         # Every mount that applied the change waits for the revoked mounts before it
         # answers any change of its own: one could depend on it (a file made under a
         # new name in the top), and a revoked mount may still answer from before it.
-        gone = self.share.changed_top(res)
+        # Not for the entries a start or a rebuild replays (not `ready`): nothing of
+        # ours is answered meanwhile, and most are old (§17).
+        gone = self.share.changed_top(res) if self.ready else set()
         if writer == self.client:  # ours (also one met in a catch-up: a lost answer)
             for client, _ in gone:
                 self.nudges.send(client, seq, "")

@@ -150,6 +150,10 @@ async def test_a_crashed_sharer_costs_one_wait_and_a_clean_one_none(
     assert f"{b.fs.meta.client_id}/1 did not acknowledge" in caplog.text
     _, took = await timed_mkdir(a, b"y")  # B's share ended with x: no wait
     assert took < S, took
+    # A mount started later replays x in its start-up catch-up: it does not wait for B.
+    d = await make(poll_interval=0.05)
+    _, took = await timed_mkdir(d, b"z")
+    assert took < S, took
 
 
 async def test_after_a_revocation_a_mount_shares_again_then_cools_down(make: Make) -> None:
