@@ -366,10 +366,12 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
-        if self.leases is not None and res.leases:
+        if self.leases is not None and (res.leases or res.shares):
             # On the trio thread, under the write lock, with no hop running: the
             # writer's state (our own answered entry's open transaction included).
             self.leases.refresh(self.writer)
+            if res.shares:
+                self.leases.shares_changed(res, remote)
         self.on_apply(res, remote)
 
     @contextmanager
@@ -522,6 +524,13 @@ class MetaLog:
                 break
         if first is None or seq_of(first) <= seq:
             return
+        if self.leases is not None and self.journal_rows:
+            # gc trims past a client with a journal only after taking its leases over
+            # (LEASES.md §9): the journal is fenced. The lease code salvages it from
+            # this view, then rebuilds from the newest checkpoint (§10).
+            reason = f"the log was trimmed past this mount's position {seq - 1}"
+            self.leases.fenced_at(seq - 1, reason)
+            raise leasing.LeaseLost(reason)
         raise CorruptObject(
             f"log entries before {first} were trimmed while this mount was at {seq - 1}; "
             "remove the cache directory to reload from the newest checkpoint"

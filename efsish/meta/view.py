@@ -162,6 +162,12 @@ CREATE TABLE IF NOT EXISTS fenced (
     path TEXT,
     PRIMARY KEY (client, inc, first_seq)
 );
+CREATE TABLE IF NOT EXISTS shares (  -- LEASES.md §17: who shares the top for reading
+    client TEXT NOT NULL,
+    inc INTEGER NOT NULL,
+    seq INTEGER NOT NULL,          -- the lshr's position
+    PRIMARY KEY (client, inc)
+);
 """
 
 
@@ -203,6 +209,11 @@ class ApplyResult:
     created: set[int] = field(default_factory=set)  # new inodes (no xattrs yet)
     created_dirs: set[int] = field(default_factory=set)  # new directories (empty when made)
     leases: set[int] = field(default_factory=set)  # domains whose lease or recalls changed
+    # Incarnations whose share of the top began or ended (LEASES.md §17), and of those
+    # the ones a change of the top revoked, with that op's (writer client, position).
+    shares: set[Holder] = field(default_factory=set)
+    revoked: set[Holder] = field(default_factory=set)
+    revoker: tuple[str, int] | None = None
     # Set when the entry was fenced: it changed nothing (the fields above are empty).
     fenced: Fencing | None = None
 
@@ -215,6 +226,9 @@ class ApplyResult:
         self.created |= other.created
         self.created_dirs |= other.created_dirs
         self.leases |= other.leases
+        self.shares |= other.shares
+        self.revoked |= other.revoked
+        self.revoker = other.revoker or self.revoker
 
 
 _ATTR_COLS = "ino, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, version, target"
@@ -436,6 +450,10 @@ class View:
             "SELECT inc, started_seq, dirty_seq FROM sessions WHERE client = ?", (client,)
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), row[2])
+
+    def shares(self) -> set[Holder]:
+        """The incarnations that share the top for reading (LEASES.md §17)."""
+        return {(str(c), int(i)) for c, i in self.db.execute("SELECT client, inc FROM shares")}
 
     def recall(self, d: int, rid: str) -> tuple[str, int, str, int] | None:
         """(by_client, by_inc, want, position) of open recall `rid` of domain `d`."""
