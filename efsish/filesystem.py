@@ -184,7 +184,7 @@ class Filesystem:
         )
         self.reader = Reader(
             self.blocks,
-            lambda ino, off, end: self.meta.read(View.extents, ino, off, end),
+            self.meta.extents,
             self.block_size,
             options.readahead_blocks,
             options.readahead_max_bytes,

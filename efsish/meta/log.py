@@ -58,7 +58,7 @@ from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, View
+from efsish.meta.view import ApplyResult, Attr, Extent, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -326,6 +326,12 @@ class MetaLog:
         """The lease domains of `ino` in the committed view (see `Memo.domains`)."""
         await self._not_rebuilding()
         return await self.memo.domains(ino, self.sb.lease_depth, self.read)
+
+    async def extents(self, ino: int, start: int, end: int) -> list[Extent]:
+        """The committed extents of file `ino` overlapping [start, end) (see
+        `Memo.extents`)."""
+        await self._not_rebuilding()
+        return await self.memo.extents(ino, start, end, self.read)
 
     async def readdir(self, ino: int, after: int, limit: int) -> Listed:
         """Up to `limit` committed entries of directory `ino` after cursor `after`, with

@@ -350,7 +350,10 @@ class View:
         ).fetchall()
         return [(int(r[0]), bytes(r[1]), int(r[2])) for r in rows]
 
-    def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
+    def extents(
+        self, ino: int, start: int = 0, end: int | None = None, limit: int | None = None
+    ) -> list[Extent]:
+        """The extents of `ino` overlapping [start, end), in order (the first `limit`)."""
         q = "SELECT off, len, key, koff, bsize, hash, data, crcs FROM extents WHERE ino = ?"
         args: list[Any] = [ino]
         if end is not None:
@@ -358,6 +361,9 @@ class View:
             args.append(end)
         q += " AND off + len > ? ORDER BY off"
         args.append(start)
+        if limit is not None:
+            q += " LIMIT ?"
+            args.append(limit)
         return [
             Extent(
                 r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]) if r[6] is not None else None, r[7]
