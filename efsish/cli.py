@@ -186,10 +186,17 @@ async def _fsck(args: argparse.Namespace) -> int:
 
 
 async def _gc(args: argparse.Namespace) -> int:
-    from efsish.gc import run_gc
+    from efsish.gc import parse_duration, run_gc
 
+    gone_after = parse_duration(args.gone_after)
     async with open_store(args.store, store_options(args)) as store:
-        return await run_gc(store, dry_run=args.dry_run, grace=args.grace, progress=not args.quiet)
+        return await run_gc(
+            store,
+            dry_run=args.dry_run,
+            grace=args.grace,
+            progress=not args.quiet,
+            gone_after=gone_after,
+        )
 
 
 async def _status(args: argparse.Namespace) -> int:
@@ -425,6 +432,14 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=3600.0,
         help="keep garbage younger than this many seconds (default 3600)",
+    )
+    p.add_argument(
+        "--gone-after",
+        default="1d",
+        metavar="DURATION",
+        help="on a lease filesystem, take over the leases and clear the journal mark of a "
+        "mount whose newest heartbeat is older than this (seconds, or e.g. 12h, 1d; "
+        "default 1d)",
     )
     p.add_argument("--quiet", "-q", action="store_true", help="no progress bar")
     p.set_defaults(func=_gc)

@@ -184,7 +184,7 @@ class Filesystem:
         )
         self.reader = Reader(
             self.blocks,
-            lambda ino, off, end: self.meta.read(View.extents, ino, off, end),
+            self.meta.extents,
             self.block_size,
             options.readahead_blocks,
             options.readahead_max_bytes,
@@ -393,23 +393,34 @@ class Filesystem:
                 continue
             if not caught and self.meta.head_proven <= begun:
                 caught = True
-                await self._catch_up()
+                # A share of the top (LEASES.md §17), when this mount may take one, is
+                # taken instead: its PUT proves the head as the catch-up's GET would.
+                if not await lz.take_share() or self.meta.head_proven <= begun:
+                    await self._catch_up()
                 continue
             return
 
-    async def _read_in(self, ino: int, answer: Callable[[], Awaitable[T]]) -> T:
+    async def _read_in(
+        self,
+        ino: int,
+        answer: Callable[[], Awaitable[T]],
+        also: Callable[[T], Awaitable[set[int | None]]] | None = None,
+    ) -> T:
         """A read of `ino` (a directory's entries, or an inode) that close-to-open
         covers. When every domain of `ino` is held here with a valid lease, the view is
         the truth (another mount must recall the domain first, which the poll sees): it
         is answered with no request (LEASES.md §6.2), the validity checked after the
         view was read, immediately before the reply. Otherwise, and whenever that check
-        fails, it is answered after the read barrier (catch-up, recall) as elsewhere."""
+        fails, it is answered after the read barrier (catch-up, recall) as elsewhere.
+        `also(answer)`: further domains the answer depends on (see `lookup`)."""
         lz = self.leases
-        if lz is not None and lz.state.held and lz.cfg.acquire:
+        if lz is not None and (lz.state.held or lz.share.held) and lz.cfg.acquire:
             doms = await self.meta.domains(ino)  # from memory once the tree was walked
             err: FsError | None = None
             try:
                 out = await answer()
+                if also is not None:
+                    doms = doms | await also(out)
             except FsError as e:  # ENOENT, ENOTDIR...: answers too
                 err = e
             if lz.may_read_locally(doms):  # no await between this and the reply
@@ -430,10 +441,14 @@ class Filesystem:
         check_name_len(name)
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
         if name == b"..":
-            # The parent of a domain root is in the top: always the read barrier.
-            await self._read_barrier(parent)
-            p = await self.meta.read(View.parent_of, parent)
-            return await self._attr(p or ROOT_INO)
+            # A read of the directory that holds `parent`'s name (for a domain root, the
+            # top): who that is can change only by a change there.
+            async def up() -> Attr:
+                p = await self.meta.read(View.parent_of, parent)
+                return await self._attr(p or ROOT_INO)
+
+            p0 = await self.meta.read(View.parent_of, parent)
+            return await self._read_in(p0 or ROOT_INO, up)
 
         async def answer() -> Attr:
             if name == b".":
@@ -443,7 +458,20 @@ class Filesystem:
                 raise FsError("no such entry", errno.ENOENT)
             return self._overlay(attr)
 
-        return await self._read_in(parent, answer)
+        return await self._read_in(parent, answer, self._free_root)
+
+    async def _free_root(self, attr: Attr) -> set[int | None]:
+        """{the domain} when `attr` is the root of a domain nobody holds: a lookup of it
+        in the top answered under a share (LEASES.md §17) would show attributes (nlink,
+        mtime) that a sync change of another mount may have changed; it catches up. A
+        domain held here is read locally; one held elsewhere shows them as §3 allows."""
+        lz = self.leases
+        if lz is None or not attr.is_dir:
+            return set()
+        d = attr.ino
+        if d in lz.state.held or d in lz.state.others:
+            return set()
+        return {d} if await self.meta.domains(d) == {d} else set()
 
     async def dotdot(self, ino: int) -> Attr:
         """The ".." entry of a listing of directory `ino`: its parent, from the view with
@@ -462,7 +490,12 @@ class Filesystem:
             log.warning("catch-up failed, serving possibly stale metadata: %s", e)
 
     async def getattr(self, ino: int) -> Attr:
-        await self._read_barrier(ino, catch_up=False)
+        # A stat of a domain root nobody holds catches up: under a share of the top
+        # (LEASES.md §17) the path walk to it no longer did.
+        catch = False
+        if self.leases is not None and self.leases.share.held:
+            catch = bool(await self._free_root(await self._attr(ino)))
+        await self._read_barrier(ino, catch_up=catch)
         return await self._attr(ino)
 
     async def readlink(self, ino: int) -> bytes:

@@ -13,6 +13,13 @@
   passes the applied position a client with a journal (a lease or an `ldirty` mark) last
   published, however old its heartbeat, nor, without a heartbeat, the position of its
   `ldirty` mark: that client comes back to its cache and its journal (LEASES.md §9).
+- take_over_gone (run by `efsish gc` before the rest) ends that for a client gone for
+  good: one whose newest heartbeat is older than `gone_after` (a day). It recalls the
+  client's domains as gc, waits the takeover time of §7 on its own lease clock, takes
+  them over and frees them (`ltko`, `lrel`), and clears the client's `ldirty` mark for
+  it (`ldirty(client, inc, clean)`), so trimming passes its position and its blocks
+  become ordinary orphans. If the client comes back, the takeover fences its journal,
+  which goes to its recovery directory (LEASES.md §10).
 It must never delete anything a live mount may still read, nor any key that is not
 exactly in one of this filesystem's key forms (blocks.is_block_key, keys.parse_seq): an
 object of another filesystem nested in this prefix, or a user's, is never touched.
@@ -22,9 +29,12 @@ from __future__ import annotations
 
 import errno
 import logging
+import math
 import sys
 import tempfile
 import time
+import uuid
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, TextIO
@@ -34,11 +44,12 @@ from tqdm import tqdm
 
 from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_client, block_key_time_ns, is_block_key
-from efsish.errors import CorruptObject, FsError, NotFound
+from efsish.errors import CorruptObject, FsError, NotFound, UsageError
 from efsish.meta import accesspoints, heartbeat
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
+from efsish.meta.leases import boottime, domain_paths
 from efsish.meta.log import MetaLog
-from efsish.meta.ops import BlocksDeleted, LogEntry, LRcv, Op
+from efsish.meta.ops import BlocksDeleted, LDirty, LogEntry, LRcv, LRec, LRel, LTko, Op
 from efsish.meta.planning import PlanContext
 from efsish.meta.superblock import load_superblock
 from efsish.meta.view import View
@@ -100,6 +111,290 @@ def _journal_floors(view: View) -> dict[str, int]:
         "(SELECT holder_client FROM leases WHERE holder_client IS NOT NULL)"
     )
     return {str(r[0]): max(0, int(r[1]) - 1) for r in rows}
+
+
+# A client whose newest heartbeat is older than this is gone for good (LEASES.md §9).
+GONE_AFTER = 86400.0
+TAKEOVER_POLL = 0.5  # seconds between catch-ups while waiting for a takeover
+
+
+def parse_duration(text: str) -> float:
+    """`--gone-after`: seconds, or a number with s, m, h or d (e.g. 1d, 12h)."""
+    units = {"s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
+    t = text.strip().lower()
+    unit = units.get(t[-1:], 0.0)
+    try:
+        x = float(t[:-1] if unit else t) * (unit or 1.0)
+    except ValueError:
+        x = math.nan
+    if not math.isfinite(x) or x < heartbeat.EXPIRE:
+        raise UsageError(
+            f"--gone-after {text!r}: give a duration of at least {heartbeat.EXPIRE:.0f} "
+            "seconds (a running mount's heartbeat can be that old), e.g. 1d, 12h or 86400"
+        )
+    return x
+
+
+@dataclass
+class Gone:
+    """A client that may hold a journal (a lease or an uncleared `ldirty` mark) and has
+    not been heard of for longer than `gone_after`."""
+
+    client: str
+    inc: int  # its newest incarnation
+    dirty_seq: int | None  # its `ldirty` mark (None: cleared)
+    domains: dict[int, tuple[str, int]]  # domain -> holder (any incarnation of it)
+    seen: str  # how long ago it was last heard of, and by what
+    where: str = ""  # "host:mountpoint" from its heartbeat, if any
+
+
+@dataclass
+class Takeover:
+    """What take_over_gone did (or, dry run, would do) about one gone client."""
+
+    gone: Gone
+    taken: list[int] = field(default_factory=list)  # domains taken over
+    answered: list[int] = field(default_factory=list)  # recalls its holder answered
+    cleared: bool = False  # its ldirty mark cleared
+    lines: list[str] = field(default_factory=list)  # one line per thing done, for gc's output
+
+
+def _journal_holders(view: View) -> list[tuple[str, int, int | None, dict[int, tuple[str, int]]]]:
+    """(client, newest incarnation, ldirty position, {domain: holder}) of every client
+    that holds a lease or has an uncleared `ldirty` mark."""
+    out: dict[str, tuple[str, int, int | None, dict[int, tuple[str, int]]]] = {}
+    for c, i, d in view.db.execute(
+        "SELECT client, inc, dirty_seq FROM sessions WHERE dirty_seq IS NOT NULL"
+    ):
+        out[str(c)] = (str(c), int(i), None if d is None else int(d), {})
+    for dom, c, i in view.db.execute(
+        "SELECT domain, holder_client, holder_inc FROM leases WHERE holder_client IS NOT NULL"
+    ):
+        c = str(c)
+        if c not in out:
+            sess = view.session(c)
+            out[c] = (c, int(i) if sess is None else sess[0], None if sess is None else sess[2], {})
+        out[c][3][int(dom)] = (c, int(i))
+    return list(out.values())
+
+
+async def gone_clients(
+    store: ObjectStore, meta: MetaLog, gone_after: float, now_ns: int | None = None
+) -> list[Gone]:
+    """The clients with a lease or an `ldirty` mark whose newest heartbeat is older than
+    `gone_after` seconds (by the wall clock). One without a heartbeat is judged by the
+    time of its newest log entry the view names (its `ldirty`, `sess` or grant), if the
+    log still has it. `meta` must be caught up."""
+    now = time.time_ns() if now_ns is None else now_ns
+    beats = {
+        hb.client: hb for hb in await heartbeat.read_all(store, exclude=meta.client_id, strict=True)
+    }
+    candidates = await meta.read(_journal_holders)
+
+    def marks(view: View, client: str, doms: list[int]) -> int:
+        sess = view.session(client)
+        seqs = [view.lease(d)[1] for d in doms]
+        if sess is not None:
+            seqs += [sess[1], sess[2] or 0]
+        return max(seqs, default=0)
+
+    out: list[Gone] = []
+    for client, inc, dirty, doms in candidates:
+        if client == meta.client_id:
+            continue
+        hb = beats.get(client)
+        ages: list[tuple[float, str]] = []
+        if hb is not None:
+            ages.append((hb.age(now), f"its newest heartbeat is {_ago(hb.age(now))} old"))
+        if hb is None or ages[0][0] > gone_after:
+            # Its newest entry the view names (a restart that died before its first
+            # heartbeat is younger than the heartbeat it left before).
+            last = await meta.read(marks, client, list(doms))
+            try:
+                blob = await store.get(log_key(last))
+                t = int(codec.decode_json(b"L", blob, log_key(last))["t"])
+                age = (now - t) / 1e9
+                ages.append((age, f"its newest log entry ({last}) is {_ago(age)} old"))
+            except (NotFound, CorruptObject, KeyError, TypeError, ValueError):
+                pass
+        if not ages:
+            continue  # its age cannot be told: it stays (the trimming floor keeps it)
+        age, seen = min(ages)
+        if hb is None:
+            seen = f"no heartbeat, {seen}"
+        if age > gone_after:
+            where = f"{hb.host}:{hb.mountpoint}" if hb is not None else ""
+            out.append(Gone(client, inc, dirty, dict(doms), seen, where))
+    return out
+
+
+def _ago(seconds: float) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds / 86400:.1f} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds / 3600:.1f} hours"
+    return f"{seconds:.0f} s"
+
+
+async def take_over_gone(
+    store: ObjectStore,
+    meta: MetaLog,
+    *,
+    gone_after: float = GONE_AFTER,
+    dry_run: bool = False,
+    clock: Callable[[], float] = boottime,
+    wall: Callable[[], int] = time.time_ns,
+    progress: bool = False,
+    say: Callable[[str], None] = lambda line: None,
+) -> list[Takeover]:
+    """Take over the leases of clients gone for good, and clear their `ldirty` marks
+    (LEASES.md §9), so that they stop holding back log trimming and the orphan sweep.
+
+    For every domain such a client holds, one entry recalls it as gc (`lrec`, want r);
+    gc then waits, catching up, until its lease clock `clock` shows 2 x lease_time since
+    that entry landed (§7's takeover rule). A recall the holder answers means it is alive
+    after all: that client is left alone. Then one entry takes over every recall still
+    open and frees the domain (`ltko`, `lrel`), and clears the mark of every gone client
+    that now holds nothing (`ldirty(client, inc, clean)`). Each entry is planned against
+    the head: a client that started a new incarnation meanwhile keeps its mark. `wall`
+    (ns) ages heartbeats and log entries; `clock` is gc's lease clock. `say`
+    gets one line per announcement (the wait, each takeover, each cleared mark); with
+    `dry_run` nothing is committed and the lines say what would be done."""
+    sb = meta.sb
+    if not sb.leases or meta.read_only or (meta.leases is None and meta.sync_header is None):
+        return []
+    await meta.catch_up()
+    gone = await gone_clients(store, meta, gone_after, wall())
+    if not gone:
+        return []
+    out = [Takeover(g) for g in gone]
+    by_client = {t.gone.client: t for t in out}
+    wanted = {d: h for t in out for d, h in t.gone.domains.items()}
+    paths = dict(zip(wanted, await meta.read(domain_paths, list(wanted)), strict=True))
+    if dry_run:
+        for t in out:
+            for d in sorted(t.gone.domains):
+                t.taken.append(d)
+                t.lines.append(_took_line(t.gone, paths[d], d, "would take over"))
+            t.cleared = t.gone.dirty_seq is not None
+            if t.cleared:
+                t.lines.append(_cleared_line(t.gone, "would clear"))
+            for line in t.lines:
+                say(line)
+        return out
+
+    # One recall per domain, as gc, in one entry.
+    rids = {d: uuid.uuid4().hex[:12] for d in wanted}
+
+    def recall(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+        return [
+            LRec(d, rids[d], "r") for d in sorted(wanted) if view.lease(d)[0] == wanted[d]
+        ], None
+
+    pending: dict[int, str] = {}
+    if wanted:
+        await meta.submit(recall)
+        seen = clock()  # we have the answer that shows our recalls (§7)
+        pending = {
+            d: rid
+            for d, rid in rids.items()
+            if await meta.read(lambda v, d=d, rid=rid: v.recall(d, rid)) is not None
+        }
+    if pending:
+        wait = 2 * sb.lease_time
+        say(
+            f"waiting {wait:.0f} s (2 x the lease time) for {len(pending)} recalled domain(s) "
+            "of gone mounts to be answered before taking them over"
+        )
+        bar = tqdm(
+            total=round(wait),
+            desc="takeover wait",
+            unit="s",
+            disable=not progress or not sys.stderr.isatty(),
+        )
+        while pending and clock() - seen < wait:
+            await trio.sleep(TAKEOVER_POLL)
+            bar.n = min(round(wait), round(clock() - seen))
+            bar.refresh()
+            await meta.catch_up()
+            for d, rid in list(pending.items()):
+                if await meta.read(lambda v, d=d, rid=rid: v.recall(d, rid)) is not None:
+                    continue
+                # Closed: the domain changed hands. FREE (a read recall's answer) or
+                # adopted by a new incarnation: the client is alive. Taken by another
+                # mount's own takeover: no sign of life, and nothing left for gc.
+                del pending[d]
+                client = wanted[d][0]
+                now_holder = (await meta.read(lambda v, d=d: v.lease(d)))[0]
+                if now_holder is None or now_holder[0] == client:
+                    by_client[client].answered.append(d)
+        bar.close()
+
+    alive = {t.gone.client for t in out if t.answered}
+
+    def take(view: View, pc: PlanContext) -> tuple[list[Op], tuple[set[int], set[str]]]:
+        ops: list[Op] = []
+        taking: set[int] = set()
+        clearing: set[str] = set()
+        for d, rid in sorted(pending.items()):
+            if wanted[d][0] not in alive and view.recall(d, rid) is not None:
+                ops += [LTko(d, rid), LRel(d)]
+                taking.add(d)
+        for t in out:
+            g = t.gone
+            sess = view.session(g.client)
+            held = {
+                int(r[0])
+                for r in view.db.execute(
+                    "SELECT domain FROM leases WHERE holder_client = ?", (g.client,)
+                )
+            }
+            if (
+                g.client not in alive
+                and sess is not None
+                and (sess[0], sess[2]) == (g.inc, g.dirty_seq)
+                and g.dirty_seq is not None
+                and held <= taking
+            ):
+                ops.append(LDirty(g.client, g.inc, dirty=False))
+                clearing.add(g.client)
+        return ops, (taking, clearing)
+
+    taken, cleared = await meta.submit(take)
+    for t in out:
+        g = t.gone
+        t.taken = sorted(d for d in taken if d in g.domains)
+        t.cleared = g.client in cleared
+        for d in t.taken:
+            t.lines.append(_took_line(g, paths[d], d, "took over"))
+        for d in sorted(t.answered):
+            t.lines.append(
+                f"left {_who(g)} alone: it answered the recall of {paths[d]} "
+                f"(alive after all, though {g.seen})"
+            )
+        if t.cleared:
+            t.lines.append(_cleared_line(g, "cleared"))
+        for line in t.lines:
+            say(line)
+    return out
+
+
+def _who(g: Gone) -> str:
+    return f"mount {g.client}" + (f" ({g.where})" if g.where else "")
+
+
+def _took_line(g: Gone, path: str, d: int, verb: str) -> str:
+    return (
+        f"{verb} lease domain {path} (#{d}) of {_who(g)} and freed it: {g.seen}; "
+        "if it comes back, its unsaved changes there go to its recovery directory"
+    )
+
+
+def _cleared_line(g: Gone, verb: str) -> str:
+    return (
+        f"{verb} the journal mark of {_who(g)} ({g.seen}): the log is trimmed past it "
+        "and its never-committed blocks are swept as orphans"
+    )
 
 
 @dataclass
@@ -225,16 +520,46 @@ async def _trim(
 
 
 async def run_gc(
-    store: ObjectStore, *, dry_run: bool, grace: float, progress: bool, out: TextIO | None = None
+    store: ObjectStore,
+    *,
+    dry_run: bool,
+    grace: float,
+    progress: bool,
+    out: TextIO | None = None,
+    gone_after: float = GONE_AFTER,
+    orphan_age: float = 24 * 3600.0,
+    clock: Callable[[], float] = boottime,
+    wall: Callable[[], int] = time.time_ns,
 ) -> int:
     stream = out or sys.stdout
+
+    def say(line: str) -> None:
+        print(f"gc: {line}", file=stream, flush=True)
+
     sb = await load_superblock(store)
     with tempfile.TemporaryDirectory(prefix="efsish-gc-") as tmp:
         meta = MetaLog(store, sb, Path(tmp) / "gc.db", client_id="gc")
         await meta.open()
         async with trio.open_nursery() as n:
             await n.start(meta.run)
-            r = await collect(store, meta, dry_run=dry_run, grace=grace, progress=progress)
+            await take_over_gone(
+                store,
+                meta,
+                gone_after=gone_after,
+                dry_run=dry_run,
+                clock=clock,
+                wall=wall,
+                progress=progress,
+                say=say,
+            )
+            r = await collect(
+                store,
+                meta,
+                dry_run=dry_run,
+                grace=grace,
+                orphan_age=orphan_age,
+                progress=progress,
+            )
             n.cancel_scope.cancel()
         await meta.aclose()
     verb = "would delete" if dry_run else "deleted"

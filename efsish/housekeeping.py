@@ -161,6 +161,7 @@ class Housekeeping:
             domains=domains,
             journal_rows=rows,
             journal_oldest=oldest,
+            inc=self.leases.inc if self.leases is not None else 0,
         )
         await heartbeat.write(self.store, hb)
 

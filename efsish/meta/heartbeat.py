@@ -60,6 +60,10 @@ class Heartbeat:
     domains: list[str] = field(default_factory=list)
     journal_rows: int = 0
     journal_oldest: int = 0
+    # Lease mode: the incarnation that wrote it (0: not said). With `applied_seq` it
+    # acknowledges a change of the top that ended this mount's share (LEASES.md §17)
+    # when nudges do not get through.
+    inc: int = 0
 
     def journal_age(self, now_ns: int | None = None) -> float:
         """Seconds since the oldest uncommitted change, by the reader's wall clock (0:
@@ -96,6 +100,7 @@ class Heartbeat:
             "domains": list(self.domains),
             "journal_rows": self.journal_rows,
             "journal_oldest": self.journal_oldest,
+            "inc": self.inc,
         }
 
     @classmethod
@@ -121,6 +126,7 @@ class Heartbeat:
                 domains=[str(p) for p in d.get("domains", [])],
                 journal_rows=int(d.get("journal_rows", 0)),
                 journal_oldest=int(d.get("journal_oldest", 0)),
+                inc=int(d.get("inc", 0)),
             )
         except (KeyError, TypeError, ValueError) as e:
             raise CorruptObject(f"malformed heartbeat: {e!r}") from None

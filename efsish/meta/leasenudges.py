@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Callable
 
 import trio
 
@@ -23,6 +24,7 @@ from efsish.meta.nudge import Nudge, Nudger
 
 log = logging.getLogger(__name__)
 
+ACK = nudge.ACK
 PEER_TTL = 60.0  # seconds a heartbeat read to nudge its mount is trusted for its address
 
 
@@ -41,6 +43,9 @@ class Nudges:
         self._catch = trio.Event()  # set by a nudge: the catch-up task runs
         self.woken = trio.Event()  # set (and replaced) by each nudge: recalls look
         self.seq = 0  # the highest position a valid nudge asked us to catch up to
+        # Called with ((client, inc), seq) when a mount acknowledges it has applied our
+        # change of the top up to `seq` (LEASES.md §17).
+        self.on_ack: Callable[[tuple[str, int], int], None] | None = None
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen for nudges as `-o nudge=` says (§11), before the first heartbeat so
@@ -64,6 +69,7 @@ class Nudges:
                 bind,
                 applied=lambda: self.meta.applied_seq,
                 on_wake=self._woken,
+                on_ack=self._ack,
             )
         except OSError as e:
             log.warning(
@@ -96,6 +102,15 @@ class Nudges:
         self.woken.set()
         self.woken = trio.Event()
 
+    def _ack(self, n: Nudge) -> None:
+        """A valid ack nudge (rid `ack:<inc>`): its sender applied the log up to n.seq."""
+        try:
+            inc = int(n.rid.removeprefix(ACK))
+        except ValueError:
+            return
+        if self.on_ack is not None:
+            self.on_ack((n.sender, inc), n.seq)
+
     async def _catcher(self) -> None:
         """Catch up once per nudge, to the position it names and no further (no GET of
         the position after it): the holder meets the recall (and its reactor answers),
@@ -121,11 +136,15 @@ class Nudges:
         return hit is None or (hit[1] is not None and hit[1].nudge is not None)
 
     async def _nudge(self, nudger: Nudger, client: str, seq: int, rid: str) -> None:
-        peer = await self._peer(client)
+        peer = await self.peer(client)
         if peer is not None:
             nudger.nudge(peer, seq, rid)
 
-    async def _peer(self, client: str) -> Heartbeat | None:
+    def peers(self) -> list[str]:
+        """The clients whose heartbeats (read lately) advertise a nudge address."""
+        return [c for c, (_, hb) in self._peers.items() if hb is not None and hb.nudge]
+
+    async def peer(self, client: str) -> Heartbeat | None:
         """The newest heartbeat of `client` this mount has read: the heartbeat task's
         (every few seconds), else one GET of it, trusted for PEER_TTL either way."""
         now = time.monotonic()

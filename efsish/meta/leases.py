@@ -44,10 +44,11 @@ from typing import Protocol, TypeVar
 import trio
 
 from efsish.errors import EfsishError, FsError, to_errno
-from efsish.meta import journal, leasing, recovery
+from efsish.meta import heartbeat, journal, leasing, recovery
 from efsish.meta.leasenudges import Nudges
 from efsish.meta.leasing import LeaseLost
 from efsish.meta.log import MetaLog
+from efsish.meta.nudge import ACK
 from efsish.meta.ops import (
     JOURNALED,
     SYNC,
@@ -57,12 +58,14 @@ from efsish.meta.ops import (
     LogEntry,
     LRec,
     LRel,
+    LShr,
     LTko,
     Op,
     Sess,
     Write,
 )
 from efsish.meta.planning import LeaseHeader, NeedDomain, PlanContext, Planner
+from efsish.meta.topshare import TopShare
 from efsish.meta.view import ApplyResult, Holder, View
 
 log = logging.getLogger(__name__)
@@ -77,6 +80,9 @@ CONTENDED_WINDOW = 30.0  # two releases to recalls within this start a cool-down
 COOL_DOWN_FIRST = 10.0
 COOL_DOWN_MAX = 300.0
 DATE_RESOLUTION = 1.0  # the store's Date header counts whole seconds
+# While waiting for acknowledgements of a change of the top (§17), read the waited-for
+# mounts' heartbeats this often (seconds).
+HEARTBEAT_ACK_EVERY = 0.5
 
 
 def boottime() -> float:
@@ -175,6 +181,9 @@ class Leases:
         # reference them is PUT.
         self.staging: Staging | None = None
         self._bad_blocks: set[str] = set()  # staged blocks that failed their checksum
+        # The share of the top (§17): reads there without a catch-up.
+        self.share = TopShare(lambda: self.me, self.clock, cfg.lease_time)
+        self.nudges.on_ack = self.share.acked
         meta.leases = self
 
     # ------------------------------------------------------------- worker thread
@@ -333,6 +342,7 @@ class Leases:
             if st.held.get(d) != self.state.held.get(d):
                 del self.valid_until[d]  # lost, or a new epoch: valid from the next proof
         self.state = st
+        self.share.refresh(view)
         if st.recalls:
             self._recall_wake.set()
 
@@ -340,8 +350,11 @@ class Leases:
         """A proof sent at lease-clock time `sent` that no recall had landed (§7): held
         domains not recalled are valid until `sent + L`, unless the store's clock says
         the lease clock missed time (`store_date`, its `Date` header; None: no guard)."""
+        lapsed = self.share.lapses
         if store_date is not None and self._store_clock_jumped(store_date):
             return
+        if self.share.lapses == lapsed:  # the guard lapsed the share: the next proof
+            self.share.renewed(sent)
         recalled = {r.domain for r in self.state.recalls}
         until = sent + self.cfg.lease_time
         for d in self.state.held:
@@ -358,9 +371,12 @@ class Leases:
         if prev is None:
             return False
         missed = (store_date - prev[1]) - (now - prev[0])
+        if missed > self.share.s / 4 + DATE_RESOLUTION:
+            self.share.lapse()  # S is shorter than L: its own margin (§17)
         if missed <= self.cfg.lease_time / 4 + DATE_RESOLUTION:
             return False
         self.date_lapses += 1
+        self.share.lapse()
         if self.valid_until:
             log.warning(
                 "the store's clock moved %.0f s more than this machine's lease clock (a "
@@ -383,10 +399,12 @@ class Leases:
     def may_read_locally(self, domains: set[int | None]) -> bool:
         """Whether a read of these domains may be answered from the view with no request
         (§6.2): every one is held by this incarnation with a valid lease (no other mount
-        can change it without recalling it first, which the poll sees). Never for the
-        top, `-o sync` or a fenced mount. Call it after reading the answer, immediately
-        before replying, with no await in between."""
-        if not domains or None in domains or not self.cfg.acquire or self.fenced is not None:
+        can change it without recalling it first, which the poll sees), and the top
+        (None) under a valid share (§17). Never for `-o sync` or a fenced mount. Call it
+        after reading the answer, immediately before replying, with no await in between."""
+        if not domains or not self.cfg.acquire or self.fenced is not None:
+            return False
+        if None in domains and not self.share.valid():
             return False
         now = self.clock()
         return all(
@@ -447,6 +465,9 @@ class Leases:
                         self._oldest = now
                     for d in doms:
                         self._used[d] = now
+                    # A change of the top another mount made may still be unseen by a
+                    # mount that shares it: no change is answered before (§17).
+                    await self._settle_shares()
                     # Validity, after the journal commit, with no await before the answer.
                     if not self.valid(doms):
                         await self._wait_valid(doms)
@@ -457,6 +478,9 @@ class Leases:
                 await self.staging.wait_all()
             try:
                 result2: T = await self.meta.submit(planner)
+                # Not before every share a change of the top ended is acknowledged or
+                # has lapsed (ours, or one we applied: §17).
+                await self._settle_shares()
                 if not self.meta.journal_rows:
                     self._oldest = None
                 if not self.cfg.acquire and self.state.held:
@@ -576,6 +600,101 @@ class Leases:
                 log.error("domain %d: recall %s not answered in time", d, rid)
                 raise FsError(f"domain {d}: its holder does not answer", errno.EIO)
 
+    def shares_changed(self, res: ApplyResult, remote: bool) -> None:
+        """An applied entry began or ended shares of the top (§17; trio thread, after
+        `refresh`). Ours ended others': nudge them to see it (their acks end our wait).
+        Another's ended ours: acknowledge it, so that its writer answers at once: a
+        nudge, or, to a writer that takes no nudges, an `lshr(off)` in the log. An
+        entry of another mount's `lshr` is such an acknowledgement: it landed after
+        everything before it."""
+        if res.revoker is None:
+            if remote:  # an lshr: it landed after everything before it
+                for who in res.shares:
+                    self.share.acked(who, self.meta.applied_seq)
+            return
+        writer, seq = res.revoker
+        # Every mount that applied the change waits for the revoked mounts before it
+        # answers any change of its own: one could depend on it (a file made under a
+        # new name in the top), and a revoked mount may still answer from before it.
+        # Not for the entries a start or a rebuild replays (not `ready`): nothing of
+        # ours is answered meanwhile, and most are old (§17).
+        gone = self.share.changed_top(res) if self.ready else set()
+        if writer == self.client:  # ours (also one met in a catch-up: a lost answer)
+            for client, _ in gone:
+                self.nudges.send(client, seq, "")
+        if self.me in res.revoked:
+            self.share.revoked()
+            # Acknowledge to every mount we know of (each may be waiting), and through
+            # the log when the writer takes no nudges.
+            for client in {writer, *self.nudges.peers()}:
+                self.nudges.send(client, seq, f"{ACK}{self.inc}")
+            if self._nursery is not None:
+                self._nursery.start_soon(self._ack_in_log, writer)
+
+    async def _ack_in_log(self, writer: str) -> None:
+        """Acknowledge a revocation through the log when its writer takes no nudges."""
+        try:
+            hb = await self.nudges.peer(writer)
+            if hb is not None and hb.nudge is not None:
+                return
+
+            def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+                return ([] if self.me in view.shares() else [LShr(on=False)]), None
+
+            await self.meta.submit(plan)
+        except EfsishError as e:
+            log.debug("acknowledging a change of the top in the log failed: %s", e)
+
+    async def _settle_shares(self) -> None:
+        """`TopShare.settle`, reading meanwhile the log (when this mount takes no nudges)
+        and, every HEARTBEAT_ACK_EVERY, the heartbeats of the mounts it waits for: one
+        written by the revoked incarnation after it applied the change acknowledges it
+        when no nudge comes through (a firewall, `nudge=off` here)."""
+        if not self.share.waiting_for():
+            return
+        last = [self.clock()]
+
+        async def poll() -> None:
+            try:
+                if self.nudges.nudger is None:
+                    await self.meta.catch_up()
+                if self.clock() - last[0] >= HEARTBEAT_ACK_EVERY:
+                    last[0] = self.clock()
+                    for (client, inc), seq in self.share.waiting_for():
+                        hb = await heartbeat.read(self.meta.store, client)
+                        if hb is not None and hb.inc == inc and hb.applied_seq >= seq:
+                            self.share.acked((client, inc), hb.applied_seq)
+            except EfsishError as e:
+                log.debug("reading acknowledgements: %s", e)
+
+        await self.share.settle(poll)
+
+    async def take_share(self) -> bool:
+        """A read is about to catch up: take a share of the top instead, when this
+        mount may (§17). The `lshr` entry's conditional PUT proves the head as the
+        catch-up would. False if no share was taken (the caller catches up)."""
+        if not (
+            self.cfg.acquire
+            and self.ready
+            and self.inc > 0
+            and self.fenced is None
+            and not self.recovering
+            and self.nudges.address is not None
+            and self.nudges.nursery is not None  # acknowledgements can be sent
+            and self.share.may_take()
+        ):
+            return False
+
+        def plan(view: View, pc: PlanContext) -> tuple[list[Op], None]:
+            return ([] if self.me in view.shares() else [LShr()]), None
+
+        try:
+            await self.meta.submit(plan)
+        except EfsishError as e:
+            log.debug("taking a share of the top failed (catching up instead): %s", e)
+            return False
+        return self.share.held
+
     def _recall_the_rest(self, holder: Holder) -> None:
         """`holder` left a recall unanswered for 2 x lease_time (it is dead or cut off):
         recall every other domain it holds now, in the background, so that their waits
@@ -632,6 +751,7 @@ class Leases:
             log.error("fenced at log entry %d: %s", seq, reason)
         self.fenced = reason
         self.valid_until.clear()
+        self.share.lapse()
         self.meta.broken = f"this mount was fenced ({reason}); recovering"
         if self._nursery is not None and not self.recovering:
             self.recovering = True
@@ -655,6 +775,7 @@ class Leases:
         salvage = await self.meta.rebuild(lambda v: recovery.salvage(v, fenced_inc, bad))
         self.fenced = None
         self.valid_until.clear()
+        self.share.lapse()
         self._oldest = None
         return salvage
 
@@ -743,6 +864,10 @@ class Leases:
                 # named by this client until a clean unmount clears the mark (§9).
                 ops.append(LDirty(client, inc))
             if proven:
+                # The old daemon is dead: its share of the top ends here, not at the
+                # next change of the top after a wait for its acknowledgement (§17).
+                ops += [LShr(on=False, inc=i) for c, i in view.shares() if c == client]
+            if proven:
                 ops += [LAdopt(d) for d in old_held(view)]
             return ops, None
 
@@ -767,6 +892,8 @@ class Leases:
         if self.fenced is not None or self.inc == 0:
             return
         clean: list[Op] = [LDirty(self.client, self.inc, dirty=False)] if self.cfg.acquire else []
+        if self.share.held:
+            clean.append(LShr(on=False))
         await self._flush([*(LRel(d) for d in sorted(self.state.held)), *clean])
 
     async def _reactor(self) -> None:

@@ -34,6 +34,7 @@ from efsish.meta.ops import (
     LRcv,
     LRec,
     LRel,
+    LShr,
     LTko,
     Mk,
     Mv,
@@ -188,6 +189,8 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
             _check_domain(view, d, entry)
         roots_before = _roots_in(view, movers)
         view.apply_op(op, res)
+        if (TOP in touched or _root_access_change(view, op)) and not _atime_only(op):
+            _revoke_shares(view, entry, res)
         roots_after = _roots_in(view, movers)
         # Domain roots that appear or go (mkdir, rmdir, a directory moved to another
         # depth): their rows become FREE at this position, so epochs only grow.
@@ -196,6 +199,35 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
     except (KeyError, TypeError, ValueError) as e:
         kind = op.wire()["o"]
         raise CorruptObject(f"{kind!r} operation does not apply to the view: {e}") from None
+
+
+def _atime_only(op: Op) -> bool:
+    """A relatime update: it changes no name and no attribute close-to-open covers, so
+    it ends no share of the top (LEASES.md §17)."""
+    return isinstance(op, SetAttr) and op.changes().keys() == {"atime"}
+
+
+def _root_access_change(view: View, op: Op) -> bool:
+    """A domain root's mode, owner or xattrs (ACLs) change: a lookup in the top returns
+    them, and the kernel checks permissions with them (LEASES.md §17)."""
+    if isinstance(op, SetAttr) and (op.mode, op.uid, op.gid) != (None, None, None):
+        return domains.is_domain_root(view, op.ino)
+    if isinstance(op, (SetXattr, RemoveXattr)):
+        return domains.is_domain_root(view, op.ino)
+    return False
+
+
+def _revoke_shares(view: View, entry: LogEntry, res: ApplyResult) -> None:
+    """A change of the top ends every share but its writer's own (LEASES.md §17)."""
+    assert entry.inc is not None
+    gone = view.shares() - {(entry.client, entry.inc)}
+    if not gone:
+        return
+    for c, i in gone:
+        view.db.execute("DELETE FROM shares WHERE client = ? AND inc = ?", (c, i))
+    res.shares |= gone
+    res.revoked |= gone
+    res.revoker = (entry.client, view.cur_seq)
 
 
 def op_time(op: Op, default: int) -> int:
@@ -395,6 +427,22 @@ def _apply_lease_op(view: View, op: LeaseOp, entry: LogEntry, res: ApplyResult) 
                 "UPDATE sessions SET dirty_seq = ? WHERE client = ?",
                 (view.cur_seq if op.dirty else None, op.client),
             )
+        case LShr():
+            need_lease_format()
+            if op.on:
+                if op.inc is not None:
+                    raise invalid("a share is taken by the writer's own incarnation")
+                view.db.execute(
+                    "INSERT OR REPLACE INTO shares (client, inc, seq) VALUES (?, ?, ?)",
+                    (*me, view.cur_seq),
+                )
+                res.shares.add(me)
+            else:
+                who: Holder = me if op.inc is None else (me[0], op.inc)
+                if who[1] > me[1]:
+                    raise invalid("a newer incarnation's share")
+                view.db.execute("DELETE FROM shares WHERE client = ? AND inc = ?", who)
+                res.shares.add(who)
         case Fmt():
             if op.version > LEASE_FORMAT:
                 raise NewerFormat(

@@ -59,7 +59,7 @@ from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, View
+from efsish.meta.view import ApplyResult, Attr, Extent, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -357,6 +357,12 @@ class MetaLog:
         await self._not_rebuilding()
         return await self.memo.domains(ino, self.sb.lease_depth, self.read)
 
+    async def extents(self, ino: int, start: int, end: int) -> list[Extent]:
+        """The committed extents of file `ino` overlapping [start, end) (see
+        `Memo.extents`)."""
+        await self._not_rebuilding()
+        return await self.memo.extents(ino, start, end, self.read)
+
     async def readdir(self, ino: int, after: int, limit: int) -> Listed:
         """Up to `limit` committed entries of directory `ino` after cursor `after`, with
         their attributes (see `Memo.readdir`)."""
@@ -390,10 +396,12 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
-        if self.leases is not None and res.leases:
+        if self.leases is not None and (res.leases or res.shares):
             # On the trio thread, under the write lock, with no hop running: the
             # writer's state (our own answered entry's open transaction included).
             self.leases.refresh(self.writer)
+            if res.shares:
+                self.leases.shares_changed(res, remote)
         self.on_apply(res, remote)
 
     @contextmanager
@@ -546,6 +554,13 @@ class MetaLog:
                 break
         if first is None or seq_of(first) <= seq:
             return
+        if self.leases is not None and self.journal_rows:
+            # gc trims past a client with a journal only after taking its leases over
+            # (LEASES.md §9): the journal is fenced. The lease code salvages it from
+            # this view, then rebuilds from the newest checkpoint (§10).
+            reason = f"the log was trimmed past this mount's position {seq - 1}"
+            self.leases.fenced_at(seq - 1, reason)
+            raise leasing.LeaseLost(reason)
         raise CorruptObject(
             f"log entries before {first} were trimmed while this mount was at {seq - 1}; "
             "remove the cache directory to reload from the newest checkpoint"

@@ -1,29 +1,36 @@
-"""The memo: committed attributes, name lookups and xattrs kept in memory, so that a
-lookup, getattr or getxattr of something already read costs no worker-thread hop.
+"""The memo: committed attributes, name lookups, xattrs and layouts kept in memory, so
+that a lookup, getattr, getxattr or read of something already read costs no
+worker-thread hop.
 
 Rules it keeps:
 - Every applied entry, ours or another mount's, drops what it changed (`applied`) and
   bumps a generation; a read that began before an apply does not store what it saw (it
   may have read the view before that entry).
 - The hop that applied an entry re-reads what it changed (`fresh`, at most FRESH_LIMIT
-  items: attributes, names, and the parents of the changed inodes) and `applied` puts
-  that in, so the kernel's next question (a new inode's attributes, its directory's,
-  the lease domains of either) is answered from memory.
+  items) and `applied` puts that in, so the kernel's next question (a new inode's
+  attributes, its directory's) is answered from memory.
 - A directory is *complete* while every name in it is remembered (absent names as
   absent): one this mount saw created, empty, and whose every change since was refilled.
   A lookup of a new name there is answered from memory; a change that is only forgotten
   takes the directory out of that set.
 - The tree's shape: the parents of inodes (a directory's one parent, a file's parents
   when all are known), so the lease domains of an inode (efsish.meta.domains) are
-  computed in memory. Every applied entry drops the parents of each inode it changed: a
-  rename, link or unlink changes the ctime or nlink of the inode it moves, so its inode
-  is in `ApplyResult.inodes`, and a moved directory's subtree is re-walked through it.
-  `fresh` re-reads the parents of those inodes (one level: their ancestors were not
-  dropped, or are among them).
+  computed in memory. Parents change only with dentries, so an entry that changes no
+  name (a write, a chmod, access times) keeps them; one that does drops the parents of
+  each inode it changed: a rename, link or unlink changes the ctime or nlink of the
+  inode it moves, so its inode is in `ApplyResult.inodes`, and a moved directory's
+  subtree is re-walked through it. A directory has one dentry, so one whose parent
+  holds no changed name keeps its parent (a create in it changes only its times). A new
+  inode's one parent is put in from its name.
+- Short layouts (at most EXTENT_MEMO_MAX extents, inline bytes included) of files read
+  or written here, so that the first read after an open costs no hop. Only an
+  entry that changes a file's data (`ApplyResult.data`: a write, a truncate) or frees
+  it changes its extents; it drops them, and `fresh` re-reads a short layout.
 - A directory listing (`readdir`) stores what it read: each entry's name, attributes,
   whether it has any xattr at all, and its parent. `ls -l` asks for every entry's
   attributes and two xattrs next, and is answered from memory.
-- Each table holds at most MEMO_LIMIT items; past that it is cleared.
+- Each table holds at most MEMO_LIMIT items; past that it is cleared. Layouts are
+  bounded by bytes instead (EXTENT_MEMO_BYTES), the oldest dropped first.
 
 This module owns that state and those rules. It must not read the view on its own: the
 reads it stores run through the `read` its caller passes (committed state, as
@@ -41,7 +48,7 @@ from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from efsish.meta.domains import MAX_DEPTH, TOP, Domain
-from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
+from efsish.meta.view import ROOT_INO, ApplyResult, Attr, Extent, View
 
 log = logging.getLogger(__name__)
 
@@ -49,20 +56,23 @@ T = TypeVar("T")
 
 MEMO_LIMIT = 200_000  # inodes and names remembered in memory (cleared when exceeded)
 FRESH_LIMIT = 64  # entries changing more inodes + names than this only clear the memo
+# Layouts kept: at most this many extents each, this many bytes in all (inline data
+# counted, and EXTENT_OVERHEAD per extent); the oldest go first.
+EXTENT_MEMO_MAX = 16
+EXTENT_MEMO_BYTES = 32 * 1024**2
+EXTENT_OVERHEAD = 200
+END = 1 << 63  # the end of a layout read whole
+# A file's layout as read: the extents overlapping [start, end), all of them.
+Span = tuple[int, int, list[Extent]]
+# What `Memo.fresh` read after a commit: new attributes, the names' new inodes, and the
+# new layouts of files whose data changed (None: too long to keep).
+Fresh = tuple[
+    dict[int, Attr | None], dict[tuple[int, bytes], int | None], dict[int, list[Extent] | None]
+]
 # Where an inode is linked: (is a directory, the directories holding its dentries).
 Parents = tuple[bool, tuple[int, ...]]
-# What `Memo.fresh` read after a commit: new attributes, the names' new inodes, and the
-# parents of the changed inodes (those with no dentry left out).
-Fresh = tuple[dict[int, Attr | None], dict[tuple[int, bytes], int | None], dict[int, Parents]]
 # A listing's rows: (cursor, name, attributes, has at least one xattr).
 Listed = list[tuple[int, bytes, Attr, bool]]
-
-
-_ATTR_PARENTS = (
-    "SELECT i.ino, i.mode, i.uid, i.gid, i.nlink, i.size, i.rdev, i.atime, i.mtime, "
-    "i.ctime, i.version, i.target, d.parent "
-    "FROM inodes i LEFT JOIN dentries d ON d.ino = i.ino WHERE i.ino = ?"
-)
 
 
 def read_parents(view: View, ino: int) -> dict[int, Parents]:
@@ -128,6 +138,8 @@ class Memo:
         self._xattrs: dict[int, dict[bytes, bytes | None]] = {}
         self._complete: set[int] = set()  # directories whose every name is in `_names`
         self._parents: dict[int, Parents] = {}  # see `domains`
+        self._extents: dict[int, Span] = {}  # see `extents` (oldest first)
+        self._extent_bytes = 0
         self._gen = 0  # bumped by every apply: see `applied`
         self.hits = 0  # answers given from memory
 
@@ -203,6 +215,41 @@ class Memo:
             self._remember_parents(found)
         return _domains(found, ino, lease_depth) or set()
 
+    async def extents(self, ino: int, start: int, end: int, read: ReadView) -> list[Extent]:
+        """The committed extents of file `ino` overlapping [start, end), as
+        `View.extents` reads them; a short layout read is remembered."""
+        span = self._extents.get(ino)
+        if span is not None and span[0] <= start and end <= span[1]:
+            self.hits += 1
+            return [e for e in span[2] if e.off < end and e.end > start]
+        gen = self._gen
+        exts = await read(lambda view: view.extents(ino, start, end))
+        if gen == self._gen:
+            self._remember_extents(ino, (start, end, exts))
+        return list(exts)
+
+    def _remember_extents(self, ino: int, span: Span) -> None:
+        self._drop_extents(ino)
+        exts = span[2]
+        if len(exts) > EXTENT_MEMO_MAX:
+            return
+        size = EXTENT_OVERHEAD * (1 + len(exts)) + sum(len(e.data or b"") for e in exts)
+        if size > EXTENT_MEMO_BYTES // 16:
+            return
+        kept = self._extents
+        while kept and self._extent_bytes + size > EXTENT_MEMO_BYTES:
+            self._drop_extents(next(iter(kept)))
+        kept[ino] = span
+        self._extent_bytes += size
+
+    def _drop_extents(self, ino: int) -> None:
+        span = self._extents.pop(ino, None)
+        if span is not None:
+            exts = span[2]
+            self._extent_bytes -= EXTENT_OVERHEAD * (1 + len(exts)) + sum(
+                len(e.data or b"") for e in exts
+            )
+
     async def readdir(self, ino: int, after: int, limit: int, read: ReadView) -> Listed:
         """Directory `ino`'s entries after cursor `after` (at most `limit`), with copies
         of their attributes; what was read is remembered (see the module docstring)."""
@@ -253,30 +300,22 @@ class Memo:
         if len(changed) + len(res.entries) > FRESH_LIMIT:
             return None
         try:
-            return self._read_fresh(view, changed, res.entries)
+            return self._read_fresh(view, changed, res.entries, res.data - res.freed.keys())
         except Exception as e:  # e.g. sqlite3.OperationalError: disk I/O error
             log.warning("could not re-read what an entry changed (%s); forgetting it", e)
             return None
 
     @staticmethod
-    def _read_fresh(view: View, inodes: set[int], entries: set[tuple[int, bytes]]) -> Fresh:
-        attrs: dict[int, Attr | None] = {}
-        parents: dict[int, Parents] = {}
-        for ino in inodes:
-            # Attributes and parents in one query (as `read_parents` takes them).
-            rows = view.db.execute(_ATTR_PARENTS, (ino,)).fetchall()
-            if not rows:
-                attrs[ino] = None
-                continue
-            a = attrs[ino] = Attr(*rows[0][:12])
-            if ino == ROOT_INO:
-                parents[ino] = (True, (ROOT_INO,))
-                continue
-            ps = tuple(sorted({int(r[12]) for r in rows if r[12] is not None}))
-            if ps:
-                parents[ino] = (a.is_dir, ps[:1] if a.is_dir else ps)
+    def _read_fresh(
+        view: View, inodes: set[int], entries: set[tuple[int, bytes]], data: set[int]
+    ) -> Fresh:
+        attrs = {ino: view.getattr(ino) for ino in inodes}
         names = {(p, n): view.lookup(p, n) for p, n in entries}
-        return attrs, names, parents
+        layouts: dict[int, list[Extent] | None] = {}
+        for ino in data:
+            exts = view.extents(ino, limit=EXTENT_MEMO_MAX + 1)
+            layouts[ino] = exts if len(exts) <= EXTENT_MEMO_MAX else None
+        return attrs, names, layouts
 
     def applied(self, res: ApplyResult, fresh: Fresh | None = None) -> None:
         """An entry was applied: drop what it changed and put in what `fresh` read.
@@ -291,15 +330,23 @@ class Memo:
         attrs, names, xattrs, parents = self._attrs, self._names, self._xattrs, self._parents
         for ino in res.inodes:
             attrs.pop(ino, None)
-            parents.pop(ino, None)
+        if res.entries:  # parents change only with dentries (see the module docstring)
+            in_dirs = {p for p, _ in res.entries}
+            for ino in res.inodes:
+                known = parents.get(ino)
+                if known is not None and known[0] and known[1][0] not in in_dirs:
+                    continue  # a directory whose one dentry is in a directory unchanged
+                parents.pop(ino, None)
         for ino in res.data:
             attrs.pop(ino, None)
+            self._drop_extents(ino)
         for ino in res.xattrs:
             xattrs.pop(ino, None)
         for ino in res.freed:
             attrs.pop(ino, None)
             xattrs.pop(ino, None)
             parents.pop(ino, None)
+            self._drop_extents(ino)
             self._complete.discard(ino)
         for entry in res.entries:
             names.pop(entry, None)
@@ -312,20 +359,44 @@ class Memo:
         """After `_forget(res)`: put in what `fresh` read after the commit."""
         names = self._names
         if fresh is not None:
-            new_attrs, new_names, new_parents = fresh
+            new_attrs, new_names, layouts = fresh
             for ino, a in new_attrs.items():
                 if a is not None:
                     self._remember(ino, a)
-            self._remember_parents(new_parents)
+            for ino, exts in layouts.items():
+                if exts is not None:
+                    self._remember_extents(ino, (0, END, exts))
             if len(names) + len(new_names) >= MEMO_LIMIT:
                 self._forget_names()
             else:
                 names.update(new_names)
                 self._complete |= res.created_dirs - res.freed.keys()
+            self._new_parents(res, new_attrs, new_names)
         else:
             # The new state of these names is unknown here: their directories are no
             # longer complete in memory.
             self._complete.difference_update(p for p, _ in res.entries)
+
+    def _new_parents(
+        self,
+        res: ApplyResult,
+        new_attrs: dict[int, Attr | None],
+        new_names: dict[tuple[int, bytes], int | None],
+    ) -> None:
+        """The parent of each inode the entry created with one name (a directory, or a
+        file with one link), from the names re-read: its domains need no walk."""
+        if not res.created:
+            return
+        where: dict[int, list[int]] = {}
+        for (parent, _), ino in new_names.items():
+            if ino is not None and ino in res.created:
+                where.setdefault(ino, []).append(parent)
+        if len(self._parents) + len(where) >= MEMO_LIMIT:
+            self._parents.clear()
+        for ino, ps in where.items():
+            a = new_attrs.get(ino)
+            if a is not None and len(ps) == 1 and (a.is_dir or a.nlink == 1):
+                self._parents[ino] = (a.is_dir, (ps[0],))
 
     def _forget_names(self) -> None:
         self._names.clear()
@@ -338,6 +409,8 @@ class Memo:
         self._forget_names()
         self._xattrs.clear()
         self._parents.clear()
+        self._extents.clear()
+        self._extent_bytes = 0
 
 
 def _domains(parents: dict[int, Parents], ino: int, lease_depth: int) -> set[Domain] | None:

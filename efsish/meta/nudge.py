@@ -58,6 +58,9 @@ MAX_DATAGRAM = 512
 MAGIC = b"EFSN\x01"  # "efsish nudge", format 1; covered by the MAC
 _MAC = hashlib.sha256().digest_size
 _SEQ = struct.Struct(">Q")
+# The rid of an acknowledgement ("ack:<incarnation>"): the sender has applied the log up
+# to seq (LEASES.md §17). It wakes nothing; `on_ack` records it.
+ACK = "ack:"
 RATE = 20  # wake-ups a second, at most
 INVALID_LOG_EVERY = 60.0  # seconds between debug lines about dropped datagrams
 
@@ -281,6 +284,7 @@ class NudgeStats:
     dropped_invalid: int = 0  # malformed, wrong MAC, another filesystem or addressee
     dropped_stale: int = 0  # valid, but at or below the applied position (late or replayed)
     dropped_rate: int = 0  # valid and new, but over RATE wake-ups a second
+    acks: int = 0  # valid acknowledgements (LEASES.md §17)
 
 
 class Nudger:
@@ -289,7 +293,9 @@ class Nudger:
     send them. `applied()` is the mount's applied log position; `on_wake(nudge)` is called
     (synchronously: it must not block, e.g. it sets an event the catch-up loop waits on)
     for every valid nudge addressed to `client` of `fs` whose seq is above it, at most
-    `rate` times in any second. Nothing a datagram holds makes `serve` raise."""
+    `rate` times in any second. `on_ack(nudge)` is called instead for a valid
+    acknowledgement (rid `ack:...`), whatever its seq. Nothing a datagram holds makes
+    `serve` raise."""
 
     def __init__(
         self,
@@ -300,12 +306,14 @@ class Nudger:
         *,
         applied: Callable[[], int],
         on_wake: Callable[[Nudge], None],
+        on_ack: Callable[[Nudge], None] | None = None,
         rate: int = RATE,
     ) -> None:
         if len(key) != KEY_BYTES:
             raise ValueError("a nudge key is 32 bytes")
         self._key, self.fs, self.client = key, fs, client
         self._applied, self._on_wake, self._rate = applied, on_wake, rate
+        self._on_ack = on_ack
         self.stats = NudgeStats()
         self._wakes: collections.deque[float] = collections.deque()
         self._last_invalid_log = -INVALID_LOG_EVERY
@@ -369,6 +377,14 @@ class Nudger:
                 raise InvalidNudge(f"for another client ({n.to[:40]!r})")
         except InvalidNudge as e:
             self._invalid(str(e), peer)
+            return
+        if n.rid.startswith(ACK):
+            self.stats.acks += 1
+            if self._on_ack is not None:
+                try:
+                    self._on_ack(n)
+                except Exception:
+                    log.exception("nudge: the acknowledgement callback failed")
             return
         try:
             applied = self._applied()

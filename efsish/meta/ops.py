@@ -524,6 +524,30 @@ class LDirty:
 
 
 @dataclass(frozen=True)
+class LShr:
+    """The entry's writer starts (`on`) or stops sharing the top for reading: while its
+    row is in the view, any change of the top ends it (LEASES.md §17). `inc`, with
+    `on=False`: end the share of that older incarnation of the writer's client instead
+    (its daemon is proven dead)."""
+
+    on: bool = True
+    inc: int | None = None
+
+    def wire(self) -> Wire:
+        d: Wire = {"o": "lshr"}
+        if not self.on:
+            d["off"] = True
+        if self.inc is not None:
+            d["inc"] = self.inc
+        return d
+
+    @classmethod
+    def unwire(cls, d: Mapping[str, Any]) -> LShr:
+        inc = d.get("inc")
+        return cls(not bool(d.get("off", False)), int(inc) if inc is not None else None)
+
+
+@dataclass(frozen=True)
 class Fmt:
     """The filesystem's log format becomes `version` (3: leases); from this entry on,
     entries without a lease header are fenced (LEASES.md §14)."""
@@ -541,8 +565,8 @@ class Fmt:
 NamespaceOp = (
     Mk | Ln | Rm | Mv | SetAttr | Write | SetXattr | RemoveXattr | ClaimInodes | BlocksDeleted
 )
-LeaseOp = Sess | LAcq | LRec | LFlush | LRel | LTko | LAdopt | LRcv | LDirty | Fmt
-LEASE_OPS = (Sess, LAcq, LRec, LFlush, LRel, LTko, LAdopt, LRcv, LDirty, Fmt)
+LeaseOp = Sess | LAcq | LRec | LFlush | LRel | LTko | LAdopt | LRcv | LDirty | LShr | Fmt
+LEASE_OPS = (Sess, LAcq, LRec, LFlush, LRel, LTko, LAdopt, LRcv, LDirty, LShr, Fmt)
 Op = NamespaceOp | LeaseOp
 
 _DECODERS: dict[str, Callable[[Mapping[str, Any]], Op]] = {
@@ -565,6 +589,7 @@ _DECODERS: dict[str, Callable[[Mapping[str, Any]], Op]] = {
     "ladopt": LAdopt.unwire,
     "lrcv": LRcv.unwire,
     "ldirty": LDirty.unwire,
+    "lshr": LShr.unwire,
     "fmt": Fmt.unwire,
 }
 
@@ -580,7 +605,10 @@ def decode_op(d: Any) -> Op:
     kind = d.get("o")
     fn = _DECODERS.get(str(kind))
     if fn is None:
-        raise CorruptObject(f"unknown operation {kind!r} in the metadata log")
+        raise CorruptObject(
+            f"unknown operation {kind!r} in the metadata log (written by a newer efsish? "
+            "upgrade this one)"
+        )
     try:
         return fn(d)
     except (KeyError, TypeError, ValueError, IndexError) as e:

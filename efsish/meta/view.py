@@ -162,6 +162,12 @@ CREATE TABLE IF NOT EXISTS fenced (
     path TEXT,
     PRIMARY KEY (client, inc, first_seq)
 );
+CREATE TABLE IF NOT EXISTS shares (  -- LEASES.md §17: who shares the top for reading
+    client TEXT NOT NULL,
+    inc INTEGER NOT NULL,
+    seq INTEGER NOT NULL,          -- the lshr's position
+    PRIMARY KEY (client, inc)
+);
 """
 
 
@@ -203,6 +209,11 @@ class ApplyResult:
     created: set[int] = field(default_factory=set)  # new inodes (no xattrs yet)
     created_dirs: set[int] = field(default_factory=set)  # new directories (empty when made)
     leases: set[int] = field(default_factory=set)  # domains whose lease or recalls changed
+    # Incarnations whose share of the top began or ended (LEASES.md §17), and of those
+    # the ones a change of the top revoked, with that op's (writer client, position).
+    shares: set[Holder] = field(default_factory=set)
+    revoked: set[Holder] = field(default_factory=set)
+    revoker: tuple[str, int] | None = None
     # Set when the entry was fenced: it changed nothing (the fields above are empty).
     fenced: Fencing | None = None
 
@@ -215,6 +226,9 @@ class ApplyResult:
         self.created |= other.created
         self.created_dirs |= other.created_dirs
         self.leases |= other.leases
+        self.shares |= other.shares
+        self.revoked |= other.revoked
+        self.revoker = other.revoker or self.revoker
 
 
 _ATTR_COLS = "ino, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, version, target"
@@ -341,7 +355,10 @@ class View:
         ).fetchall()
         return [(int(r[0]), bytes(r[1]), int(r[2])) for r in rows]
 
-    def extents(self, ino: int, start: int = 0, end: int | None = None) -> list[Extent]:
+    def extents(
+        self, ino: int, start: int = 0, end: int | None = None, limit: int | None = None
+    ) -> list[Extent]:
+        """The extents of `ino` overlapping [start, end), in order (the first `limit`)."""
         q = "SELECT off, len, key, koff, bsize, hash, data, crcs FROM extents WHERE ino = ?"
         args: list[Any] = [ino]
         if end is not None:
@@ -349,6 +366,9 @@ class View:
             args.append(end)
         q += " AND off + len > ? ORDER BY off"
         args.append(start)
+        if limit is not None:
+            q += " LIMIT ?"
+            args.append(limit)
         return [
             Extent(
                 r[0], r[1], r[2], r[3], r[4], r[5], bytes(r[6]) if r[6] is not None else None, r[7]
@@ -435,6 +455,10 @@ class View:
             "SELECT inc, started_seq, dirty_seq FROM sessions WHERE client = ?", (client,)
         ).fetchone()
         return None if row is None else (int(row[0]), int(row[1]), row[2])
+
+    def shares(self) -> set[Holder]:
+        """The incarnations that share the top for reading (LEASES.md §17)."""
+        return {(str(c), int(i)) for c, i in self.db.execute("SELECT client, inc FROM shares")}
 
     def recall(self, d: int, rid: str) -> tuple[str, int, str, int] | None:
         """(by_client, by_inc, want, position) of open recall `rid` of domain `d`."""

@@ -91,6 +91,35 @@ async def test_close_to_open_between_mounts(make_fs) -> None:
     assert await read_file(b, ino) == b"v2" * 60_000
 
 
+@pytest.mark.parametrize("leases", [True, False])
+async def test_a_layout_remembered_here_follows_changes_on_another_mount(make_fs) -> None:
+    """The memo keeps small files' layouts (a read after an open costs no hop): another
+    mount's truncate, rewrite or rename-over is what the next open here reads."""
+    a, b = await make_fs(poll_interval=0.05), await make_fs(poll_interval=0.05)
+    d = (await a.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
+    ino = await write_file(a, d, b"f", b"abcdef")
+    hits = a.meta.memo_hits
+    assert await read_file(a, ino) == b"abcdef"
+    assert a.meta.memo_hits > hits  # the layout came from memory
+
+    async def on_a() -> bytes:
+        return await read_file(a, (await a.lookup(d, b"f")).ino)
+
+    fb = (await b.lookup(d, b"f")).ino
+    await b.setattr(fb, ROOT, size=2)  # truncate, then the same size again
+    fh, _ = await b.open(fb, os.O_WRONLY)
+    await b.write(fh, 4, b"XY")
+    await b.release(fh)
+    assert await on_a() == b"ab\0\0XY"
+    fh, _ = await b.open(fb, os.O_WRONLY)
+    await b.write(fh, 0, b"ABCDEF")  # a rewrite in place
+    await b.release(fh)
+    assert await on_a() == b"ABCDEF"
+    await write_file(b, d, b"g", b"ghijkl")
+    await b.rename(d, b"g", d, b"f")  # renamed over
+    assert await on_a() == b"ghijkl"
+
+
 async def test_new_mount_starts_from_checkpoint(make_fs, store) -> None:
     a = await make_fs()
     for i in range(30):
@@ -503,7 +532,7 @@ async def test_a_read_racing_a_flush_sees_every_write_that_returned(
 
     monkeypatch.setattr(a.meta.store, "put_if_absent", slow_put)
     monkeypatch.setattr(a.meta.writer, "commit", slow_commit)
-    a.meta.memo._attrs.clear()  # as after a memo overflow
+    a.meta.memo.forget_all()  # as after a memo overflow: the read goes to the view
     got: list[object] = []
 
     async def reader() -> None:

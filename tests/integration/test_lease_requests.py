@@ -64,3 +64,38 @@ def test_listing_a_held_domain_sends_no_request(
     finally:
         proxy.send_signal(signal.SIGTERM)
         proxy.wait(timeout=10)
+
+
+def test_cold_path_walks_through_the_top_send_no_request(
+    mounter: Callable[..., Mount], seaweedfs_target: S3Target, tmp_path: Path
+) -> None:
+    # A share of the top (LEASES.md §17): with the kernel's dentries and inodes dropped,
+    # every stat walks the path from the root again; the lookup of the home in the top
+    # is answered from the view, so the walk costs no round trip.
+    stats = tmp_path / "stats.json"
+    proxy = subprocess.Popen(
+        rttproxy.command(seaweedfs_target.endpoint, 0, stats), stdout=subprocess.PIPE, text=True
+    )
+    try:
+        assert proxy.stdout is not None
+        ep = ("--endpoint", f"http://127.0.0.1:{int(proxy.stdout.readline())}")
+        store = f"s3://{seaweedfs_target.bucket}/ltop-{uuid.uuid4().hex[:8]}"
+        efsish("format", store, *ep, "--block-size", "1M")
+        m = mounter(store, *ep, "-o", "poll_interval=3600,commit_interval=30", fmt=False)
+        home = m.path / "home"
+        home.mkdir()
+        n = 30
+        for i in range(n):
+            (home / f"f{i}").write_bytes(b"x")
+        assert not (m.path / "nothing").exists()  # a read of the top: takes the share
+        before = _gets(stats)
+        for i in range(n):
+            Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
+            assert (home / f"f{i}").stat().st_size == 1
+        gets = _gets(stats) - before
+        # A heartbeat may read the bucket meanwhile (a LIST every 2 s), never one GET
+        # per walk (as a catch-up at the top would: n of them).
+        assert gets <= 3, f"{gets} GETs for {n} cold path walks"
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=10)

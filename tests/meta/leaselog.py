@@ -71,6 +71,7 @@ REPLICATED = {
     "leases": "SELECT * FROM leases ORDER BY domain",
     "recalls": "SELECT * FROM recalls ORDER BY domain, rid",
     "fenced": "SELECT * FROM fenced ORDER BY client, inc, first_seq",
+    "shares": "SELECT * FROM shares ORDER BY client",
 }
 
 

@@ -32,6 +32,7 @@ def test_a_heartbeat_round_trips_and_an_old_minimal_one_decodes() -> None:
         domains=["/alice", "/bob"],
         journal_rows=12,
         journal_oldest=4,
+        inc=3,
     )
     assert Heartbeat.unwire(hb.wire()) == hb
     # The fields the first heartbeats carried; everything else takes its default.
@@ -40,6 +41,7 @@ def test_a_heartbeat_round_trips_and_an_old_minimal_one_decodes() -> None:
     assert old.nudge is None  # written before nudges, or by a mount with nudge=off
     # Written before heartbeats told formats, leases and the journal.
     assert (old.format, old.newest_format, old.domains, old.journal_rows) == (0, 0, [], 0)
+    assert old.inc == 0  # written before heartbeats told the incarnation
     assert old.journal_age() == 0.0
     assert Heartbeat("c", 1, journal_rows=2, journal_oldest=10**9).journal_age(3 * 10**9) == 2
     assert Heartbeat.unwire({**hb.wire(), "nudge": None}).nudge is None

@@ -21,6 +21,7 @@ from efsish.meta.ops import (
     LRcv,
     LRec,
     LRel,
+    LShr,
     LTko,
     Mk,
     Op,
@@ -47,6 +48,8 @@ SAMPLES: list[tuple[dict[str, Any], Op]] = [
     ),
     ({"o": "ldirty", "c": "c1", "inc": 3}, LDirty("c1", 3)),
     ({"o": "ldirty", "c": "c1", "inc": 3, "clean": True}, LDirty("c1", 3, dirty=False)),
+    ({"o": "lshr"}, LShr()),
+    ({"o": "lshr", "off": True}, LShr(on=False)),
     ({"o": "fmt", "v": 3}, Fmt(3)),
 ]
 

@@ -9,7 +9,7 @@ from typing import TypeVar
 
 from efsish.meta import domains
 from efsish.meta.memo import Memo
-from efsish.meta.ops import Ln, Mk, Mv, Rm, SetAttr, SetXattr
+from efsish.meta.ops import Extent, Ln, Mk, Mv, Rm, SetAttr, SetXattr, Write
 from efsish.meta.view import ROOT_INO, View
 from tests.meta.views import T0, apply
 
@@ -208,10 +208,10 @@ async def test_a_link_or_unlink_changes_a_files_domains(view: View) -> None:
     assert await memo.domains(6, 1, read) == {3} == truth(view, 6)
 
 
-async def test_the_refill_after_a_change_keeps_the_domains_in_memory(view: View) -> None:
-    """A create, unlink or rename changes its directory (and the inodes it moves): the
-    hop that applied it re-reads their parents, so the lease domains of what the kernel
-    asks about next (the directory, the new file) need no read of the view."""
+async def test_the_domains_stay_in_memory_across_creates_and_unlinks(view: View) -> None:
+    """A create or unlink changes its directory: its place in the tree (and the new
+    file's) stays known, so the lease domains the kernel's next lookup, or the new
+    file's close, asks for need no read of the view."""
     memo, read = Memo(), Reads(view)
     shape(view)
     assert await memo.domains(6, 1, read) == {2}
@@ -219,15 +219,14 @@ async def test_the_refill_after_a_change_keeps_the_domains_in_memory(view: View)
     for op, asked in (
         (Mk(7, 5, b"g", REG, 0, 0, T0 + 1), (5, 7, 6)),  # a create in /a/x/y
         (Rm(5, b"f", T0 + 2), (5, 7)),  # an unlink there (6 is gone)
-        (Mv(5, b"g", 4, b"h", T0 + 3), (5, 4, 7)),  # a file moved up a level
-        (Mv(2, b"x", 3, b"x", T0 + 4), (5, 4, 7)),  # a directory moved to another domain
+        (Mk(8, 5, b"h", REG, 0, 0, T0 + 3), (5, 8, 7)),
+        (Rm(5, b"g", T0 + 4), (5, 8)),
     ):
         res = apply(view, op)
         memo.applied(res, memo.fresh(view, res))
         for ino in asked:
             assert await memo.domains(ino, 1, read) == truth(view, ino)
     assert read.calls == calls  # every answer came from memory
-    assert await memo.domains(7, 1, read) == {3}
 
 
 async def test_a_walk_that_began_before_an_apply_does_not_store_what_it_saw(
@@ -284,3 +283,105 @@ async def test_a_listing_that_began_before_an_apply_does_not_store_what_it_saw(
     assert stat.S_IMODE(old[2].mode) == 0o755  # read before the chmod
     got = await memo.getattr(5, read)
     assert got is not None and stat.S_IMODE(got.mode) == 0o700
+
+
+async def test_a_write_chmod_or_create_keeps_the_shape_where_no_dentry_moved(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2}
+    calls = read.calls
+    memo.applied(apply(view, SetAttr(6, mode=REG & ~0o004, ctime=T0 + 1)))
+    memo.applied(apply(view, Write(6, (Extent(0, 3, data=b"abc"),), 3, T0 + 2)))
+    res = apply(view, Mk(7, 5, b"g", REG, 0, 0, T0 + 3))  # y's times change, not its place
+    memo.applied(res, memo.fresh(view, res))
+    for ino, want in ((6, {2}), (5, {2}), (7, {2})):  # g: its parent from its name
+        assert await memo.domains(ino, 1, read) == want == truth(view, ino)
+    assert read.calls == calls
+
+
+async def test_a_directory_moved_in_the_entry_that_changes_its_times_is_walked_again(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2}
+    # One entry: a file created in /a/x (x's times change) and x moved to /b.
+    res = apply(view, Mk(8, 4, b"h", REG, 0, 0, T0 + 1), Mv(2, b"x", 3, b"x", T0 + 1))
+    memo.applied(res, memo.fresh(view, res))
+    for ino in (4, 5, 6, 8):
+        assert await memo.domains(ino, 1, read) == {3} == truth(view, ino)
+
+
+# --------------------------------------------------------------------------- layouts
+
+
+def small_file(view: View, data: bytes = b"hello") -> None:
+    apply(
+        view,
+        Mk(2, ROOT_INO, b"f", REG, 0, 0, T0),
+        Write(2, (Extent(0, len(data), data=data),), len(data), T0),
+    )
+
+
+async def test_a_layout_read_once_comes_from_memory_until_the_data_changes(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    small_file(view)
+    assert await memo.extents(2, 0, 100, read) == view.extents(2, 0, 100)
+    assert await memo.extents(2, 1, 50, read) == view.extents(2, 1, 50)
+    assert read.calls == 1
+    memo.applied(apply(view, SetAttr(2, size=2, ctime=T0 + 1)))  # a truncate elsewhere
+    got = await memo.extents(2, 0, 100, read)
+    assert [(e.off, e.len, e.data) for e in got] == [(0, 2, b"he")] and read.calls == 2
+    # A rewrite, then a range past what was read: both from the view.
+    memo.applied(apply(view, Write(2, (Extent(0, 5, data=b"HELLO"),), 5, T0 + 2)))
+    assert [e.data for e in await memo.extents(2, 0, 100, read)] == [b"HELLO"]
+    assert await memo.extents(2, 0, 200, read) == view.extents(2, 0, 200)
+    assert read.calls == 4
+
+
+async def test_the_layout_an_entry_wrote_is_put_in_and_a_freed_files_forgotten(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    apply(view, Mk(2, ROOT_INO, b"f", REG, 0, 0, T0))
+    res = apply(view, Write(2, (Extent(0, 3, data=b"abc"),), 3, T0 + 1))
+    memo.applied(res, memo.fresh(view, res))
+    assert await memo.extents(2, 0, 1 << 40, read) == view.extents(2) and read.calls == 0
+    # /g renamed over /f: f's inode is freed, and its layout with it.
+    apply(view, Mk(3, ROOT_INO, b"g", REG, 0, 0, T0 + 2))
+    memo.applied(apply(view, Mv(ROOT_INO, b"g", ROOT_INO, b"f", T0 + 3)))
+    assert await memo.extents(2, 0, 100, read) == [] and read.calls == 1
+
+
+async def test_a_layout_read_that_began_before_a_write_does_not_store_what_it_saw(
+    view: View,
+) -> None:
+    memo, read = Memo(), Reads(view)
+    small_file(view)
+    write = Write(2, (Extent(0, 5, data=b"HELLO"),), 5, T0 + 1)
+    read.meanwhile = lambda: memo.applied(apply(view, write))
+    assert [e.data for e in await memo.extents(2, 0, 100, read)] == [b"hello"]  # before it
+    assert [e.data for e in await memo.extents(2, 0, 100, read)] == [b"HELLO"]
+    assert read.calls == 2
+
+
+async def test_layouts_kept_are_bounded(view: View, monkeypatch) -> None:
+    from efsish.meta import memo as memo_mod
+
+    monkeypatch.setattr(memo_mod, "EXTENT_MEMO_BYTES", 16 * (memo_mod.EXTENT_OVERHEAD * 2 + 5))
+    memo, read = Memo(), Reads(view)
+    for i in range(40):
+        ino = 2 + i
+        apply(
+            view,
+            Mk(ino, ROOT_INO, b"f%d" % i, REG, 0, 0, T0),
+            Write(ino, (Extent(0, 5, data=b"hello"),), 5, T0),
+        )
+        await memo.extents(ino, 0, 100, read)
+    assert len(memo._extents) == 16 and read.calls == 40
+    assert await memo.extents(41, 0, 100, read) == view.extents(41) and read.calls == 40
+    assert await memo.extents(2, 0, 100, read) == view.extents(2) and read.calls == 41
