@@ -179,6 +179,10 @@ class AccessPointFs:
     def forget(self, ino: int, n: int) -> None:
         self.fs.forget(self._in(ino), n)
 
+    def kernel_knows(self, ino: int) -> bool:
+        """`Filesystem.kernel_knows` of the kernel's inode `ino` (its root is ours)."""
+        return ino == ROOT_INO or self.fs.kernel_knows(ino)
+
     @property
     def invalidations(self) -> AsyncIterator[tuple[str, int, bytes]]:
         return self._invalidations()

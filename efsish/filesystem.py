@@ -257,6 +257,12 @@ class Filesystem:
         """The kernel learned about inode `ino` (lookup count + n)."""
         self.kernel_refs[ino] = self.kernel_refs.get(ino, 0) + n
 
+    def kernel_knows(self, ino: int) -> bool:
+        """Whether the kernel may hold inode `ino` (and cache its attributes, pages or
+        names): the root, or an inode it was told of (`remember`, called before the
+        reply is sent) and has not forgotten. An invalidation of any other is a no-op."""
+        return ino == ROOT_INO or ino in self.kernel_refs
+
     def forget(self, ino: int, n: int) -> None:
         """The kernel forgot `ino` n times; drop its ghost once nothing refers to it."""
         left = self.kernel_refs.get(ino, 0) - n
@@ -294,7 +300,8 @@ class Filesystem:
             if of is not None:
                 of.stale = True
         for ino in res.inodes:
-            if ino not in res.freed:
+            # An inode this entry created cannot be in the kernel's cache from before.
+            if ino not in res.freed and ino not in res.created:
                 self._inval_send.send_nowait(("inode", ino, b""))
         for parent, name in res.entries:
             self._inval_send.send_nowait(("entry", parent, name))

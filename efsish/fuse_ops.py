@@ -155,8 +155,12 @@ class FuseOps(pyfuse3.Operations):
         return Ctx(uid=ctx.uid, gid=ctx.gid, umask=ctx.umask if self.dont_mask else None)
 
     async def invalidation_worker(self) -> None:
-        """Send kernel cache invalidations for remote changes, off the request path."""
+        """Send kernel cache invalidations for remote changes, off the request path.
+        Only of inodes (for an entry: directories) the kernel knows when it is sent:
+        it caches nothing of others, and an inode invalidation costs a thread hop."""
         async for kind, ino, name in self.fs.invalidations:
+            if not self.fs.kernel_knows(ino):
+                continue
             try:
                 if kind == "inode":
                     await trio.to_thread.run_sync(pyfuse3.invalidate_inode, ino, False)

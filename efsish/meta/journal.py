@@ -46,6 +46,7 @@ class Row:
     domains: frozenset[int]
     t: int
     mono: float
+    size: int = 0  # the length of the op's wire form as stored (0: not known)
 
 
 def ensure(view: View) -> None:
@@ -75,17 +76,27 @@ def landed(view: View, first: int, last: int, seq: int) -> None:
 
 
 def append(
-    view: View, client: str, ops: list[Op], domains: list[set[int]], t: int, mono: float
+    view: View,
+    client: str,
+    ops: list[Op],
+    domains: list[set[int]],
+    t: int,
+    mono: float,
+    first: int | None = None,
 ) -> tuple[int, int]:
     """Append `ops` (one answered change) as rows, each with the domains it touches;
-    return their jseq range."""
-    first = int(view.get_meta(_counter(client), 1))
+    return their jseq range. `first`: `next_jseq` as the caller read it in this
+    transaction (saves reading it again)."""
+    if first is None:
+        first = next_jseq(view, client)
     last = max(first + len(ops) - 1, first)
-    for i, (op, doms) in enumerate(zip(ops, domains, strict=True)):
-        view.db.execute(
-            "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
-            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono),
-        )
+    view.db.executemany(
+        "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
+        [
+            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono)
+            for i, (op, doms) in enumerate(zip(ops, domains, strict=True))
+        ],
+    )
     view.set_meta(_counter(client), first + len(ops))
     return first, last
 
@@ -95,7 +106,16 @@ def rows(view: View, limit: int = 1_000_000) -> list[Row]:
     for jseq, op, doms, t, mono in view.db.execute(
         "SELECT jseq, op, domains, t, mono FROM journal ORDER BY jseq LIMIT ?", (limit,)
     ):
-        out.append(Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono))
+        out.append(
+            Row(
+                int(jseq),
+                decode_op(json.loads(op)),
+                frozenset(json.loads(doms)),
+                t,
+                mono,
+                len(op),
+            )
+        )
     return out
 
 
@@ -144,7 +164,8 @@ def entries(
     cur: list[Row] = []
     size = 0
     for r in rows_:
-        n = len(json.dumps(r.op.wire())) + 2
+        # The stored wire form's length (what encoding it again would give).
+        n = (r.size or len(json.dumps(r.op.wire()))) + 2
         if cur and size + n > max_bytes - 4096:
             out.append(_entry(cur, client, inc, t, epochs))
             cur, size = [], 0

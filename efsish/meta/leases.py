@@ -195,17 +195,22 @@ class Leases:
         return LeaseHeader(self.client, self.inc, lambda d: self.can_acquire(d, now))
 
     def journaled_entry(self, view: View) -> LogEntry:
-        """A provisional journaled entry claiming every held domain at its epoch: local
-        changes are applied as a replayer would judge them in it."""
+        """A provisional journaled entry: local changes are applied as a replayer would
+        judge them in it, once `claim` has added the domains each op touches."""
+        return LogEntry("", self.client, 0, [], inc=self.inc, kind=JOURNALED, claims={})
+
+    def claim(self, view: View, entry: LogEntry, domains: Iterable[int]) -> None:
+        """Claim in provisional `entry` those of `domains` this incarnation holds, at
+        their epochs in the view (one held elsewhere or FREE stays unclaimed: applying
+        the op then fences it, as a replayer would)."""
+        claims = entry.claims if entry.claims is not None else {}
+        entry.claims = claims
         me = self.me
-        claims = {
-            int(d): int(e)
-            for d, e in view.db.execute(
-                "SELECT domain, epoch FROM leases WHERE holder_client = ? AND holder_inc = ?",
-                me,
-            )
-        }
-        return LogEntry("", self.client, 0, [], inc=self.inc, kind=JOURNALED, claims=claims)
+        for d in domains:
+            if d not in claims:
+                holder, epoch = view.lease(d)
+                if holder == me:
+                    claims[d] = epoch
 
     def apply_remote(self, view: View, seq: int, entry: LogEntry, res: ApplyResult) -> None:
         """Apply log entry `seq` met in a catch-up (in the writer's transaction). Our

@@ -294,7 +294,12 @@ class View:
         return default if row is None else row[0]
 
     def set_meta(self, key: str, value: Any) -> None:
-        self.db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES (?, ?)", (key, value))
+        # An UPDATE in place where the key exists (every change sets a counter or the
+        # position): REPLACE would delete and re-insert the row, rewriting the key's
+        # index page too, one more page in the WAL per commit.
+        if self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key)).rowcount:
+            return
+        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
 
     @property
     def applied_seq(self) -> int:

@@ -661,14 +661,13 @@ async def test_a_serial_callers_next_change_commits_the_previous_one_locally(
     a = await make_fs()
     await a.meta.read(lambda v: None)  # nothing unsettled from the start-up
     hops: list[object] = []
-    run_sync = trio.to_thread.run_sync
+    in_thread = mlog.in_thread  # every hop of the writer (MetaLog._in_writer)
 
-    async def counting(fn, *args, limiter=None, **kw):
-        if limiter is a.meta._wlimiter:
-            hops.append(getattr(fn, "__name__", fn))
-        return await run_sync(fn, *args, limiter=limiter, **kw)
+    async def counting(fn, *args):
+        hops.append(getattr(fn, "__name__", fn))
+        return await in_thread(fn, *args)
 
-    monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+    monkeypatch.setattr(mlog, "in_thread", counting)
     start = a.meta.applied_seq
     for i in range(3):
         await a.mknod(ROOT_INO, b"f%d" % i, stat.S_IFREG | 0o644, ROOT)
@@ -847,10 +846,11 @@ async def test_a_read_woken_by_a_local_commit_sees_what_was_answered_before_it_r
     assert m._unsettled == m.applied_seq
     real_plan = m._plan
     in_hop = trio.Event()
+    token = trio.lowlevel.current_trio_token()  # (the writer's hops are not to_thread's)
 
     def slow_plan(batch, settle=None):
         if settle is not None:  # the hop that commits N and plans N+1
-            trio.from_thread.run_sync(in_hop.set)
+            trio.from_thread.run_sync(in_hop.set, trio_token=token)
             time.sleep(0.05)
         return real_plan(batch, settle)
 
@@ -896,17 +896,16 @@ async def test_the_heartbeats_read_between_an_answer_and_the_next_change(
     a = await make_fs()
     m = a.meta
     hops: list[object] = []
-    run_sync = trio.to_thread.run_sync
+    in_thread = mlog.in_thread  # every hop of the writer (MetaLog._in_writer)
 
-    async def counting(fn, *args, limiter=None, **kw):
-        if limiter is m._wlimiter:
-            settle = args[1] if fn == m._plan else None
-            hops.append((getattr(fn, "__name__", fn), settle))
-        return await run_sync(fn, *args, limiter=limiter, **kw)
+    async def counting(fn, *args):
+        settle = args[1] if fn == m._plan else None
+        hops.append((getattr(fn, "__name__", fn), settle))
+        return await in_thread(fn, *args)
 
     with trio.fail_after(10):
         await in_read.wait()
-        monkeypatch.setattr(trio.to_thread, "run_sync", counting)
+        monkeypatch.setattr(mlog, "in_thread", counting)
         x = await a.mknod(ROOT_INO, b"x", stat.S_IFREG | 0o644, ROOT)  # entry N
         assert m._unsettled == m.applied_seq  # the committer is in its settle wait
         x_answered.set()

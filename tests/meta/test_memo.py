@@ -208,6 +208,27 @@ async def test_a_link_or_unlink_changes_a_files_domains(view: View) -> None:
     assert await memo.domains(6, 1, read) == {3} == truth(view, 6)
 
 
+async def test_the_domains_stay_in_memory_across_creates_and_unlinks(view: View) -> None:
+    """A create or unlink changes its directory: its place in the tree (and the new
+    file's) stays known, so the lease domains the kernel's next lookup, or the new
+    file's close, asks for need no read of the view."""
+    memo, read = Memo(), Reads(view)
+    shape(view)
+    assert await memo.domains(6, 1, read) == {2}
+    calls = read.calls
+    for op, asked in (
+        (Mk(7, 5, b"g", REG, 0, 0, T0 + 1), (5, 7, 6)),  # a create in /a/x/y
+        (Rm(5, b"f", T0 + 2), (5, 7)),  # an unlink there (6 is gone)
+        (Mk(8, 5, b"h", REG, 0, 0, T0 + 3), (5, 8, 7)),
+        (Rm(5, b"g", T0 + 4), (5, 8)),
+    ):
+        res = apply(view, op)
+        memo.applied(res, memo.fresh(view, res))
+        for ino in asked:
+            assert await memo.domains(ino, 1, read) == truth(view, ino)
+    assert read.calls == calls  # every answer came from memory
+
+
 async def test_a_walk_that_began_before_an_apply_does_not_store_what_it_saw(
     view: View,
 ) -> None:

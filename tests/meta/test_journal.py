@@ -1,0 +1,41 @@
+"""The local journal's table and the layout of flushed entries (efsish.meta.journal)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import stat
+
+from efsish.meta import journal
+from efsish.meta.ops import Extent, Mk, Op, Write
+from efsish.meta.view import View
+from tests.meta.views import T0
+
+
+def test_flushed_entries_are_cut_by_the_encoded_size_of_their_ops(view: View) -> None:
+    """A flush cuts the journal into entries of at most max_bytes: the size of a row
+    is its op's wire form as stored, the same as encoding the op again gives, and
+    every entry's encoding stays within the bound."""
+    journal.ensure(view)
+    view.begin()
+    for i in range(60):
+        ino = 100 + i
+        data = bytes([i]) * (200 + 37 * i)  # inline data of growing size
+        ops: list[Op] = [
+            Mk(ino, 1, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0, T0 + i),
+            Write(ino, (Extent(0, len(data), data=data),), len(data), T0 + i),
+        ]
+        journal.append(view, "client", ops, [{1}, {1}], T0 + i, 1.0)
+    view.commit()
+    rows = journal.rows(view)
+    assert len(rows) == 120 and all(r.size > 0 for r in rows)
+    bound = 4096 + 8000
+    cut = journal.entries(rows, "client", 1, T0, {1: 5}, max_bytes=bound)
+    unsized = [dataclasses.replace(r, size=0) for r in rows]
+    again = journal.entries(unsized, "client", 1, T0, {1: 5}, max_bytes=bound)
+    assert len(cut) > 3
+    assert [e.batch for e in cut] == [e.batch for e in again]
+    covered = [j for e in cut if e.batch for j in range(e.batch[0], e.batch[1] + 1)]
+    assert covered == [r.jseq for r in rows]  # every row once, in order
+    for e in cut:  # (before compression)
+        assert len(json.dumps(e.wire(), separators=(",", ":"))) <= bound
