@@ -822,6 +822,9 @@ class Leases:
         self._nursery = self.nudges.nursery = nursery
         nursery.start_soon(self._reactor)
         nursery.start_soon(self._flusher)
+        # A share of the top now that acknowledgements can be sent (§17), rather than
+        # at the first read there: the first cold path walk costs no request either.
+        await self.take_share()
 
     async def _recover_staged(self) -> None:
         """After a crash, before anything is committed: the staged blocks the journal

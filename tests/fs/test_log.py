@@ -474,7 +474,8 @@ async def test_a_store_fault_while_reapplying_our_entry_heals_on_the_next_catch_
 
     from efsish.errors import TransientStoreError
 
-    a = await make_fs()
+    # No share of the top (nudge=off): the read below is what meets the failed commit.
+    a = await make_fs(nudge="off")
     real_commit, real_get = a.meta.writer.commit, a.meta.store.get
     fails = {"commit": 1, "get": 1}
 
@@ -584,8 +585,9 @@ async def test_an_unmount_between_the_put_and_the_local_commit_still_commits(
 async def test_a_log_entry_damaged_on_the_way_is_read_again(make_fs, monkeypatch) -> None:
     """A GET carries no checksum: a log entry that arrives damaged is read once more
     before the mount calls the log corrupt (which would stop it for good)."""
-    a = await make_fs()
-    b = await make_fs()
+    # No shares of the top (nudge=off): B's lookup is the read that fetches A's entry.
+    a = await make_fs(nudge="off")
+    b = await make_fs(nudge="off")
     await a.mknod(ROOT_INO, b"from-a", stat.S_IFREG | 0o644, ROOT)
     real_get = b.meta.store.get
     damaged: list[str] = []
@@ -687,8 +689,9 @@ async def test_nothing_waits_for_an_answered_entry_to_be_committed_locally(
     import efsish.meta.log as mlog
 
     monkeypatch.setattr(mlog, "SETTLE_WAIT", 3600.0)
-    a = await make_fs()
-    b = await make_fs()
+    # No shares of the top (nudge=off): B's change does not nudge A to apply it.
+    a = await make_fs(nudge="off")
+    b = await make_fs(nudge="off")
     with trio.fail_after(20):
         await a.mknod(ROOT_INO, b"r", stat.S_IFREG | 0o644, ROOT)
         assert await a.meta.read(View.lookup, ROOT_INO, b"r") is not None
