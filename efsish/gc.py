@@ -45,7 +45,7 @@ from tqdm import tqdm
 from efsish import codec
 from efsish.data.blocks import DATA_PREFIX, block_key_client, block_key_time_ns, is_block_key
 from efsish.errors import CorruptObject, FsError, NotFound, UsageError
-from efsish.meta import accesspoints, heartbeat
+from efsish.meta import accesspoints, heartbeat, nudge
 from efsish.meta.keys import CKPT_PREFIX, LOG_PREFIX, ckpt_key, log_key, parse_seq
 from efsish.meta.leases import boottime, domain_paths
 from efsish.meta.log import MetaLog
@@ -603,6 +603,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             )
     live = [c for c in clients if c.live()]
     print(f"{'live mounts':>18}: {len(live)}", file=stream)
+    probed, why_not = await _probe_nudges(store, sb.fs_uuid, [c for c in live if c.nudge])
     if clients:
         print(
             f"  {'HOST':<20} {'MOUNTPOINT':<28} {'VERSION':<8} {'APPLIED':>8} "
@@ -619,7 +620,7 @@ async def run_status(store: ObjectStore, out: TextIO | None = None) -> int:
             if c.format:
                 print(f"    {mount_leases(c)}", file=stream)
             if c.format >= 3:
-                print(f"    {mount_nudges(c)}", file=stream)
+                print(f"    {mount_nudges(c, probed, why_not)}", file=stream)
     points = await accesspoints.list_all(store)
     print(f"{'access points':>18}: {len(points)}", file=stream)
     for ap in points:
@@ -643,10 +644,37 @@ def mount_leases(c: heartbeat.Heartbeat) -> str:
     return "; ".join(parts)
 
 
-def mount_nudges(c: heartbeat.Heartbeat) -> str:
+async def _probe_nudges(
+    store: ObjectStore, fs: str, mounts: list[heartbeat.Heartbeat]
+) -> tuple[dict[str, float | None], str]:
+    """Ping the live mounts' nudge addresses from here (LEASES.md §11): {client: round
+    trip or None}, or why they were not probed."""
+    if not mounts:
+        return {}, ""
+    try:
+        key = await nudge.load_key(store, create=False)
+    except (NotFound, CorruptObject) as e:
+        return {}, f"no nudge key ({e})" if not isinstance(e, NotFound) else "no nudge key"
+    return await nudge.probe(key, fs, mounts), ""
+
+
+def mount_nudges(
+    c: heartbeat.Heartbeat, probed: dict[str, float | None] | None = None, why_not: str = ""
+) -> str:
     """One line: the UDP address a lease mount takes nudges on (LEASES.md §11), as its
-    heartbeat advertises it, and how old that heartbeat is. Not probed: a nudge has no
-    reply, so whether the address is reachable shows only as slower recalls."""
+    heartbeat advertises it, how old that heartbeat is, and whether it answered a probe
+    from this machine (an answer shows the address reaches a listening mount; no answer
+    from here can still mean a firewall between this machine and that one only)."""
     if c.nudge is None:
         return "nudges: none (nudge=off, or no socket: recalls of its domains wait for its poll)"
-    return f"nudges: {c.nudge}, advertised {c.age():.0f} s ago (not probed)"
+    head = f"nudges: {c.nudge}, advertised {c.age():.0f} s ago"
+    if probed is None or c.client not in probed:
+        return f"{head} (not probed{': ' + why_not if why_not else ''})"
+    rtt = probed[c.client]
+    if rtt is None:
+        return (
+            f"{head}; did not answer a probe from this machine within 1 s (check that UDP "
+            "reaches that address from the other mounts: without nudges recalls and "
+            "changes of the top wait seconds)"
+        )
+    return f"{head}; answered a probe in {rtt * 1000:.1f} ms"

@@ -61,6 +61,9 @@ _SEQ = struct.Struct(">Q")
 # The rid of an acknowledgement ("ack:<incarnation>"): the sender has applied the log up
 # to seq (LEASES.md §17). It wakes nothing; `on_ack` records it.
 ACK = "ack:"
+# A probe (`efsish status`): "ping:<nonce>" asks the receiver to answer "pong:<nonce>" to
+# the datagram's source address; nothing else happens (at most RATE answers a second).
+PING, PONG = "ping:", "pong:"
 RATE = 20  # wake-ups a second, at most
 INVALID_LOG_EVERY = 60.0  # seconds between debug lines about dropped datagrams
 
@@ -285,6 +288,7 @@ class NudgeStats:
     dropped_stale: int = 0  # valid, but at or below the applied position (late or replayed)
     dropped_rate: int = 0  # valid and new, but over RATE wake-ups a second
     acks: int = 0  # valid acknowledgements (LEASES.md §17)
+    pongs: int = 0  # probes answered
 
 
 class Nudger:
@@ -316,6 +320,7 @@ class Nudger:
         self._on_ack = on_ack
         self.stats = NudgeStats()
         self._wakes: collections.deque[float] = collections.deque()
+        self._pongs: collections.deque[float] = collections.deque()
         self._last_invalid_log = -INVALID_LOG_EVERY
         self._invalid_since_log = 0
         family = socket.AF_INET6 if ":" in bind[0] else socket.AF_INET
@@ -378,6 +383,9 @@ class Nudger:
         except InvalidNudge as e:
             self._invalid(str(e), peer)
             return
+        if n.rid.startswith(PING):
+            self._pong(n, peer)
+            return
         if n.rid.startswith(ACK):
             self.stats.acks += 1
             if self._on_ack is not None:
@@ -406,6 +414,21 @@ class Nudger:
             self._on_wake(n)
         except Exception:
             log.exception("nudge: the wake-up callback failed")
+
+    def _pong(self, n: Nudge, peer: Any) -> None:
+        """Answer a probe to where it came from (rate-limited like wake-ups)."""
+        now = time.monotonic()
+        while self._pongs and now - self._pongs[0] >= 1.0:
+            self._pongs.popleft()
+        if len(self._pongs) >= self._rate:
+            return
+        self._pongs.append(now)
+        try:
+            answer = Nudge(self.fs, self.client, n.sender, 0, PONG + n.rid[len(PING) :])
+            self._sock.sendto(encode(self._key, answer), peer)
+            self.stats.pongs += 1
+        except (OSError, ValueError) as e:
+            log.debug("nudge: probe from %s not answered: %s", peer, e)
 
     def _invalid(self, why: str, peer: Any) -> None:
         self.stats.dropped_invalid += 1
@@ -439,3 +462,61 @@ class Nudger:
             return False
         self.stats.sent += 1
         return True
+
+
+# ------------------------------------------------------------------------ probing
+
+
+async def probe(
+    key: bytes, fs: str, targets: list[Heartbeat], wait: float = 1.0
+) -> dict[str, float | None]:
+    """Send each target mount's advertised address a ping and wait up to `wait` s for
+    the answers: {client: round trip in seconds, or None if none came}. For `efsish
+    status`: an answer shows the address reaches a listening mount from this machine."""
+    out: dict[str, float | None] = {t.client: None for t in targets if t.nudge}
+    me = f"probe-{secrets.token_hex(6)}"
+    sent: dict[str, tuple[str, float]] = {}  # nonce -> (client, when sent)
+    socks: dict[int, socket.socket] = {}
+    try:
+        for t in targets:
+            if not t.nudge:
+                continue
+            try:
+                host, port = parse_address(t.nudge)
+            except ValueError:
+                continue
+            family = socket.AF_INET6 if ":" in host else socket.AF_INET
+            sock = socks.get(family)
+            if sock is None:
+                sock = socks[family] = socket.socket(family, socket.SOCK_DGRAM)
+                sock.setblocking(False)
+            nonce = secrets.token_hex(8)
+            data = encode(key, Nudge(fs, me, t.client, 0, PING + nonce))
+            try:
+                sock.sendto(data, (host, port))
+            except OSError as e:
+                log.debug("probe of %s at %s not sent: %s", t.client, t.nudge, e)
+                continue
+            sent[nonce] = (t.client, time.perf_counter())
+        with trio.move_on_after(wait):
+            while any(out[c] is None for c, _ in sent.values()):
+                got = False
+                for sock in socks.values():
+                    try:
+                        data, _ = sock.recvfrom(MAX_DATAGRAM + 1)
+                    except (BlockingIOError, InterruptedError, OSError):
+                        continue
+                    got = True
+                    try:
+                        n = decode(key, data)
+                    except InvalidNudge:
+                        continue
+                    hit = sent.get(n.rid[len(PONG) :]) if n.rid.startswith(PONG) else None
+                    if n.fs == fs and n.to == me and hit is not None and n.sender == hit[0]:
+                        out[hit[0]] = time.perf_counter() - hit[1]
+                if not got:
+                    await trio.sleep(0.002)
+    finally:
+        for sock in socks.values():
+            sock.close()
+    return out

@@ -766,11 +766,19 @@ async def test_the_heartbeat_advertises_the_nudge_address(make: Make, store: Obj
     assert nudge.parse_address(hb.nudge)[0] == "127.0.0.1"  # a memory:// store is local
     assert (await published(store, off)).nudge is None
     assert ro.fs.leases is None  # -o ro: no lease state, no socket, no heartbeat
+    deaf = await make()
+    assert deaf.fs.leases is not None and deaf.fs.leases.nudges.nudger is not None
+    hb_deaf = await published(store, deaf)
+    deaf.fs.leases.nudges.nudger._pong = lambda n, peer: None  # as behind a firewall
     out = io.StringIO()
-    await run_status(store, out)  # `efsish status` shows each address (§11, §16)
+    await run_status(store, out)  # `efsish status` shows and probes each address (§11)
     text = out.getvalue()
-    assert f"    nudges: {hb.nudge}, advertised " in text and "s ago (not probed)\n" in text
+    assert f"    nudges: {hb.nudge}, advertised " in text
+    assert "; answered a probe in " in text
+    assert f"    nudges: {hb_deaf.nudge}, advertised " in text
+    assert "; did not answer a probe from this machine within 1 s" in text
     assert "    nudges: none (nudge=off, or no socket" in text
+    assert a.fs.leases.nudges.nudger.stats.pongs == 1
 
 
 @pytest.mark.parametrize("leases", [False])

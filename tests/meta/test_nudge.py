@@ -294,3 +294,18 @@ async def test_fsck_knows_the_key_object() -> None:
     code, out = await fsck(store)
     assert code == 0, out
     assert "secrets-not/x" in out and nudge.KEY not in out
+
+
+async def test_a_probe_is_answered_only_with_the_filesystem_key() -> None:
+    # `efsish status` pings each advertised address; a mount answers to where the ping
+    # came from, with the same key (a pong carries no authority either).
+    b = Endpoint("b")
+    async with trio.open_nursery() as nursery:
+        await nursery.start(b.n.serve)
+        right = await nudge.probe(KEY, FS, [b.heartbeat()], wait=1.0)
+        wrong = await nudge.probe(bytes(32), FS, [b.heartbeat()], wait=0.2)
+        other_fs = await nudge.probe(KEY, "another-fs", [b.heartbeat()], wait=0.2)
+        nursery.cancel_scope.cancel()
+    assert right["b"] is not None and right["b"] < 0.5
+    assert wrong == {"b": None} and other_fs == {"b": None}
+    assert b.n.stats.pongs == 1 and b.n.stats.woken == 0  # a probe wakes nothing
