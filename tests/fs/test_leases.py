@@ -776,7 +776,8 @@ async def test_the_heartbeat_advertises_the_nudge_address(make: Make, store: Obj
     deaf = await make()
     assert deaf.fs.leases is not None and deaf.fs.leases.nudges.nudger is not None
     hb_deaf = await published(store, deaf)
-    deaf.fs.leases.nudges.nudger._pong = lambda n, peer: None  # as behind a firewall
+    # It answers no probe, as behind a firewall.
+    deaf.fs.leases.nudges.nudger._pong = lambda n, peer: None  # type: ignore[method-assign]
     out = io.StringIO()
     await run_status(store, out)  # `efsish status` shows and probes each address (§11)
     text = out.getvalue()

@@ -229,6 +229,7 @@ async def test_without_nudges_a_heartbeat_acknowledges_the_change(make: Make) ->
     b = await make(poll_interval=0.05, heartbeat_interval=0.2)
     await shares_top(b)
     deafen(b)
+    assert b.fs.leases is not None
     b.fs.leases.nudges.send = lambda *args: False  # type: ignore[method-assign]
     _, took = await timed_mkdir(a, b"x")
     assert took < 2 * S - 0.3, took
