@@ -761,7 +761,8 @@ class Leases:
         try:
             fenced_inc, self.ready = self.inc, False
             salvage = await self._salvage_and_rebuild(fenced_inc)
-            await self._new_incarnation(proven=False)
+            # The fenced incarnation is this daemon: its share of the top ends with it.
+            await self._new_incarnation(proven=False, ended=fenced_inc)
             self.ready = True
             await self._write_recovery(salvage)
         except Exception:
@@ -844,9 +845,11 @@ class Leases:
                 ", ".join(sorted(bad)),
             )
 
-    async def _new_incarnation(self, proven: bool) -> None:
+    async def _new_incarnation(self, proven: bool, ended: int | None = None) -> None:
         """Commit sess(client, inc + 1); adopt the older incarnations' leases in the
-        same entry if `proven` (the old daemon is dead), else after the takeover wait."""
+        same entry if `proven` (the old daemon is dead), else after the takeover wait.
+        `ended`: an older incarnation known to answer nothing any more (this daemon's,
+        fenced): its share of the top ends in the same entry."""
         prev = await self.meta.read(lambda v: v.session(self.client))
         self.inc = (prev[0] if prev is not None else 0) + 1
         client, inc = self.client, self.inc
@@ -866,10 +869,14 @@ class Leases:
                 # This incarnation may journal (and stage blocks): gc spares the blocks
                 # named by this client until a clean unmount clears the mark (§9).
                 ops.append(LDirty(client, inc))
-            if proven:
-                # The old daemon is dead: its share of the top ends here, not at the
-                # next change of the top after a wait for its acknowledgement (§17).
-                ops += [LShr(on=False, inc=i) for c, i in view.shares() if c == client]
+            if proven or ended is not None:
+                # The old daemon is dead (or is us): its share of the top ends here, not
+                # at the next change of the top after a wait for its acknowledgement.
+                ops += [
+                    LShr(on=False, inc=i)
+                    for c, i in view.shares()
+                    if c == client and (proven or i == ended)
+                ]
             if proven:
                 ops += [LAdopt(d) for d in old_held(view)]
             return ops, None

@@ -425,6 +425,13 @@ async def test_a_paused_holder_is_taken_over_and_fenced(make: Make) -> None:
         while not a.fs.leases.recovered:  # noqa: ASYNC110 (set by a background task)
             await trio.sleep(0.05)
     (path,) = a.fs.leases.recovered
+    # The fenced incarnation was this daemon: its share of the top ended with its new
+    # sess (LEASES.md §17), so the next change of the top waits for nobody gone.
+    await b.fs.meta.catch_up()
+    shares = await b.fs.meta.read(View.shares)
+    assert not {(c, i) for c, i in shares if c == a.fs.meta.client_id and i < a.fs.leases.inc}
+    # (Else the recovery directory's mkdir in the top waited for an ack from it.)
+    assert a.fs.leases.share.ack_timeouts == 0
     rcv = [op for e in await entries(a.store) for op in e.ops if op.wire()["o"] == "lrcv"]
     assert [op.wire()["path"] for op in rcv] == [path]
     out = io.StringIO()

@@ -43,6 +43,12 @@ async def shares_top(m: Mount) -> None:
     assert share(m).held
 
 
+def deafen(m: Mount) -> None:
+    """Mount `m` drops every nudge it receives (as behind a firewall)."""
+    assert m.fs.leases is not None and m.fs.leases.nudges.nudger is not None
+    m.fs.leases.nudges.nudger._on_wake = lambda n: None
+
+
 async def timed_mkdir(m: Mount, name: bytes) -> tuple[int, float]:
     t0 = trio.current_time()
     ino = await mkdir(m.fs, ROOT_INO, name)
@@ -75,7 +81,8 @@ async def test_reads_of_the_top_under_a_share_send_no_request(make: Make) -> Non
         assert e.value.errno == errno.ENOENT
         await a.fs.opendir(ROOT_INO)
         assert (await a.fs.lookup(home, b"..")).ino == ROOT_INO
-    assert a.store.requests[before:] == []
+    # (The heartbeat task may list clients/ meanwhile; the reads send nothing.)
+    assert [r for r in a.store.requests[before:] if not r[1].startswith("clients/")] == []
 
 
 async def test_without_nudges_a_mount_takes_no_share_and_catches_up(make: Make) -> None:
@@ -108,8 +115,7 @@ async def test_a_sharer_that_does_not_hear_the_change_is_waited_for(make: Make) 
     a = await make(poll_interval=3600)
     b = await make(poll_interval=3600)
     await shares_top(b)
-    assert b.fs.leases is not None and b.fs.leases.nudges.nudger is not None
-    b.fs.leases.nudges.nudger._on_wake = lambda n: None  # deaf: drops every nudge
+    deafen(b)
     await b.fs.meta.catch_up()  # a proof: B's share is valid for S from now
     assert share(b).valid()
     x, took = await timed_mkdir(a, b"x")
@@ -190,8 +196,7 @@ async def test_a_change_that_depends_on_an_unseen_change_of_the_top_waits_too(
     b = await make(poll_interval=3600)
     c = await make(poll_interval=0.02)
     await shares_top(b)
-    assert b.fs.leases is not None and b.fs.leases.nudges.nudger is not None
-    b.fs.leases.nudges.nudger._on_wake = lambda n: None
+    deafen(b)
     await b.fs.meta.catch_up()  # a proof: B's share is valid for S from now
     made = trio.Event()
 
@@ -223,8 +228,7 @@ async def test_without_nudges_a_heartbeat_acknowledges_the_change(make: Make) ->
     a = await make(poll_interval=3600)
     b = await make(poll_interval=0.05, heartbeat_interval=0.2)
     await shares_top(b)
-    assert b.fs.leases is not None and b.fs.leases.nudges.nudger is not None
-    b.fs.leases.nudges.nudger._on_wake = lambda n: None
+    deafen(b)
     b.fs.leases.nudges.send = lambda *args: False  # type: ignore[method-assign]
     _, took = await timed_mkdir(a, b"x")
     assert took < 2 * S - 0.3, took

@@ -10,7 +10,8 @@ import signal
 import subprocess
 import time
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -30,18 +31,32 @@ def _gets(stats: Path) -> int:
     return int(counts["requests"].get("GET", 0))
 
 
-def test_listing_a_held_domain_sends_no_request(
-    mounter: Callable[..., Mount], seaweedfs_target: S3Target, tmp_path: Path
-) -> None:
-    stats = tmp_path / "stats.json"
+@contextmanager
+def proxied_store(target: S3Target, tmp_path: Path, tag: str) -> Iterator[tuple[str, ...]]:
+    """A filesystem formatted (leases: the default) behind a counting proxy in front of
+    the server: yields (store URL, "--endpoint", proxy URL); the proxy's counts go to
+    tmp_path / "stats.json" (read them with `_gets`)."""
     proxy = subprocess.Popen(
-        rttproxy.command(seaweedfs_target.endpoint, 0, stats), stdout=subprocess.PIPE, text=True
+        rttproxy.command(target.endpoint, 0, tmp_path / "stats.json"),
+        stdout=subprocess.PIPE,
+        text=True,
     )
     try:
         assert proxy.stdout is not None
         ep = ("--endpoint", f"http://127.0.0.1:{int(proxy.stdout.readline())}")
-        store = f"s3://{seaweedfs_target.bucket}/lreq-{uuid.uuid4().hex[:8]}"
-        efsish("format", store, *ep, "--block-size", "1M")  # leases: the default
+        store = f"s3://{target.bucket}/{tag}-{uuid.uuid4().hex[:8]}"
+        efsish("format", store, *ep, "--block-size", "1M")
+        yield (store, *ep)
+    finally:
+        proxy.send_signal(signal.SIGTERM)
+        proxy.wait(timeout=10)
+
+
+def test_listing_a_held_domain_sends_no_request(
+    mounter: Callable[..., Mount], seaweedfs_target: S3Target, tmp_path: Path
+) -> None:
+    stats = tmp_path / "stats.json"
+    with proxied_store(seaweedfs_target, tmp_path, "lreq") as (store, *ep):
         # No poller: every log GET counted is one a request made (heartbeats still run).
         m = mounter(store, *ep, "-o", "poll_interval=3600,commit_interval=30", fmt=False)
         home = m.path / "home"
@@ -61,9 +76,6 @@ def test_listing_a_held_domain_sends_no_request(
         ls = subprocess.run(["ls", "-ia", str(home / "d0")], capture_output=True, text=True)
         inos = {name: int(ino) for ino, name in (x.split() for x in ls.stdout.split("\n") if x)}
         assert inos[".."] == home.stat().st_ino and inos["."] == (home / "d0").stat().st_ino
-    finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(timeout=10)
 
 
 def test_cold_path_walks_through_the_top_send_no_request(
@@ -73,21 +85,14 @@ def test_cold_path_walks_through_the_top_send_no_request(
     # every stat walks the path from the root again; the lookup of the home in the top
     # is answered from the view, so the walk costs no round trip.
     stats = tmp_path / "stats.json"
-    proxy = subprocess.Popen(
-        rttproxy.command(seaweedfs_target.endpoint, 0, stats), stdout=subprocess.PIPE, text=True
-    )
-    try:
-        assert proxy.stdout is not None
-        ep = ("--endpoint", f"http://127.0.0.1:{int(proxy.stdout.readline())}")
-        store = f"s3://{seaweedfs_target.bucket}/ltop-{uuid.uuid4().hex[:8]}"
-        efsish("format", store, *ep, "--block-size", "1M")
+    with proxied_store(seaweedfs_target, tmp_path, "ltop") as (store, *ep):
         m = mounter(store, *ep, "-o", "poll_interval=3600,commit_interval=30", fmt=False)
         home = m.path / "home"
         home.mkdir()
         n = 30
         for i in range(n):
             (home / f"f{i}").write_bytes(b"x")
-        assert not (m.path / "nothing").exists()  # a read of the top: takes the share
+        assert not (m.path / "nothing").exists()
         before = _gets(stats)
         for i in range(n):
             Path("/proc/sys/vm/drop_caches").write_text("2\n")  # dentries and inodes
@@ -96,6 +101,3 @@ def test_cold_path_walks_through_the_top_send_no_request(
         # A heartbeat may read the bucket meanwhile (a LIST every 2 s), never one GET
         # per walk (as a catch-up at the top would: n of them).
         assert gets <= 3, f"{gets} GETs for {n} cold path walks"
-    finally:
-        proxy.send_signal(signal.SIGTERM)
-        proxy.wait(timeout=10)
