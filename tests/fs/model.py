@@ -227,13 +227,13 @@ def first_difference(seen: Tree, want: Tree) -> str:
 # ---------------------------------------------------------------- reading a mount
 
 
-async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int) -> Entry:
-    if is_dir and fs.leases is not None:
-        # Under leases a domain root's attributes as a lookup or readdir of the top
-        # returns them may be up to a commit interval old (LEASES.md §3, as an NFS
-        # attribute cache): a stat() (getattr, a read of its domain) is fresh.
-        a = await fs.getattr(ino)
-        mode, nlink = a.mode, a.nlink
+async def entry_of(
+    fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int, fresh: bool = False
+) -> Entry:
+    """`ino`'s entry; `mode` and `nlink` as a lookup or readdir returned them, or as
+    `dir_attr` did (`fresh`: used as they are)."""
+    if is_dir and not fresh:
+        mode, nlink = await dir_attr(fs, ino, mode, nlink)
     names = await fs.listxattr(ino, ROOT)
     xattrs = tuple(sorted([(n, await fs.getxattr(ino, n)) for n in names]))
     if is_dir:
@@ -249,18 +249,33 @@ async def entry_of(fs: Filesystem, ino: int, is_dir: bool, mode: int, nlink: int
     return ("f", mode & 0o7777, nlink, content, xattrs)
 
 
+async def dir_attr(fs: Filesystem, ino: int, mode: int, nlink: int) -> tuple[int, int]:
+    """A directory's mode and nlink. Under leases a domain root's attributes as a
+    lookup or readdir of the top returns them may be up to a commit interval old
+    (LEASES.md §3, as an NFS attribute cache): a stat() (getattr, a read of its
+    domain) is fresh."""
+    if fs.leases is None:
+        return mode, nlink
+    a = await fs.getattr(ino)
+    return a.mode, a.nlink
+
+
 async def walk(fs: Filesystem) -> Tree:
     """The whole tree as `fs` shows it, through its own calls only (opendir and open
     catch up with the log, as a process's opendir/open do)."""
-    # The lease mode's recovery directory (LEASES.md §10) is not part of the model; a
-    # recovery may create it while we look (read the root until it holds still).
+    # The lease mode's recovery directory (LEASES.md §10) is not part of the model, but
+    # as a subdirectory of the root it is one of the root's links (2 + subdirectories):
+    # the root's entry leaves it out, nlink too. A recovery may create it while we look
+    # (read the root until its nlink holds still, by the read entry_of would use).
     for _ in range(10):
         root = await fs.lookup(ROOT_INO, b".")
+        mode, nlink = await dir_attr(fs, ROOT_INO, root.mode, root.nlink)
         listing = await fs.readdir(ROOT_INO, 0, 10_000)
-        if (await fs.lookup(ROOT_INO, b".")).nlink == root.nlink:
+        again = await fs.lookup(ROOT_INO, b".")
+        if (await dir_attr(fs, ROOT_INO, again.mode, again.nlink))[1] == nlink:
             break
-    nlink = root.nlink - sum(1 for _, n, _ in listing if n == RECOVERY_DIR)
-    out: dict[Path_, Entry] = {(): await entry_of(fs, ROOT_INO, True, root.mode, nlink)}
+    nlink -= sum(1 for _, n, _ in listing if n == RECOVERY_DIR)
+    out: dict[Path_, Entry] = {(): await entry_of(fs, ROOT_INO, True, mode, nlink, fresh=True)}
     by_ino: dict[int, set[Path_]] = {}
     todo: list[tuple[Path_, int]] = [((), ROOT_INO)]
     while todo:

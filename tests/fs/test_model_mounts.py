@@ -75,6 +75,7 @@ from efsish.store import ObjectStore
 from efsish.store.memory import MemoryStore
 from tests.fs.helpers import ROOT, fsck
 from tests.fs.model import (
+    RECOVERY_DIR,
     Model,
     ModelError,
     Mount,
@@ -834,6 +835,28 @@ async def test_mounts_against_the_model(
     if OPS_PER_SEED >= 100:  # the disruptions must actually have happened
         for what in ("race", "pause", "kill", "op flaky"):
             assert run.counts.get(what), (what, run.counts)
+
+
+@pytest.mark.parametrize("fmt", ["sync", "lease"])
+async def test_walk_leaves_the_recovery_dir_out_of_the_root(
+    fmt: str, clock: trio.testing.MockClock, nursery: trio.Nursery, sb: Superblock, tmp_path: Path
+) -> None:
+    """The model does not hold the lease mode's recovery directory (LEASES.md §10); the
+    filesystem counts it in the root's nlink like any subdirectory, so walk leaves it
+    out of the root's entry, nlink included (under leases read by getattr)."""
+    store = MemoryStore(f"model-{uuid.uuid4().hex}")
+    sb = await format_fs(
+        store, block_size=sb.block_size, leases=fmt == "lease", lease_time=LEASE_TIME
+    )
+    m = await Mounts(nursery, store, sb, tmp_path, COMMIT_INTERVAL).start(0)
+    root_mode = (await m.fs.getattr(ROOT_INO)).mode & 0o7777
+    await m.fs.mkdir(ROOT_INO, b"home", 0o755, ROOT)
+    # What a recovery makes first (recovery.py): mkdir /.efsish-recovered, 0711.
+    await m.fs.mkdir(ROOT_INO, RECOVERY_DIR, 0o711, ROOT)
+    assert (await m.fs.getattr(ROOT_INO)).nlink == 4  # 2 + home + the recovery dir
+    seen = await walk(m.fs)
+    want = replay(root_mode, [("mkdir", ("home",), 0o755)]).tree()
+    assert seen == want, first_difference(seen, want)
 
 
 async def lease_counts(store: ObjectStore) -> dict[str, int]:
