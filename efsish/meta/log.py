@@ -274,7 +274,10 @@ class MetaLog:
             self.memo_hits,
             self.reads_repeated,
         )
-        async with self._writer_lock():
+        # Not under a read running in a worker thread (a background task's stats read,
+        # say): closing a SQLite connection another thread is using crashes the
+        # process. A read that starts after this fails with an error instead.
+        async with self._writer_lock(), self._rlimiter:
             self.writer.close()
             self.reader.close()
 

@@ -971,3 +971,31 @@ async def test_a_backlog_is_read_in_doubling_windows_of_gets(make_fs, store) -> 
     slow.requests.clear()
     assert await b.meta.catch_up() == 0
     assert [op for op, k in slow.requests if k.startswith(LOG_PREFIX)] == ["get"]
+
+
+async def test_closing_the_view_waits_for_a_read_running_in_a_thread(make_fs, nursery) -> None:
+    """Shutdown closes the SQLite connections: never under a read another thread is
+    running on them (a background task's statfs: that crashed the test process once)."""
+    import time
+
+    a = await make_fs()
+    started = trio.Event()
+    out: list[object] = []
+
+    def slow_stats(view: View) -> tuple[int, int]:
+        trio.from_thread.run_sync(started.set, trio_token=token)
+        time.sleep(0.3)  # the query below runs after aclose() was called
+        return view.stats()
+
+    token = trio.lowlevel.current_trio_token()
+
+    async def read() -> None:
+        out.append(await a.meta.read(slow_stats))
+
+    nursery.start_soon(read)
+    await started.wait()
+    await a.meta.aclose()
+    with trio.fail_after(5):
+        while not out:  # noqa: ASYNC110 (set by the reading task)
+            await trio.sleep(0.01)
+    assert isinstance(out[0], tuple) and out[0][0] >= 1
