@@ -1118,14 +1118,16 @@ class MetaLog:
                 Path(str(self.db_path) + suffix).unlink(missing_ok=True)
             self._open_local()
 
-        with trio.CancelScope(shield=True):
-            async with self._rlimiter:  # no read of the old file is running
+        # No read of the old file runs, nor one of the new file while a checkpoint
+        # replaces it (it closes and reopens the connections).
+        async with self._rlimiter:
+            with trio.CancelScope(shield=True):
                 await self._in_writer(wipe)
-        self.memo.forget_all()
-        self.journal_rows = 0
-        self._behind = None
-        self.broken = None
-        await self._load_initial()
+            self.memo.forget_all()
+            self.journal_rows = 0
+            self._behind = None
+            self.broken = None
+            await self._load_initial()
         self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
         await self._catch_up_locked()
         if self.leases is not None:
