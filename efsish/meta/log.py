@@ -452,7 +452,7 @@ class MetaLog:
             if self._seq >= upto:
                 return 0
             async with self._writer_lock():
-                return await self._catch_up_locked(upto=upto)
+                return await self._catch_up_locked(upto=upto, unlocked_gets=True)
         ticket = self._catchups_started
         called = self.sends
         first: tuple[int, bytes] | None = None
@@ -474,7 +474,7 @@ class MetaLog:
                 return 0
             self._catchups_started += 1
             start = self._catchups_started
-            n = await self._catch_up_locked(check_trimmed, first)
+            n = await self._catch_up_locked(check_trimmed, first, unlocked_gets=True)
             self._catchups_done_from = start
             return n
 
@@ -483,7 +483,12 @@ class MetaLog:
         check_trimmed: bool = False,
         first: tuple[int, bytes] | None = None,
         upto: int | None = None,
+        unlocked_gets: bool = False,
     ) -> int:
+        """Apply entries from the view's position on (under the writer lock). With
+        `unlocked_gets` the lock is released during each GET, so that local changes do
+        not wait a round trip per remote entry; entries applied meanwhile by someone
+        else are skipped."""
         applied = 0
         window = 1
         while upto is None or self._seq < upto:
@@ -497,8 +502,18 @@ class MetaLog:
                 blobs = [first[1]]
             else:
                 sent, tk = self._stamp()
-                blobs = await self._get_run(seq, n)
+                if unlocked_gets:
+                    blobs = await self._get_unlocked(seq, n)
+                else:
+                    blobs = await self._get_run(seq, n)
             first = None
+            found = len(blobs)
+            if seq != self._seq + 1:
+                # Applied meanwhile, by a flush or a commit (the lock was free).
+                skip = self._seq + 1 - seq
+                if skip < 0 or skip > found or (skip == found and found == n):
+                    continue  # nothing here proves anything about the head: GET again
+                blobs, seq = blobs[skip:], seq + skip
             for i, blob in enumerate(blobs):
                 await self._apply_remote(seq + i, blob)
                 applied += 1
@@ -506,7 +521,7 @@ class MetaLog:
                     # Another mount writes entries as fast as this one can apply them: say
                     # so in the heartbeat (a commit of ours waiting behind it would starve).
                     self._starving_until = trio.current_time() + 3.0
-            if sent is not None and len(blobs) < n:
+            if sent is not None and found < n:
                 # A 404 at seq + len(blobs), sent at `sent`, and every entry before it
                 # applied: the head at that moment (LEASES.md §7: the renewal).
                 self._renewed(sent, tk)
@@ -515,6 +530,16 @@ class MetaLog:
                 return applied
             window = min(2 * window, CATCH_UP_WINDOW)
         return applied
+
+    async def _get_unlocked(self, seq: int, n: int) -> list[bytes]:
+        """`_get_run` with the writer lock (held by this task) released meanwhile."""
+        self._wlock.release()
+        try:
+            return await self._get_run(seq, n)
+        finally:
+            self._hurry()
+            with trio.CancelScope(shield=True):
+                await self._wlock.acquire()
 
     async def _get_run(self, seq: int, n: int) -> list[bytes]:
         """Log entries seq, seq+1, ... up to the first that does not exist, GETting `n`

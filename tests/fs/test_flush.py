@@ -1,8 +1,9 @@
-"""The journal flush below FUSE (docs/design/LEASES.md §6.3): while its PUT is on the
-way, the mount goes on answering local changes; the entry is recorded once, by the flush
-or by a catch-up that meets it first; a takeover that lands first fails the flush and
-the journal goes to the recovery directory. In-process mounts of a format-3 filesystem
-on one memory store (the fixtures of test_leases.py)."""
+"""The journal flush and catch-ups below FUSE (docs/design/LEASES.md §6.3): while a
+flush's PUT, or a catch-up's GET of the next position, is on the way, the mount goes on
+answering local changes; a flushed entry is recorded once, by the flush or by a
+catch-up that meets it first; a takeover that lands first fails the flush and the
+journal goes to the recovery directory. In-process mounts of a format-3 filesystem on
+one memory store (the fixtures of test_leases.py)."""
 
 from __future__ import annotations
 
@@ -10,7 +11,7 @@ import pytest
 import trio
 
 from efsish.errors import FsError
-from efsish.meta.keys import LOG_PREFIX
+from efsish.meta.keys import LOG_PREFIX, seq_of
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultyStore
@@ -42,9 +43,9 @@ class GatedLog(FaultyStore):
             await super().put_if_absent(key, data)
 
 
-async def journaled(make: Make) -> tuple[Mount, int]:
+async def journaled(make: Make, **opts: object) -> tuple[Mount, int]:
     """Mount A holding /home, with one change journaled and not in the log."""
-    a = await make(commit_interval=3600)
+    a = await make(commit_interval=3600, **opts)
     home = await mkdir(a.fs, ROOT_INO, b"home")
     await write_file(a.fs, home, b"first", b"")  # acquires home (a sync entry)
     await write_file(a.fs, home, b"f1", b"one")
@@ -167,3 +168,77 @@ async def test_a_takeover_landing_before_the_flush_fails_it_and_recovers(
     for part in path.strip("/").split("/"):
         rdir = (await b.fs.lookup(rdir, part.encode())).ino
     assert await read_file(b.fs, (await b.fs.lookup(rdir, b"home")).ino, b"f1") == b"one"
+
+
+class GatedGets(FaultyStore):
+    """Holds GETs of log positions from `hold_from` on at the gate."""
+
+    def __init__(self, inner: ObjectStore, hold_from: int) -> None:
+        super().__init__(inner)
+        self.hold_from = hold_from
+        self.gate = trio.Event()
+        self.waiting = trio.Event()
+
+    async def get(self, key: str, start: int | None = None, end: int | None = None) -> bytes:
+        if key.startswith(LOG_PREFIX) and seq_of(key) >= self.hold_from:
+            self.waiting.set()
+            await self.gate.wait()
+        return await super().get(key, start, end)
+
+
+async def test_local_changes_are_answered_while_a_catch_up_reads_the_next_position(
+    make: Make,
+) -> None:
+    a, home = await journaled(make, poll_interval=3600)
+    b = await make()
+    other = await mkdir(b.fs, ROOT_INO, b"other")
+    await write_file(b.fs, other, b"g", b"")
+    assert b.fs.leases is not None
+    await b.fs.leases.sync()  # entries A has not applied (it does not poll)
+    head = b.fs.meta.applied_seq
+    assert a.fs.meta.applied_seq < head
+    gated = GatedGets(a.store, hold_from=head + 1)
+    a.fs.meta.store = gated
+    async with trio.open_nursery() as n:
+        n.start_soon(a.fs.meta.catch_up)
+        await gated.waiting.wait()
+        # The catch-up GETs the position after B's last entry (with it): still on the way.
+        assert a.fs.meta.applied_seq < head
+        with trio.fail_after(5):
+            await write_file(a.fs, home, b"f2", b"two")
+        gated.gate.set()
+    assert a.fs.meta.applied_seq == head
+    assert a.fs.leases is not None
+    await a.fs.leases.sync()
+    c = await make()
+    assert await read_file(c.fs, home, b"f2") == b"two"
+
+
+async def test_concurrent_catch_ups_apply_each_entry_once(make: Make) -> None:
+    a, _ = await journaled(make, poll_interval=3600)
+    b = await make()
+    other = await mkdir(b.fs, ROOT_INO, b"other")
+    assert b.fs.leases is not None
+    await b.fs.leases.sync()
+    start = a.fs.meta.applied_seq
+    for i in range(4):  # one entry each
+        await write_file(b.fs, other, b"g%d" % i, b"")
+        await b.fs.leases.sync()
+    head = b.fs.meta.applied_seq
+    assert head - start >= 4
+    gated = GatedGets(a.store, hold_from=start + 2)
+    a.fs.meta.store = gated
+    async with trio.open_nursery() as n:
+        for _ in range(3):
+            n.start_soon(a.fs.meta.catch_up)
+        await gated.waiting.wait()
+        await trio.sleep(0.05)  # every catch-up reaches the gate
+        gated.gate.set()
+    assert a.fs.meta.applied_seq == head
+    for i in range(4):
+        assert (await a.fs.lookup(other, b"g%d" % i)).ino > 0
+    c = await make()
+    for i in range(4):
+        assert (await c.fs.lookup(other, b"g%d" % i)).ino == (
+            await a.fs.lookup(other, b"g%d" % i)
+        ).ino
