@@ -272,14 +272,19 @@ class Leases:
                 return f"left domain {d}, which has journaled changes of ours, {who}"
         return ""
 
-    def flush_entries(self, view: View, extra: list[Op] | None) -> list[LogEntry]:
+    def flush_entries(
+        self, view: View, extra: list[Op] | None, strict: bool
+    ) -> list[LogEntry] | None:
         """The entries that commit the journal (and `extra` lease ops, in the last
-        entry), computed from the journal and the lease rows now."""
+        entry), computed from the journal and the lease rows now. None if a row
+        references a staged block not uploaded yet (`strict`: the caller waited for
+        every upload under the writer lock, so that is a bug)."""
         rows = journal.rows(view)
         if self.staging is not None:
             late = self.staging.not_uploaded(k for k, _ in _block_refs(rows))
+            if late and not strict:
+                return None
             if late:
-                # before_flush waited for every upload under the writer lock: a bug.
                 raise EfsishError(f"journal references staged blocks not uploaded: {late[:3]}")
         # An answer to a recall that is no longer open (answered already, or closed by a
         # change of holder) would fence the whole entry: drop it.
@@ -732,9 +737,10 @@ class Leases:
         if st is not None:
             await st.wait_all()  # outside the writer lock: changes go on meanwhile
             up = st.uploaded()
+        began = self.clock()
         await self.meta.flush(extra)
-        if not self.meta.journal_rows:
-            self._oldest = None
+        # Rows left were journaled during the flush's PUT: none is older than its start.
+        self._oldest = began if self.meta.journal_rows else None
         if st is not None:
             await st.landed(up)
 

@@ -78,6 +78,9 @@ CONFLICT_DEADLINE = 120.0
 FAIRNESS_PAUSE = 0.010  # seconds, at most, between commits while another mount starves
 STARVING_AFTER = 3  # consecutive lost races that make a mount report itself starving
 CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a busy writer
+# A flush that met rows referencing blocks staged after it waited for the uploads this
+# many times waits for them under the writer lock (`_flush_open`).
+LATE_TRIES = 3
 # A catch-up that finds entries reads the following positions in windows that double up
 # to this many GETs at once: a backlog of n entries costs about log2(n) round trips rather
 # than n, and at most as many GETs past the head as it found entries.
@@ -158,6 +161,8 @@ class MetaLog:
         self._wlimiter = trio.CapacityLimiter(1)
         self._rlimiter = trio.CapacityLimiter(1)
         self._wlock = trio.Lock()
+        self._flush_lock = trio.Lock()  # one journal flush at a time (`flush`)
+        self.rebuilds = 0  # views rebuilt after a fence (`rebuild`)
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
         self.inodes = InodeRange()  # saved and restored around every plan
@@ -1035,16 +1040,86 @@ class MetaLog:
 
     async def flush(self, extra: list[Op] | None = None) -> None:
         """Commit the journal to the log (LEASES.md §6.3), with `extra` lease ops (the
-        answer to a recall, releases) after it in the last entry."""
+        answer to a recall, releases) after it in the last entry. One flush at a time."""
         if self.leases is not None and not self.read_only:
             # The staged uploads go up before the writer lock is taken, so that reads and
-            # local changes do not queue behind them; the wait under the lock then covers
-            # only blocks staged in between.
+            # local changes do not queue behind them.
             await self.leases.before_flush()
-        async with self._writer_lock():
-            await self._flush_locked(extra)
+        async with self._flush_lock:
+            if extra:
+                # Lease ops ride in the last entry: no change may be journaled between
+                # computing it and recording it (one in a domain it releases would be
+                # fenced), so the writer lock is held across the PUT.
+                async with self._writer_lock():
+                    await self._flush_locked(extra)
+            else:
+                await self._flush_open()
+
+    async def _flush_open(self) -> None:
+        """Flush the journal without holding the writer lock during a PUT: local changes
+        go on meanwhile (they add rows after the ones the entry carries). The entry is
+        computed and recorded under the lock; a catch-up that meets it first records it
+        (`Leases.apply_remote`: our rows still in the journal). A rebuild in between
+        (fenced) makes this flush fail: what it carried went to the recovery directory."""
+        leases = self.leases
+        assert leases is not None
+        if self.read_only:
+            return
+        late = 0
+        rebuilds = self.rebuilds
+        while True:
+            async with self._writer_lock():
+                self._check_unfenced(rebuilds)
+                if late > LATE_TRIES:
+                    # Blocks keep being staged faster than they go up: wait under the
+                    # lock, so that no new row can reference a new one.
+                    await leases.before_flush()
+                entries = await self._in_writer(leases.flush_entries, self.writer, None, False)
+                if entries is not None:
+                    if not entries:
+                        self.journal_rows = 0  # (a catch-up may have met our last entry)
+                        return
+                    entry, last = entries[0], len(entries) == 1
+                    blob = journal.encode(entry)
+                    seq = self._seq + 1
+                    put_at, put_tk = self._stamp()
+            if entries is None:
+                # A row references a block staged since `before_flush`: it goes first.
+                late += 1
+                await leases.before_flush()
+                continue
+            try:
+                await self._put_entry(seq, blob)
+            except PreconditionFailed:
+                # Another entry took the position (or a lost answer of ours landed
+                # there: the catch-up recognises it by its label and drops its rows).
+                # Its GET goes without the writer lock, like the PUT.
+                await self.catch_up()
+                continue
+            async with self._writer_lock():
+                self._check_unfenced(rebuilds)
+                if self._seq < seq:
+                    assert self._seq == seq - 1  # only our entry can be at `seq`
+                    await self._record_flushed(entry, seq)
+                else:
+                    # A catch-up met the entry during the PUT and recorded it.
+                    self.journal_rows = await self._in_writer(lambda: journal.stats(self.writer)[0])
+                self._renewed(put_at, put_tk)
+            if last:
+                return
+
+    def _check_unfenced(self, rebuilds: int) -> None:
+        """(Under the writer lock, in a flush.) Raise if the view was rebuilt since the
+        flush began (`rebuilds` then): the journal it was to commit was fenced and went
+        to the recovery directory, not the log; or if the log cannot be applied."""
+        if self.rebuilds != rebuilds:
+            raise FsError("fenced during the journal flush: its changes were recovered", errno.EIO)
+        if self.broken:
+            raise FsError(f"metadata log unusable: {self.broken}", errno.EIO)
 
     async def _flush_locked(self, extra: list[Op] | None = None) -> None:
+        """Flush the journal (and `extra`) holding the writer lock throughout: for lease
+        ops, and for a sync commit that must come after the journal."""
         leases = self.leases
         assert leases is not None
         if self.read_only:
@@ -1053,12 +1128,12 @@ class MetaLog:
             if self.broken:
                 raise FsError(f"metadata log unusable: {self.broken}")
             await leases.before_flush()  # staged blocks of the journal go up first
-            entries = await self._in_writer(leases.flush_entries, self.writer, extra)
+            entries = await self._in_writer(leases.flush_entries, self.writer, extra, True)
+            assert entries is not None
             if not entries:
                 self.journal_rows = 0  # (a catch-up may have met our last entry)
                 return
             entry = entries[0]
-            last = len(entries) == 1
             blob = journal.encode(entry)
             seq = self._seq + 1
             put_at, put_tk = self._stamp()
@@ -1069,31 +1144,37 @@ class MetaLog:
                 # there: the catch-up recognises it by its label and drops its rows).
                 await self._catch_up_locked()
                 continue
-
-            def record(entry: LogEntry = entry, seq: int = seq) -> tuple[ApplyResult, int]:
-                res = ApplyResult()
-                self.writer.begin()
-                try:
-                    leases.apply_own(self.writer, seq, entry, res)
-                    self.writer.commit()
-                except BaseException:
-                    self.writer.rollback()
-                    raise
-                return res, journal.stats(self.writer)[0]
-
-            with self._publish():
-                with trio.CancelScope(shield=True):
-                    res, left = await self._in_writer(record)
-                self._seq = seq
-                self.entries_written += 1
-                self.journal_rows = left
-                self._applied(res, False, None)
-            if res.fenced is not None:
-                leases.fenced_at(seq, str(res.fenced))
-                raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)
+            await self._record_flushed(entry, seq)
             self._renewed(put_at, put_tk)
-            if last:
+            if len(entries) == 1:
                 return
+
+    async def _record_flushed(self, entry: LogEntry, seq: int) -> None:
+        """Our flushed `entry` landed at `seq`: record it in the view (under the lock)."""
+        leases = self.leases
+        assert leases is not None
+
+        def record() -> tuple[ApplyResult, int]:
+            res = ApplyResult()
+            self.writer.begin()
+            try:
+                leases.apply_own(self.writer, seq, entry, res)
+                self.writer.commit()
+            except BaseException:
+                self.writer.rollback()
+                raise
+            return res, journal.stats(self.writer)[0]
+
+        with self._publish():
+            with trio.CancelScope(shield=True):
+                res, left = await self._in_writer(record)
+            self._seq = seq
+            self.entries_written += 1
+            self.journal_rows = left
+            self._applied(res, False, None)
+        if res.fenced is not None:
+            leases.fenced_at(seq, str(res.fenced))
+            raise FsError(f"fenced at log entry {seq}: {res.fenced}", errno.EIO)
 
     async def rebuild(self, salvage: Callable[[View], T]) -> T:
         """Fenced (LEASES.md §10): return `salvage(writer)` (what the journal made,
@@ -1101,6 +1182,7 @@ class MetaLog:
         log: pending changes cannot be undone row by row."""
         async with self._writer_lock():
             out = await self._in_writer(salvage, self.writer)
+            self.rebuilds += 1
             self._rebuilding = trio.Event()
             try:
                 await self._rebuild_locked()

@@ -319,3 +319,31 @@ async def test_trimming_passes_a_client_without_a_journal(make: Make, store: Gat
     published = await away_for_days(make, store, "old", sync=True)  # journals nothing
     left = await trim_after_others_moved_on(make, store)
     assert left[0] > published + 1
+
+
+async def test_a_flush_meeting_a_block_staged_after_its_wait_uploads_it_first(
+    make: Make, store: GatedStore
+) -> None:
+    a, home = await holder(make, commit_interval=3600)
+    store.shut()
+    data = os.urandom(SIZE)
+    await write_file(a, home, b"f", data)  # staged after any wait a flush began with
+    flushed = trio.Event()
+
+    async def flush() -> None:
+        await a.meta._flush_open()  # the flush, past its wait for the uploads
+        flushed.set()
+
+    async with trio.open_nursery() as n:
+        n.start_soon(flush)
+        await trio.sleep(0.2)
+        # It waits for the upload without the writer lock: changes go on meanwhile.
+        with trio.fail_after(5):
+            await write_file(a, home, b"g", b"small")
+        assert not flushed.is_set()
+        assert not [e for e in await entries(store) if any(op.wire()["o"] == "w" for op in e.ops)]
+        store.gate.set()
+    assert await data_keys(store)
+    b = (await make()).fs
+    assert await read_file(b, home, b"f") == data
+    assert await read_file(b, home, b"g") == b"small"
