@@ -164,8 +164,9 @@ class Metering:
         nursery.start_soon(self._loop)
 
     async def acquire(self, kind: OpKindLike, nbytes: int) -> None:
-        if self.throttle is not None:
-            await self.throttle.acquire(kind, nbytes)
+        t = self.throttle
+        if t is not None and not t.grant_now(kind, nbytes):
+            await t.acquire(kind, nbytes)
 
     def drain_metered(self) -> float:
         """The bytes metered by this mount since it started (for its heartbeat)."""

@@ -57,18 +57,15 @@ class _Bucket:
     request sizes, and the burst is at most ``capacity``.
     """
 
-    __slots__ = ("burst_seconds", "min_capacity", "rate", "tokens", "updated_at")
+    __slots__ = ("burst_seconds", "capacity", "min_capacity", "rate", "tokens", "updated_at")
 
     def __init__(self, rate: float, burst_seconds: float, min_capacity: float, now: float):
         self.rate = rate
         self.burst_seconds = burst_seconds
         self.min_capacity = min_capacity
+        self.capacity = max(min_capacity, rate * burst_seconds)  # follows the rate
         self.tokens = 0.0  # no burst allowance before the rate has been earned
         self.updated_at = now
-
-    @property
-    def capacity(self) -> float:
-        return max(self.min_capacity, self.rate * self.burst_seconds)
 
     def refill(self, now: float) -> None:
         if now > self.updated_at:
@@ -78,6 +75,7 @@ class _Bucket:
     def set_rate(self, rate: float, now: float) -> None:
         self.refill(now)
         self.rate = rate
+        self.capacity = max(self.min_capacity, rate * self.burst_seconds)
         self.tokens = min(self.tokens, self.capacity)
 
     def wait_seconds(self, cost: float, now: float) -> float:
@@ -274,6 +272,22 @@ class Throttle:
         total_metered = metered_bytes(op, nbytes, self._config.read_discount)
         if not self._lock.locked() and self._grant_at_once(op, nbytes, total_metered):
             return total_metered
+        return await self._acquire_paced(op, nbytes, total_metered)
+
+    def grant_now(self, kind: OpKindLike, nbytes: int) -> bool:
+        """Grant a request now if `acquire` would grant it without waiting (nobody
+        queued ahead, one chunk, every token there), with the same pacing and
+        counting; False: the caller awaits `acquire`. Most requests (every one not
+        throttled) are granted here, which spares them acquire's coroutine."""
+        if self._lock.locked():
+            return False
+        op = kind if isinstance(kind, OpKind) else OpKind(kind)
+        return self._grant_at_once(
+            op, nbytes, metered_bytes(op, nbytes, self._config.read_discount)
+        )
+
+    async def _acquire_paced(self, op: OpKind, nbytes: int, total_metered: float) -> float:
+        """`acquire` in chunks, in FIFO order, waiting for the tokens of each."""
         remaining_raw = nbytes
         remaining_metered = total_metered
         first = True
@@ -301,7 +315,8 @@ class Throttle:
         and one reading of the clock serves the whole of it."""
         now = trio.current_time()
         self._sync(now)
-        if self._chunk_size(op, nbytes, total_metered, nbytes) < nbytes:
+        # A request of at most MIN_OP_BYTES is always one chunk (a chunk is never less).
+        if nbytes > MIN_OP_BYTES and self._chunk_size(op, nbytes, total_metered, nbytes) < nbytes:
             return False
         costs = self._costs(op, nbytes, total_metered, True)
         if self._max_wait(costs, now) > _EPSILON_SECONDS:
@@ -337,7 +352,13 @@ class Throttle:
 
     def _max_wait(self, costs: dict[str, float], now: float) -> float:
         """How long until every bucket holds its cost (the caller has synced to now)."""
-        return max(self._buckets[name].wait_seconds(c, now) for name, c in costs.items())
+        buckets = self._buckets
+        wait = 0.0
+        for name, c in costs.items():
+            w = buckets[name].wait_seconds(c, now)
+            if w > wait:
+                wait = w
+        return wait
 
     async def _wait_for(self, costs: dict[str, float]) -> None:
         while True:

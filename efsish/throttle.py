@@ -196,7 +196,7 @@ def metered_bytes(kind: OpKindLike, nbytes: int, read_discount: float = 1 / 3) -
     """
     if nbytes < 0:
         raise ValueError(f"nbytes must be >= 0, got {nbytes}")
-    if OpKind(kind) is OpKind.READ:
+    if (kind if isinstance(kind, OpKind) else OpKind(kind)) is OpKind.READ:
         return max(float(MIN_OP_BYTES), nbytes * read_discount)
     return max(float(MIN_OP_BYTES), float(nbytes))
 

@@ -18,7 +18,7 @@ import stat
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
-    from efsish.meta.view import View
+    from efsish.meta.view import Attr, View
 
 DEFAULT_LEASE_DEPTH = 1
 TOP = None  # the domain of everything above the domain roots: never leased
@@ -66,13 +66,20 @@ def domains_of_inode(view: View, ino: int) -> set[Domain]:
     attr = view.getattr(ino)
     if attr is None:
         return set()
+    return domains_of_attr(view, attr)
+
+
+def domains_of_attr(view: View, attr: Attr, known: dict[int, Domain] | None = None) -> set[Domain]:
+    """`domains_of_inode` of an inode the view holds, its attributes already read;
+    `known`: directories whose domain the caller has just computed."""
     if stat.S_ISDIR(attr.mode):
-        return {domain_of_dir(view, ino)}
+        return {domain_of_dir(view, attr.ino)}
     parents = [
         int(r[0])
-        for r in view.db.execute("SELECT DISTINCT parent FROM dentries WHERE ino = ?", (ino,))
+        for r in view.db.execute("SELECT DISTINCT parent FROM dentries WHERE ino = ?", (attr.ino,))
     ]
-    return {domain_of_dir(view, p) for p in parents}
+    known = known or {}
+    return {known[p] if p in known else domain_of_dir(view, p) for p in parents}
 
 
 def is_domain_root(view: View, ino: int) -> bool:

@@ -168,10 +168,18 @@ def _check_incarnation(view: View, entry: LogEntry) -> None:
             )
 
 
-def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> None:
+def apply_leased_op(
+    view: View,
+    op: Op,
+    entry: LogEntry,
+    res: ApplyResult,
+    known: tuple[set[Domain], list[int]] | None = None,
+) -> None:
     """Apply one op of lease-era `entry`, first checking every domain it touches
     against the state just before it (LEASES.md §4). Raises _Fence or
-    CorruptObject when the entry must be fenced."""
+    CorruptObject when the entry must be fenced. `known`: what `touches_movers`
+    returned for `op` in this same state (a planner that just read it; the tree has
+    not changed since), so that it is not read twice."""
     try:
         if isinstance(op, LEASE_OPS):
             _apply_lease_op(view, op, entry, res)
@@ -181,7 +189,7 @@ def apply_leased_op(view: View, op: Op, entry: LogEntry, res: ApplyResult) -> No
         # Garbage rows take the op's own time, not the entry's: the holder recorded
         # them when it journaled the op, long before the entry (LEASES.md §5).
         view.cur_t = op_time(op, entry.t)
-        touched, movers = _touches(view, op)
+        touched, movers = known if known is not None else _touches(view, op)
         if entry.journaled and TOP in touched:
             # The top is never leased: a change there must be planned against the head.
             raise _Fence(FENCE_NOT_HELD, "a journaled entry changes the top")
@@ -251,9 +259,16 @@ def _roots_in(view: View, dirs: list[int]) -> set[int]:
 def touches(view: View, op: Op) -> set[Domain]:
     """The domains (TOP included) a namespace op changes rows of, computed before it
     applies: what an entry holding it must claim (LEASES.md §4)."""
+    return touches_movers(view, op)[0]
+
+
+def touches_movers(view: View, op: Op) -> tuple[set[Domain], list[int]]:
+    """`touches`, and the directories whose subtrees may gain or lose domain roots by
+    `op`: pass both to `apply_leased_op` (`known`) when it applies `op` next in this
+    same state of the tree."""
     if isinstance(op, LEASE_OPS):
-        return set()
-    return _touches(view, op)[0]
+        return set(), []
+    return _touches(view, op)
 
 
 def _touches(view: View, op: Op) -> tuple[set[Domain], list[int]]:
@@ -268,11 +283,14 @@ def _touches(view: View, op: Op) -> tuple[set[Domain], list[int]]:
         case Ln():
             return {dom(view, op.parent)} | of(view, op.ino), []
         case Rm():
-            touched = {dom(view, op.parent)}
+            parent = dom(view, op.parent)
             target = view.lookup(op.parent, op.name)
-            if target is None:
-                return touched, []
-            return touched | of(view, target), [target]
+            attr = None if target is None else view.getattr(target)
+            if attr is None:
+                return {parent}, []
+            # Only a directory's subtree can hold domain roots.
+            movers = [attr.ino] if attr.is_dir else []
+            return {parent} | domains.domains_of_attr(view, attr, {op.parent: parent}), movers
         case Mv():
             touched = {dom(view, op.src_parent), dom(view, op.dst_parent)}
             src = view.lookup(op.src_parent, op.src_name)

@@ -1040,7 +1040,7 @@ class MetaLog:
             doms: set[int] = set()
             per_op: list[set[int]] = []
             for op in ops:
-                touched = leasing.touches(view, op)
+                touched, movers = leasing.touches_movers(view, op)
                 if not touched or not touched <= ok:
                     view.rollback()
                     return None
@@ -1049,7 +1049,7 @@ class MetaLog:
                 leases.claim(view, prov, per_op[-1])
                 view.cur_seq = journal.PENDING + jseq + len(per_op) - 1
                 try:
-                    leasing.apply_leased_op(view, op, prov, res)
+                    leasing.apply_leased_op(view, op, prov, res, (touched, movers))
                 except (leasing.Fence, CorruptObject):
                     view.rollback()
                     return None

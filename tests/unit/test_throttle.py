@@ -26,6 +26,7 @@ from efsish.throttle import (
     GiB,
     KiB,
     MiB,
+    OpKindLike,
     ThrottleConfig,
     ThroughputMode,
     TiB,
@@ -979,3 +980,29 @@ async def test_snapshot_names_and_counters(autojump_clock: trio.testing.MockCloc
     assert 0 < snap["PercentIOLimit"] < 1
     assert math.isfinite(throttle.drain_local_metered())
     assert throttle.drain_local_metered() == 0.0
+
+
+async def test_grant_now_paces_and_counts_as_acquire_does(
+    autojump_clock: trio.testing.MockClock,
+) -> None:
+    """`grant_now` (the metering's path for a request that need not wait) grants what
+    `acquire` would grant at once and counts it exactly as `acquire` does; one that
+    would have to wait is refused, with nothing counted, and `acquire` paces it."""
+    kinds: list[tuple[OpKindLike, int]] = [("metadata", 4096), ("read", 100), ("write", 10_000)]
+    # 200 IOPS: each IOPS bucket holds 0.2 s of it, 40 operations.
+    cfg = ThrottleConfig(read_iops=200, write_iops=200)
+    a, b = Throttle(cfg, 100 * GiB), Throttle(cfg, 100 * GiB)
+    a.permitted_bps(), b.permitted_bps()  # their buckets start now...
+    await trio.sleep(1)  # ...and fill
+    granted = 0
+    while b.grant_now(*kinds[granted % 3]):
+        await a.acquire(*kinds[granted % 3])
+        granted += 1
+    assert granted == 60  # 40 reads and metadata (one bucket), 20 writes
+    assert a.snapshot() == b.snapshot()
+    assert a.ledger.balance == b.ledger.balance
+    assert a.drain_local_metered() == b.drain_local_metered() > 0
+    start = trio.current_time()
+    await b.acquire("metadata", 4096)  # refused above: it waits for its token
+    assert trio.current_time() - start == pytest.approx(1 / 200, rel=0.01)
+    assert b.snapshot()["MetadataIOBytes"] == a.snapshot()["MetadataIOBytes"] + 4096
