@@ -85,6 +85,7 @@ class RoReads:
         self._endpoint: Nudger | None = None
         self._endpoint_lock = trio.Lock()
         self._key_retry_at = 0.0
+        self._no_key_warned = False
         self._answers: dict[str, tuple[str, list[int], trio.Event]] = {}
         self.requests = 0  # requests sent to holders (a resend is the same request)
 
@@ -196,8 +197,8 @@ class RoReads:
             hit[2].set()
 
     async def _heartbeat(self, client: str, h: _Holder) -> Heartbeat | None:
-        """`client`'s heartbeat if it takes nudges and is alive (read at most every
-        PEER_TTL), else None (logged once)."""
+        """`client`'s heartbeat if it takes nudges and is alive (one that does is read
+        again after PEER_TTL), else None (logged once)."""
         now = trio.current_time()
         if h.hb is None or now - h.hb[0] >= PEER_TTL:
             try:
@@ -207,6 +208,7 @@ class RoReads:
                 return None
         hb = h.hb[1]
         if hb is None or hb.nudge is None or hb.age() > heartbeat.EXPIRE:
+            h.hb = None  # read again at the next request (a mount starting, restarted)
             why = (
                 "has no heartbeat"
                 if hb is None
@@ -246,7 +248,13 @@ class RoReads:
                     on_flushed=self._answered,
                 )
             except NotFound:
-                log.info("no nudge key in the bucket: reads in held domains show the log")
+                if not self._no_key_warned:
+                    self._no_key_warned = True
+                    log.warning(
+                        "no nudge key in the bucket (no mount takes nudges): reads in "
+                        "domains other mounts hold show the log, up to their "
+                        "commit_interval behind"
+                    )
                 return None
             except (EfsishError, OSError) as e:
                 log.warning("read-only mount: no requests to flush to holders (%s)", e)

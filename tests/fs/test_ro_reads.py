@@ -13,9 +13,10 @@ import pytest
 import trio
 
 from efsish.errors import FsError
-from efsish.meta import roreads
+from efsish.meta import nudge, roreads
 from efsish.meta.roreads import RoReads
 from efsish.meta.view import ROOT_INO
+from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan
 from tests.fs import test_leases
 from tests.fs.test_leases import Make, Mount, mkdir, read_file, write_file
@@ -139,3 +140,27 @@ async def test_concurrent_reads_share_one_request_sent_after_they_began(make: Ma
     assert await read_file(b.fs, alice, b"g") == b"before X"
     assert await read_file(b.fs, alice, b"h") == b"before Y"
     assert writes(b) == []
+
+
+@pytest.mark.parametrize("key", [True, False], ids=["key", "no-key"])
+async def test_a_holder_that_takes_no_nudges_is_not_asked_and_named_once(
+    make: Make, store: ObjectStore, caplog: pytest.LogCaptureFixture, key: bool
+) -> None:
+    if key:
+        await nudge.load_key(store)  # other mounts take nudges; A does not
+    a = await make(commit_interval=HOUR, nudge="off")
+    alice = await mkdir(a.fs, ROOT_INO, b"alice")
+    await write_file(a.fs, alice, b"first", b"acquires the domain")
+    await write_file(a.fs, alice, b"f", b"closed on A")
+    b = await read_only(make)
+    caplog.set_level(logging.WARNING, logger="efsish.meta.roreads")
+    await b.fs.lookup(ROOT_INO, b"alice")
+    for _ in range(3):
+        t0 = trio.current_time()
+        with pytest.raises(FsError):
+            await b.fs.lookup(alice, b"f")  # the log has no f: read without waiting
+        assert trio.current_time() - t0 < 0.2
+    warned = [r.getMessage() for r in caplog.records if r.name == "efsish.meta.roreads"]
+    why = "takes no nudges" if key else "no nudge key in the bucket"
+    assert len(warned) == 1 and why in warned[0], warned
+    assert asker(b).requests == 0
