@@ -51,6 +51,7 @@ from efsish.meta.log import MetaLog
 from efsish.meta.ops import Op
 from efsish.meta.planning import PlanContext
 from efsish.meta.recovery import load_client_id
+from efsish.meta.roreads import RoReads
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ROOT_INO, ApplyResult, Attr, View
 from efsish.metering import Metering
@@ -144,6 +145,10 @@ class Filesystem:
             if options.lease_clock is not None:
                 cfg.clock = options.lease_clock
             self.leases = Leases(self.meta, cfg, cache_dir)
+        # -o ro on a lease filesystem: asks holders to flush before reads (LEASES.md §6.4).
+        self.roreads: RoReads | None = None
+        if sb.leases and options.read_only:
+            self.roreads = RoReads(self.meta, options.nudge)
         self.cache = BlockCache(cache_dir / "blocks", options.cache_bytes)
         self.metering = Metering(
             store,
@@ -209,6 +214,8 @@ class Filesystem:
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
+        if self.roreads is not None:
+            self.roreads.nursery = nursery
         if self.leases is not None:
             await self.leases.start(nursery, self.opts.cache_locked)
         await nursery.start(self.cache.run)
@@ -375,7 +382,9 @@ class Filesystem:
         by the time the recall was planned) catches up as usual."""
         lz = self.leases
         if lz is None:
-            if catch_up:
+            if self.roreads is not None:
+                await self.roreads.barrier(ino, self._catch_up if catch_up else None)
+            elif catch_up:
                 await self._catch_up()
             return
         begun = self.meta.sends

@@ -1,7 +1,9 @@
 """The nudge wiring of a lease mount (docs/design/LEASES.md §11): listening for nudges
 (the address goes in the mount's heartbeat), catching up to the position a nudge names,
 and sending one to the holder when a recall lands and to the recaller when an answer
-lands. The channel itself (key, datagrams, rate limits) is efsish.meta.nudge.
+lands; and answering a read-only mount's request to flush the journal (LEASES.md §6.4,
+reads): one flush per batch of requests, an empty journal answered at once. The channel
+itself (key, datagrams, rate limits) is efsish.meta.nudge.
 
 This module owns where nudges go and what one wakes. It must not decide anything from
 a nudge: a nudge only makes this mount read the log sooner, and every wait it shortens
@@ -12,7 +14,8 @@ from __future__ import annotations
 
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import Any
 
 import trio
 
@@ -26,6 +29,9 @@ log = logging.getLogger(__name__)
 
 ACK = nudge.ACK
 PEER_TTL = 60.0  # seconds a heartbeat read to nudge its mount is trusted for its address
+# Requests to flush waiting for the next flush, at most (more are dropped: those readers
+# time out and read the log).
+MAX_FLUSH_ASKS = 256
 
 
 class Nudges:
@@ -46,6 +52,11 @@ class Nudges:
         # Called with ((client, inc), seq) when a mount acknowledges it has applied our
         # change of the top up to `seq` (LEASES.md §17).
         self.on_ack: Callable[[tuple[str, int], int], None] | None = None
+        # Flushes the journal for read-only mounts' requests (set by Leases; raises when
+        # it cannot: the requests stay unanswered). (client, rid) -> where to answer.
+        self.flush_journal: Callable[[], Awaitable[None]] | None = None
+        self._asks: dict[tuple[str, str], Any] = {}
+        self._asked = trio.Event()
 
     async def start(self, nursery: trio.Nursery) -> None:
         """Listen for nudges as `-o nudge=` says (§11), before the first heartbeat so
@@ -70,6 +81,7 @@ class Nudges:
                 applied=lambda: self.meta.applied_seq,
                 on_wake=self._woken,
                 on_ack=self._ack,
+                on_flush=self._flush_asked,
             )
         except OSError as e:
             log.warning(
@@ -82,6 +94,7 @@ class Nudges:
         self.nudger = nudger
         await nursery.start(nudger.serve)
         nursery.start_soon(self._catcher)
+        nursery.start_soon(self._answerer)
         log.info("taking nudges on %s", nudger.address)
 
     @property
@@ -110,6 +123,45 @@ class Nudges:
             return
         if self.on_ack is not None:
             self.on_ack((n.sender, inc), n.seq)
+
+    def _flush_asked(self, n: Nudge, peer: Any) -> None:
+        """A read-only mount asks that every change answered so far be in the log
+        (§6.4, reads). With an empty journal it is: answered at once with the applied
+        position, with no PUT. Otherwise the next flush answers it. Before the lease
+        mount has started nothing is answered (the reader times out, reads the log)."""
+        if self.flush_journal is None or self.nursery is None:
+            return
+        if not self.meta.journal_rows:
+            self._answer(n.sender, n.rid, peer, self.meta.applied_seq)
+        elif len(self._asks) < MAX_FLUSH_ASKS:
+            self._asks[(n.sender, n.rid)] = peer
+            self._asked.set()
+
+    def _answer(self, client: str, rid: str, peer: Any, seq: int) -> None:
+        if self.nudger is not None:
+            self.nudger.answer(peer, client, seq, nudge.FLUSHED + rid.removeprefix(nudge.FLUSH))
+
+    async def _answerer(self) -> None:
+        """One flush of the journal (no lease op: the domains stay held) per batch of
+        requests to flush; requests that come during it wait for the next one, since
+        its entry may have been computed before they came."""
+        while True:
+            await self._asked.wait()
+            self._asked = trio.Event()
+            asks, self._asks = self._asks, {}
+            if not asks or self.flush_journal is None:
+                continue
+            try:
+                await self.flush_journal()
+            except EfsishError as e:
+                log.debug("not answering %d request(s) to flush: %s", len(asks), e)
+                continue
+            except Exception:
+                log.exception("flushing for read-only mounts crashed; the mount keeps running")
+                continue
+            seq = self.meta.applied_seq  # every change answered before is at or below it
+            for (client, rid), peer in asks.items():
+                self._answer(client, rid, peer, seq)
 
     async def _catcher(self) -> None:
         """Catch up once per nudge, to the position it names and no further (no GET of

@@ -184,6 +184,7 @@ class Leases:
         # The share of the top (§17): reads there without a catch-up.
         self.share = TopShare(lambda: self.me, self.clock, cfg.lease_time)
         self.nudges.on_ack = self.share.acked
+        self.nudges.flush_journal = self._flush_for_reader
         meta.leases = self
 
     # ------------------------------------------------------------- worker thread
@@ -743,6 +744,13 @@ class Leases:
         self._oldest = began if self.meta.journal_rows else None
         if st is not None:
             await st.landed(up)
+
+    async def _flush_for_reader(self) -> None:
+        """A read-only mount asked for every change answered so far (§6.4, reads): the
+        journal goes to the log now, with no lease op (the domains stay held)."""
+        if self.fenced is not None or not self.ready:
+            raise EfsishError(self.fenced or "the lease mount is starting")
+        await self._flush()
 
     async def before_flush(self) -> None:
         """(Under the writer lock, before journaled entries are computed and PUT.)

@@ -64,6 +64,11 @@ ACK = "ack:"
 # A probe (`efsish status`): "ping:<nonce>" asks the receiver to answer "pong:<nonce>" to
 # the datagram's source address; nothing else happens (at most RATE answers a second).
 PING, PONG = "ping:", "pong:"
+# A read-only mount's request (LEASES.md §6.4, reads): "flush:<nonce>" asks a holder to
+# put every change it answered so far in the log; it answers "flushed:<nonce>" to the
+# datagram's source, with seq the position at or below which they all are. Neither is
+# filtered by position or rate: the holder coalesces requests into one flush at a time.
+FLUSH, FLUSHED = "flush:", "flushed:"
 RATE = 20  # wake-ups a second, at most
 INVALID_LOG_EVERY = 60.0  # seconds between debug lines about dropped datagrams
 
@@ -289,6 +294,8 @@ class NudgeStats:
     dropped_rate: int = 0  # valid and new, but over RATE wake-ups a second
     acks: int = 0  # valid acknowledgements (LEASES.md §17)
     pongs: int = 0  # probes answered
+    flush_asks: int = 0  # valid requests of read-only mounts to flush the journal
+    flush_answers: int = 0  # valid answers to such requests of ours
 
 
 class Nudger:
@@ -298,8 +305,10 @@ class Nudger:
     (synchronously: it must not block, e.g. it sets an event the catch-up loop waits on)
     for every valid nudge addressed to `client` of `fs` whose seq is above it, at most
     `rate` times in any second. `on_ack(nudge)` is called instead for a valid
-    acknowledgement (rid `ack:...`), whatever its seq. Nothing a datagram holds makes
-    `serve` raise."""
+    acknowledgement (rid `ack:...`), whatever its seq. `on_flush(nudge, source)` is called
+    for a read-only mount's request to flush (rid `flush:...`; `answer` replies to the
+    source), `on_flushed(nudge)` for an answer to one of ours. Nothing a datagram holds
+    makes `serve` raise."""
 
     def __init__(
         self,
@@ -311,6 +320,8 @@ class Nudger:
         applied: Callable[[], int],
         on_wake: Callable[[Nudge], None],
         on_ack: Callable[[Nudge], None] | None = None,
+        on_flush: Callable[[Nudge, Any], None] | None = None,
+        on_flushed: Callable[[Nudge], None] | None = None,
         rate: int = RATE,
     ) -> None:
         if len(key) != KEY_BYTES:
@@ -318,6 +329,7 @@ class Nudger:
         self._key, self.fs, self.client = key, fs, client
         self._applied, self._on_wake, self._rate = applied, on_wake, rate
         self._on_ack = on_ack
+        self._on_flush, self._on_flushed = on_flush, on_flushed
         self.stats = NudgeStats()
         self._wakes: collections.deque[float] = collections.deque()
         self._pongs: collections.deque[float] = collections.deque()
@@ -386,6 +398,9 @@ class Nudger:
         if n.rid.startswith(PING):
             self._pong(n, peer)
             return
+        if n.rid.startswith(FLUSH) or n.rid.startswith(FLUSHED):
+            self._flush_rid(n, peer)
+            return
         if n.rid.startswith(ACK):
             self.stats.acks += 1
             if self._on_ack is not None:
@@ -414,6 +429,33 @@ class Nudger:
             self._on_wake(n)
         except Exception:
             log.exception("nudge: the wake-up callback failed")
+
+    def _flush_rid(self, n: Nudge, peer: Any) -> None:
+        """A request to flush (to the callback, with where to answer) or an answer."""
+        asked = n.rid.startswith(FLUSH)
+        if asked:
+            self.stats.flush_asks += 1
+        else:
+            self.stats.flush_answers += 1
+        try:
+            if asked and self._on_flush is not None:
+                self._on_flush(n, peer)
+            elif not asked and self._on_flushed is not None:
+                self._on_flushed(n)
+        except Exception:
+            log.exception("nudge: the flush callback failed")
+
+    def answer(self, peer: Any, to: str, seq: int, rid: str) -> bool:
+        """Send a nudge to address `peer` (a datagram's source), for client `to`. False,
+        with a debug line, if it was not sent."""
+        try:
+            self._sock.sendto(encode(self._key, Nudge(self.fs, self.client, to, seq, rid)), peer)
+        except (OSError, ValueError) as e:
+            self.stats.send_failed += 1
+            log.debug("nudge answer to %s at %s not sent: %s", to, peer, e)
+            return False
+        self.stats.sent += 1
+        return True
 
     def _pong(self, n: Nudge, peer: Any) -> None:
         """Answer a probe to where it came from (rate-limited like wake-ups)."""

@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from tests.fuse.conftest import Mount, stop_mount
+from tests.fuse.conftest import Mount, efsish, stop_mount
 
 POLL = 0.2
 
@@ -72,3 +72,23 @@ def test_a_read_only_mount_writes_nothing_to_the_store(mounter: Callable[..., Mo
     after = store_state(root)
     changed = sorted(k for k in {*before, *after} if before.get(k) != after.get(k))
     assert changed == [], f"the read-only mount wrote to the store: {changed}"
+
+
+def test_a_read_only_mount_reads_a_file_closed_under_a_lease_at_once(
+    mounter: Callable[..., Mount], tmp_path: Path
+) -> None:
+    # A holds /home with an hour's commit interval: what it closes stays in its journal.
+    # B (-o ro, no poll for 30 s) cannot recall the lease: it asks A over the nudge
+    # channel to flush before it reads there (LEASES.md §6.4, reads).
+    store = f"file://{tmp_path}/ro-lease"
+    efsish("format", store, "--block-size", "1M")  # format 3, leases
+    a = mounter(store, "-o", "commit_interval=3600")
+    b = mounter(store, "-o", "ro,poll_interval=30", fmt=False)
+    (a.path / "home").mkdir()
+    (a.path / "home" / "first").write_bytes(b"acquires the lease")
+    assert sorted(os.listdir(b.path / "home")) == ["first"]
+    for i in range(3):
+        (a.path / "home" / f"f{i}").write_bytes(b"closed on A %d" % i)
+        t0 = time.monotonic()
+        assert (b.path / "home" / f"f{i}").read_bytes() == b"closed on A %d" % i
+        assert time.monotonic() - t0 < 1.0

@@ -309,3 +309,28 @@ async def test_a_probe_is_answered_only_with_the_filesystem_key() -> None:
     assert right["b"] is not None and right["b"] < 0.5
     assert wrong == {"b": None} and other_fs == {"b": None}
     assert b.n.stats.pongs == 1 and b.n.stats.woken == 0  # a probe wakes nothing
+
+
+async def test_a_request_to_flush_reaches_the_holder_whatever_its_seq_and_is_answered() -> None:
+    # A read-only mount (LEASES.md §6.4, reads) sends `flush:<nonce>` with its own
+    # position, usually below the holder's; the holder answers to the datagram's source.
+    holder, reader = Endpoint("holder"), Endpoint("reader")
+    holder.applied = 50
+    asked: list[tuple[Nudge, object]] = []
+    answers: list[Nudge] = []
+    holder.n._on_flush = lambda n, peer: asked.append((n, peer))
+    reader.n._on_flushed = answers.append
+    async with trio.open_nursery() as nursery:
+        await nursery.start(holder.n.serve)
+        await nursery.start(reader.n.serve)
+        for _ in range(2 * nudge.RATE):  # no rate limit: the holder coalesces them
+            assert reader.n.nudge(holder.heartbeat(), 3, f"{nudge.FLUSH}n1")
+        await until(lambda: len(asked) == 2 * nudge.RATE)
+        n, peer = asked[0]
+        assert n == Nudge(FS, "reader", "holder", 3, f"{nudge.FLUSH}n1")
+        assert holder.n.answer(peer, n.sender, 42, f"{nudge.FLUSHED}n1")
+        await until(lambda: bool(answers))
+        nursery.cancel_scope.cancel()
+    assert answers == [Nudge(FS, "holder", "reader", 42, f"{nudge.FLUSHED}n1")]
+    assert holder.n.stats.woken == 0 and holder.n.stats.dropped_stale == 0
+    assert (holder.n.stats.flush_asks, reader.n.stats.flush_answers) == (2 * nudge.RATE, 1)
