@@ -119,6 +119,34 @@ def rows(view: View, limit: int = 1_000_000) -> list[Row]:
     return out
 
 
+def first_rows(
+    view: View, upto: int | None = None, max_bytes: int | None = None
+) -> tuple[list[Row], bool]:
+    """The oldest rows (up to jseq `upto`), as many as `entries` puts in its first
+    entry (so that a flush decodes one entry's worth per step, not the whole journal),
+    and whether they are all the rows there are (up to `upto`)."""
+    limit = MAX_ENTRY if max_bytes is None else max_bytes
+    out: list[Row] = []
+    size = 0
+    for jseq, op, doms, t, mono in view.db.execute(
+        "SELECT jseq, op, domains, t, mono FROM journal WHERE jseq <= ? ORDER BY jseq",
+        (upto if upto is not None else 1 << 62,),
+    ):
+        n = len(op) + 2
+        if out and size + n > limit - 4096:
+            return out, False
+        out.append(
+            Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono, len(op))
+        )
+        size += n
+    return out, True
+
+
+def newest_jseq(view: View) -> int:
+    """The jseq of the newest row (0 if the journal is empty)."""
+    return int(view.db.execute("SELECT COALESCE(MAX(jseq), 0) FROM journal").fetchone()[0])
+
+
 def stats(view: View) -> tuple[int, float | None]:
     """(number of rows, lease-clock time of the oldest or None)."""
     n, oldest = view.db.execute("SELECT COUNT(*), MIN(mono) FROM journal").fetchone()

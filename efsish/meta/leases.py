@@ -274,13 +274,14 @@ class Leases:
         return ""
 
     def flush_entries(
-        self, view: View, extra: list[Op] | None, strict: bool
-    ) -> list[LogEntry] | None:
-        """The entries that commit the journal (and `extra` lease ops, in the last
-        entry), computed from the journal and the lease rows now. None if a row
-        references a staged block not uploaded yet (`strict`: the caller waited for
-        every upload under the writer lock, so that is a bug)."""
-        rows = journal.rows(view)
+        self, view: View, extra: list[Op] | None, strict: bool, upto: int | None = None
+    ) -> tuple[LogEntry | None, bool] | None:
+        """The next entry that commits the journal (its rows up to jseq `upto`),
+        computed from the oldest rows and the lease rows now, and whether it is the
+        last (then `extra` lease ops ride in it). (None, True): nothing to flush. None
+        if a row references a staged block not uploaded yet (`strict`: the caller
+        waited for every upload under the writer lock, so that is a bug)."""
+        rows, last = journal.first_rows(view, upto)
         if self.staging is not None:
             late = self.staging.not_uploaded(k for k, _ in _block_refs(rows))
             if late and not strict:
@@ -289,7 +290,7 @@ class Leases:
                 raise EfsishError(f"journal references staged blocks not uploaded: {late[:3]}")
         # An answer to a recall that is no longer open (answered already, or closed by a
         # change of holder) would fence the whole entry: drop it.
-        extra = [op for op in extra or [] if _still_valid(view, op)]
+        extra = [op for op in extra or [] if last and _still_valid(view, op)]
         doms: set[int] = set().union(*(r.domains for r in rows)) if rows else set()
         extra_doms = {op.domain for op in extra if isinstance(op, (LFlush, LRel))}
         epochs: dict[int, int] = {}
@@ -303,7 +304,8 @@ class Leases:
             epochs[d] = epoch
         now = time.time_ns()
         out = journal.entries(rows, self.client, self.inc, now, epochs)
-        if extra and len(out) <= 1:
+        assert len(out) <= 1  # first_rows took one entry's worth
+        if extra:
             if not out:
                 e = LogEntry(uuid.uuid4().hex, self.client, now, [], inc=self.inc, kind=SYNC)
                 e.claims = {}
@@ -315,7 +317,7 @@ class Leases:
                     claims[op.domain] = epochs[op.domain]
             e.ops = [*e.ops, *extra]
             e.claims = claims or None
-        return out
+        return (out[0] if out else None), last
 
     # ---------------------------------------------------------------- trio thread
 

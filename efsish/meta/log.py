@@ -35,6 +35,7 @@ import errno
 import logging
 import random
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -47,6 +48,7 @@ import trio
 from efsish import codec
 from efsish.errors import (
     CorruptObject,
+    EfsishError,
     FsError,
     NotFound,
     PreconditionFailed,
@@ -59,7 +61,7 @@ from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, Extent, View
+from efsish.meta.view import ApplyResult, Attr, Extent, View, checkpoint_wal, wal_frames
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -81,6 +83,12 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # A flush that met rows referencing blocks staged after it waited for the uploads this
 # many times waits for them under the writer lock (`_flush_open`).
 LATE_TRIES = 3
+# The view's WAL is checkpointed in the background (`keep_wal`), looked at every
+# WAL_CHECK_EVERY seconds: once it holds WAL_QUIET_FRAMES and nothing changed the view
+# since the last look, or once it holds WAL_BUSY_FRAMES whatever goes on.
+WAL_CHECK_EVERY = 0.25
+WAL_QUIET_FRAMES = 1024  # 4 MiB of 4 KiB pages
+WAL_BUSY_FRAMES = 65_536
 # A catch-up that finds entries reads the following positions in windows that double up
 # to this many GETs at once: a backlog of n entries costs about log2(n) round trips rather
 # than n, and at most as many GETs past the head as it found entries.
@@ -160,6 +168,10 @@ class MetaLog:
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
         self._rlimiter = trio.CapacityLimiter(1)
+        # The WAL checkpoint's worker thread (`keep_wal`): taken, like `_rlimiter`, by
+        # whatever closes or replaces the view's files.
+        self._cplimiter = trio.CapacityLimiter(1)
+        self.wal_checkpoints = 0
         self._wlock = trio.Lock()
         self._flush_lock = trio.Lock()  # one journal flush at a time (`flush`)
         self.rebuilds = 0  # views rebuilt after a fence (`rebuild`)
@@ -282,9 +294,42 @@ class MetaLog:
         # Not under a read running in a worker thread (a background task's stats read,
         # say): closing a SQLite connection another thread is using crashes the
         # process. A read that starts after this fails with an error instead.
-        async with self._writer_lock(), self._rlimiter:
+        async with self._writer_lock(), self._rlimiter, self._cplimiter:
             self.writer.close()
             self.reader.close()
+            self._closed = True
+
+    _closed = False
+
+    async def keep_wal(self) -> None:
+        """Checkpoint the view's WAL in a worker thread, on a connection of its own,
+        while changes and reads go on: preferably when the view is quiet, at the latest
+        at WAL_BUSY_FRAMES. (SQLite's own checkpoint runs inside the COMMIT that crosses
+        its threshold and syncs two files there: a change every few hundred waited for
+        it, several milliseconds on a fast disk.)"""
+        path = self.db_path
+
+        def maybe(quiet: bool) -> bool:
+            frames = wal_frames(path)
+            if self._closed or frames < (WAL_QUIET_FRAMES if quiet else WAL_BUSY_FRAMES):
+                return False
+            t0 = time.perf_counter()
+            checkpoint_wal(path)
+            log.debug(
+                "checkpointed %d WAL frames in %.1f ms", frames, 1e3 * (time.perf_counter() - t0)
+            )
+            return True
+
+        seen = -1
+        while True:
+            await trio.sleep(WAL_CHECK_EVERY)
+            now = self.commits + self._seq
+            quiet, seen = now == seen, now
+            try:
+                if await trio.to_thread.run_sync(maybe, quiet, limiter=self._cplimiter):
+                    self.wal_checkpoints += 1
+            except (OSError, sqlite3.Error, EfsishError) as e:
+                log.warning("checkpoint of the metadata view's WAL in %s failed: %s", path, e)
 
     # ------------------------------------------------------------------------- reads
 
@@ -1092,6 +1137,15 @@ class MetaLog:
             return
         late = 0
         rebuilds = self.rebuilds
+        # The rows to flush: those answered before the flush began. Rows answered
+        # meanwhile wait for the next flush (else a steady stream of changes could
+        # keep an fsync from returning).
+        target: int | None = None
+
+        def plan_next() -> tuple[tuple[LogEntry | None, bool] | None, int]:
+            newest = journal.newest_jseq(self.writer) if target is None else target
+            return leases.flush_entries(self.writer, None, False, newest), newest
+
         while True:
             async with self._writer_lock():
                 self._check_unfenced(rebuilds)
@@ -1099,20 +1153,23 @@ class MetaLog:
                     # Blocks keep being staged faster than they go up: wait under the
                     # lock, so that no new row can reference a new one.
                     await leases.before_flush()
-                entries = await self._in_writer(leases.flush_entries, self.writer, None, False)
-                if entries is not None:
-                    if not entries:
-                        self.journal_rows = 0  # (a catch-up may have met our last entry)
-                        return
-                    entry, last = entries[0], len(entries) == 1
-                    blob = journal.encode(entry)
-                    seq = self._seq + 1
-                    put_at, put_tk = self._stamp()
-            if entries is None:
+                plan, newest = await self._in_writer(plan_next)
+                if target is None:
+                    target = newest
+                if plan is not None and plan[0] is None:
+                    self.journal_rows = 0  # (a catch-up may have met our last entry)
+                    return
+                seq = self._seq + 1
+            if plan is None:
                 # A row references a block staged since `before_flush`: it goes first.
                 late += 1
                 await leases.before_flush()
                 continue
+            entry, last = plan
+            assert entry is not None
+            # Encoded (up to a MiB of JSON, compressed) without the writer lock.
+            blob = await trio.to_thread.run_sync(journal.encode, entry)
+            put_at, put_tk = self._stamp()
             try:
                 await self._put_entry(seq, blob)
             except PreconditionFailed:
@@ -1153,12 +1210,12 @@ class MetaLog:
             if self.broken:
                 raise FsError(f"metadata log unusable: {self.broken}")
             await leases.before_flush()  # staged blocks of the journal go up first
-            entries = await self._in_writer(leases.flush_entries, self.writer, extra, True)
-            assert entries is not None
-            if not entries:
+            plan = await self._in_writer(leases.flush_entries, self.writer, extra, True)
+            assert plan is not None
+            entry, last = plan
+            if entry is None:
                 self.journal_rows = 0  # (a catch-up may have met our last entry)
                 return
-            entry = entries[0]
             blob = journal.encode(entry)
             seq = self._seq + 1
             put_at, put_tk = self._stamp()
@@ -1171,7 +1228,7 @@ class MetaLog:
                 continue
             await self._record_flushed(entry, seq)
             self._renewed(put_at, put_tk)
-            if len(entries) == 1:
+            if last:
                 return
 
     async def _record_flushed(self, entry: LogEntry, seq: int) -> None:
@@ -1226,8 +1283,8 @@ class MetaLog:
             self._open_local()
 
         # No read of the old file runs, nor one of the new file while a checkpoint
-        # replaces it (it closes and reopens the connections).
-        async with self._rlimiter:
+        # replaces it (it closes and reopens the connections), nor a WAL checkpoint.
+        async with self._rlimiter, self._cplimiter:
             with trio.CancelScope(shield=True):
                 await self._in_writer(wipe)
             self.memo.forget_all()

@@ -7,10 +7,13 @@ one memory store (the fixtures of test_leases.py)."""
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import trio
 
 from efsish.errors import FsError
+from efsish.meta import journal
 from efsish.meta.keys import LOG_PREFIX, seq_of
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
@@ -242,3 +245,32 @@ async def test_concurrent_catch_ups_apply_each_entry_once(make: Make) -> None:
         assert (await c.fs.lookup(other, b"g%d" % i)).ino == (
             await a.fs.lookup(other, b"g%d" % i)
         ).ino
+
+
+async def test_a_flush_takes_the_rows_answered_before_it_one_entry_at_a_time(
+    make: Make, store: ObjectStore, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(journal, "MAX_ENTRY", 24 * 1024)  # a few inline files per entry
+    a, home = await journaled(make)
+    assert a.fs.leases is not None
+    for i in range(12):
+        await write_file(a.fs, home, b"g%d" % i, os.urandom(4096))
+    gated = gate(a, land_first=False)
+
+    async with trio.open_nursery() as n:
+        n.start_soon(a.fs.leases.sync)
+        await gated.waiting.wait()
+        # Answered while the flush's first entry is on the way: not part of it.
+        await write_file(a.fs, home, b"late", b"after the fsync began")
+        gated.gate.set()
+    log = await entries(store)
+    flushed = [e for e in log if e.journaled]
+    assert len(flushed) >= 3  # one entry's worth of rows at a time
+    assert all(len(journal.encode(e)) <= 24 * 1024 for e in flushed)
+    assert await names_in_log(store, b"g11") == 1
+    assert await names_in_log(store, b"late") == 0  # waits for the next flush
+    assert a.fs.meta.journal_rows > 0
+    await a.fs.leases.sync()
+    assert await names_in_log(store, b"late") == 1
+    b = await make()
+    assert await read_file(b.fs, home, b"late") == b"after the fsync began"

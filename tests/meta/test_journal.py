@@ -39,3 +39,24 @@ def test_flushed_entries_are_cut_by_the_encoded_size_of_their_ops(view: View) ->
     assert covered == [r.jseq for r in rows]  # every row once, in order
     for e in cut:  # (before compression)
         assert len(json.dumps(e.wire(), separators=(",", ":"))) <= bound
+
+
+def test_a_flush_step_reads_the_rows_of_one_entry_up_to_a_bound(view: View) -> None:
+    """`first_rows` takes what `entries` puts in its first entry (a flush decodes one
+    entry's worth of rows per step), and no row past `upto`."""
+    journal.ensure(view)
+    view.begin()
+    for i in range(40):
+        data = bytes([i]) * 3000
+        ops: list[Op] = [Write(100 + i, (Extent(0, len(data), data=data),), len(data), T0 + i)]
+        journal.append(view, "client", ops, [{1}], T0 + i, 1.0)
+    view.commit()
+    bound = 4096 + 20_000
+    first = journal.entries(journal.rows(view), "client", 1, T0, {1: 5}, max_bytes=bound)[0]
+    rows, last = journal.first_rows(view, max_bytes=bound)
+    assert not last and (rows[0].jseq, rows[-1].jseq) == first.batch
+    rows, last = journal.first_rows(view, upto=rows[0].jseq + 1, max_bytes=bound)
+    assert last and [r.jseq for r in rows] == [rows[0].jseq, rows[0].jseq + 1]
+    newest = journal.newest_jseq(view)
+    rows, last = journal.first_rows(view, upto=newest)
+    assert last and len(rows) == 40 and rows[-1].jseq == newest
