@@ -35,7 +35,6 @@ import errno
 import logging
 import random
 import sqlite3
-import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -48,7 +47,6 @@ import trio
 from efsish import codec
 from efsish.errors import (
     CorruptObject,
-    EfsishError,
     FsError,
     NotFound,
     PreconditionFailed,
@@ -61,7 +59,7 @@ from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, Extent, View, checkpoint_wal, wal_frames
+from efsish.meta.view import ApplyResult, Attr, Extent, View
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -83,12 +81,6 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # A flush that met rows referencing blocks staged after it waited for the uploads this
 # many times waits for them under the writer lock (`_flush_open`).
 LATE_TRIES = 3
-# The view's WAL is checkpointed in the background (`keep_wal`), looked at every
-# WAL_CHECK_EVERY seconds: once it holds WAL_QUIET_FRAMES and nothing changed the view
-# since the last look, or once it holds WAL_BUSY_FRAMES whatever goes on.
-WAL_CHECK_EVERY = 0.25
-WAL_QUIET_FRAMES = 1024  # 4 MiB of 4 KiB pages
-WAL_BUSY_FRAMES = 65_536
 # A catch-up that finds entries reads the following positions in windows that double up
 # to this many GETs at once: a backlog of n entries costs about log2(n) round trips rather
 # than n, and at most as many GETs past the head as it found entries.
@@ -168,10 +160,6 @@ class MetaLog:
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
         self._rlimiter = trio.CapacityLimiter(1)
-        # The WAL checkpoint's worker thread (`keep_wal`): taken, like `_rlimiter`, by
-        # whatever closes or replaces the view's files.
-        self._cplimiter = trio.CapacityLimiter(1)
-        self.wal_checkpoints = 0
         self._wlock = trio.Lock()
         self._flush_lock = trio.Lock()  # one journal flush at a time (`flush`)
         self.rebuilds = 0  # views rebuilt after a fence (`rebuild`)
@@ -294,42 +282,9 @@ class MetaLog:
         # Not under a read running in a worker thread (a background task's stats read,
         # say): closing a SQLite connection another thread is using crashes the
         # process. A read that starts after this fails with an error instead.
-        async with self._writer_lock(), self._rlimiter, self._cplimiter:
+        async with self._writer_lock(), self._rlimiter:
             self.writer.close()
             self.reader.close()
-            self._closed = True
-
-    _closed = False
-
-    async def keep_wal(self) -> None:
-        """Checkpoint the view's WAL in a worker thread, on a connection of its own,
-        while changes and reads go on: preferably when the view is quiet, at the latest
-        at WAL_BUSY_FRAMES. (SQLite's own checkpoint runs inside the COMMIT that crosses
-        its threshold and syncs two files there: a change every few hundred waited for
-        it, several milliseconds on a fast disk.)"""
-        path = self.db_path
-
-        def maybe(quiet: bool) -> bool:
-            frames = wal_frames(path)
-            if self._closed or frames < (WAL_QUIET_FRAMES if quiet else WAL_BUSY_FRAMES):
-                return False
-            t0 = time.perf_counter()
-            checkpoint_wal(path)
-            log.debug(
-                "checkpointed %d WAL frames in %.1f ms", frames, 1e3 * (time.perf_counter() - t0)
-            )
-            return True
-
-        seen = -1
-        while True:
-            await trio.sleep(WAL_CHECK_EVERY)
-            now = self.commits + self._seq
-            quiet, seen = now == seen, now
-            try:
-                if await trio.to_thread.run_sync(maybe, quiet, limiter=self._cplimiter):
-                    self.wal_checkpoints += 1
-            except (OSError, sqlite3.Error, EfsishError) as e:
-                log.warning("checkpoint of the metadata view's WAL in %s failed: %s", path, e)
 
     # ------------------------------------------------------------------------- reads
 
@@ -1283,8 +1238,8 @@ class MetaLog:
             self._open_local()
 
         # No read of the old file runs, nor one of the new file while a checkpoint
-        # replaces it (it closes and reopens the connections), nor a WAL checkpoint.
-        async with self._rlimiter, self._cplimiter:
+        # replaces it (it closes and reopens the connections).
+        async with self._rlimiter:
             with trio.CancelScope(shield=True):
                 await self._in_writer(wipe)
             self.memo.forget_all()

@@ -22,7 +22,6 @@ from __future__ import annotations
 import os
 import sqlite3
 import stat
-import struct
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -78,11 +77,6 @@ __all__ = [
 
 ROOT_INO = 1
 FIRST_FREE_INO = 2
-# A checkpoint of the WAL syncs the WAL and the database file (synchronous=NORMAL): run
-# inside a COMMIT it made every few hundredth change wait several milliseconds. A mount
-# checkpoints in the background instead (`checkpoint_wal`, MetaLog.keep_wal); this is
-# the backstop (pages) for a view nobody checkpoints (efsish gc, fsck).
-WAL_AUTOCHECKPOINT = 131_072
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS inodes (
@@ -263,7 +257,6 @@ class View:
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
             self.db.execute("PRAGMA synchronous = NORMAL")
-            self.db.execute(f"PRAGMA wal_autocheckpoint = {WAL_AUTOCHECKPOINT}")
             self.db.executescript(SCHEMA)
             cols = {r[1] for r in self.db.execute("PRAGMA table_info(extents)")}
             if "crcs" not in cols:  # a view or checkpoint from before ranged reads
@@ -747,33 +740,3 @@ class View:
         self._touch(op.ino, op.t, mtime=False)
         res.inodes.add(op.ino)
         res.xattrs.add(op.ino)
-
-
-def wal_frames(path: str | Path) -> int:
-    """How many frames the WAL of the view at `path` holds now (0 if it has none), read
-    from the wal-index header in its `-shm` file (mxFrame, a native-endian u32 at byte
-    16; https://www.sqlite.org/walformat.html). The file's size says nothing: SQLite
-    reuses the WAL from its start after a checkpoint."""
-    try:
-        with open(str(path) + "-shm", "rb") as f:
-            head = f.read(20)
-    except FileNotFoundError:
-        return 0
-    return struct.unpack("=I", head[16:20])[0] if len(head) == 20 else 0
-
-
-def checkpoint_wal(path: str | Path) -> tuple[int, int]:
-    """Copy what the WAL of the view at `path` holds into the database file, without
-    waiting for its readers or its writer (a PASSIVE checkpoint, on a connection of its
-    own, in a worker thread): (WAL frames, frames checkpointed)."""
-    for p in (str(path), str(path) + "-wal"):
-        if os.path.islink(p):
-            raise EfsishError(f"metadata view file {p} is a symlink; remove it")
-    if not os.path.exists(path):
-        return 0, 0  # (connecting would create an empty database)
-    db = sqlite3.connect(f"file:{path}", uri=True, isolation_level=None)
-    try:
-        _busy, frames, done = db.execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(frames), int(done)
-    finally:
-        db.close()
