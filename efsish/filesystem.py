@@ -214,6 +214,7 @@ class Filesystem:
         await self.meta.open()
         await self.metering.start(nursery, (await self.meta.read(View.stats))[1])
         await nursery.start(self.meta.run)
+        nursery.start_soon(self.meta.keep_wal)
         if self.roreads is not None:
             self.roreads.nursery = nursery
         if self.leases is not None:

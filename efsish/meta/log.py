@@ -35,6 +35,7 @@ import errno
 import logging
 import random
 import sqlite3
+import time
 import uuid
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -47,6 +48,7 @@ import trio
 from efsish import codec
 from efsish.errors import (
     CorruptObject,
+    EfsishError,
     FsError,
     NotFound,
     PreconditionFailed,
@@ -59,7 +61,7 @@ from efsish.meta.memo import Fresh, Listed, Memo
 from efsish.meta.ops import LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
-from efsish.meta.view import ApplyResult, Attr, Extent, View
+from efsish.meta.view import ApplyResult, Attr, Extent, View, checkpoint_wal
 from efsish.retry import retry_transient
 from efsish.store import ObjectStore
 
@@ -81,6 +83,13 @@ CHASING_AFTER = 20  # entries applied in one catch-up that mean we are chasing a
 # A flush that met rows referencing blocks staged after it waited for the uploads this
 # many times waits for them under the writer lock (`_flush_open`).
 LATE_TRIES = 3
+# The view's WAL is checkpointed in the background (`keep_wal`), looked at every
+# WAL_CHECK_EVERY seconds: once WAL_QUIET_WRITES inodes were written to the view since the
+# last checkpoint and nothing since the last look, or once WAL_BUSY_WRITES were, whatever
+# goes on (a change writes about 14 frames of 4 KiB).
+WAL_CHECK_EVERY = 0.25
+WAL_QUIET_WRITES = 100
+WAL_BUSY_WRITES = 700
 # A catch-up that finds entries reads the following positions in windows that double up
 # to this many GETs at once: a backlog of n entries costs about log2(n) round trips rather
 # than n, and at most as many GETs past the head as it found entries.
@@ -160,6 +169,12 @@ class MetaLog:
         self.checkpoint_every = checkpoint_every
         self._wlimiter = trio.CapacityLimiter(1)
         self._rlimiter = trio.CapacityLimiter(1)
+        # The WAL checkpoint's worker thread (`keep_wal`): taken, like `_rlimiter`, by
+        # whatever closes or replaces the view's files.
+        self._cplimiter = trio.CapacityLimiter(1)
+        self.view_writes = 0  # inodes written to the view (each applied entry: at least 1)
+        self.wal_checkpoints = 0
+        self._closed = False
         self._wlock = trio.Lock()
         self._flush_lock = trio.Lock()  # one journal flush at a time (`flush`)
         self.rebuilds = 0  # views rebuilt after a fence (`rebuild`)
@@ -282,9 +297,38 @@ class MetaLog:
         # Not under a read running in a worker thread (a background task's stats read,
         # say): closing a SQLite connection another thread is using crashes the
         # process. A read that starts after this fails with an error instead.
-        async with self._writer_lock(), self._rlimiter:
+        async with self._writer_lock(), self._rlimiter, self._cplimiter:
             self.writer.close()
             self.reader.close()
+            self._closed = True
+
+    async def keep_wal(self) -> None:
+        """Checkpoint the view's WAL in a worker thread, on a connection of its own,
+        while changes and reads go on: when the view is quiet, at the latest after
+        WAL_BUSY_WRITES. (SQLite's own checkpoint runs inside the COMMIT that crosses
+        its threshold and syncs two files there.)"""
+        path = self.db_path
+
+        def checkpoint() -> None:
+            if not self._closed:
+                t0 = time.perf_counter()
+                frames, _ = checkpoint_wal(path)
+                ms = 1e3 * (time.perf_counter() - t0)
+                log.debug("checkpointed %d WAL frames in %.1f ms", frames, ms)
+
+        seen = done = self.view_writes
+        while True:
+            await trio.sleep(WAL_CHECK_EVERY)
+            now = self.view_writes
+            quiet, seen = now == seen, now
+            if now - done < (WAL_QUIET_WRITES if quiet else WAL_BUSY_WRITES):
+                continue
+            try:
+                await trio.to_thread.run_sync(checkpoint, limiter=self._cplimiter)
+                done = now
+                self.wal_checkpoints += 1
+            except (OSError, sqlite3.Error, EfsishError) as e:
+                log.warning("checkpoint of the metadata view's WAL in %s failed: %s", path, e)
 
     # ------------------------------------------------------------------------- reads
 
@@ -404,6 +448,7 @@ class MetaLog:
         tell the filesystem. Runs on the trio thread under the write lock, so nothing
         was applied between that and this."""
         self.memo.applied(res, fresh)
+        self.view_writes += max(1, len(res.inodes))
         if self.leases is not None and (res.leases or res.shares):
             # On the trio thread, under the write lock, with no hop running: the
             # writer's state (our own answered entry's open transaction included).
@@ -1238,8 +1283,8 @@ class MetaLog:
             self._open_local()
 
         # No read of the old file runs, nor one of the new file while a checkpoint
-        # replaces it (it closes and reopens the connections).
-        async with self._rlimiter:
+        # replaces it (it closes and reopens the connections), nor a WAL checkpoint.
+        async with self._rlimiter, self._cplimiter:
             with trio.CancelScope(shield=True):
                 await self._in_writer(wipe)
             self.memo.forget_all()
