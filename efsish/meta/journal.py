@@ -101,22 +101,22 @@ def append(
     return first, last
 
 
+_ROW_COLS = "jseq, op, domains, t, mono"
+
+
+def _row(jseq: int, op: str, doms: str, t: int, mono: float) -> Row:
+    return Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono, len(op))
+
+
+def _overflows(size: int, n: int, max_bytes: int) -> bool:
+    """An entry holding `size` bytes of ops has no room for one more of `n` bytes (the
+    rest of `max_bytes` is for the entry's header)."""
+    return size + n > max_bytes - 4096
+
+
 def rows(view: View, limit: int = 1_000_000) -> list[Row]:
-    out = []
-    for jseq, op, doms, t, mono in view.db.execute(
-        "SELECT jseq, op, domains, t, mono FROM journal ORDER BY jseq LIMIT ?", (limit,)
-    ):
-        out.append(
-            Row(
-                int(jseq),
-                decode_op(json.loads(op)),
-                frozenset(json.loads(doms)),
-                t,
-                mono,
-                len(op),
-            )
-        )
-    return out
+    q = f"SELECT {_ROW_COLS} FROM journal ORDER BY jseq LIMIT ?"
+    return [_row(*r) for r in view.db.execute(q, (limit,))]
 
 
 def first_rows(
@@ -128,16 +128,12 @@ def first_rows(
     limit = MAX_ENTRY if max_bytes is None else max_bytes
     out: list[Row] = []
     size = 0
-    for jseq, op, doms, t, mono in view.db.execute(
-        "SELECT jseq, op, domains, t, mono FROM journal WHERE jseq <= ? ORDER BY jseq",
-        (upto if upto is not None else 1 << 62,),
-    ):
-        n = len(op) + 2
-        if out and size + n > limit - 4096:
+    q = f"SELECT {_ROW_COLS} FROM journal WHERE jseq <= ? ORDER BY jseq"
+    for r in view.db.execute(q, (upto if upto is not None else 1 << 62,)):
+        n = len(r[1]) + 2
+        if out and _overflows(size, n, limit):
             return out, False
-        out.append(
-            Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono, len(op))
-        )
+        out.append(_row(*r))
         size += n
     return out, True
 
@@ -194,7 +190,7 @@ def entries(
     for r in rows_:
         # The stored wire form's length (what encoding it again would give).
         n = (r.size or len(json.dumps(r.op.wire()))) + 2
-        if cur and size + n > max_bytes - 4096:
+        if cur and _overflows(size, n, max_bytes):
             out.append(_entry(cur, client, inc, t, epochs))
             cur, size = [], 0
         cur.append(r)
