@@ -17,8 +17,9 @@ drives live beside it: planning.py (a batch becomes an entry, in the worker thre
 memo.py (answers kept in memory), inodes.py (the claimed inode range), checkpoints.py
 (the checkpoint objects) and keys.py (the log's key names).
 
-All SQLite work runs in worker threads behind CapacityLimiters; the writer connection is
-used only under `self._wlock`. This module must not import pyfuse3 or know POSIX rules.
+SQLite work runs in worker threads behind CapacityLimiters, except the one small
+transaction of a journaled change (`_in_writer_here`); the writer connection is used only
+under `self._wlock`. This module must not import pyfuse3 or know POSIX rules.
 
 It is longer than the ~600 lines the project aims for: the commit state machine and
 catch-up share the writer lock, `_seq`, the settle state (`_unsettled`, `_settling`,
@@ -222,6 +223,17 @@ class MetaLog:
         caller waits for the thread to finish (SQLite work is never abandoned)."""
         async with self._wlimiter:
             return await in_thread(fn, *args)
+
+    async def _in_writer_here(self, fn: Callable[..., T], *args: Any) -> T:
+        """fn(*args) on the trio thread, holding `_wlimiter` as `_in_writer` does: for
+        the one small transaction of a journaled change (`submit_local`: a few indexed
+        statements and a WAL append, 100-300 µs). The hop there and back cost as much
+        as the work: a file tar extracts makes two such changes (its create and its
+        layout at close), and without the hop they took 350 and 650 µs instead of 560
+        and 1,020 (docs/BENCHMARKS.md). Catch-ups, flushes and sync commits, whose size
+        has no bound, keep their hops."""
+        async with self._wlimiter:
+            return fn(*args)
 
     # --------------------------------------------------------------------- lifecycle
 
@@ -1048,7 +1060,7 @@ class MetaLog:
             saved = self.inodes.save()
             with self._publish():
                 try:
-                    out = await self._in_writer(self._plan_local, planner, ok, leases.clock())
+                    out = await self._in_writer_here(self._plan_local, planner, ok, leases.clock())
                 except BaseException:
                     self.inodes.restore(saved)
                     raise
