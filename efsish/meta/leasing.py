@@ -475,12 +475,7 @@ def _apply_lease_op(view: View, op: LeaseOp, entry: LogEntry, res: ApplyResult) 
 def _set_holder(view: View, d: int, holder: Holder | None, res: ApplyResult) -> None:
     """Domain `d` changes hands (None: FREE) at this position: a new epoch, and its
     open recalls, made against the old holder, are closed."""
-    c, i = holder if holder is not None else (None, None)
-    view.db.execute(
-        "INSERT OR REPLACE INTO leases (domain, holder_client, holder_inc, epoch) "
-        "VALUES (?, ?, ?, ?)",
-        (d, c, i, view.cur_seq),
-    )
+    view.set_lease(d, holder, view.cur_seq)
     view.db.execute("DELETE FROM recalls WHERE domain = ?", (d,))
     res.leases.add(d)
 

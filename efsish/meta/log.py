@@ -260,6 +260,7 @@ class MetaLog:
             for suffix in ("", "-wal", "-shm"):
                 Path(str(self.db_path) + suffix).unlink(missing_ok=True)
             view = self._view()
+        view.keep_rows()
         self.writer = view
         self.reader = self._view()
 
@@ -294,6 +295,7 @@ class MetaLog:
         self.reader.close()
         checkpoints.install(data, seq, what, self.db_path, self.sb.fs_uuid)
         self.writer = self._view()
+        self.writer.keep_rows()
         self.reader = self._view()
         self.memo.forget_all()
 

@@ -262,6 +262,13 @@ class View:
         # Position and time of the entry being applied: recorded with garbage blocks.
         self.cur_seq = 0
         self.cur_t = 0
+        # Rows a change reads again and again (the parents of the directories above it,
+        # the leases of its domains, the journal counter), kept in memory once
+        # `keep_rows` is called: only on the connection that writes them, emptied at
+        # every rollback and changed wherever this class changes those rows.
+        self._parents: dict[int, int] | None = None
+        self._leases: dict[int, tuple[Holder | None, int]] | None = None
+        self._meta: dict[str, Any] | None = None
         self.db.execute("PRAGMA busy_timeout = 10000")
         if not readonly:
             self.db.execute("PRAGMA journal_mode = WAL")
@@ -276,6 +283,16 @@ class View:
     def close(self) -> None:
         self.db.close()
 
+    def keep_rows(self) -> None:
+        """Keep the rows a change reads most in memory (see __init__). Only for the
+        writer: no other connection may change the view's tables."""
+        self._parents, self._leases, self._meta = {}, {}, {}
+
+    def _forget_rows(self) -> None:
+        for kept in (self._parents, self._leases, self._meta):
+            if kept is not None:
+                kept.clear()
+
     # ------------------------------------------------------------------ transactions
 
     def begin(self) -> None:
@@ -285,6 +302,7 @@ class View:
         self.db.execute("COMMIT")
 
     def rollback(self) -> None:
+        self._forget_rows()
         if self.db.in_transaction:
             self.db.execute("ROLLBACK")
 
@@ -295,22 +313,34 @@ class View:
         self.db.execute(f"RELEASE {name}")
 
     def rollback_to(self, name: str) -> None:
+        self._forget_rows()
         self.db.execute(f"ROLLBACK TO {name}")
         self.db.execute(f"RELEASE {name}")
 
     # --------------------------------------------------------------------- meta keys
 
     def get_meta(self, key: str, default: Any = None) -> Any:
+        kept = self._meta
+        if kept is not None and key in kept:
+            return kept[key]
         row = self.db.execute("SELECT value FROM meta WHERE key = ?", (key,)).fetchone()
-        return default if row is None else row[0]
+        if row is None:
+            return default
+        if kept is not None:
+            kept[key] = row[0]
+        return row[0]
 
     def set_meta(self, key: str, value: Any) -> None:
         # An UPDATE in place where the key exists (every change sets a counter or the
         # position): REPLACE would delete and re-insert the row, rewriting the key's
         # index page too, one more page in the WAL per commit.
-        if self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key)).rowcount:
-            return
-        self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        kept = self._meta
+        if kept is not None:
+            kept.pop(key, None)
+        if not self.db.execute("UPDATE meta SET value = ? WHERE key = ?", (value, key)).rowcount:
+            self.db.execute("INSERT INTO meta (key, value) VALUES (?, ?)", (key, value))
+        if kept is not None and type(value) in (int, str):  # as SQLite gives them back
+            kept[key] = value
 
     @property
     def applied_seq(self) -> int:
@@ -347,10 +377,17 @@ class View:
         """The parent of a directory (directories have exactly one dentry)."""
         if ino == ROOT_INO:
             return ROOT_INO
+        kept = self._parents
+        if kept is not None and ino in kept:
+            return kept[ino]
         row = self.db.execute(
             "SELECT parent FROM dentries WHERE ino = ? LIMIT 1", (ino,)
         ).fetchone()
-        return int(row[0]) if row else None
+        if row is None:
+            return None
+        if kept is not None:
+            kept[ino] = int(row[0])
+        return int(row[0])
 
     def is_empty_dir(self, ino: int) -> bool:
         return (
@@ -452,13 +489,30 @@ class View:
 
     def lease(self, d: int) -> tuple[Holder | None, int]:
         """(holder or None for FREE, epoch) of domain `d` (FREE at 0 without a row)."""
+        kept = self._leases
+        if kept is not None and d in kept:
+            return kept[d]
         row = self.db.execute(
             "SELECT holder_client, holder_inc, epoch FROM leases WHERE domain = ?", (d,)
         ).fetchone()
         if row is None:
-            return None, 0
-        holder = (str(row[0]), int(row[1])) if row[0] is not None else None
-        return holder, int(row[2])
+            out: tuple[Holder | None, int] = (None, 0)
+        else:
+            out = ((str(row[0]), int(row[1])) if row[0] is not None else None, int(row[2]))
+        if kept is not None:
+            kept[d] = out
+        return out
+
+    def set_lease(self, d: int, holder: Holder | None, epoch: int) -> None:
+        """Domain `d` is held by `holder` (None: FREE) from `epoch` on."""
+        c, i = holder if holder is not None else (None, None)
+        self.db.execute(
+            "INSERT OR REPLACE INTO leases (domain, holder_client, holder_inc, epoch) "
+            "VALUES (?, ?, ?, ?)",
+            (d, c, i, epoch),
+        )
+        if self._leases is not None:
+            self._leases[d] = (holder, epoch)
 
     def session(self, client: str) -> tuple[int, int, int | None] | None:
         """(newest incarnation, its sess position, dirty position) of `client`."""
@@ -580,6 +634,8 @@ class View:
         if ino is None:
             raise ValueError(f"no entry {name!r} in {parent}")
         attr = self.getattr(ino)
+        if self._parents is not None:
+            self._parents.pop(ino, None)
         self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
         if attr is not None and attr.is_dir:
             self._add_nlink(parent, -1)
@@ -626,6 +682,8 @@ class View:
 
     def _op_ln(self, op: Ln, res: ApplyResult) -> None:
         ino, parent, name, t = op.ino, op.parent, op.name, op.t
+        if self._parents is not None:
+            self._parents.pop(ino, None)
         self.db.execute(
             "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
         )
@@ -643,6 +701,10 @@ class View:
             raise ValueError("rename source missing")
         src_attr = self.getattr(src)
         dst = self.lookup(dp, dn)
+        if self._parents is not None:
+            self._parents.pop(src, None)
+            if dst is not None:
+                self._parents.pop(dst, None)
         if op.exchange:  # RENAME_EXCHANGE
             if dst is None:
                 raise ValueError("exchange target missing")

@@ -5,9 +5,10 @@ from __future__ import annotations
 from pathlib import Path
 
 from efsish.meta import domains
-from efsish.meta.ops import Ln, Mk
+from efsish.meta.ops import Ln, Mk, Mv, Rm
 from efsish.meta.view import ROOT_INO, ApplyResult, View
 from tests.meta.leaselog import DIR, REG, T0, new_view
+from tests.meta.views import apply
 
 TOP = domains.TOP
 
@@ -67,3 +68,40 @@ def test_depth_two_makes_each_home_a_domain(tmp_path: Path) -> None:
     # /home's subtree, were it one level deeper, would have its roots one level up.
     assert domains.roots_in(v, 2, at_depth=2) == {2}
     assert domains.subtree_domains(v, 2) == {TOP, 3, 6}
+
+
+def test_kept_rows_follow_every_change_and_rollback(tmp_path: Path) -> None:
+    """The writer keeps the parents of directories, the leases and the meta counters in
+    memory (View.keep_rows): a rename, an exchange, a removal, a lease handed over and a
+    rolled-back transaction change what it answers exactly as they change the tables."""
+    v = new_view(tmp_path / "v.db")
+    v.keep_rows()
+    tree(v)
+    assert [domains.domain_of_dir(v, d) for d in (3, 4)] == [2, 2]  # walked: now kept
+    apply(v, Mv(2, b"alice", 8, b"alice", T0))  # /home/alice -> /etc/alice
+    assert [v.parent_of(3), domains.domain_of_dir(v, 4)] == [8, 8]
+    apply(v, Mk(9, 6, b"d", DIR, 0, 0, T0), Mv(8, b"alice", 6, b"d", T0, exchange=True))
+    assert [v.parent_of(3), v.parent_of(9)] == [6, 8]
+    apply(v, Rm(8, b"alice", T0))
+    assert v.parent_of(9) is None
+    v.begin()
+    v.apply_op(Mv(6, b"d", ROOT_INO, b"d", T0), ApplyResult())
+    assert v.parent_of(3) == ROOT_INO
+    v.rollback()
+    assert v.parent_of(3) == 6
+
+    assert v.lease(2) == (None, 0)
+    v.begin()
+    v.set_lease(2, ("a", 1), 7)
+    v.set_meta("jseq_next:a", 5)
+    assert v.lease(2) == (("a", 1), 7) and v.get_meta("jseq_next:a") == 5
+    v.commit()
+    v.begin()
+    v.set_lease(2, None, 9)
+    v.set_meta("jseq_next:a", 6)
+    v.rollback()
+    assert v.lease(2) == (("a", 1), 7) and v.get_meta("jseq_next:a") == 5
+    fresh = View(tmp_path / "v.db")  # what the tables hold
+    for d in (3, 9):
+        assert v.parent_of(d) == fresh.parent_of(d)
+    assert fresh.lease(2) == v.lease(2) and fresh.get_meta("jseq_next:a") == 5
