@@ -44,7 +44,6 @@ from __future__ import annotations
 import logging
 import stat
 from collections.abc import Awaitable, Callable
-from dataclasses import replace
 from typing import Protocol, TypeVar
 
 from efsish.meta.domains import MAX_DEPTH, TOP, Domain
@@ -157,7 +156,7 @@ class Memo:
                 return None
             if gen == self._gen:
                 self._remember(ino, a)
-        return replace(a)
+        return a.copy()
 
     async def lookup(self, parent: int, name: bytes, read: ReadView) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
@@ -170,7 +169,7 @@ class Memo:
             a = self._attrs.get(ino)
             if a is not None:
                 self.hits += 1
-                return replace(a)
+                return a.copy()
 
         def q(view: View) -> tuple[int | None, Attr | None]:
             ino = view.lookup(parent, name)
@@ -184,7 +183,7 @@ class Memo:
             self._names[key] = ino
             if ino is not None and a is not None:
                 self._remember(ino, a)
-        return None if a is None else replace(a)
+        return None if a is None else a.copy()
 
     async def getxattr(self, ino: int, name: bytes, read: ReadView) -> bytes | None:
         """The committed value of xattr `name` of `ino`, or None."""
@@ -272,7 +271,7 @@ class Memo:
                     parents[a.ino] = (True, (ino,))
                 elif a.nlink == 1:
                     parents[a.ino] = (False, (ino,))
-            return [(c, n, replace(a), x) for c, n, a, x in rows]
+            return [(c, n, a.copy(), x) for c, n, a, x in rows]
         return rows
 
     def _remember_parents(self, found: dict[int, Parents]) -> None:
