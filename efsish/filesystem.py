@@ -350,10 +350,12 @@ class Filesystem:
         if self.opts.read_only:
             raise FsError("read-only mount", errno.EROFS)
 
-    async def _submit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
+    async def _submit(
+        self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]], heavy: bool = False
+    ) -> Any:
         await self.metering.acquire("metadata", METADATA_OP_BYTES)
         try:
-            return await self._commit(planner)
+            return await self._commit(planner, heavy)
         except FsError:
             raise
         except EfsishError as e:
@@ -362,11 +364,14 @@ class Filesystem:
 
     # ------------------------------------------------ lease routing (LEASES.md §6)
 
-    async def _commit(self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]]) -> Any:
+    async def _commit(
+        self, planner: Callable[[View, PlanContext], tuple[list[Op], Any]], heavy: bool = False
+    ) -> Any:
         """A change: through the lease policy on a format-3 filesystem (journaled under
-        a lease, or a sync entry, recalling a domain held elsewhere first)."""
+        a lease, or a sync entry, recalling a domain held elsewhere first). `heavy`: its
+        transaction may be long (MetaLog.heavy)."""
         if self.leases is not None:
-            return await self.leases.submit(planner)
+            return await self.leases.submit(planner, heavy)
         return await self.meta.submit(planner)
 
     async def _read_barrier(self, ino: int, catch_up: bool = True) -> None:
@@ -543,13 +548,15 @@ class Filesystem:
         return self._overlay(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        await self._submit(namespace.remove(parent, name, want_dir=False))
+        heavy = self.meta.heavy(self.meta.known_size(entry=(parent, name)))
+        await self._submit(namespace.remove(parent, name, want_dir=False), heavy)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self._submit(namespace.remove(parent, name, want_dir=True))
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int = 0) -> None:
-        await self._submit(namespace.rename(sp, sn, dp, dn, flags))
+        heavy = self.meta.heavy(self.meta.known_size(entry=(dp, dn)))  # a replaced file
+        await self._submit(namespace.rename(sp, sn, dp, dn, flags), heavy)
 
     # ------------------------------------------------------------------- setattr
 
@@ -592,7 +599,8 @@ class Filesystem:
                 return self._overlay(current)
 
         try:
-            attr: Attr = await self._submit(attrs.setattr_plan(ino, ch))
+            heavy = size is not None and self.meta.heavy(max(size, self.meta.known_size(ino)))
+            attr: Attr = await self._submit(attrs.setattr_plan(ino, ch), heavy)
         except FsError as e:
             if e.errno == errno.ENOENT and of is not None and of.orphan is not None:
                 # Another mount unlinked the open file while this change was on its way
@@ -748,7 +756,7 @@ class Filesystem:
             if not due:
                 return
         try:
-            await self._commit(attrs.atimes(due))
+            await self._commit(attrs.atimes(due), self.meta.heavy(ops=len(due)))
         except EfsishError as e:
             log.debug("atime update of %d files failed: %s", len(due), e)
         except Exception:
@@ -827,7 +835,8 @@ class Filesystem:
             pend = list(of.pending)
             size, mtime = of.size, of.mtime
             deferred = dict(of.deferred)
-            await self._submit(attrs.layout(of.ino, pend, size, mtime, deferred))
+            heavy = self.meta.heavy(size, len(pend))
+            await self._submit(attrs.layout(of.ino, pend, size, mtime, deferred), heavy)
             if of.orphan is not None:
                 # Another mount unlinked the file while this commit was on its way: it
                 # committed nothing, and the file now lives here, its snapshot from

@@ -452,9 +452,9 @@ class Leases:
 
     # ------------------------------------------------------------------ requests
 
-    async def submit(self, planner: Planner[T]) -> T:
+    async def submit(self, planner: Planner[T], heavy: bool = False) -> T:
         """A change: journaled locally if it can be (§6.2), else a sync entry; recalls
-        a domain another mount holds first (§6.4)."""
+        a domain another mount holds first (§6.4). `heavy`: see MetaLog.submit_local."""
         start = self.clock()
         while True:
             ok = self._ok_domains()
@@ -465,7 +465,7 @@ class Leases:
                 ):
                     await self._flush()  # backpressure by age (§6.3)
                     continue
-                out = await self.meta.submit_local(planner, ok)
+                out = await self.meta.submit_local(planner, ok, heavy)
                 if out is not None:
                     result, doms = out
                     now = self.clock()

@@ -100,6 +100,13 @@ CATCH_UP_WINDOW = 8
 # tar, a build). Readers of the view and takers of the writer lock do not wait for it.
 SETTLE_WAIT = 0.050
 
+# A journaled change runs its transaction on the trio thread (`_in_writer_here`) unless
+# its rows scale with a file's size or with its number of ops: the layout, removal or
+# truncation of a file this large (256 extents of 4 MiB and more: the view walks them,
+# 0.1-1 s for tens of GiB), or a change of more ops than HEAVY_OPS (a batch of atimes).
+HEAVY_BYTES = 1 << 30
+HEAVY_OPS = 256
+
 
 @trio.lowlevel.enable_ki_protection
 async def in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -230,8 +237,8 @@ class MetaLog:
         statements and a WAL append, 100-300 µs). The hop there and back cost as much
         as the work: a file tar extracts makes two such changes (its create and its
         layout at close), and without the hop they took 350 and 650 µs instead of 560
-        and 1,020 (docs/BENCHMARKS.md). Catch-ups, flushes and sync commits, whose size
-        has no bound, keep their hops."""
+        and 1,020 (docs/BENCHMARKS.md). Catch-ups, flushes, sync commits and heavy
+        journaled changes (HEAVY_BYTES), whose size has no bound, keep their hops."""
         async with self._wlimiter:
             return fn(*args)
 
@@ -407,6 +414,15 @@ class MetaLog:
         async with self._writer_lock():
             await self._settled()
             return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
+
+    def heavy(self, size: int = 0, ops: int = 0) -> bool:
+        """Whether a journaled change of a file of `size` bytes, or of `ops` ops, keeps
+        its worker-thread hop (HEAVY_BYTES)."""
+        return size >= HEAVY_BYTES or ops > HEAVY_OPS
+
+    def known_size(self, ino: int | None = None, entry: tuple[int, bytes] | None = None) -> int:
+        """`Memo.known_size`: a size from memory, 0 when unknown."""
+        return self.memo.known_size(ino, entry)
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""
@@ -1043,13 +1059,14 @@ class MetaLog:
             self.leases.renewed(sent, self.store.server_date())
 
     async def submit_local(
-        self, planner: Planner[T], ok: frozenset[int]
+        self, planner: Planner[T], ok: frozenset[int], heavy: bool = False
     ) -> tuple[T, frozenset[int]] | None:
         """Plan `planner` against the view as a journaled change: if every op touches
         only domains in `ok` (held, valid, not recalled) it is applied and appended to
         the journal in one SQLite transaction, committed before this returns (result,
         domains touched). None: not a local change (another domain, the top, an inode
-        range claim, an error to be judged against the head): commit it as a sync one."""
+        range claim, an error to be judged against the head): commit it as a sync one.
+        `heavy`: its transaction may be long (HEAVY_BYTES): run it in a worker thread."""
         if self.read_only:
             raise FsError("read-only mount", errno.EROFS)
         if self.broken:
@@ -1062,7 +1079,8 @@ class MetaLog:
             saved = self.inodes.save()
             with self._publish():
                 try:
-                    out = await self._in_writer_here(self._plan_local, planner, ok, leases.clock())
+                    run = self._in_writer if heavy else self._in_writer_here
+                    out = await run(self._plan_local, planner, ok, leases.clock())
                 except BaseException:
                     self.inodes.restore(saved)
                     raise

@@ -158,6 +158,14 @@ class Memo:
                 self._remember(ino, a)
         return a.copy()
 
+    def known_size(self, ino: int | None = None, entry: tuple[int, bytes] | None = None) -> int:
+        """The size of inode `ino`, or of the inode `entry` (parent, name) names, if
+        the memo holds it; 0 otherwise. No read: for deciding how to run a change."""
+        if entry is not None:
+            ino = self._names.get(entry)
+        a = None if ino is None else self._attrs.get(ino)
+        return 0 if a is None else a.size
+
     async def lookup(self, parent: int, name: bytes, read: ReadView) -> Attr | None:
         """The committed attributes of the entry `name` in `parent`, or None."""
         key = (parent, name)

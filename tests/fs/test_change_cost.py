@@ -182,3 +182,27 @@ async def test_the_adapter_sends_invalidations_only_for_what_the_kernel_knows(
             await four.wait()  # the last item queued is the fourth to be sent
         n.cancel_scope.cancel()
     assert sent == [("i", 7), ("i", ROOT_INO), ("e", 7), ("e", ROOT_INO)]
+
+
+async def test_a_journaled_change_of_a_huge_file_keeps_its_hop(
+    make_fs: FsFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The transaction of a change whose rows scale with a file's size (its layout, its
+    removal, its truncation, for a file of HEAVY_BYTES or more) runs in a worker thread,
+    not on the trio thread where it would hold up every request and the lease renewals;
+    a small file's do not (previous test)."""
+    fs = await make_fs(commit_interval=3600)
+    d = (await fs.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
+    await create(fs, d, b"w")  # takes the lease
+    assert fs.leases is not None and d in fs.leases.state.held
+    hops = Hops(monkeypatch)
+    fh, attr = await fs.create(d, b"big", 0o644, os.O_WRONLY, ROOT)
+    await fs.write(fh, log.HEAVY_BYTES, b"x")  # sparse: one block, a huge size
+    await fs.release(fh)
+    assert hops.take()["MetaLog._plan_local"] == 1  # the layout; the create inline
+    await fs.setattr(attr.ino, ROOT, size=2 * log.HEAVY_BYTES)
+    assert hops.take()["MetaLog._plan_local"] == 1
+    await fs.lookup(d, b"big")
+    await fs.unlink(d, b"big")
+    assert hops.take()["MetaLog._plan_local"] == 1
+    assert fs.meta.journal_rows > 0  # journaled, as the small ones
