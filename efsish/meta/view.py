@@ -249,6 +249,9 @@ class ApplyResult:
 
 
 _ATTR_COLS = "ino, mode, uid, gid, nlink, size, rdev, atime, mtime, ctime, version, target"
+# The writer keeps at most this many directory parents (`keep_rows`; ~100 bytes each),
+# forgetting them all when full, as the memo does.
+KEPT_PARENTS = 200_000
 
 
 class View:
@@ -394,6 +397,8 @@ class View:
         if row is None:
             return None
         if kept is not None:
+            if len(kept) >= KEPT_PARENTS:
+                kept.clear()
             kept[ino] = int(row[0])
         return int(row[0])
 

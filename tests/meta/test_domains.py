@@ -4,7 +4,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import pytest
+
 from efsish.meta import domains
+from efsish.meta import view as view_module
 from efsish.meta.ops import Ln, Mk, Mv, Rm
 from efsish.meta.view import ROOT_INO, ApplyResult, View
 from tests.meta.leaselog import DIR, REG, T0, new_view
@@ -105,3 +108,16 @@ def test_kept_rows_follow_every_change_and_rollback(tmp_path: Path) -> None:
     for d in (3, 9):
         assert v.parent_of(d) == fresh.parent_of(d)
     assert fresh.lease(2) == v.lease(2) and fresh.get_meta("jseq_next:a") == 5
+
+
+def test_kept_parents_are_bounded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The parents a writer keeps are forgotten all at once when there are
+    KEPT_PARENTS of them: memory stays bounded in a tree of millions of directories."""
+    monkeypatch.setattr(view_module, "KEPT_PARENTS", 3)
+    v = new_view(tmp_path / "v.db")
+    v.keep_rows()
+    tree(v)
+    assert [v.parent_of(d) for d in (2, 3, 4)] == [ROOT_INO, 2, 3]
+    assert v._parents is not None and len(v._parents) == 3
+    assert v.parent_of(6) == 2  # the fourth: the others are forgotten
+    assert v._parents == {6: 2}
