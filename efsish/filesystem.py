@@ -548,14 +548,14 @@ class Filesystem:
         return self._overlay(attr)
 
     async def unlink(self, parent: int, name: bytes) -> None:
-        heavy = self.meta.heavy(self.meta.known_size(entry=(parent, name)))
+        heavy = self.meta.heavy(entry=(parent, name))
         await self._submit(namespace.remove(parent, name, want_dir=False), heavy)
 
     async def rmdir(self, parent: int, name: bytes) -> None:
         await self._submit(namespace.remove(parent, name, want_dir=True))
 
     async def rename(self, sp: int, sn: bytes, dp: int, dn: bytes, flags: int = 0) -> None:
-        heavy = self.meta.heavy(self.meta.known_size(entry=(dp, dn)))  # a replaced file
+        heavy = self.meta.heavy(entry=(dp, dn))  # a replaced file
         await self._submit(namespace.rename(sp, sn, dp, dn, flags), heavy)
 
     # ------------------------------------------------------------------- setattr
@@ -599,7 +599,7 @@ class Filesystem:
                 return self._overlay(current)
 
         try:
-            heavy = size is not None and self.meta.heavy(max(size, self.meta.known_size(ino)))
+            heavy = size is not None and self.meta.heavy(size, ino=ino)
             attr: Attr = await self._submit(attrs.setattr_plan(ino, ch), heavy)
         except FsError as e:
             if e.errno == errno.ENOENT and of is not None and of.orphan is not None:

@@ -415,14 +415,20 @@ class MetaLog:
             await self._settled()
             return await trio.to_thread.run_sync(fn, self.reader, *args, limiter=self._rlimiter)
 
-    def heavy(self, size: int = 0, ops: int = 0) -> bool:
-        """Whether a journaled change of a file of `size` bytes, or of `ops` ops, keeps
+    def heavy(
+        self,
+        size: int = 0,
+        ops: int = 0,
+        *,
+        ino: int | None = None,
+        entry: tuple[int, bytes] | None = None,
+    ) -> bool:
+        """Whether a journaled change of a file of `size` bytes (or of the size the memo
+        knows for inode `ino` or entry (parent, name), if larger), or of `ops` ops, keeps
         its worker-thread hop (HEAVY_BYTES)."""
+        if ino is not None or entry is not None:
+            size = max(size, self.memo.known_size(ino, entry))
         return size >= HEAVY_BYTES or ops > HEAVY_OPS
-
-    def known_size(self, ino: int | None = None, entry: tuple[int, bytes] | None = None) -> int:
-        """`Memo.known_size`: a size from memory, 0 when unknown."""
-        return self.memo.known_size(ino, entry)
 
     async def getattr(self, ino: int) -> Attr | None:
         """The committed attributes of `ino` (a copy: callers may change it)."""

@@ -299,6 +299,13 @@ class View:
         writer: no other connection may change the view's tables."""
         self._parents, self._leases, self._meta = {}, {}, {}
 
+    def _dentries_change(self, *inos: int | None) -> None:
+        """The dentries of `inos` are about to change: their kept parents go."""
+        if self._parents is not None:
+            for ino in inos:
+                if ino is not None:
+                    self._parents.pop(ino, None)
+
     def _forget_rows(self) -> None:
         for kept in (self._parents, self._leases, self._meta):
             if kept is not None:
@@ -647,8 +654,7 @@ class View:
         if ino is None:
             raise ValueError(f"no entry {name!r} in {parent}")
         attr = self.getattr(ino)
-        if self._parents is not None:
-            self._parents.pop(ino, None)
+        self._dentries_change(ino)
         self.db.execute("DELETE FROM dentries WHERE parent = ? AND name = ?", (parent, name))
         if attr is not None and attr.is_dir:
             self._add_nlink(parent, -1)
@@ -695,8 +701,7 @@ class View:
 
     def _op_ln(self, op: Ln, res: ApplyResult) -> None:
         ino, parent, name, t = op.ino, op.parent, op.name, op.t
-        if self._parents is not None:
-            self._parents.pop(ino, None)
+        self._dentries_change(ino)
         self.db.execute(
             "INSERT INTO dentries (parent, name, ino) VALUES (?, ?, ?)", (parent, name, ino)
         )
@@ -714,10 +719,7 @@ class View:
             raise ValueError("rename source missing")
         src_attr = self.getattr(src)
         dst = self.lookup(dp, dn)
-        if self._parents is not None:
-            self._parents.pop(src, None)
-            if dst is not None:
-                self._parents.pop(dst, None)
+        self._dentries_change(src, dst)
         if op.exchange:  # RENAME_EXCHANGE
             if dst is None:
                 raise ValueError("exchange target missing")
