@@ -4,9 +4,10 @@ daemon's other tasks keep running while it does, and busy_poll=0 turns it off.""
 
 from __future__ import annotations
 
-import errno
 import os
 import socket
+import subprocess
+import sys
 import threading
 import time
 import urllib.request
@@ -28,28 +29,39 @@ def fuse_metrics(port: int) -> dict[str, float]:
     return {
         ln.split()[0]: float(ln.split()[1])
         for ln in text.splitlines()
-        if ln.startswith(("FuseRequestsPolled ", "FusePollsIdle ", "MetadataIOBytes "))
+        if ln.split(" ")[0] in ("FuseRequestsPolled", "FusePollsIdle", "MetadataIOBytes")
     }
 
 
-def ask(path: Path, seconds: float) -> int:
-    """getxattr of a name the file lacks, again and again: a FUSE request each time that
-    the daemon answers from memory (the kernel caches no xattrs)."""
-    n = 0
-    end = time.monotonic() + seconds
-    while time.monotonic() < end:
-        try:
-            os.getxattr(path, "user.absent")
-        except OSError as e:
-            assert e.errno == errno.ENODATA
-        n += 1
-    return n
+def ask(path: Path, seconds: float, clients: int = 1) -> int:
+    """getxattr of a name the file lacks, again and again for `seconds`, in `clients`
+    processes of their own (nothing in this one holds them up): a FUSE request each time
+    that the daemon answers from memory (the kernel caches no xattrs). Returns how many
+    were sent."""
+    code = (
+        "import errno, os, sys, time\n"
+        "n, end = 0, time.monotonic() + float(sys.argv[2])\n"
+        "while time.monotonic() < end:\n"
+        "    try:\n"
+        "        os.getxattr(sys.argv[1], 'user.absent')\n"
+        "    except OSError as e:\n"
+        "        assert e.errno == errno.ENODATA, e\n"
+        "    n += 1\n"
+        "print(n)\n"
+    )
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", code, str(path), str(seconds)], stdout=subprocess.PIPE, text=True
+        )
+        for _ in range(clients)
+    ]
+    return sum(int(p.communicate(timeout=seconds + 60)[0]) for p in procs)
 
 
 def test_polling_finds_back_to_back_requests_and_the_loop_keeps_running(
     mounter: Callable[..., Mount],
 ) -> None:
-    """While one process sends requests back to back (answered without awaiting anything),
+    """While two processes send requests back to back (answered without awaiting anything),
     most are read by polling, and the daemon's 1 s metrics task still runs: the gauges move
     during the stream, not only after it (a polling loop that never let trio schedule
     would starve it, and with it lease renewal)."""
@@ -58,7 +70,7 @@ def test_polling_finds_back_to_back_requests_and_the_loop_keeps_running(
     f = m.path / "f"
     f.write_bytes(b"x")
     done: list[int] = []
-    t = threading.Thread(target=lambda: done.append(ask(f, 6.0)))
+    t = threading.Thread(target=lambda: done.append(ask(f, 6.0, clients=2)))
     t.start()
     seen = []
     try:
