@@ -61,7 +61,7 @@ LEASE_METRICS = {
 FUSE_METRICS = {
     "FuseRequestsPolled": "FUSE requests this mount read while polling after a reply",
     "FusePollsIdle": "polls after a reply that found no request within busy_poll",
-    "FusePollIdleSeconds": "CPU time spent in polls that found no request",
+    "FusePollIdleSeconds": "time spent in polls that found no request",
 }
 
 
