@@ -202,7 +202,7 @@ class Filesystem:
             store, sb, options, self.meta, self.leases, self.metering, self.held_blocks
         )
         if self.leases is not None:
-            self.metering.extra = self.housekeeping.lease_metrics
+            self.metering.extra.append(self.housekeeping.lease_metrics)
 
     # ----------------------------------------------------------------- lifecycle
 

@@ -55,6 +55,28 @@ def _errors(fn: F) -> F:
     return wrapper  # type: ignore[return-value]
 
 
+def busy_poll(us: int) -> bool:
+    """Have pyfuse3's loop poll the FUSE fd for `us` microseconds after each reply before
+    it waits through trio (0: never), so a process sending request after request finds the
+    daemon awake. Call before pyfuse3.main. False if this pyfuse3 cannot (only the build of
+    scripts/bootstrap, with patches/pyfuse3-fd-polling.patch, polls)."""
+    if not hasattr(pyfuse3, "spin_counts"):
+        return us == 0
+    setattr(pyfuse3, "spin_ns", us * 1000)  # noqa: B010 - not in pyfuse3's stubs
+    return True
+
+
+def poll_metrics() -> dict[str, float]:
+    """FUSE_METRICS: requests found by polling after a reply, polls that found none, and
+    the time those took."""
+    found, idle, idle_ns = getattr(pyfuse3, "spin_counts", (0, 0, 0))
+    return {
+        "FuseRequestsPolled": float(found),
+        "FusePollsIdle": float(idle),
+        "FusePollIdleSeconds": idle_ns / 1e9,
+    }
+
+
 class FuseOps(pyfuse3.Operations):
     """pyfuse3 Operations backed by a Filesystem."""
 

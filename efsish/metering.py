@@ -57,6 +57,12 @@ LEASE_METRICS = {
     "JournalRows": "changes answered by this mount but not yet committed to the log",
     "JournalOldestAgeSeconds": "age of the oldest change not yet committed to the log",
 }
+# How the FUSE adapter's polling after each reply went (-o busy_poll; 0 when it is off).
+FUSE_METRICS = {
+    "FuseRequestsPolled": "FUSE requests this mount read while polling after a reply",
+    "FusePollsIdle": "polls after a reply that found no request within busy_poll",
+    "FusePollIdleSeconds": "time spent in polls that found no request",
+}
 
 
 def config_from_dict(d: dict[str, Any]) -> ThrottleConfig:
@@ -141,8 +147,9 @@ class Metering:
         self._seen: dict[str, float] = {}
         self._raw_config: dict[str, Any] = {}
         self._gauges: dict[str, Any] = {}
-        # More metrics of the mount (LEASE_METRICS, from the filesystem), if any.
-        self.extra: Callable[[], dict[str, float]] | None = None
+        # More metrics of the mount: LEASE_METRICS from the filesystem, FUSE_METRICS
+        # from the FUSE adapter (each adds its source).
+        self.extra: list[Callable[[], dict[str, float]]] = []
 
     async def start(self, nursery: trio.Nursery, stored_bytes: int) -> None:
         config, self._raw_config = await load_config(self.store, self.sb)
@@ -181,8 +188,8 @@ class Metering:
         m = self.throttle.snapshot()
         m["ClientConnections"] = float(self.client_connections)
         m["StorageBytes"] = float(self.stored_bytes)
-        if self.extra is not None:
-            m.update(self.extra())
+        for source in self.extra:
+            m.update(source())
         return m
 
     async def _loop(self) -> None:
@@ -285,7 +292,7 @@ class Metering:
             self._gauges[name] = prometheus_client.Gauge(
                 name, f"EFS metric {name} of this efsish mount", registry=registry
             )
-        for name, what in LEASE_METRICS.items():
+        for name, what in (LEASE_METRICS | FUSE_METRICS).items():
             self._gauges[name] = prometheus_client.Gauge(name, what, registry=registry)
         prometheus_client.start_http_server(port, addr="127.0.0.1", registry=registry)
         log.info("Prometheus metrics on http://127.0.0.1:%d/metrics", port)

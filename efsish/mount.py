@@ -374,7 +374,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     import pyfuse3
 
     from efsish.access import AccessPointFs, open_root
-    from efsish.fuse_ops import FuseOps, fuse_options
+    from efsish.fuse_ops import FuseOps, busy_poll, fuse_options, poll_metrics
 
     # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
     # for this very daemon.
@@ -419,6 +419,12 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
                 raise
             log.info("access point %s: root %s, every request as uid %d", ap.id, ap.root, ap.uid)
         ops = FuseOps(served, attr_timeout=cfg.attr_timeout, entry_timeout=cfg.attr_timeout)
+        if not busy_poll(cfg.busy_poll_us):
+            log.warning(
+                "busy_poll: this pyfuse3 cannot poll the FUSE device, so every request "
+                "waits through trio; efsish's scripts/bootstrap installs a patched one"
+            )
+        fs.metering.extra.append(poll_metrics)
         pyfuse3.init(
             ops,
             mountpoint,

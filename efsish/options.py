@@ -42,6 +42,7 @@ MOUNT_OPTIONS: dict[str, tuple[str, str]] = {
     "debug": ("", ""),
     "nudge": ("auto|off|HOST:PORT", "auto, off, or the HOST:PORT other mounts nudge this one at"),
     "commit_interval": ("SECONDS", "a number of seconds above 0, e.g. 1.0"),
+    "busy_poll": ("MICROSECONDS", "a whole number of microseconds from 0 (off) to 1000"),
     "sync": ("", ""),
     "key_file": ("FILE", "a key file of mode 0600 (efsish keygen FILE)"),
     "key_command": ("CMD", "a command, without commas, that prints the keys"),
@@ -90,6 +91,7 @@ class MountConfig:
     nudge: str = "auto"  # -o nudge= (efsish.meta.nudge): used with leases
     commit_interval: float = 1.0  # lease mode: how late a journaled change reaches the log
     sync: bool = False  # lease mode: take no leases (commit every change on its own)
+    busy_poll_us: int = 50  # how long the FUSE loop polls for a request after a reply
     access_point: str | None = None  # -o access_point=ID (efsish.access)
     extra: dict[str, str] = field(default_factory=dict)
 
@@ -189,6 +191,10 @@ def _apply_one(cfg: MountConfig, key: str, value: str) -> None:
         cfg.commit_interval = _seconds(value, zero_ok=False)
     elif key == "sync":
         cfg.sync = True
+    elif key == "busy_poll":
+        cfg.busy_poll_us = int(value)
+        if not 0 <= cfg.busy_poll_us <= 1000:
+            raise ValueError(value)
     elif key == "access_point":
         accesspoints.key_of(value)  # UsageError if it is not an id
         cfg.access_point = value

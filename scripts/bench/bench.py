@@ -483,6 +483,7 @@ class Bench:
             "raw_concurrency": UPLOAD_CONCURRENCY,
             "efsish_throughput_mode": a.efsish_throughput_mode,
             "efsish_leases": not a.efsish_no_leases,
+            "efsish_mount_opts": a.efsish_mount_opts,
             "store_rtt_ms": a.store_rtt,
             "idle_s": a.idle_seconds,
         }
@@ -964,6 +965,11 @@ def parse_args(argv: list[str]) -> argparse.Namespace:
         action="store_true",
         help="format the efsish filesystems with --no-leases (format 2: per-change commits)",
     )
+    ap.add_argument(
+        "--efsish-mount-opts",
+        default="",
+        help="-o options for every efsish mount, e.g. busy_poll=0 (efsish mount --help)",
+    )
     ap.add_argument("--git-repo", default=str(REPO), help="repository to clone (this one)")
     ap.add_argument(
         "--slow-limit",
@@ -1023,6 +1029,8 @@ def main(argv: list[str]) -> int:
     systems.FORMAT_ARGS[:] = ["--throughput-mode", args.efsish_throughput_mode]
     if args.efsish_no_leases:
         systems.FORMAT_ARGS.append("--no-leases")
+    if args.efsish_mount_opts:
+        systems.MOUNT_OPTS[:] = [args.efsish_mount_opts]
     work = Path(tempfile.mkdtemp(prefix="efsish-bench-"))
     try:
         return Bench(args, work).main()

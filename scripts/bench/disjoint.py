@@ -35,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import machine_info, start_seaweedfs
 from common import cpu_seconds, log, s3_env
-from systems import FORMAT_ARGS, Efsish, Server, StoreProxy, stop_everything
+from systems import FORMAT_ARGS, MOUNT_OPTS, Efsish, Server, StoreProxy, stop_everything
 
 BUCKET = "disjoint"
 
@@ -139,7 +139,10 @@ def main() -> int:
         help="fsync the directory at the end (the journal reaches the log), timed",
     )
     p.add_argument("--out", help="write the results as JSON here")
+    p.add_argument("--efsish-mount-opts", default="", help="-o options for both mounts")
     a = p.parse_args()
+    if a.efsish_mount_opts:
+        MOUNT_OPTS[:] = [a.efsish_mount_opts]
     work = Path(tempfile.mkdtemp(prefix="efsish-disjoint."))
     started = datetime.datetime.now().astimezone()
     log(f"work dir {work}; load average {os.getloadavg()}; starting SeaweedFS")

@@ -234,6 +234,8 @@ def efsish_registry_file(mountpoint: str | os.PathLike[str]) -> Path:
 # filesystem at its 100 MiB/s burst rate); bench.py sets it from --efsish-throughput-mode
 # (and adds --no-leases for --efsish-no-leases; the default is a lease filesystem).
 FORMAT_ARGS: list[str] = ["--throughput-mode", "elastic"]
+# `-o` options every efsish mount of a run adds to its own (--efsish-mount-opts).
+MOUNT_OPTS: list[str] = []
 
 
 # The efsish code each daemon was started from (version -> first time seen): the tree may
@@ -261,7 +263,7 @@ class Efsish(System):
         self.format_args = list(FORMAT_ARGS if format_args is None else format_args)
         self.store_url = store_url
         self.bucket = bucket
-        self.mount_opts = mount_opts
+        self.mount_opts = ",".join(o for o in (mount_opts, *MOUNT_OPTS) if o)
         self.exe = str(VENV_BIN / "efsish")
         # What `efsish format` said it made ("leases (depth 1)" or "no leases (format 2)",
         # block size, encryption): results record the filesystem measured, not the flags.
