@@ -62,19 +62,87 @@ def busy_poll(us: int) -> bool:
     scripts/bootstrap, with patches/pyfuse3-fd-polling.patch, polls)."""
     if not hasattr(pyfuse3, "spin_counts"):
         return us == 0
-    setattr(pyfuse3, "spin_ns", us * 1000)  # noqa: B010 - not in pyfuse3's stubs
+    setattr(pyfuse3, "spin_ns", int(us) * 1000)  # noqa: B010 - not in pyfuse3's stubs
     return True
 
 
 def poll_metrics() -> dict[str, float]:
-    """FUSE_METRICS: requests found by polling after a reply, polls that found none, and
-    the time those took."""
+    """FUSE_METRICS: requests found by polling after a reply, polls that found none, the
+    time those took, and the poll window now."""
     found, idle, idle_ns = getattr(pyfuse3, "spin_counts", (0, 0, 0))
     return {
         "FuseRequestsPolled": float(found),
         "FusePollsIdle": float(idle),
         "FusePollIdleSeconds": idle_ns / 1e9,
+        "FusePollWindowMicroseconds": getattr(pyfuse3, "spin_ns", 0) / 1000,
     }
+
+
+# The poll window follows the machine's spare CPU, -o busy_poll being the longest. A
+# polling thread occupies a CPU that the scheduler then does not see as idle, so on a
+# machine with no CPU to spare a woken client can queue behind another process while
+# the poll runs out. With fewer than SPARE_LOW idle CPUs (this daemon's polls that found
+# nothing counted as idle; a running average over about a second) the window is
+# SHORT_POLL_US, above SPARE_HIGH busy_poll again. Measured at a 20 ms store
+# (docs/BENCHMARKS.md): a 50 us window gives one client its fastest stats, a 20 us one
+# lets two mounts on 2 busy CPUs keep more of their solo rate. /proc/stat is the whole
+# machine's (a CPU-limited container sees its host's): there the window stays longer.
+SHORT_POLL_US = 20
+SPARE_LOW = 0.5
+SPARE_HIGH = 0.8
+ADAPT_EVERY = 0.25  # seconds between looks at the machine
+SPARE_WEIGHT = 0.25  # of each look in the running average of the spare CPUs
+
+
+def poll_window(full_us: int, now_us: int, spare_cpus: float) -> int:
+    """The window to poll for, given the idle CPUs over the last look (hysteresis
+    between SPARE_LOW and SPARE_HIGH keeps it from flapping)."""
+    if spare_cpus < SPARE_LOW:
+        return min(full_us, SHORT_POLL_US)
+    if spare_cpus > SPARE_HIGH:
+        return full_us
+    return now_us
+
+
+def _idle_seconds() -> float | None:
+    """CPU seconds the machine's CPUs have spent idle or waiting for I/O (/proc/stat),
+    or None where there is no such file. (A read of procfs: it does not block.)"""
+    try:
+        with open("/proc/stat", "rb") as f:
+            fields = f.readline().split()
+        return (int(fields[4]) + int(fields[5])) / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+async def adapt_busy_poll(full_us: int) -> None:
+    """Keep the poll window at `full_us` while the machine has a CPU to spare and at
+    SHORT_POLL_US while it has not (see above), looking every ADAPT_EVERY seconds. Runs
+    in the mount's nursery; returns at once if there is nothing to adapt."""
+    if full_us <= SHORT_POLL_US or not hasattr(pyfuse3, "spin_counts"):
+        return
+    idle0 = _idle_seconds()
+    if idle0 is None:
+        return
+    window = full_us
+    spin0, t0 = poll_metrics()["FusePollIdleSeconds"], trio.current_time()
+    spare: float | None = None
+    while True:
+        await trio.sleep(ADAPT_EVERY)
+        idle1 = _idle_seconds()
+        if idle1 is None:
+            busy_poll(full_us)
+            return
+        spin1, t1 = poll_metrics()["FusePollIdleSeconds"], trio.current_time()
+        now = ((idle1 - idle0) + (spin1 - spin0)) / max(t1 - t0, 1e-3)
+        # Averaged over about a second: a single look swings from 0 to 1 idle CPU as
+        # the window itself changes how much the polls occupy.
+        spare = now if spare is None else spare + SPARE_WEIGHT * (now - spare)
+        new = poll_window(full_us, window, spare)
+        if new != window:
+            window = new
+            busy_poll(window)
+        idle0, spin0, t0 = idle1, spin1, t1
 
 
 class FuseOps(pyfuse3.Operations):

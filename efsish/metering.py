@@ -62,6 +62,7 @@ FUSE_METRICS = {
     "FuseRequestsPolled": "FUSE requests this mount read while polling after a reply",
     "FusePollsIdle": "polls after a reply that found no request within busy_poll",
     "FusePollIdleSeconds": "time spent in polls that found no request",
+    "FusePollWindowMicroseconds": "how long a poll after a reply lasts now (0: off)",
 }
 
 

@@ -374,7 +374,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
     import pyfuse3
 
     from efsish.access import AccessPointFs, open_root
-    from efsish.fuse_ops import FuseOps, busy_poll, fuse_options, poll_metrics
+    from efsish.fuse_ops import FuseOps, adapt_busy_poll, busy_poll, fuse_options, poll_metrics
 
     # Resolve the path before mounting: once mounted, stat() of the mountpoint would wait
     # for this very daemon.
@@ -459,6 +459,7 @@ async def _daemon_main(cfg: MountConfig, ready_fd: int | None) -> None:
         log.info("mounted %s on %s (client %s)", cfg.store_url, cfg.mountpoint, fs.meta.client_id)
         log.info(LOCKS_NOTE)
         nursery.start_soon(ops.invalidation_worker)
+        nursery.start_soon(adapt_busy_poll, cfg.busy_poll_us)
         stopping = trio.Event()
 
         async def on_signals() -> None:

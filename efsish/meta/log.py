@@ -251,7 +251,7 @@ class MetaLog:
             await self._load_initial()
         self._seq = await trio.to_thread.run_sync(lambda: self.writer.applied_seq)
         if self.leases is not None:
-            self.journal_rows = await trio.to_thread.run_sync(lambda: journal.stats(self.writer)[0])
+            self.journal_rows = await trio.to_thread.run_sync(lambda: journal.count(self.writer))
         try:
             await self.catch_up(check_trimmed=True)
         except leasing.LeaseLost:
@@ -691,7 +691,7 @@ class MetaLog:
                 if self.leases is not None:
                     self.leases.apply_remote(self.writer, seq, entry, res)
                     if entry.client == self.client_id:  # our own entry may drop rows
-                        rows = journal.stats(self.writer)[0]
+                        rows = journal.count(self.writer)
                 else:
                     self.writer.apply_entry(seq, entry, res)
                 self.writer.commit()
@@ -1223,7 +1223,7 @@ class MetaLog:
                     await self._record_flushed(entry, seq)
                 else:
                     # A catch-up met the entry during the PUT and recorded it.
-                    self.journal_rows = await self._in_writer(lambda: journal.stats(self.writer)[0])
+                    self.journal_rows = await self._in_writer(lambda: journal.count(self.writer))
                 self._renewed(put_at, put_tk)
             if last:
                 return
@@ -1283,7 +1283,7 @@ class MetaLog:
             except BaseException:
                 self.writer.rollback()
                 raise
-            return res, journal.stats(self.writer)[0]
+            return res, journal.count(self.writer)
 
         with self._publish():
             with trio.CancelScope(shield=True):

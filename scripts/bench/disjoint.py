@@ -4,14 +4,19 @@ One filesystem (the default format: leases), two mounts, each through its own
 latency-adding store proxy. Each round, on new top-level directories (new domains):
 A alone creates --files files of --size bytes (create+write+close, one at a time) in
 `/soloA-R`, then B alone in `/soloB-R`, then both at once, A in `/bothA-R` and B in
-`/bothB-R`. A mount's rate together is reported as a percentage of its own solo rate in
-the same round; figures are medians over the rounds. The top-level mkdirs are sync
-changes and are made before the clock starts; the first create in each directory takes
-the lease and is timed. Creates are timed until close returns (the journal has them;
-the batch commits within commit_interval), like the main benchmark's small-file row;
-`--sync` adds an fsync of the directory at the end of each writer's run, inside its time.
+`/bothB-R`. Each writer is a process of its own, as on separate machines (two threads
+of one Python process share its GIL: every system call's return waits for it). A
+mount's rate together is reported as a percentage of its own solo rate in the same
+round; figures are medians over the rounds. A phase lasts about 4 s at the default
+3,000 files, several commit intervals: with 1,000 (about one interval) whether a batch
+commit fell inside a phase or after it swung single rounds from 67% to 108%. The
+top-level mkdirs are sync changes and are made before the clock starts; the first
+create in each directory takes the lease and is timed. Creates are timed until close
+returns (the journal has them; the batch commits within commit_interval), like the main
+benchmark's small-file row; `--sync` adds an fsync of the directory at the end of each
+writer's run, inside its time.
 
-    scripts/bench/disjoint [--store-rtt 20] [--files 1000] [--rounds 3] [--out FILE]
+    scripts/bench/disjoint [--store-rtt 20] [--files 3000] [--rounds 3] [--out FILE]
 
 Needs root (FUSE mounts). Starts and stops its own SeaweedFS, proxies and mounts.
 """
@@ -21,12 +26,12 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 from typing import Any
@@ -102,27 +107,48 @@ def writer(d: Path, n: int, size: int, sync: bool) -> float:
     return time.perf_counter() - t0
 
 
-def together(dirs: list[Path], n: int, size: int, sync: bool) -> list[float]:
-    """Both writers at once (started by a barrier); each one's own elapsed seconds."""
-    out = [0.0] * len(dirs)
-    errors: list[BaseException] = []
-    barrier = threading.Barrier(len(dirs))
+def _writer_process(
+    i: int, d: Path, n: int, size: int, sync: bool, ready: Any, go: Any, out: Any
+) -> None:
+    """One writer in a process of its own (see run_writers)."""
+    try:
+        ready.release()
+        go.wait()
+        out.put((i, writer(d, n, size, sync), ""))
+    except BaseException as e:  # reported to the parent, re-raised there
+        out.put((i, 0.0, f"{type(e).__name__}: {e}"))
 
-    def run(i: int, d: Path) -> None:
-        try:
-            barrier.wait()
-            out[i] = writer(d, n, size, sync)
-        except BaseException as e:  # re-raised below, in the main thread
-            errors.append(e)
 
-    ths = [threading.Thread(target=run, args=(i, d)) for i, d in enumerate(dirs)]
-    for t in ths:
-        t.start()
-    for t in ths:
-        t.join()
-    if errors:
-        raise errors[0]
-    return out
+def run_writers(dirs: list[Path], n: int, size: int, sync: bool, meter: Meter) -> list[float]:
+    """One writer process per directory, started together once all are ready; each
+    one's own elapsed seconds. The meter starts once every writer waits for the start."""
+    ctx = multiprocessing.get_context("spawn")
+    ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    procs = [
+        ctx.Process(target=_writer_process, args=(i, d, n, size, sync, ready, go, out))
+        for i, d in enumerate(dirs)
+    ]
+    for proc in procs:
+        proc.start()
+    try:
+        for _ in procs:
+            if not ready.acquire(timeout=60):
+                raise RuntimeError("a writer process did not start within 60 s")
+        meter.start()
+        go.set()
+        elapsed = [0.0] * len(dirs)
+        for _ in procs:
+            i, secs, err = out.get(timeout=1800)
+            if err:
+                raise RuntimeError(f"writer in {dirs[i]} failed: {err}")
+            elapsed[i] = secs
+        return elapsed
+    finally:
+        for proc in procs:
+            proc.join(timeout=10)
+            if proc.is_alive():
+                proc.kill()
+                proc.join()
 
 
 def main() -> int:
@@ -130,7 +156,9 @@ def main() -> int:
 
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0] if __doc__ else None)
     p.add_argument("--store-rtt", type=float, default=20.0, help="ms added per round trip")
-    p.add_argument("--files", type=int, default=1000, help="files each writer creates")
+    p.add_argument(
+        "--files", type=int, default=3000, help="files each writer creates (3000: ~4 s a phase)"
+    )
     p.add_argument("--size", type=int, default=4096, help="bytes per file")
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument(
@@ -182,13 +210,11 @@ def main() -> int:
             solo = []
             meters: dict[str, Any] = {}
             for i in range(2):
-                meter.start()
-                solo.append(writer(mounts[i].mp / names[i], a.files, a.size, a.sync))
+                solo += run_writers([mounts[i].mp / names[i]], a.files, a.size, a.sync, meter)
                 meters[f"solo{'AB'[i]}"] = meter.stop()
                 time.sleep(1.5)  # the solo batch is committed
-            meter.start()
-            both = together(
-                [mounts[0].mp / names[2], mounts[1].mp / names[3]], a.files, a.size, a.sync
+            both = run_writers(
+                [mounts[0].mp / names[2], mounts[1].mp / names[3]], a.files, a.size, a.sync, meter
             )
             meters["together"] = meter.stop()
             rates: dict[str, Any] = {

@@ -1,6 +1,7 @@
 """The FUSE loop's polling after each reply (-o busy_poll, patches/pyfuse3-fd-polling.patch),
 through real mounts: it finds the requests of a process that sends one after another, the
-daemon's other tasks keep running while it does, and busy_poll=0 turns it off."""
+daemon's other tasks keep running while it does, the window shrinks while no CPU is to
+spare, and busy_poll=0 turns it off."""
 
 from __future__ import annotations
 
@@ -14,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 from pathlib import Path
 
+from efsish.fuse_ops import SHORT_POLL_US, SPARE_HIGH, SPARE_LOW, poll_window
 from tests.fuse.conftest import Mount, efsish
 
 
@@ -29,7 +31,8 @@ def fuse_metrics(port: int) -> dict[str, float]:
     return {
         ln.split()[0]: float(ln.split()[1])
         for ln in text.splitlines()
-        if ln.split(" ")[0] in ("FuseRequestsPolled", "FusePollsIdle", "MetadataIOBytes")
+        if ln.split(" ")[0]
+        in ("FuseRequestsPolled", "FusePollsIdle", "MetadataIOBytes", "FusePollWindowMicroseconds")
     }
 
 
@@ -114,3 +117,45 @@ def test_busy_poll_values_are_checked(mounter: Callable[..., Mount], tmp_path: P
         lines = res.stderr.strip().splitlines()
         assert len(lines) == 1 and "invalid value for mount option busy_poll" in lines[0], lines
         assert not os.path.ismount(mp)
+
+
+def test_poll_window_follows_the_spare_cpu() -> None:
+    """Below SPARE_LOW idle CPUs the short window, above SPARE_HIGH the full one, in
+    between whatever it was; never longer than busy_poll."""
+    assert poll_window(50, 50, SPARE_LOW - 0.01) == SHORT_POLL_US
+    assert poll_window(50, SHORT_POLL_US, SPARE_HIGH + 0.01) == 50
+    mid = (SPARE_LOW + SPARE_HIGH) / 2
+    assert poll_window(50, 50, mid) == 50 and poll_window(50, SHORT_POLL_US, mid) == SHORT_POLL_US
+    assert poll_window(10, 10, 0.0) == 10
+
+
+def window_now(port: int) -> float:
+    return fuse_metrics(port)["FusePollWindowMicroseconds"]
+
+
+def test_the_poll_window_shrinks_while_every_cpu_is_busy(mounter: Callable[..., Mount]) -> None:
+    """A busy loop on every CPU leaves none to spare: the window falls to SHORT_POLL_US
+    within seconds, and goes back to busy_poll once they stop."""
+    port = free_port()
+    mounter(None, "-o", f"prometheus_port={port},busy_poll=200")
+    deadline = time.monotonic() + 10
+    while window_now(port) != 200:  # the gauges are set once a second
+        assert time.monotonic() < deadline, window_now(port)
+        time.sleep(0.3)
+    hogs = [
+        subprocess.Popen([sys.executable, "-c", "while True: pass"])
+        for _ in range(len(os.sched_getaffinity(0)))
+    ]
+    try:
+        deadline = time.monotonic() + 15
+        while window_now(port) != SHORT_POLL_US:
+            assert time.monotonic() < deadline, window_now(port)
+            time.sleep(0.3)
+    finally:
+        for h in hogs:
+            h.kill()
+            h.wait()
+    deadline = time.monotonic() + 15
+    while window_now(port) != 200:
+        assert time.monotonic() < deadline, window_now(port)
+        time.sleep(0.3)

@@ -175,6 +175,35 @@ def test_status_and_prometheus_show_a_mounts_leases_and_journal(
         time.sleep(0.5)
 
 
+def journal_rows(port: int) -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=5) as r:
+        for ln in r.read().decode().splitlines():
+            if ln.startswith("JournalRows "):
+                return int(float(ln.split()[1]))
+    raise AssertionError("no JournalRows in the metrics")
+
+
+def test_sync_of_a_path_on_the_mount_commits_the_journal(mounter: Callable[..., Mount]) -> None:
+    """`sync MOUNTPOINT` (coreutils fsyncs the directory) commits every journaled change
+    at once, long before commit_interval. It is the documented way to flush: plain sync
+    and syncfs(2) never reach a FUSE daemon (Linux sends FUSE_SYNCFS to virtiofs only)."""
+    port = free_port()
+    a = mounter(None, "-o", f"commit_interval=30,prometheus_port={port}")
+    home = a.path / "bob"
+    home.mkdir()
+    for i in range(4):
+        (home / f"f{i}").write_bytes(b"journaled")
+    deadline = time.monotonic() + 20
+    while journal_rows(port) < 4:
+        assert time.monotonic() < deadline, "the changes were never journaled"
+        time.sleep(0.2)
+    t0 = time.monotonic()
+    subprocess.run(["sync", str(a.path)], check=True, timeout=60)
+    while journal_rows(port) != 0:
+        assert time.monotonic() - t0 < 10, "sync of the mountpoint left the journal"
+        time.sleep(0.2)
+
+
 def test_efsish_upgrade_of_a_mounted_format_2_filesystem(
     mounter: Callable[..., Mount], tmp_path: Path
 ) -> None:

@@ -60,3 +60,25 @@ def test_a_flush_step_reads_the_rows_of_one_entry_up_to_a_bound(view: View) -> N
     newest = journal.newest_jseq(view)
     rows, last = journal.first_rows(view, upto=newest)
     assert last and len(rows) == 40 and rows[-1].jseq == newest
+
+
+def test_count_follows_appends_and_drops(view: View) -> None:
+    """`count` (two seeks of the primary key) agrees with the rows there are, through
+    appends of several ops at once and drops of the oldest."""
+    journal.ensure(view)
+    assert journal.count(view) == 0
+    view.begin()
+    for i in range(10):
+        ops: list[Op] = [Mk(100 + i, 1, b"f%d" % i, stat.S_IFREG | 0o644, 0, 0, T0 + i)] * (
+            1 + i % 3
+        )
+        journal.append(view, "client", ops, [{1}] * len(ops), T0 + i, 1.0)
+    view.commit()
+    assert journal.count(view) == len(journal.rows(view)) == 19
+    for upto in (3, 11, 19):
+        journal.drop_through(view, upto)
+        assert journal.count(view) == len(journal.rows(view)) == 19 - upto
+    journal.append(
+        view, "client", [Mk(200, 1, b"g", stat.S_IFREG | 0o644, 0, 0, T0)], [{1}], T0, 1.0
+    )
+    assert journal.count(view) == len(journal.rows(view)) == 1
