@@ -58,10 +58,36 @@ def busy_seconds() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def sched_stats(pids: list[int]) -> list[float]:
+    """The scheduler's account of these processes' main threads (where a daemon answers
+    FUSE requests), then of their other threads: seconds running, seconds runnable but
+    waiting for a CPU, times switched in (/proc/PID/task/TID/schedstat); zeros where
+    the kernel keeps no such account."""
+    out = [0.0] * 6
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                    run, wait, slices = (int(x) for x in f.read().split()[:3])
+            except (OSError, ValueError):
+                continue
+            i = 0 if int(tid) == pid else 3
+            out[i] += run / 1e9
+            out[i + 1] += wait / 1e9
+            out[i + 2] += slices
+    return out
+
+
 class Meter:
     """Per mount: daemon CPU seconds and store requests (at its proxy) over a phase,
     and the machine's CPU use, so that a slower phase can be told apart as more work
-    per create (protocol) or less CPU per second for each mount (sharing 2 CPUs)."""
+    per create (protocol) or less CPU per second for each mount (sharing 2 CPUs). The
+    scheduler's account of the daemons' threads tells where the rest goes: waiting for
+    a CPU, or asleep until the next request."""
 
     def __init__(self, mounts: list[Any], proxies: list[StoreProxy]) -> None:
         self.pids = [m.daemon_pids() for m in mounts]
@@ -72,19 +98,28 @@ class Meter:
         self.t0 = time.perf_counter()
         self.busy0 = busy_seconds()
         self.cpu0 = [cpu_seconds(p) for p in self.pids]
+        self.sched0 = [sched_stats(p) for p in self.pids]
         self.req0 = [p.requests() for p in self.proxies]
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
         busy = busy_seconds() - self.busy0
         cpu = [cpu_seconds(p) - c for p, c in zip(self.pids, self.cpu0, strict=True)]
+        sched = [
+            [(b - a) / wall for a, b in zip(s0, sched_stats(p), strict=True)]
+            for p, s0 in zip(self.pids, self.sched0, strict=True)
+        ]
         time.sleep(0.3)
         req = [p.requests() - r for p, r in zip(self.proxies, self.req0, strict=True)]
+        keys = ("running", "waiting_for_cpu", "switches_per_s")
         return {
             "wall_s": wall,
             "machine_cpus_busy": busy / wall,
             "daemon_cpu_s": cpu,
             "requests": req,
+            # Per daemon, per second of the phase: its main thread, then its others.
+            "daemon_main_thread": [dict(zip(keys, s[:3], strict=True)) for s in sched],
+            "daemon_other_threads": [dict(zip(keys, s[3:], strict=True)) for s in sched],
         }
 
 
@@ -240,6 +275,14 @@ def main() -> int:
                     f"busy, daemon CPU s (A, B) {v['daemon_cpu_s'][0]:.2f}, "
                     f"{v['daemon_cpu_s'][1]:.2f}, store requests (A, B) {v['requests'][0]}, "
                     f"{v['requests'][1]}"
+                )
+                mt = v["daemon_main_thread"]
+                log(
+                    "    daemon main threads (A, B): running "
+                    f"{mt[0]['running']:.2f}, {mt[1]['running']:.2f}; waiting for a CPU "
+                    f"{mt[0]['waiting_for_cpu']:.2f}, {mt[1]['waiting_for_cpu']:.2f}; "
+                    f"switched in {mt[0]['switches_per_s']:.0f}, {mt[1]['switches_per_s']:.0f}"
+                    " times a second"
                 )
             time.sleep(1.5)
     finally:
