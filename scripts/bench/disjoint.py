@@ -16,7 +16,13 @@ returns (the journal has them; the batch commits within commit_interval), like t
 benchmark's small-file row; `--sync` adds an fsync of the directory at the end of each
 writer's run, inside its time.
 
-    scripts/bench/disjoint [--store-rtt 20] [--files 3000] [--rounds 3] [--out FILE]
+With `--pin`, each mount's daemon (every thread) and each writer of that mount run on
+one CPU of their own, CPU 0 for A and CPU 1 for B, in every phase: two one-CPU
+machines sharing the store, so that the ratio measures what the mounts cost each other
+through the bucket (the log, replaying the other's entries) rather than how two of
+them share this machine's CPUs. SeaweedFS and the proxies float.
+
+    scripts/bench/disjoint [--store-rtt 20] [--files 3000] [--rounds 3] [--pin] [--out FILE]
 
 Needs root (FUSE mounts). Starts and stops its own SeaweedFS, proxies and mounts.
 """
@@ -123,6 +129,20 @@ class Meter:
         }
 
 
+def pin_tree(pids: list[int], cpu: int) -> None:
+    """Every thread of these processes on `cpu` (threads they start later inherit it)."""
+    for pid in pids:
+        try:
+            tids = os.listdir(f"/proc/{pid}/task")
+        except OSError:
+            continue
+        for tid in tids:
+            try:
+                os.sched_setaffinity(int(tid), {cpu})
+            except OSError:
+                pass  # gone meanwhile
+
+
 def writer(d: Path, n: int, size: int, sync: bool) -> float:
     """Seconds to create n files of `size` bytes in `d`, one at a time."""
     data = os.urandom(size)
@@ -143,10 +163,12 @@ def writer(d: Path, n: int, size: int, sync: bool) -> float:
 
 
 def _writer_process(
-    i: int, d: Path, n: int, size: int, sync: bool, ready: Any, go: Any, out: Any
+    i: int, d: Path, n: int, size: int, sync: bool, cpu: int | None, ready: Any, go: Any, out: Any
 ) -> None:
-    """One writer in a process of its own (see run_writers)."""
+    """One writer in a process of its own (see run_writers), on `cpu` if given."""
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         ready.release()
         go.wait()
         out.put((i, writer(d, n, size, sync), ""))
@@ -154,13 +176,22 @@ def _writer_process(
         out.put((i, 0.0, f"{type(e).__name__}: {e}"))
 
 
-def run_writers(dirs: list[Path], n: int, size: int, sync: bool, meter: Meter) -> list[float]:
-    """One writer process per directory, started together once all are ready; each
-    one's own elapsed seconds. The meter starts once every writer waits for the start."""
+def run_writers(
+    dirs: list[Path],
+    n: int,
+    size: int,
+    sync: bool,
+    meter: Meter,
+    cpus: list[int | None] | None = None,
+) -> list[float]:
+    """One writer process per directory (on cpus[i] if given), started together once
+    all are ready; each one's own elapsed seconds. The meter starts once every writer
+    waits for the start."""
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    where = cpus or [None] * len(dirs)
     procs = [
-        ctx.Process(target=_writer_process, args=(i, d, n, size, sync, ready, go, out))
+        ctx.Process(target=_writer_process, args=(i, d, n, size, sync, where[i], ready, go, out))
         for i, d in enumerate(dirs)
     ]
     for proc in procs:
@@ -203,7 +234,17 @@ def main() -> int:
     )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--efsish-mount-opts", default="", help="-o options for both mounts")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="mount A and its writers on CPU 0, B and its on CPU 1 (two one-CPU machines)",
+    )
     a = p.parse_args()
+    if a.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs two CPUs")
+    cpus: list[int | None] = [None, None]
+    if a.pin:
+        cpus[:] = sorted(os.sched_getaffinity(0))[:2]
     if a.efsish_mount_opts:
         MOUNT_OPTS[:] = [a.efsish_mount_opts]
     work = Path(tempfile.mkdtemp(prefix="efsish-disjoint."))
@@ -235,6 +276,11 @@ def main() -> int:
         ]
         time.sleep(3.0)  # startup done (sessions, first heartbeats)
         meter = Meter(mounts, proxies)
+        if a.pin:
+            for pids, cpu in zip(meter.pids, cpus, strict=True):
+                assert cpu is not None
+                pin_tree(pids, cpu)
+            log(f"mount A pinned to CPU {cpus[0]}, B to CPU {cpus[1]}, with their writers")
         for r in range(a.rounds):
             names = [f"soloA-{r}", f"soloB-{r}", f"bothA-{r}", f"bothB-{r}"]
             owner = [0, 1, 0, 1]
@@ -245,11 +291,18 @@ def main() -> int:
             solo = []
             meters: dict[str, Any] = {}
             for i in range(2):
-                solo += run_writers([mounts[i].mp / names[i]], a.files, a.size, a.sync, meter)
+                solo += run_writers(
+                    [mounts[i].mp / names[i]], a.files, a.size, a.sync, meter, [cpus[i]]
+                )
                 meters[f"solo{'AB'[i]}"] = meter.stop()
                 time.sleep(1.5)  # the solo batch is committed
             both = run_writers(
-                [mounts[0].mp / names[2], mounts[1].mp / names[3]], a.files, a.size, a.sync, meter
+                [mounts[0].mp / names[2], mounts[1].mp / names[3]],
+                a.files,
+                a.size,
+                a.sync,
+                meter,
+                cpus,
             )
             meters["together"] = meter.stop()
             rates: dict[str, Any] = {
@@ -301,6 +354,7 @@ def main() -> int:
         "files": a.files,
         "size": a.size,
         "sync": a.sync,
+        "pinned_cpus": cpus if a.pin else None,
         "machine": machine_info(),
         "rounds": rounds,
         "median": {
@@ -313,6 +367,7 @@ def main() -> int:
     print(
         f"two mounts, disjoint top-level directories, {a.files} x {a.size} B creates each, "
         f"store {a.store_rtt:g} ms away ({formatted}); medians of {a.rounds} rounds"
+        + (f"; A on CPU {cpus[0]}, B on CPU {cpus[1]}, each with its writers" if a.pin else "")
     )
     for i, label in enumerate("AB"):
         print(
