@@ -148,15 +148,19 @@ def decode(kind: bytes, blob: bytes, what: str = "object", max_size: int = 1 << 
 
 
 def dumps(obj: Any) -> bytes:
-    """`obj` as compact JSON, for objects of ints, strs, lists, dicts, bools and None
-    (log ops and entries). orjson writes it 5-10x faster than the standard library;
-    what orjson refuses (a str with lone surrogates, i.e. a file name that is not
-    UTF-8, or an int beyond 64 bits) the standard library writes. Not for floats:
-    orjson writes NaN and infinities as null."""
+    """`obj` as compact JSON in UTF-8, for objects of ints, strs, lists, dicts, bools
+    and None (log ops and entries). orjson writes it 5-10x faster than the standard
+    library; what orjson refuses (a str with lone surrogates, i.e. a file name that is
+    not UTF-8, or an int beyond 64 bits) the standard library writes, alike but for
+    each lone surrogate, which becomes its escape (backslashreplace writes exactly
+    JSON's \\udcXX), so that an object takes the same bytes whichever wrote it (the
+    journal sizes entries by the rows' bytes). Not for floats: orjson writes NaN and
+    infinities as null."""
     try:
         return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
     except orjson.JSONEncodeError:
-        return json.dumps(obj, separators=(",", ":")).encode()
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "backslashreplace")
 
 
 def loads(data: bytes | str) -> Any:

@@ -89,3 +89,17 @@ def test_log_entry_json_round_trips_what_orjson_refuses() -> None:
         assert codec.loads(codec.dumps(obj).decode()) == want
     with pytest.raises(CorruptObject, match="not valid JSON"):
         codec.decode_json(b"L", codec.encode(b"L", b'{"o": "mk",'))
+
+
+def test_an_object_takes_the_same_bytes_whoever_writes_it() -> None:
+    """The journal sizes an entry by the bytes of its rows' ops as stored: an op must
+    take the same bytes in an entry that the standard library writes (because another
+    op in it has a name that is not UTF-8) as when orjson wrote it alone."""
+    from efsish.meta.ops import name_to_json
+
+    utf8 = {"o": "mk", "name": name_to_json(("日本語" * 25).encode()), "t": 1}
+    raw = {"o": "mk", "name": name_to_json(b"raw-\xff\xfe"), "t": 2}
+    both = codec.dumps([utf8, raw])
+    assert len(both) == len(codec.dumps(utf8)) + len(codec.dumps(raw)) + 3
+    assert both == b"[" + codec.dumps(utf8) + b"," + codec.dumps(raw) + b"]"
+    assert codec.loads(both) == [utf8, raw]
