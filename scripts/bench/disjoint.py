@@ -64,27 +64,33 @@ def busy_seconds() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def threads(pids: list[int]) -> list[tuple[int, int]]:
+    """(pid, tid) of every thread of these processes (those gone meanwhile left out)."""
+    out = []
+    for pid in pids:
+        try:
+            out += [(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+    return out
+
+
 def sched_stats(pids: list[int]) -> list[float]:
     """The scheduler's account of these processes' main threads (where a daemon answers
     FUSE requests), then of their other threads: seconds running, seconds runnable but
     waiting for a CPU, times switched in (/proc/PID/task/TID/schedstat); zeros where
     the kernel keeps no such account."""
     out = [0.0] * 6
-    for pid in pids:
+    for pid, tid in threads(pids):
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
-        except OSError:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run, wait, slices = (int(x) for x in f.read().split()[:3])
+        except (OSError, ValueError):
             continue
-        for tid in tids:
-            try:
-                with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
-                    run, wait, slices = (int(x) for x in f.read().split()[:3])
-            except (OSError, ValueError):
-                continue
-            i = 0 if int(tid) == pid else 3
-            out[i] += run / 1e9
-            out[i + 1] += wait / 1e9
-            out[i + 2] += slices
+        i = 0 if tid == pid else 3
+        out[i] += run / 1e9
+        out[i + 1] += wait / 1e9
+        out[i + 2] += slices
     return out
 
 
@@ -131,16 +137,11 @@ class Meter:
 
 def pin_tree(pids: list[int], cpu: int) -> None:
     """Every thread of these processes on `cpu` (threads they start later inherit it)."""
-    for pid in pids:
+    for _, tid in threads(pids):
         try:
-            tids = os.listdir(f"/proc/{pid}/task")
+            os.sched_setaffinity(tid, {cpu})
         except OSError:
-            continue
-        for tid in tids:
-            try:
-                os.sched_setaffinity(int(tid), {cpu})
-            except OSError:
-                pass  # gone meanwhile
+            pass  # gone meanwhile
 
 
 def writer(d: Path, n: int, size: int, sync: bool) -> float:
