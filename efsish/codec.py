@@ -17,6 +17,7 @@ import zlib
 from typing import Any
 
 import google_crc32c
+import orjson
 import zstandard
 
 from efsish.errors import CorruptObject
@@ -146,13 +147,43 @@ def decode(kind: bytes, blob: bytes, what: str = "object", max_size: int = 1 << 
     return payload
 
 
+def dumps(obj: Any) -> bytes:
+    """`obj` as compact JSON in UTF-8, for objects of ints, strs, lists, dicts, bools
+    and None (log ops and entries). orjson writes it 5-10x faster than the standard
+    library; what orjson refuses (a str with lone surrogates, i.e. a file name that is
+    not UTF-8, or an int beyond 64 bits) the standard library writes, alike but for
+    each lone surrogate, which becomes its escape (backslashreplace writes exactly
+    JSON's \\udcXX), so that an object takes the same bytes whichever wrote it (the
+    journal sizes entries by the rows' bytes). Not for floats: orjson writes NaN and
+    infinities as null."""
+    try:
+        return orjson.dumps(obj, option=orjson.OPT_NON_STR_KEYS)
+    except orjson.JSONEncodeError:
+        text = json.dumps(obj, separators=(",", ":"), ensure_ascii=False)
+        return text.encode("utf-8", "backslashreplace")
+
+
+def loads(data: bytes | str) -> Any:
+    """JSON as `dumps` or the standard library wrote it: orjson reads it, and what
+    orjson refuses (escaped lone surrogates, ints beyond 64 bits, NaN) the standard
+    library reads. ValueError if neither can."""
+    try:
+        return orjson.loads(data)
+    except orjson.JSONDecodeError:
+        return json.loads(data)
+
+
 def encode_json(kind: bytes, obj: Any) -> bytes:
+    """A JSON object in an envelope. Log entries (kind L: ops, no floats) are written
+    by `dumps`; the rest, which may carry floats, by the standard library."""
+    if kind == b"L":
+        return encode(kind, dumps(obj))
     return encode(kind, json.dumps(obj, separators=(",", ":")).encode())
 
 
 def decode_json(kind: bytes, blob: bytes, what: str = "object") -> Any:
     payload = decode(kind, blob, what)
     try:
-        return json.loads(payload)
+        return loads(payload)
     except ValueError as e:
         raise CorruptObject(f"{what}: payload is not valid JSON ({e})") from None

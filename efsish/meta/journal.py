@@ -30,7 +30,7 @@ from efsish.meta.view import View
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS journal (
     jseq INTEGER PRIMARY KEY,
-    op TEXT NOT NULL,          -- the op's wire form (JSON)
+    op TEXT NOT NULL,          -- the op's wire form (JSON; UTF-8 in a BLOB, or TEXT)
     domains TEXT NOT NULL,     -- JSON list of the domains it touches
     t INTEGER NOT NULL,        -- the writer's wall clock, ns (for JOURNAL.txt)
     mono REAL NOT NULL         -- the lease clock when it was answered (flush age)
@@ -93,7 +93,7 @@ def append(
     view.db.executemany(
         "INSERT INTO journal (jseq, op, domains, t, mono) VALUES (?, ?, ?, ?, ?)",
         [
-            (first + i, json.dumps(op.wire()), json.dumps(sorted(doms)), t, mono)
+            (first + i, codec.dumps(op.wire()), json.dumps(sorted(doms)), t, mono)
             for i, (op, doms) in enumerate(zip(ops, domains, strict=True))
         ],
     )
@@ -104,8 +104,8 @@ def append(
 _ROW_COLS = "jseq, op, domains, t, mono"
 
 
-def _row(jseq: int, op: str, doms: str, t: int, mono: float) -> Row:
-    return Row(int(jseq), decode_op(json.loads(op)), frozenset(json.loads(doms)), t, mono, len(op))
+def _row(jseq: int, op: bytes | str, doms: str, t: int, mono: float) -> Row:
+    return Row(int(jseq), decode_op(codec.loads(op)), frozenset(json.loads(doms)), t, mono, len(op))
 
 
 def _overflows(size: int, n: int, max_bytes: int) -> bool:
@@ -191,7 +191,7 @@ def entries(
     size = 0
     for r in rows_:
         # The stored wire form's length (what encoding it again would give).
-        n = (r.size or len(json.dumps(r.op.wire()))) + 2
+        n = (r.size or len(codec.dumps(r.op.wire()))) + 2
         if cur and _overflows(size, n, max_bytes):
             out.append(_entry(cur, client, inc, t, epochs))
             cur, size = [], 0

@@ -16,7 +16,13 @@ returns (the journal has them; the batch commits within commit_interval), like t
 benchmark's small-file row; `--sync` adds an fsync of the directory at the end of each
 writer's run, inside its time.
 
-    scripts/bench/disjoint [--store-rtt 20] [--files 3000] [--rounds 3] [--out FILE]
+With `--pin`, each mount's daemon (every thread) and each writer of that mount run on
+one CPU of their own, CPU 0 for A and CPU 1 for B, in every phase: two one-CPU
+machines sharing the store, so that the ratio measures what the mounts cost each other
+through the bucket (the log, replaying the other's entries) rather than how two of
+them share this machine's CPUs. SeaweedFS and the proxies float.
+
+    scripts/bench/disjoint [--store-rtt 20] [--files 3000] [--rounds 3] [--pin] [--out FILE]
 
 Needs root (FUSE mounts). Starts and stops its own SeaweedFS, proxies and mounts.
 """
@@ -58,10 +64,42 @@ def busy_seconds() -> float:
     return (sum(v) - v[3] - v[4]) / os.sysconf("SC_CLK_TCK")
 
 
+def threads(pids: list[int]) -> list[tuple[int, int]]:
+    """(pid, tid) of every thread of these processes (those gone meanwhile left out)."""
+    out = []
+    for pid in pids:
+        try:
+            out += [(pid, int(tid)) for tid in os.listdir(f"/proc/{pid}/task")]
+        except OSError:
+            continue
+    return out
+
+
+def sched_stats(pids: list[int]) -> list[float]:
+    """The scheduler's account of these processes' main threads (where a daemon answers
+    FUSE requests), then of their other threads: seconds running, seconds runnable but
+    waiting for a CPU, times switched in (/proc/PID/task/TID/schedstat); zeros where
+    the kernel keeps no such account."""
+    out = [0.0] * 6
+    for pid, tid in threads(pids):
+        try:
+            with open(f"/proc/{pid}/task/{tid}/schedstat") as f:
+                run, wait, slices = (int(x) for x in f.read().split()[:3])
+        except (OSError, ValueError):
+            continue
+        i = 0 if tid == pid else 3
+        out[i] += run / 1e9
+        out[i + 1] += wait / 1e9
+        out[i + 2] += slices
+    return out
+
+
 class Meter:
     """Per mount: daemon CPU seconds and store requests (at its proxy) over a phase,
     and the machine's CPU use, so that a slower phase can be told apart as more work
-    per create (protocol) or less CPU per second for each mount (sharing 2 CPUs)."""
+    per create (protocol) or less CPU per second for each mount (sharing 2 CPUs). The
+    scheduler's account of the daemons' threads tells where the rest goes: waiting for
+    a CPU, or asleep until the next request."""
 
     def __init__(self, mounts: list[Any], proxies: list[StoreProxy]) -> None:
         self.pids = [m.daemon_pids() for m in mounts]
@@ -72,20 +110,38 @@ class Meter:
         self.t0 = time.perf_counter()
         self.busy0 = busy_seconds()
         self.cpu0 = [cpu_seconds(p) for p in self.pids]
+        self.sched0 = [sched_stats(p) for p in self.pids]
         self.req0 = [p.requests() for p in self.proxies]
 
     def stop(self) -> dict[str, Any]:
         wall = time.perf_counter() - self.t0
         busy = busy_seconds() - self.busy0
         cpu = [cpu_seconds(p) - c for p, c in zip(self.pids, self.cpu0, strict=True)]
+        sched = [
+            [(b - a) / wall for a, b in zip(s0, sched_stats(p), strict=True)]
+            for p, s0 in zip(self.pids, self.sched0, strict=True)
+        ]
         time.sleep(0.3)
         req = [p.requests() - r for p, r in zip(self.proxies, self.req0, strict=True)]
+        keys = ("running", "waiting_for_cpu", "switches_per_s")
         return {
             "wall_s": wall,
             "machine_cpus_busy": busy / wall,
             "daemon_cpu_s": cpu,
             "requests": req,
+            # Per daemon, per second of the phase: its main thread, then its others.
+            "daemon_main_thread": [dict(zip(keys, s[:3], strict=True)) for s in sched],
+            "daemon_other_threads": [dict(zip(keys, s[3:], strict=True)) for s in sched],
         }
+
+
+def pin_tree(pids: list[int], cpu: int) -> None:
+    """Every thread of these processes on `cpu` (threads they start later inherit it)."""
+    for _, tid in threads(pids):
+        try:
+            os.sched_setaffinity(tid, {cpu})
+        except OSError:
+            pass  # gone meanwhile
 
 
 def writer(d: Path, n: int, size: int, sync: bool) -> float:
@@ -108,10 +164,12 @@ def writer(d: Path, n: int, size: int, sync: bool) -> float:
 
 
 def _writer_process(
-    i: int, d: Path, n: int, size: int, sync: bool, ready: Any, go: Any, out: Any
+    i: int, d: Path, n: int, size: int, sync: bool, cpu: int | None, ready: Any, go: Any, out: Any
 ) -> None:
-    """One writer in a process of its own (see run_writers)."""
+    """One writer in a process of its own (see run_writers), on `cpu` if given."""
     try:
+        if cpu is not None:
+            os.sched_setaffinity(0, {cpu})
         ready.release()
         go.wait()
         out.put((i, writer(d, n, size, sync), ""))
@@ -119,13 +177,22 @@ def _writer_process(
         out.put((i, 0.0, f"{type(e).__name__}: {e}"))
 
 
-def run_writers(dirs: list[Path], n: int, size: int, sync: bool, meter: Meter) -> list[float]:
-    """One writer process per directory, started together once all are ready; each
-    one's own elapsed seconds. The meter starts once every writer waits for the start."""
+def run_writers(
+    dirs: list[Path],
+    n: int,
+    size: int,
+    sync: bool,
+    meter: Meter,
+    cpus: list[int | None] | None = None,
+) -> list[float]:
+    """One writer process per directory (on cpus[i] if given), started together once
+    all are ready; each one's own elapsed seconds. The meter starts once every writer
+    waits for the start."""
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
+    where = cpus or [None] * len(dirs)
     procs = [
-        ctx.Process(target=_writer_process, args=(i, d, n, size, sync, ready, go, out))
+        ctx.Process(target=_writer_process, args=(i, d, n, size, sync, where[i], ready, go, out))
         for i, d in enumerate(dirs)
     ]
     for proc in procs:
@@ -168,7 +235,17 @@ def main() -> int:
     )
     p.add_argument("--out", help="write the results as JSON here")
     p.add_argument("--efsish-mount-opts", default="", help="-o options for both mounts")
+    p.add_argument(
+        "--pin",
+        action="store_true",
+        help="mount A and its writers on CPU 0, B and its on CPU 1 (two one-CPU machines)",
+    )
     a = p.parse_args()
+    if a.pin and len(os.sched_getaffinity(0)) < 2:
+        p.error("--pin needs two CPUs")
+    cpus: list[int | None] = [None, None]
+    if a.pin:
+        cpus[:] = sorted(os.sched_getaffinity(0))[:2]
     if a.efsish_mount_opts:
         MOUNT_OPTS[:] = [a.efsish_mount_opts]
     work = Path(tempfile.mkdtemp(prefix="efsish-disjoint."))
@@ -200,6 +277,11 @@ def main() -> int:
         ]
         time.sleep(3.0)  # startup done (sessions, first heartbeats)
         meter = Meter(mounts, proxies)
+        if a.pin:
+            for pids, cpu in zip(meter.pids, cpus, strict=True):
+                assert cpu is not None
+                pin_tree(pids, cpu)
+            log(f"mount A pinned to CPU {cpus[0]}, B to CPU {cpus[1]}, with their writers")
         for r in range(a.rounds):
             names = [f"soloA-{r}", f"soloB-{r}", f"bothA-{r}", f"bothB-{r}"]
             owner = [0, 1, 0, 1]
@@ -210,11 +292,18 @@ def main() -> int:
             solo = []
             meters: dict[str, Any] = {}
             for i in range(2):
-                solo += run_writers([mounts[i].mp / names[i]], a.files, a.size, a.sync, meter)
+                solo += run_writers(
+                    [mounts[i].mp / names[i]], a.files, a.size, a.sync, meter, [cpus[i]]
+                )
                 meters[f"solo{'AB'[i]}"] = meter.stop()
                 time.sleep(1.5)  # the solo batch is committed
             both = run_writers(
-                [mounts[0].mp / names[2], mounts[1].mp / names[3]], a.files, a.size, a.sync, meter
+                [mounts[0].mp / names[2], mounts[1].mp / names[3]],
+                a.files,
+                a.size,
+                a.sync,
+                meter,
+                cpus,
             )
             meters["together"] = meter.stop()
             rates: dict[str, Any] = {
@@ -241,6 +330,14 @@ def main() -> int:
                     f"{v['daemon_cpu_s'][1]:.2f}, store requests (A, B) {v['requests'][0]}, "
                     f"{v['requests'][1]}"
                 )
+                mt = v["daemon_main_thread"]
+                log(
+                    "    daemon main threads (A, B): running "
+                    f"{mt[0]['running']:.2f}, {mt[1]['running']:.2f}; waiting for a CPU "
+                    f"{mt[0]['waiting_for_cpu']:.2f}, {mt[1]['waiting_for_cpu']:.2f}; "
+                    f"switched in {mt[0]['switches_per_s']:.0f}, {mt[1]['switches_per_s']:.0f}"
+                    " times a second"
+                )
             time.sleep(1.5)
     finally:
         stop_everything(s3server, work / "s3")
@@ -258,6 +355,7 @@ def main() -> int:
         "files": a.files,
         "size": a.size,
         "sync": a.sync,
+        "pinned_cpus": cpus if a.pin else None,
         "machine": machine_info(),
         "rounds": rounds,
         "median": {
@@ -270,6 +368,7 @@ def main() -> int:
     print(
         f"two mounts, disjoint top-level directories, {a.files} x {a.size} B creates each, "
         f"store {a.store_rtt:g} ms away ({formatted}); medians of {a.rounds} rounds"
+        + (f"; A on CPU {cpus[0]}, B on CPU {cpus[1]}, each with its writers" if a.pin else "")
     )
     for i, label in enumerate("AB"):
         print(

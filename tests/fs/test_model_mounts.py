@@ -730,19 +730,29 @@ class Run:
         self.count("kill")
         if lose_cache:
             self.count("kill, cache lost")
-        d = self.in_flight if m is self.paused else None
-        if m is self.paused:
+        was_paused = m is self.paused
+        d = self.in_flight if was_paused else None
+        if was_paused:
             self.paused = self.in_flight = None
         new = await self.mounts.kill(m, lose_cache)
         self.live[self.live.index(m)] = new
+        # The lease mode: another mount may have taken a domain over while this one was
+        # paused. The new incarnation then finds its journal fenced and puts it in its
+        # recovery directory, a call that returned during the pause with it (rule 5).
+        fenced = False
+        leases = new.fs.leases
+        if self.lease_loss and was_paused and leases is not None:
+            while leases.fenced is not None or leases.recovering:  # noqa: ASYNC110
+                await trio.sleep(0.1)
+            fenced = bool(leases.recovered)
         if d is not None:
             d.done = True  # cancelled: what it did is in the log, or nothing is
-            if d.returned:
+            if d.returned and not fenced:
                 d.lo = len(d.steps)
         bases: list[tuple[Model, list[Change] | None]] = [(self.model, None)]
         if lose_cache and self.lease_loss:
             bases += self.lossy(m.index)
-        if d is not None and self.lease_loss:
+        if was_paused and self.lease_loss:
             bases += self.lossy(m.index, self.paused_t)  # taken over while paused
         rule = (
             f" (rules 3/4: kill -9 of mount {m.index} {how}: a change whose call "

@@ -4,6 +4,7 @@ from earlier versions still verify."""
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import zlib
 from concurrent.futures import ThreadPoolExecutor
@@ -14,6 +15,7 @@ import pytest
 
 from efsish import codec
 from efsish.codec import block_hash, block_matches
+from efsish.errors import CorruptObject
 
 
 @pytest.mark.parametrize(
@@ -62,3 +64,42 @@ def test_encoding_from_many_threads_at_once() -> None:
         blobs = [b for part in pool.map(work, [payloads[i::8] for i in range(8)]) for b in part]
     expected = [p for i in range(8) for p in payloads[i::8]]
     assert [codec.decode(b"L", b) for b in blobs] == expected
+
+
+def test_log_entry_json_round_trips_what_orjson_refuses() -> None:
+    """Log entries are written with orjson where it can and with the standard library
+    where it cannot (a name that is not UTF-8 becomes a str with lone surrogates; an
+    int beyond 64 bits); both read back alike, and what older versions wrote (ASCII
+    with escapes) and will read (json.loads) agree with it."""
+    from efsish.meta.ops import name_to_json
+
+    cases: list[Any] = [
+        {"o": "mk", "name": name_to_json(b"plain"), "t": 1},
+        {"o": "mk", "name": name_to_json("été-日本".encode()), "t": 2},
+        {"o": "mk", "name": name_to_json(b"raw-\xff\xfe"), "t": 3},  # not UTF-8
+        {"o": "mk", "big": 1 << 70, "claims": {5: 7}},
+    ]
+    for obj in cases:
+        want = json.loads(json.dumps(obj))  # int keys become strings, as in the bucket
+        blob = codec.encode_json(b"L", obj)
+        assert codec.decode_json(b"L", blob) == want
+        assert json.loads(codec.decode(b"L", blob)) == want  # an older efsish reads it
+        old = codec.encode(b"L", json.dumps(obj, separators=(",", ":")).encode())
+        assert codec.decode_json(b"L", old) == want  # what an older efsish wrote
+        assert codec.loads(codec.dumps(obj).decode()) == want
+    with pytest.raises(CorruptObject, match="not valid JSON"):
+        codec.decode_json(b"L", codec.encode(b"L", b'{"o": "mk",'))
+
+
+def test_an_object_takes_the_same_bytes_whoever_writes_it() -> None:
+    """The journal sizes an entry by the bytes of its rows' ops as stored: an op must
+    take the same bytes in an entry that the standard library writes (because another
+    op in it has a name that is not UTF-8) as when orjson wrote it alone."""
+    from efsish.meta.ops import name_to_json
+
+    utf8 = {"o": "mk", "name": name_to_json(("日本語" * 25).encode()), "t": 1}
+    raw = {"o": "mk", "name": name_to_json(b"raw-\xff\xfe"), "t": 2}
+    both = codec.dumps([utf8, raw])
+    assert len(both) == len(codec.dumps(utf8)) + len(codec.dumps(raw)) + 3
+    assert both == b"[" + codec.dumps(utf8) + b"," + codec.dumps(raw) + b"]"
+    assert codec.loads(both) == [utf8, raw]
