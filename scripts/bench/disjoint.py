@@ -144,23 +144,38 @@ def pin_tree(pids: list[int], cpu: int) -> None:
             pass  # gone meanwhile
 
 
-def writer(d: Path, n: int, size: int, sync: bool) -> float:
-    """Seconds to create n files of `size` bytes in `d`, one at a time."""
+def tails(secs: list[float]) -> dict[str, float]:
+    """Milliseconds of the median, 99th and 99.9th percentile and slowest of `secs`."""
+    s = sorted(secs)
+
+    def at(q: float) -> float:
+        return s[min(len(s) - 1, int(q * len(s)))] * 1e3
+
+    return {"p50": at(0.5), "p99": at(0.99), "p99.9": at(0.999), "max": s[-1] * 1e3}
+
+
+def writer(d: Path, n: int, size: int, sync: bool) -> tuple[float, dict[str, float]]:
+    """Seconds to create n files of `size` bytes in `d`, one at a time, and the tail of
+    a create's time (create+write+close; a stall behind a batch the mount flushes or
+    applies shows there)."""
     data = os.urandom(size)
+    each = []
     t0 = time.perf_counter()
     for i in range(n):
+        t = time.perf_counter()
         fd = os.open(d / f"f{i:05d}", os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
         try:
             os.write(fd, data)
         finally:
             os.close(fd)
+        each.append(time.perf_counter() - t)
     if sync:
         fd = os.open(d, os.O_RDONLY)
         try:
             os.fsync(fd)  # of the directory: waits until the journal is in the log
         finally:
             os.close(fd)
-    return time.perf_counter() - t0
+    return time.perf_counter() - t0, tails(each)
 
 
 def _writer_process(
@@ -172,9 +187,10 @@ def _writer_process(
             os.sched_setaffinity(0, {cpu})
         ready.release()
         go.wait()
-        out.put((i, writer(d, n, size, sync), ""))
+        secs, tail = writer(d, n, size, sync)
+        out.put((i, secs, tail, ""))
     except BaseException as e:  # reported to the parent, re-raised there
-        out.put((i, 0.0, f"{type(e).__name__}: {e}"))
+        out.put((i, 0.0, {}, f"{type(e).__name__}: {e}"))
 
 
 def run_writers(
@@ -184,10 +200,10 @@ def run_writers(
     sync: bool,
     meter: Meter,
     cpus: list[int | None] | None = None,
-) -> list[float]:
+) -> tuple[list[float], list[dict[str, float]]]:
     """One writer process per directory (on cpus[i] if given), started together once
-    all are ready; each one's own elapsed seconds. The meter starts once every writer
-    waits for the start."""
+    all are ready; each one's own elapsed seconds and tail of a create's time. The
+    meter starts once every writer waits for the start."""
     ctx = multiprocessing.get_context("spawn")
     ready, go, out = ctx.Semaphore(0), ctx.Event(), ctx.Queue()
     where = cpus or [None] * len(dirs)
@@ -204,12 +220,13 @@ def run_writers(
         meter.start()
         go.set()
         elapsed = [0.0] * len(dirs)
+        tail: list[dict[str, float]] = [{} for _ in dirs]
         for _ in procs:
-            i, secs, err = out.get(timeout=1800)
+            i, secs, t, err = out.get(timeout=1800)
             if err:
                 raise RuntimeError(f"writer in {dirs[i]} failed: {err}")
-            elapsed[i] = secs
-        return elapsed
+            elapsed[i], tail[i] = secs, t
+        return elapsed, tail
     finally:
         for proc in procs:
             proc.join(timeout=10)
@@ -292,12 +309,13 @@ def main() -> int:
             solo = []
             meters: dict[str, Any] = {}
             for i in range(2):
-                solo += run_writers(
+                secs, tail = run_writers(
                     [mounts[i].mp / names[i]], a.files, a.size, a.sync, meter, [cpus[i]]
                 )
-                meters[f"solo{'AB'[i]}"] = meter.stop()
+                solo += secs
+                meters[f"solo{'AB'[i]}"] = {**meter.stop(), "create_ms": tail}
                 time.sleep(1.5)  # the solo batch is committed
-            both = run_writers(
+            both, tail = run_writers(
                 [mounts[0].mp / names[2], mounts[1].mp / names[3]],
                 a.files,
                 a.size,
@@ -305,7 +323,7 @@ def main() -> int:
                 meter,
                 cpus,
             )
-            meters["together"] = meter.stop()
+            meters["together"] = {**meter.stop(), "create_ms": tail}
             rates: dict[str, Any] = {
                 "solo_per_s": [a.files / s for s in solo],
                 "together_per_s": [a.files / s for s in both],
@@ -337,6 +355,13 @@ def main() -> int:
                     f"{mt[0]['waiting_for_cpu']:.2f}, {mt[1]['waiting_for_cpu']:.2f}; "
                     f"switched in {mt[0]['switches_per_s']:.0f}, {mt[1]['switches_per_s']:.0f}"
                     " times a second"
+                )
+                log(
+                    "    a create (ms, p50 / p99 / p99.9 / max): "
+                    + "; ".join(
+                        f"{t['p50']:.2f} / {t['p99']:.1f} / {t['p99.9']:.1f} / {t['max']:.0f}"
+                        for t in v["create_ms"]
+                    )
                 )
             time.sleep(1.5)
     finally:

@@ -6,7 +6,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from efsish.meta.inodes import INO_RANGE, InodeRange
+from efsish.meta.inodes import INO_RANGE, INO_RANGE_MAX, InodeRange
 from efsish.meta.ops import ClaimInodes
 from efsish.meta.view import FIRST_FREE_INO, View
 
@@ -30,14 +30,26 @@ def test_the_first_take_claims_a_range_and_the_next_ones_use_it(tmp_path: Path) 
     ]
 
 
-def test_a_used_up_range_claims_the_next_one(tmp_path: Path) -> None:
+def test_a_used_up_range_claims_the_next_one_twice_as_large(tmp_path: Path) -> None:
+    """Each claim doubles the last, from INO_RANGE up to INO_RANGE_MAX (a claim stalls
+    the create that makes it: fewer claims for a mount that creates many files)."""
     view = _view(tmp_path)
     r = InodeRange()
     for _ in range(INO_RANGE):
         _, claim = r.take(view)
     assert claim is None
     start = FIRST_FREE_INO + INO_RANGE
-    assert r.take(view) == (start, ClaimInodes(start, INO_RANGE))
+    assert r.take(view) == (start, ClaimInodes(start, 2 * INO_RANGE))
+    sizes = [INO_RANGE, 2 * INO_RANGE]
+    while sizes[-1] < INO_RANGE_MAX or len(sizes) < 10:
+        for _ in range(sizes[-1] - 1):
+            assert r.take(view)[1] is None
+        ino, claim = r.take(view)
+        assert claim is not None and claim.start == ino == FIRST_FREE_INO + sum(sizes)
+        sizes.append(claim.n)
+    assert sizes == [min(INO_RANGE << k, INO_RANGE_MAX) for k in range(len(sizes))]
+    assert sizes[-2:] == [INO_RANGE_MAX, INO_RANGE_MAX]
+    assert int(view.get_meta("next_ino")) == FIRST_FREE_INO + sum(sizes)
 
 
 def test_restore_hands_out_the_numbers_of_a_discarded_plan_again(tmp_path: Path) -> None:
@@ -79,7 +91,7 @@ def test_abandon_never_hands_out_the_rest_of_the_range(tmp_path: Path) -> None:
     view.begin()
     ino, claim = r.take(view)
     view.commit()
-    assert claim == ClaimInodes(first + INO_RANGE, INO_RANGE)
+    assert claim == ClaimInodes(first + INO_RANGE, 2 * INO_RANGE)
     assert ino == first + INO_RANGE
 
 
