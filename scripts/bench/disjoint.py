@@ -45,7 +45,7 @@ from typing import Any
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from bench import machine_info, start_seaweedfs
-from common import cpu_seconds, log, s3_env
+from common import cpu_seconds, log, percentile, s3_env
 from systems import FORMAT_ARGS, MOUNT_OPTS, Efsish, Server, StoreProxy, stop_everything
 
 BUCKET = "disjoint"
@@ -146,12 +146,13 @@ def pin_tree(pids: list[int], cpu: int) -> None:
 
 def tails(secs: list[float]) -> dict[str, float]:
     """Milliseconds of the median, 99th and 99.9th percentile and slowest of `secs`."""
-    s = sorted(secs)
-
-    def at(q: float) -> float:
-        return s[min(len(s) - 1, int(q * len(s)))] * 1e3
-
-    return {"p50": at(0.5), "p99": at(0.99), "p99.9": at(0.999), "max": s[-1] * 1e3}
+    ms = [x * 1e3 for x in secs]
+    return {
+        "p50": percentile(ms, 50),
+        "p99": percentile(ms, 99),
+        "p99.9": percentile(ms, 99.9),
+        "max": max(ms),
+    }
 
 
 def writer(d: Path, n: int, size: int, sync: bool) -> tuple[float, dict[str, float]]:
