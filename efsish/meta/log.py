@@ -140,6 +140,15 @@ class _Pending(Generic[T]):
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    # `_claim_ahead`: ordered with nothing this mount answered, so a batch of only
+    # these commits without flushing the journal first.
+    ahead: bool = False
+
+
+def _claim_ahead(view: View, ctx: PlanContext) -> tuple[list[Op], None]:
+    """The planner of an inode range claimed ahead of need (efsish.meta.inodes)."""
+    ctx.claim_ahead(view)
+    return [], None
 
 
 class MetaLog:
@@ -189,6 +198,7 @@ class MetaLog:
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
         self.inodes = InodeRange()  # saved and restored around every plan
+        self._claiming = False  # a `_claim_ahead` is queued or being committed
         self._catchups_started = 0
         self._catchups_done_from = 0  # start ticket of the newest completed catch-up
         self.writer: View
@@ -788,6 +798,9 @@ class MetaLog:
                     if not isinstance(e, Exception):
                         raise
                     log.error("commit failed: %s", e)
+                finally:
+                    if any(p.ahead for p in batch):
+                        self._claiming = False
         finally:
             # Unmount (cancelled): an answered entry must still reach SQLite.
             await self._settle_answered()
@@ -852,9 +865,15 @@ class MetaLog:
                     await self._in_writer(self.writer.commit)
                     self._deliver(batch, outcomes)
                     return False
-                if self.leases is not None and self.journal_rows and self.leases.ready:
+                if (
+                    self.leases is not None
+                    and self.journal_rows
+                    and self.leases.ready
+                    and not all(p.ahead for p in batch)
+                ):
                     # A sync change comes after the journal in the log (the order
                     # this mount answered them): flush first, then plan it again.
+                    # (An inode range claimed ahead changes nothing anyone sees.)
                     await self._rollback()
                     self.inodes.restore(saved_range)
                     await self._flush_locked()
@@ -1098,6 +1117,12 @@ class MetaLog:
                 self.commits += 1
                 self._answered += 1
                 self._applied(res, False, fresh)
+        if not self._claiming and self.inodes.wants_spare():
+            # Half the inode range is used: claim the next in the background, so that
+            # no create waits for a flush and a claim when this one runs out.
+            self._claiming = True
+            self._queue.append(_Pending(_claim_ahead, ahead=True))
+            self._wake.set()
         return result, doms
 
     def _plan_local(
