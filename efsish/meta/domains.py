@@ -63,6 +63,9 @@ def domains_of_inode(view: View, ino: int) -> set[Domain]:
     """The domains an inode's own rows (attributes, layout, xattrs) belong to: a
     directory's domain, or the domains of every directory a file is linked in. Empty
     for an inode the view does not hold."""
+    parent = view.born_parent(ino)
+    if parent is not None:
+        return {domain_of_dir(view, parent)}
     attr = view.getattr(ino)
     if attr is None:
         return set()

@@ -2,13 +2,16 @@
 
 A create needs no coordination with other mounts: its planner takes the next number
 from a range that an `ino` op (ClaimInodes) in one of this mount's own log entries
-reserved. A claim is not a change of one domain, so the create that makes it is
-committed on its own (on a lease filesystem, after the journal is flushed): at a 20 ms
-store it waited 200-250 ms, once every INO_RANGE creates (docs/BENCHMARKS.md). So each
-claim of a mount is twice its previous one, from INO_RANGE up to INO_RANGE_MAX: a mount
-that creates 50,000 files claims 6 times rather than 49, and the numbers a mount leaves
-unused are at most INO_RANGE or as many as it used (inode numbers grow at most about
-twice as fast as files are created).
+reserved. A claim is not a change of one domain, so a create that makes it is committed
+on its own (on a lease filesystem, after the journal is flushed): at a 20 ms store it
+waited 200-400 ms (docs/BENCHMARKS.md). Two things keep creates from waiting for one:
+- each claim of a mount is twice its previous one, from INO_RANGE up to INO_RANGE_MAX:
+  a mount that creates 50,000 files claims 6 times rather than 49 (with the range
+  claimed ahead, a mount leaves unused at most about twice as many numbers as it used,
+  plus 2.5 INO_RANGE: inode numbers are 64-bit);
+- on a lease filesystem the next range is claimed ahead, once half of the current one
+  is used (`wants_spare`, `claim_spare`), by an entry of its own that waits for no
+  journal flush (efsish.meta.log); `take` moves on to it when the current one ends.
 
 The committer saves the range before planning and restores it when the planned entry
 does not reach the log (rolled back, lost a race, a planner failed), so that numbers of
@@ -40,40 +43,67 @@ class SavedRange:
     next: int
     end: int
     size: int
+    start: int
+    spare: tuple[int, int] | None
 
 
 class InodeRange:
-    """The unused rest of this mount's claimed inode range: [next, end)."""
+    """The unused rest of this mount's claimed inode range, [next, end) of [start, end),
+    and the range claimed ahead to follow it (`spare`)."""
 
     def __init__(self) -> None:
-        self._next = 0
-        self._end = 0
+        self._start = self._next = self._end = 0
         self._size = INO_RANGE  # of the next claim
+        self._spare: tuple[int, int] | None = None
+
+    def _claim(self, view: View) -> ClaimInodes:
+        """Claim the next range in `view` (applied there)."""
+        claim = ClaimInodes(int(view.get_meta("next_ino")), self._size)
+        view.apply_op(claim, ApplyResult())
+        self._size = min(2 * self._size, INO_RANGE_MAX)
+        return claim
 
     def take(self, view: View) -> tuple[int, ClaimInodes | None]:
         """The next inode number, and the claim of a new range if this one was used up
-        (already applied to `view`; it must go into the same log entry, before the op
-        that uses the number)."""
+        and none was claimed ahead (already applied to `view`; it must go into the same
+        log entry, before the op that uses the number)."""
         claim: ClaimInodes | None = None
         if self._next >= self._end:
-            start = int(view.get_meta("next_ino"))
-            claim = ClaimInodes(start, self._size)
-            view.apply_op(claim, ApplyResult())
-            self._next, self._end = start, start + self._size
-            self._size = min(2 * self._size, INO_RANGE_MAX)
+            if self._spare is not None:
+                (self._start, self._end), self._spare = self._spare, None
+            else:
+                claim = self._claim(view)
+                self._start, self._end = claim.start, claim.start + claim.n
+            self._next = self._start
         ino = self._next
         self._next += 1
         return ino, claim
 
+    def wants_spare(self) -> bool:
+        """Half the current range is used and the next is not claimed yet."""
+        return self._spare is None and self._end > 0 and 2 * self._next >= self._start + self._end
+
+    def claim_spare(self, view: View) -> ClaimInodes | None:
+        """Claim the range to follow the current one, if it `wants_spare` (applied to
+        `view`; it must go into a log entry)."""
+        if not self.wants_spare():
+            return None
+        claim = self._claim(view)
+        self._spare = (claim.start, claim.start + claim.n)
+        return claim
+
     def save(self) -> SavedRange:
-        return SavedRange(self._next, self._end, self._size)
+        return SavedRange(self._next, self._end, self._size, self._start, self._spare)
 
     def restore(self, saved: SavedRange) -> None:
         """Back to `saved`: what was taken since (and any range claimed since) was never
         committed, so those numbers are free to hand out again."""
         self._next, self._end, self._size = saved.next, saved.end, saved.size
+        self._start, self._spare = saved.start, saved.spare
 
     def abandon(self) -> None:
-        """Never hand out the rest of this range: an entry that used it may be in the log
-        although its PUT reported no success. The next `take` claims a new range."""
+        """Never hand out the rest of this range, nor the one claimed ahead: an entry
+        that used the one or claimed the other may be in the log although its PUT
+        reported no success. The next `take` claims a new range."""
         self._next = self._end
+        self._spare = None

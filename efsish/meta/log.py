@@ -140,6 +140,15 @@ class _Pending(Generic[T]):
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
+    # `_claim_ahead`: ordered with nothing this mount answered, so a batch of only
+    # these commits without flushing the journal first.
+    ahead: bool = False
+
+
+def _claim_ahead(view: View, ctx: PlanContext) -> tuple[list[Op], None]:
+    """The planner of an inode range claimed ahead of need (efsish.meta.inodes)."""
+    ctx.claim_ahead(view)
+    return [], None
 
 
 class MetaLog:
@@ -189,6 +198,7 @@ class MetaLog:
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
         self.inodes = InodeRange()  # saved and restored around every plan
+        self._claiming = False  # a `_claim_ahead` is queued or being committed
         self._catchups_started = 0
         self._catchups_done_from = 0  # start ticket of the newest completed catch-up
         self.writer: View
@@ -595,13 +605,24 @@ class MetaLog:
                 if skip < 0 or skip > found or (skip == found and found == n):
                     continue  # nothing here proves anything about the head: GET again
                 blobs, seq = blobs[skip:], seq + skip
+            moved = False
             for i, blob in enumerate(blobs):
+                if i and unlocked_gets and self._wlock.statistics().tasks_waiting:
+                    # Local changes wait: let them in between two entries, rather than
+                    # after all of them (another mount's second of creates, applied at
+                    # once, held them 40-150 ms).
+                    await self._let_waiters_in()
+                    moved = self._seq != seq + i - 1  # a commit caught up meanwhile
+                    if moved:
+                        break
                 await self._apply_remote(seq + i, blob)
                 applied += 1
                 if applied == CHASING_AFTER:
                     # Another mount writes entries as fast as this one can apply them: say
                     # so in the heartbeat (a commit of ours waiting behind it would starve).
                     self._starving_until = trio.current_time() + 3.0
+            if moved:
+                continue  # on from the view's position
             if sent is not None and found < n:
                 # A 404 at seq + len(blobs), sent at `sent`, and every entry before it
                 # applied: the head at that moment (LEASES.md §7: the renewal).
@@ -621,6 +642,14 @@ class MetaLog:
             self._hurry()
             with trio.CancelScope(shield=True):
                 await self._wlock.acquire()
+
+    async def _let_waiters_in(self) -> None:
+        """Release the writer lock (held by this task) to those waiting for it, and take
+        it again after them (trio's lock is handed over in the order it was asked for)."""
+        self._wlock.release()
+        self._hurry()
+        with trio.CancelScope(shield=True):
+            await self._wlock.acquire()
 
     async def _get_run(self, seq: int, n: int) -> list[bytes]:
         """Log entries seq, seq+1, ... up to the first that does not exist, GETting `n`
@@ -788,6 +817,9 @@ class MetaLog:
                     if not isinstance(e, Exception):
                         raise
                     log.error("commit failed: %s", e)
+                finally:
+                    if any(p.ahead for p in batch):
+                        self._claiming = False
         finally:
             # Unmount (cancelled): an answered entry must still reach SQLite.
             await self._settle_answered()
@@ -852,9 +884,15 @@ class MetaLog:
                     await self._in_writer(self.writer.commit)
                     self._deliver(batch, outcomes)
                     return False
-                if self.leases is not None and self.journal_rows and self.leases.ready:
+                if (
+                    self.leases is not None
+                    and self.journal_rows
+                    and self.leases.ready
+                    and not all(p.ahead for p in batch)
+                ):
                     # A sync change comes after the journal in the log (the order
                     # this mount answered them): flush first, then plan it again.
+                    # (An inode range claimed ahead changes nothing anyone sees.)
                     await self._rollback()
                     self.inodes.restore(saved_range)
                     await self._flush_locked()
@@ -1098,6 +1136,12 @@ class MetaLog:
                 self.commits += 1
                 self._answered += 1
                 self._applied(res, False, fresh)
+        if not self._claiming and self.inodes.wants_spare():
+            # Half the inode range is used: claim the next in the background, so that
+            # no create waits for a flush and a claim when this one runs out.
+            self._claiming = True
+            self._queue.append(_Pending(_claim_ahead, ahead=True))
+            self._wake.set()
         return result, doms
 
     def _plan_local(

@@ -67,6 +67,7 @@ import trio.testing
 from efsish import codec
 from efsish.errors import FsError, NotFound
 from efsish.filesystem import RENAME_NOREPLACE, Filesystem
+from efsish.meta import inodes
 from efsish.meta.keys import log_key
 from efsish.meta.ops import LEASE_OPS, LogEntry
 from efsish.meta.superblock import Superblock, format_fs
@@ -793,6 +794,15 @@ class Run:
         assert not self.doubts, [d.label for d in self.doubts]
 
 
+@pytest.fixture(autouse=True)
+def small_inode_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inode ranges of 4 numbers, doubling up to 32 (efsish.meta.inodes): claims, inline
+    and ahead, come every few creates, under faults, pauses and kills, not once in
+    1,024."""
+    monkeypatch.setattr(inodes, "INO_RANGE", 4)
+    monkeypatch.setattr(inodes, "INO_RANGE_MAX", 32)
+
+
 @pytest.fixture
 def clock() -> trio.testing.MockClock:
     return trio.testing.MockClock(autojump_threshold=0.002)
@@ -879,9 +889,12 @@ async def lease_counts(store: ObjectStore) -> dict[str, int]:
         except NotFound:
             return counts
         entry = LogEntry.unwire(codec.decode_json(b"L", blob, "log"))
+        ops = [o.wire()["o"] for o in entry.ops]
         kinds = [str(entry.kind)] + [
             o.wire()["o"] for o in entry.ops if isinstance(o, LEASE_OPS) and o.wire()["o"] != "sess"
         ]
+        if "ino" in ops:  # an inode range claimed ahead (alone) or by a create
+            kinds.append("ino ahead" if ops == ["ino"] else "ino inline")
         for k in kinds:
             counts[f"log {k}"] = counts.get(f"log {k}", 0) + 1
         seq += 1
