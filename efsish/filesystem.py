@@ -312,7 +312,11 @@ class Filesystem:
             if ino not in res.freed and ino not in res.created:
                 self._inval_send.send_nowait(("inode", ino, b""))
         for parent, name in res.entries:
-            self._inval_send.send_nowait(("entry", parent, name))
+            # A directory the kernel does not know has no names cached under it (and
+            # another mount's second of creates is ~1,600 names: each queued one costs
+            # the adapter's worker a trip through trio's scheduler).
+            if self.kernel_knows(parent):
+                self._inval_send.send_nowait(("entry", parent, name))
 
     # ------------------------------------------------------------------- helpers
 

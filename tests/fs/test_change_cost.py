@@ -118,7 +118,8 @@ async def test_a_remote_batch_invalidates_no_inode_it_created(make_fs: FsFactory
     """Applying another mount's batch of creates queues kernel invalidations of the
     directory and of the new names (a negative entry may be cached), but none of the
     new inodes: the kernel cannot hold one from before it existed, and each inode
-    invalidation is a worker-thread hop in the adapter."""
+    invalidation is a worker-thread hop in the adapter. Nor names in a directory the
+    kernel does not know: it has none of them cached."""
     a = await make_fs(commit_interval=3600)
     b = await make_fs()
     d = (await a.mkdir(ROOT_INO, b"d", 0o755, ROOT)).ino
@@ -130,9 +131,14 @@ async def test_a_remote_batch_invalidates_no_inode_it_created(make_fs: FsFactory
     new = [await create(a, d, b"f%d" % i) for i in range(5)]
     await a.leases.sync()  # one journaled batch
     await b.meta.catch_up()
+    assert not [x for x in queued(b) if x[0] == "entry"]  # B's kernel never saw d
+    b.remember(d)
+    new += [await create(a, d, b"g%d" % i) for i in range(5)]
+    await a.leases.sync()
+    await b.meta.catch_up()
     got = queued(b)
     assert ("inode", d, b"") in got
-    assert {("entry", d, b"f%d" % i) for i in range(5)} <= set(got)
+    assert {("entry", d, b"g%d" % i) for i in range(5)} <= set(got)
     assert not [x for x in got if x[0] == "inode" and x[1] in new]
     # Once the kernel knows one, a remote change of it is invalidated.
     b.remember(new[0])
