@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from efsish.filesystem import Filesystem, Options
+from efsish.meta import inodes
 from efsish.meta.superblock import Superblock, format_fs
 from efsish.store import ObjectStore
 from efsish.store.crypt import CryptStore, Keyring, superblock_info
@@ -68,3 +69,12 @@ def make_fs(nursery, tmp_path: Path, store: ObjectStore, sb: Superblock) -> FsFa
 @pytest.fixture
 async def fs(make_fs: FsFactory) -> Filesystem:
     return await make_fs()
+
+
+@pytest.fixture
+def small_inode_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Inode ranges of 4 numbers, doubling up to 32 (efsish.meta.inodes), for the model
+    tests: claims, inline and ahead, come every few creates, under faults, pauses and
+    kills, not once in 1,024."""
+    monkeypatch.setattr(inodes, "INO_RANGE", 4)
+    monkeypatch.setattr(inodes, "INO_RANGE_MAX", 32)

@@ -35,12 +35,14 @@ import trio.testing
 
 from efsish.errors import FsError
 from efsish.filesystem import Ctx, Filesystem
-from efsish.meta import inodes
 from efsish.meta.view import ROOT_INO
 from efsish.store import ObjectStore
 from efsish.store.faulty import FaultPlan
 from tests.fs.conftest import FsFactory
 from tests.fs.helpers import Flaky, fsck
+
+# Claims every few creates (tests/fs/conftest.py).
+pytestmark = pytest.mark.usefixtures("small_inode_ranges")
 
 ROOT = Ctx(0, 0)
 KiB = 1024
@@ -302,15 +304,6 @@ class Run:
         if mine != seen:
             diff = sorted(str(p) for p in {*mine[0], *seen[0]} if mine[0].get(p) != seen[0].get(p))
             self.fail(f"the faulty mount and another mount disagree at {diff}")
-
-
-@pytest.fixture(autouse=True)
-def small_inode_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inode ranges of 4 numbers, doubling up to 32 (efsish.meta.inodes): claims, inline
-    and ahead, come every few creates, under faults, pauses and kills, not once in
-    1,024."""
-    monkeypatch.setattr(inodes, "INO_RANGE", 4)
-    monkeypatch.setattr(inodes, "INO_RANGE_MAX", 32)
 
 
 @pytest.fixture(params=[False, True], ids=["format2", "format3"])

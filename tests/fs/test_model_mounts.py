@@ -67,7 +67,6 @@ import trio.testing
 from efsish import codec
 from efsish.errors import FsError, NotFound
 from efsish.filesystem import RENAME_NOREPLACE, Filesystem
-from efsish.meta import inodes
 from efsish.meta.keys import log_key
 from efsish.meta.ops import LEASE_OPS, LogEntry
 from efsish.meta.superblock import Superblock, format_fs
@@ -93,6 +92,9 @@ from tests.fs.model import (
     show_value,
     walk,
 )
+
+# Claims every few creates (tests/fs/conftest.py).
+pytestmark = pytest.mark.usefixtures("small_inode_ranges")
 
 # The lease mode's rule 4 for a lost cache dir (see the module docstring); off (the
 # sync format): every answered change is in the log. The lease format runs with it on.
@@ -792,15 +794,6 @@ class Run:
         for m in self.live:
             await self.compare_tree(m, " at the end (rule 6: convergence)")
         assert not self.doubts, [d.label for d in self.doubts]
-
-
-@pytest.fixture(autouse=True)
-def small_inode_ranges(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Inode ranges of 4 numbers, doubling up to 32 (efsish.meta.inodes): claims, inline
-    and ahead, come every few creates, under faults, pauses and kills, not once in
-    1,024."""
-    monkeypatch.setattr(inodes, "INO_RANGE", 4)
-    monkeypatch.setattr(inodes, "INO_RANGE_MAX", 32)
 
 
 @pytest.fixture
