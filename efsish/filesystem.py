@@ -219,6 +219,7 @@ class Filesystem:
             self.roreads.nursery = nursery
         if self.leases is not None:
             await self.leases.start(nursery, self.opts.cache_locked)
+            nursery.start_soon(self.meta.run_claims)
         await nursery.start(self.cache.run)
         nursery.start_soon(self.housekeeping.poller)
         nursery.start_soon(self.housekeeping.heartbeat)

@@ -10,8 +10,9 @@ waited 200-400 ms (docs/BENCHMARKS.md). Two things keep creates from waiting for
   claimed ahead, a mount leaves unused at most about twice as many numbers as it used,
   plus 2.5 INO_RANGE: inode numbers are 64-bit);
 - on a lease filesystem the next range is claimed ahead, once half of the current one
-  is used (`wants_spare`, `claim_spare`), by an entry of its own that waits for no
-  journal flush (efsish.meta.log); `take` moves on to it when the current one ends.
+  is used (`wants_spare`), by an entry of its own that waits for no journal flush and
+  holds the writer lock only to plan and record it (efsish.meta.log); once it landed
+  (`add_spare`), `take` moves on to it when the current one ends.
 
 The committer saves the range before planning and restores it when the planned entry
 does not reach the log (rolled back, lost a race, a planner failed), so that numbers of
@@ -83,14 +84,15 @@ class InodeRange:
         """Half the current range is used and the next is not claimed yet."""
         return self._spare is None and self._end > 0 and 2 * self._next >= self._start + self._end
 
-    def claim_spare(self, view: View) -> ClaimInodes | None:
-        """Claim the range to follow the current one, if it `wants_spare` (applied to
-        `view`; it must go into a log entry)."""
-        if not self.wants_spare():
-            return None
-        claim = self._claim(view)
+    def spare_size(self) -> int:
+        """How many numbers the range claimed ahead is to hold."""
+        return self._size
+
+    def add_spare(self, claim: ClaimInodes) -> None:
+        """`claim`, a range this mount claimed ahead, is in the log and applied: it follows
+        the current range (and later claims are twice its size)."""
         self._spare = (claim.start, claim.start + claim.n)
-        return claim
+        self._size = max(self._size, min(2 * claim.n, INO_RANGE_MAX))
 
     def save(self) -> SavedRange:
         return SavedRange(self._next, self._end, self._size, self._start, self._spare)

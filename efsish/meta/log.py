@@ -59,7 +59,7 @@ from efsish.meta import checkpoints, journal, leasing
 from efsish.meta.inodes import InodeRange
 from efsish.meta.keys import LOG_PREFIX, log_key, parse_seq, seq_of
 from efsish.meta.memo import Fresh, Listed, Memo
-from efsish.meta.ops import LogEntry, Op
+from efsish.meta.ops import SYNC, ClaimInodes, LogEntry, Op
 from efsish.meta.planning import LeaseHeader, Outcome, Plan, PlanContext, Planner, plan_batch
 from efsish.meta.superblock import Superblock
 from efsish.meta.view import ApplyResult, Attr, Extent, View, checkpoint_wal
@@ -140,15 +140,6 @@ class _Pending(Generic[T]):
     done: trio.Event = field(default_factory=trio.Event)
     result: Any = None
     error: BaseException | None = None
-    # `_claim_ahead`: ordered with nothing this mount answered, so a batch of only
-    # these commits without flushing the journal first.
-    ahead: bool = False
-
-
-def _claim_ahead(view: View, ctx: PlanContext) -> tuple[list[Op], None]:
-    """The planner of an inode range claimed ahead of need (efsish.meta.inodes)."""
-    ctx.claim_ahead(view)
-    return [], None
 
 
 class MetaLog:
@@ -198,7 +189,8 @@ class MetaLog:
         self._queue: list[_Pending[Any]] = []
         self._wake = trio.Event()
         self.inodes = InodeRange()  # saved and restored around every plan
-        self._claiming = False  # a `_claim_ahead` is queued or being committed
+        self._claiming = False  # a `_claim_ahead` is wanted or under way
+        self._claim_wanted = trio.Event()  # `run_claims` starts one
         self._catchups_started = 0
         self._catchups_done_from = 0  # start ticket of the newest completed catch-up
         self.writer: View
@@ -817,9 +809,6 @@ class MetaLog:
                     if not isinstance(e, Exception):
                         raise
                     log.error("commit failed: %s", e)
-                finally:
-                    if any(p.ahead for p in batch):
-                        self._claiming = False
         finally:
             # Unmount (cancelled): an answered entry must still reach SQLite.
             await self._settle_answered()
@@ -884,15 +873,9 @@ class MetaLog:
                     await self._in_writer(self.writer.commit)
                     self._deliver(batch, outcomes)
                     return False
-                if (
-                    self.leases is not None
-                    and self.journal_rows
-                    and self.leases.ready
-                    and not all(p.ahead for p in batch)
-                ):
+                if self.leases is not None and self.journal_rows and self.leases.ready:
                     # A sync change comes after the journal in the log (the order
                     # this mount answered them): flush first, then plan it again.
-                    # (An inode range claimed ahead changes nothing anyone sees.)
                     await self._rollback()
                     self.inodes.restore(saved_range)
                     await self._flush_locked()
@@ -1140,9 +1123,72 @@ class MetaLog:
             # Half the inode range is used: claim the next in the background, so that
             # no create waits for a flush and a claim when this one runs out.
             self._claiming = True
-            self._queue.append(_Pending(_claim_ahead, ahead=True))
-            self._wake.set()
+            self._claim_wanted.set()
         return result, doms
+
+    async def run_claims(self) -> None:
+        """Claim inode ranges ahead of need when `submit_local` asks (lease mode)."""
+        while True:
+            await self._claim_wanted.wait()
+            self._claim_wanted = trio.Event()
+            try:
+                await self._claim_ahead()
+            except Exception as e:  # a create that finds no range left claims one itself
+                log.warning("could not claim inode numbers ahead: %s", e)
+            finally:
+                self._claiming = False
+
+    async def _claim_ahead(self) -> None:
+        """Claim the inode range to follow this mount's current one (efsish.meta.inodes)
+        in an entry of its own. A claim changes nothing anyone reads, so it waits for no
+        journal flush; and like a flush it holds the writer lock only to plan and to
+        record it, not through its PUT and the races it loses to another mount (a sync
+        commit does: journaled changes waited 90-525 ms behind one, docs/BENCHMARKS.md).
+        An entry a catch-up applied first is left unused (whether it was fenced is not
+        known here); one whose PUT went unanswered too."""
+        leases = self.leases
+        assert leases is not None
+        while not self.broken and not self.read_only:
+            async with self._writer_lock():
+                planned = await self._in_writer_here(self._plan_claim, leases.header())
+            if planned is None:
+                return
+            seq, entry, blob = planned
+            put_at, put_tk = self._stamp()
+            try:
+                await self._put_entry(seq, blob)
+            except PreconditionFailed:
+                await self.catch_up()  # (lets local changes in between entries)
+                continue
+            async with self._writer_lock():
+                if self._seq == seq - 1:
+                    await self._record_flushed(entry, seq)  # raises if fenced
+                    claim = entry.ops[0]
+                    assert isinstance(claim, ClaimInodes)
+                    self.inodes.add_spare(claim)
+                self._renewed(put_at, put_tk)
+            return
+
+    def _plan_claim(self, header: LeaseHeader) -> tuple[int, LogEntry, bytes] | None:
+        """(Under the writer lock.) The entry that claims the range to follow the current
+        one at the next position, judged as every replayer will judge it there (never
+        write one that would be fenced); None if none is wanted or it would be fenced."""
+        if not self.inodes.wants_spare():
+            return None
+        view = self.writer
+        seq = view.applied_seq + 1
+        claim = ClaimInodes(int(view.get_meta("next_ino")), self.inodes.spare_size())
+        entry = LogEntry(uuid.uuid4().hex, self.client_id, time.time_ns(), [claim])
+        entry.inc, entry.kind = header.inc, SYNC
+        res = ApplyResult()
+        view.begin()
+        try:
+            view.apply_entry(seq, entry, res)
+        finally:
+            view.rollback()
+        if res.fenced is not None:
+            return None
+        return seq, entry, journal.encode(entry)
 
     def _plan_local(
         self, planner: Planner[T], ok: frozenset[int], mono: float

@@ -50,13 +50,6 @@ class PlanContext:
             self.extra.append(claim)
         return ino
 
-    def claim_ahead(self, view: View) -> None:
-        """Claim the inode range to follow this mount's current one if half of that is
-        used (efsish.meta.inodes); the claim goes into the entry."""
-        claim = self._inodes.claim_spare(view)
-        if claim is not None:
-            self.extra.append(claim)
-
 
 Planner = Callable[[View, PlanContext], tuple[list[Op], T]]
 # Each planner's result, or the FsError it failed with.

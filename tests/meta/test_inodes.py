@@ -8,7 +8,7 @@ from pathlib import Path
 
 from efsish.meta.inodes import INO_RANGE, INO_RANGE_MAX, InodeRange
 from efsish.meta.ops import ClaimInodes
-from efsish.meta.view import FIRST_FREE_INO, View
+from efsish.meta.view import FIRST_FREE_INO, ApplyResult, View
 
 
 def _view(tmp_path: Path) -> View:
@@ -106,47 +106,54 @@ def test_save_is_a_snapshot_not_a_view_of_the_range(tmp_path: Path) -> None:
     assert r.take(view) == (FIRST_FREE_INO + 1, None)
 
 
+def _claim_ahead(view: View, r: InodeRange) -> ClaimInodes:
+    """What the committer does for a range claimed ahead (efsish.meta.log): an entry
+    of its own claims it; once it is in the log and applied, `add_spare`."""
+    claim = ClaimInodes(int(view.get_meta("next_ino")), r.spare_size())
+    view.begin()
+    view.apply_op(claim, ApplyResult())
+    view.commit()
+    r.add_spare(claim)
+    return claim
+
+
 def test_the_next_range_is_claimed_ahead_once_half_is_used(tmp_path: Path) -> None:
-    """On a lease filesystem the committer claims the next range in the background once
-    half the current one is used (`wants_spare`, `claim_spare`); `take` moves on to it
-    without a claim of its own, so no create waits for one."""
+    """On a lease filesystem the next range is claimed in the background once half the
+    current one is used (`wants_spare`); `take` moves on to it without a claim of its
+    own, so no create waits for one."""
     view = _view(tmp_path)
     r = InodeRange()
-    assert not r.wants_spare() and r.claim_spare(view) is None  # nothing claimed yet
+    assert not r.wants_spare()  # nothing claimed yet
     first, _ = r.take(view)
     for _ in range(INO_RANGE // 2 - 2):
         r.take(view)
-    assert not r.wants_spare() and r.claim_spare(view) is None
+    assert not r.wants_spare()
     r.take(view)  # half of the range is used
-    assert r.wants_spare()
-    spare = r.claim_spare(view)
+    assert r.wants_spare() and r.spare_size() == 2 * INO_RANGE
+    spare = _claim_ahead(view, r)
     assert spare == ClaimInodes(first + INO_RANGE, 2 * INO_RANGE)
-    assert int(view.get_meta("next_ino")) == spare.start + spare.n  # applied
-    assert not r.wants_spare() and r.claim_spare(view) is None  # one at a time
+    assert not r.wants_spare()  # one at a time
     rest = [r.take(view) for _ in range(INO_RANGE // 2)]
     assert rest[-1] == (first + INO_RANGE - 1, None)  # the current range, to its end
     assert r.take(view) == (spare.start, None)  # then the spare, with no claim
     for _ in range(INO_RANGE - 1):
         assert r.take(view)[1] is None
     assert r.wants_spare()  # half of the spare is used
-    assert r.claim_spare(view) == ClaimInodes(spare.start + spare.n, 4 * INO_RANGE)
+    assert _claim_ahead(view, r) == ClaimInodes(spare.start + spare.n, 4 * INO_RANGE)
 
 
 def test_restore_and_abandon_cover_the_range_claimed_ahead(tmp_path: Path) -> None:
-    """A spare claimed by a plan that never reached the log is claimed again; after a
-    PUT without an answer neither the rest of the range nor the spare is handed out."""
+    """A plan's save and restore keep the range claimed ahead; after a PUT without an
+    answer neither the rest of the range nor that one is handed out."""
     view = _view(tmp_path)
     r = InodeRange()
     r.take(view)
     while not r.wants_spare():
         r.take(view)
+    spare = _claim_ahead(view, r)
     saved = r.save()
-    view.begin()
-    spare = r.claim_spare(view)
-    assert spare is not None
-    view.rollback()  # lost its race for the log position
     r.restore(saved)
-    assert r.wants_spare() and r.claim_spare(view) == spare  # claimed again
-    r.abandon()  # its PUT failed without an answer: it may be in the log
+    assert not r.wants_spare()  # the spare is kept across a save and restore
+    r.abandon()  # a PUT failed without an answer: it may be in the log
     ino, claim = r.take(view)
     assert claim is not None and claim.start == ino == spare.start + spare.n
