@@ -104,8 +104,8 @@ class InodeRange:
         self._start, self._spare = saved.start, saved.spare
 
     def abandon(self) -> None:
-        """Never hand out the rest of this range, nor the one claimed ahead: an entry
-        that used the one or claimed the other may be in the log although its PUT
-        reported no success. The next `take` claims a new range."""
+        """Never hand out the rest of this range: an entry that used it may be in the log
+        although its PUT reported no success. The range claimed ahead goes too (it is in
+        the log: only numbers left unused). The next `take` claims a new range."""
         self._next = self._end
         self._spare = None

@@ -625,23 +625,27 @@ class MetaLog:
             window = min(2 * window, CATCH_UP_WINDOW)
         return applied
 
-    async def _get_unlocked(self, seq: int, n: int) -> list[bytes]:
-        """`_get_run` with the writer lock (held by this task) released meanwhile."""
+    @asynccontextmanager
+    async def _lock_released(self) -> AsyncIterator[None]:
+        """The writer lock (held by this task) released for the body, then taken again,
+        after whoever asked for it meanwhile (trio hands it over in that order)."""
         self._wlock.release()
         try:
-            return await self._get_run(seq, n)
+            yield
         finally:
             self._hurry()
             with trio.CancelScope(shield=True):
                 await self._wlock.acquire()
 
+    async def _get_unlocked(self, seq: int, n: int) -> list[bytes]:
+        """`_get_run` with the writer lock (held by this task) released meanwhile."""
+        async with self._lock_released():
+            return await self._get_run(seq, n)
+
     async def _let_waiters_in(self) -> None:
-        """Release the writer lock (held by this task) to those waiting for it, and take
-        it again after them (trio's lock is handed over in the order it was asked for)."""
-        self._wlock.release()
-        self._hurry()
-        with trio.CancelScope(shield=True):
-            await self._wlock.acquire()
+        """Let those waiting for the writer lock (held by this task) have it first."""
+        async with self._lock_released():
+            pass
 
     async def _get_run(self, seq: int, n: int) -> list[bytes]:
         """Log entries seq, seq+1, ... up to the first that does not exist, GETting `n`
